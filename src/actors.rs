@@ -1,0 +1,11 @@
+//! The supervised actors. Each owns one concern; none of them knows about HTTP or JSON.
+//!
+//! - [`supervisor::Supervisor`] spawns the others linked and restarts any that fails.
+//! - [`wechat_exchanger::WeChatExchanger`] exchanges login codes with WeChat.
+//! - [`user_registry::UserRegistry`] registers users and keeps their session_keys.
+//! - [`session_keeper::SessionKeeper`] issues, checks, slides and expires session tokens.
+
+pub mod session_keeper;
+pub mod supervisor;
+pub mod user_registry;
+pub mod wechat_exchanger;

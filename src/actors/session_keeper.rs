@@ -1,0 +1,279 @@
+//! SessionKeeper: issues session tokens, checks them, slides their idle expiry, sweeps the dead.
+//!
+//! The live sessions are held in memory (rebuilt from sled at start), so a check costs a hash
+//! lookup and no disk access. Sliding expiry is tracked in memory too and written back only when
+//! the last use moved by a tenth of the idle TTL: a check does not write on every call, and a crash
+//! can at worst make a session expire that tenth earlier.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::JoinHandle;
+
+use crate::crypto::{TokenHash, new_token, token_hash};
+use crate::group_commit::GroupCommit;
+use crate::store::{SessionRecord, Store};
+use crate::{Clock, Error};
+
+/// The actor. Configuration comes in [`SessionKeeperArgs`].
+pub struct SessionKeeper;
+
+/// What the keeper is started with.
+#[derive(Clone)]
+pub struct SessionKeeperArgs {
+    /// The database.
+    pub store: Store,
+    /// Shared flushes, for logouts that must be durable before the answer.
+    pub commit: GroupCommit,
+    /// Source of "now" for every expiry decision.
+    pub clock: Clock,
+    /// Seconds a session lives without use.
+    pub idle_ttl: u64,
+    /// Seconds a session lives at most.
+    pub max_ttl: u64,
+    /// Time between sweeps of expired sessions.
+    pub sweep_interval: Duration,
+}
+
+/// The live sessions and the handles needed to persist them.
+pub struct SessionKeeperState {
+    args: SessionKeeperArgs,
+    sessions: HashMap<TokenHash, Live>,
+    sweeper: JoinHandle<()>,
+}
+
+/// A session in memory: the stored record plus the last use not yet written back.
+struct Live {
+    record: SessionRecord,
+    last_seen: u64,
+}
+
+/// A freshly issued session token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// The token for the client (the "3rd session"); only its hash is kept.
+    pub token: String,
+    /// Seconds the token stays valid if it is not used.
+    pub expires_in: u64,
+}
+
+/// Who a valid session token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The user's stable id.
+    pub uid: u64,
+    /// The user's openid.
+    pub openid: String,
+    /// The user's unionid, if known.
+    pub unionid: Option<String>,
+    /// Unix seconds at which the session expires unless used again.
+    pub expires_at: u64,
+}
+
+/// Messages of the keeper.
+pub enum SessionKeeperMsg {
+    /// Issue a token for a user who just logged in.
+    Issue {
+        /// The user's uid.
+        uid: u64,
+        /// The user's openid.
+        openid: String,
+        /// The user's unionid, if known.
+        unionid: Option<String>,
+        /// Where the token goes.
+        reply: RpcReplyPort<Result<Issued, Error>>,
+    },
+    /// Check (and slide) the session with this token hash.
+    Check(TokenHash, RpcReplyPort<Result<SessionInfo, Error>>),
+    /// End the session with this token hash, durably.
+    Revoke(TokenHash, RpcReplyPort<Result<(), Error>>),
+    /// How many sessions are held (expired ones not yet swept included).
+    Count(RpcReplyPort<Result<usize, Error>>),
+    /// Delete expired sessions (sent by the keeper's own interval timer).
+    Sweep,
+    /// Test hook: panic inside the handler.
+    #[cfg(feature = "fault-injection")]
+    Panic,
+}
+
+impl Actor for SessionKeeper {
+    type Msg = SessionKeeperMsg;
+    type State = SessionKeeperState;
+    type Arguments = SessionKeeperArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SessionKeeperArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut sessions = HashMap::new();
+        for entry in args.store.sessions() {
+            let (hash, record) = entry?;
+            let last_seen = record.last_seen;
+            sessions.insert(hash, Live { record, last_seen });
+        }
+        tracing::info!(sessions = sessions.len(), "session table loaded");
+        let sweeper = myself.send_interval(args.sweep_interval, || SessionKeeperMsg::Sweep);
+        Ok(SessionKeeperState {
+            args,
+            sessions,
+            sweeper,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.sweeper.abort();
+        state.write_back_last_seen()?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SessionKeeperMsg::Issue {
+                uid,
+                openid,
+                unionid,
+                reply,
+            } => {
+                let _ = reply.send(state.issue(uid, openid, unionid));
+            }
+            SessionKeeperMsg::Check(hash, reply) => {
+                let _ = reply.send(state.check(&hash));
+            }
+            SessionKeeperMsg::Revoke(hash, reply) => match state.revoke(&hash) {
+                Ok(()) => {
+                    let commit = state.args.commit.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(commit.durable().await);
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            SessionKeeperMsg::Count(reply) => {
+                let _ = reply.send(Ok(state.sessions.len()));
+            }
+            SessionKeeperMsg::Sweep => state.sweep()?,
+            #[cfg(feature = "fault-injection")]
+            SessionKeeperMsg::Panic => panic!("injected panic in SessionKeeper"),
+        }
+        Ok(())
+    }
+}
+
+impl SessionKeeperState {
+    fn issue(
+        &mut self,
+        uid: u64,
+        openid: String,
+        unionid: Option<String>,
+    ) -> Result<Issued, Error> {
+        let token =
+            new_token().map_err(|e| Error::Unavailable(format!("the OS RNG failed: {e}")))?;
+        let hash = token_hash(&token);
+        let now = self.args.clock.now();
+        let record = SessionRecord {
+            uid,
+            openid,
+            unionid,
+            created_at: now,
+            last_seen: now,
+            expires_at: now + self.args.max_ttl,
+        };
+        self.args.store.put_session(&hash, &record)?;
+        self.sessions.insert(
+            hash,
+            Live {
+                record,
+                last_seen: now,
+            },
+        );
+        Ok(Issued {
+            token,
+            expires_in: self.args.idle_ttl.min(self.args.max_ttl),
+        })
+    }
+
+    fn check(&mut self, hash: &TokenHash) -> Result<SessionInfo, Error> {
+        let now = self.args.clock.now();
+        let idle_ttl = self.args.idle_ttl;
+        let live = self.sessions.get_mut(hash).ok_or(Error::InvalidSession)?;
+        if live.expired(now, idle_ttl) {
+            self.sessions.remove(hash);
+            self.args.store.remove_session(hash)?;
+            return Err(Error::InvalidSession);
+        }
+        live.last_seen = live.last_seen.max(now);
+        if live.last_seen - live.record.last_seen >= (idle_ttl / 10).max(1) {
+            live.record.last_seen = live.last_seen;
+            self.args.store.put_session(hash, &live.record)?;
+        }
+        Ok(SessionInfo {
+            uid: live.record.uid,
+            openid: live.record.openid.clone(),
+            unionid: live.record.unionid.clone(),
+            expires_at: live.expires_at(idle_ttl),
+        })
+    }
+
+    fn revoke(&mut self, hash: &TokenHash) -> Result<(), Error> {
+        let live = self.sessions.remove(hash).ok_or(Error::InvalidSession)?;
+        self.args.store.remove_session(hash)?;
+        if live.expired(self.args.clock.now(), self.args.idle_ttl) {
+            return Err(Error::InvalidSession);
+        }
+        Ok(())
+    }
+
+    fn sweep(&mut self) -> Result<(), Error> {
+        let now = self.args.clock.now();
+        let idle_ttl = self.args.idle_ttl;
+        let expired: Vec<TokenHash> = self
+            .sessions
+            .iter()
+            .filter(|(_, live)| live.expired(now, idle_ttl))
+            .map(|(hash, _)| *hash)
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        for hash in &expired {
+            self.sessions.remove(hash);
+        }
+        self.args.store.remove_sessions(&expired)?;
+        tracing::debug!(removed = expired.len(), "swept expired sessions");
+        Ok(())
+    }
+
+    /// Persists every last use that was only held in memory (at a clean stop).
+    fn write_back_last_seen(&mut self) -> Result<(), Error> {
+        for (hash, live) in &mut self.sessions {
+            if live.last_seen > live.record.last_seen {
+                live.record.last_seen = live.last_seen;
+                self.args.store.put_session(hash, &live.record)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Live {
+    fn expires_at(&self, idle_ttl: u64) -> u64 {
+        (self.last_seen + idle_ttl).min(self.record.expires_at)
+    }
+
+    fn expired(&self, now: u64, idle_ttl: u64) -> bool {
+        now >= self.expires_at(idle_ttl)
+    }
+}

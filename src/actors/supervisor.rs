@@ -1,0 +1,255 @@
+//! Supervisor: spawns the broker's actors linked to itself and restarts any that fails.
+//!
+//! ractor's default reaction to a child's death is to stop the supervisor too; this one re-spawns
+//! the child instead, after a backoff that grows with recent restarts, and gives up (stops,
+//! which makes the broker report not-ready) when restarts exceed a cap within a window. The
+//! current `ActorRef` of each child is published in [`Children`], where the front end reads it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+
+use super::session_keeper::{SessionKeeper, SessionKeeperArgs, SessionKeeperMsg};
+use super::user_registry::{UserRegistry, UserRegistryArgs, UserRegistryMsg};
+use super::wechat_exchanger::{WeChatExchanger, WeChatExchangerArgs, WeChatExchangerMsg};
+
+/// More restarts than this within [`RESTART_WINDOW`] and the supervisor gives up.
+const MAX_RESTARTS: usize = 10;
+/// The window in which restarts are counted.
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The wait before the first restart; doubles with each further restart in the window.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// The longest wait before a restart.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The supervised actors, by role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActorKind {
+    /// The [`WeChatExchanger`].
+    WeChatExchanger,
+    /// The [`UserRegistry`].
+    UserRegistry,
+    /// The [`SessionKeeper`].
+    SessionKeeper,
+}
+
+impl ActorKind {
+    /// Every kind, in start order.
+    pub const ALL: [ActorKind; 3] = [
+        ActorKind::WeChatExchanger,
+        ActorKind::UserRegistry,
+        ActorKind::SessionKeeper,
+    ];
+}
+
+/// The current reference to each child; `None` while it is dead or restarting.
+#[derive(Default)]
+pub struct Children {
+    /// The current WeChatExchanger.
+    pub wechat_exchanger: RwLock<Option<ActorRef<WeChatExchangerMsg>>>,
+    /// The current UserRegistry.
+    pub user_registry: RwLock<Option<ActorRef<UserRegistryMsg>>>,
+    /// The current SessionKeeper.
+    pub session_keeper: RwLock<Option<ActorRef<SessionKeeperMsg>>>,
+}
+
+impl Children {
+    /// Whether every child is running.
+    pub fn all_running(&self) -> bool {
+        ActorKind::ALL
+            .iter()
+            .all(|kind| self.id_of(*kind).is_some())
+    }
+
+    fn id_of(&self, kind: ActorKind) -> Option<ractor::ActorId> {
+        fn id<M: ractor::Message>(slot: &RwLock<Option<ActorRef<M>>>) -> Option<ractor::ActorId> {
+            slot.read().expect("slot lock").as_ref().map(|a| a.get_id())
+        }
+        match kind {
+            ActorKind::WeChatExchanger => id(&self.wechat_exchanger),
+            ActorKind::UserRegistry => id(&self.user_registry),
+            ActorKind::SessionKeeper => id(&self.session_keeper),
+        }
+    }
+
+    fn clear(&self, kind: ActorKind) {
+        match kind {
+            ActorKind::WeChatExchanger => *self.wechat_exchanger.write().expect("slot lock") = None,
+            ActorKind::UserRegistry => *self.user_registry.write().expect("slot lock") = None,
+            ActorKind::SessionKeeper => *self.session_keeper.write().expect("slot lock") = None,
+        }
+    }
+}
+
+/// The actor. Configuration comes in [`SupervisorArgs`].
+pub struct Supervisor;
+
+/// Everything needed to (re)start each child.
+pub struct SupervisorArgs {
+    /// Where the current children are published.
+    pub children: Arc<Children>,
+    /// Arguments of the WeChatExchanger.
+    pub wechat_exchanger: WeChatExchangerArgs,
+    /// Arguments of the UserRegistry.
+    pub user_registry: UserRegistryArgs,
+    /// Arguments of the SessionKeeper.
+    pub session_keeper: SessionKeeperArgs,
+}
+
+/// The children's arguments and the recent restart history.
+pub struct SupervisorState {
+    args: SupervisorArgs,
+    restarts: VecDeque<Instant>,
+    stopping: bool,
+}
+
+/// Messages of the supervisor.
+pub enum SupervisorMsg {
+    /// Start this child again (sent to itself after a backoff).
+    Respawn(ActorKind),
+    /// Stop every child cleanly (they persist what they hold), then answer.
+    StopChildren(RpcReplyPort<()>),
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let state = SupervisorState {
+            args,
+            restarts: VecDeque::new(),
+            stopping: false,
+        };
+        for kind in ActorKind::ALL {
+            state.spawn(&myself, kind).await?;
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Respawn(kind) if !state.stopping => {
+                match state.spawn(&myself, kind).await {
+                    Ok(()) => tracing::info!(actor = ?kind, "actor restarted"),
+                    Err(e) => {
+                        tracing::error!(actor = ?kind, error = %e, "actor failed to restart");
+                        state.schedule_restart(&myself, kind);
+                    }
+                }
+            }
+            SupervisorMsg::Respawn(_) => {}
+            SupervisorMsg::StopChildren(reply) => {
+                state.stopping = true;
+                myself
+                    .stop_children_and_wait(
+                        Some("broker shutdown".into()),
+                        Some(Duration::from_secs(10)),
+                    )
+                    .await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, cause) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        let children = &state.args.children;
+        let Some(kind) = ActorKind::ALL
+            .into_iter()
+            .find(|kind| children.id_of(*kind) == Some(cell.get_id()))
+        else {
+            return Ok(());
+        };
+        children.clear(kind);
+        if state.stopping {
+            return Ok(());
+        }
+        tracing::error!(actor = ?kind, cause, "actor ended unexpectedly");
+        state.schedule_restart(&myself, kind);
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    async fn spawn(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        kind: ActorKind,
+    ) -> Result<(), ActorProcessingErr> {
+        let cell = myself.get_cell();
+        let args = &self.args;
+        match kind {
+            ActorKind::WeChatExchanger => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, WeChatExchanger, args.wechat_exchanger.clone(), cell)
+                        .await?;
+                *args.children.wechat_exchanger.write().expect("slot lock") = Some(actor);
+            }
+            ActorKind::UserRegistry => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, UserRegistry, args.user_registry.clone(), cell)
+                        .await?;
+                *args.children.user_registry.write().expect("slot lock") = Some(actor);
+            }
+            ActorKind::SessionKeeper => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, SessionKeeper, args.session_keeper.clone(), cell)
+                        .await?;
+                *args.children.session_keeper.write().expect("slot lock") = Some(actor);
+            }
+        }
+        Ok(())
+    }
+
+    /// Books a restart of `kind` after a backoff, or stops the supervisor past the cap.
+    fn schedule_restart(&mut self, myself: &ActorRef<SupervisorMsg>, kind: ActorKind) {
+        let now = Instant::now();
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            self.restarts.pop_front();
+        }
+        self.restarts.push_back(now);
+        if self.restarts.len() > MAX_RESTARTS {
+            tracing::error!(
+                max = MAX_RESTARTS,
+                window_secs = RESTART_WINDOW.as_secs(),
+                "too many actor restarts; the broker gives up"
+            );
+            self.stopping = true;
+            myself.stop(Some("restart cap reached".into()));
+            return;
+        }
+        let exponent = (self.restarts.len() - 1).min(16) as u32;
+        let backoff = (FIRST_BACKOFF * 2u32.pow(exponent)).min(MAX_BACKOFF);
+        myself.send_after(backoff, move || SupervisorMsg::Respawn(kind));
+    }
+}

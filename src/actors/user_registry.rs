@@ -1,0 +1,108 @@
+//! UserRegistry: the users in sled, registered or refreshed on every login.
+//!
+//! Writes happen one message at a time, so the upsert of one openid never races another. A new
+//! registration is answered only once it is on disk; the wait for the disk happens in a spawned
+//! task (group commit), so the actor goes on with the next message meanwhile.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::group_commit::GroupCommit;
+use crate::store::Store;
+use crate::upstream::Code2Session;
+use crate::{Clock, Error};
+
+/// The actor. Configuration comes in [`UserRegistryArgs`].
+pub struct UserRegistry;
+
+/// What the registry is started with (and its whole state: everything else is in sled).
+#[derive(Clone)]
+pub struct UserRegistryArgs {
+    /// The database.
+    pub store: Store,
+    /// Shared flushes, for registrations that must be durable before the answer.
+    pub commit: GroupCommit,
+    /// Source of created/updated times.
+    pub clock: Clock,
+}
+
+/// The registry keeps nothing in memory beyond its handles: it is rebuilt from sled by design.
+pub type UserRegistryState = UserRegistryArgs;
+
+/// The outcome of a login for the user's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// The user's stable id.
+    pub uid: u64,
+    /// The user's openid.
+    pub openid: String,
+    /// The unionid, if WeChat ever reported one.
+    pub unionid: Option<String>,
+    /// Whether this login created the user.
+    pub is_new: bool,
+}
+
+/// Messages of the registry.
+pub enum UserRegistryMsg {
+    /// Register the user WeChat named, or store its new session_key.
+    Upsert(Code2Session, RpcReplyPort<Result<Registration, Error>>),
+    /// Test hook: panic inside the handler.
+    #[cfg(feature = "fault-injection")]
+    Panic,
+}
+
+impl Actor for UserRegistry {
+    type Msg = UserRegistryMsg;
+    type State = UserRegistryState;
+    type Arguments = UserRegistryArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: UserRegistryArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            UserRegistryMsg::Upsert(login, reply) => {
+                let upserted = state.store.upsert_user(
+                    &login.openid,
+                    &login.session_key,
+                    login.unionid.as_deref(),
+                    state.clock.now(),
+                );
+                match upserted {
+                    Ok((user, is_new)) => {
+                        let registration = Registration {
+                            uid: user.uid,
+                            openid: user.openid,
+                            unionid: user.unionid,
+                            is_new,
+                        };
+                        if is_new {
+                            let commit = state.commit.clone();
+                            tokio::spawn(async move {
+                                let durable = commit.durable().await;
+                                let _ = reply.send(durable.map(|()| registration));
+                            });
+                        } else {
+                            let _ = reply.send(Ok(registration));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            #[cfg(feature = "fault-injection")]
+            UserRegistryMsg::Panic => panic!("injected panic in UserRegistry"),
+        }
+        Ok(())
+    }
+}

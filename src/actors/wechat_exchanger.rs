@@ -1,0 +1,143 @@
+//! WeChatExchanger: turns login codes into openid + session_key, many at once.
+//!
+//! The actor itself never awaits WeChat: it books the code, spawns the HTTP call and hears the
+//! outcome back as a message. That keeps one slow upstream call from delaying every other login,
+//! lets concurrent requests with the same code share one call, and lets the actor remember which
+//! codes were already exchanged.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::time::Instant;
+
+use crate::Error;
+use crate::upstream::{Code2Session, Upstream};
+
+/// WeChat's codes live about five minutes; remembering one longer would only cost memory.
+const CODE_LIFETIME: Duration = Duration::from_secs(300);
+
+/// The actor. Configuration comes in [`WeChatExchangerArgs`].
+pub struct WeChatExchanger;
+
+/// What the exchanger is started with.
+#[derive(Clone)]
+pub struct WeChatExchangerArgs {
+    /// The WeChat client.
+    pub upstream: Upstream,
+    /// Exchanges in flight at once; beyond it a login gets `UpstreamBusy` immediately.
+    pub max_inflight: usize,
+}
+
+/// Codes in flight and codes already used.
+pub struct WeChatExchangerState {
+    upstream: Upstream,
+    max_inflight: usize,
+    /// Code -> everyone waiting for its exchange (the first caller and any duplicates).
+    inflight: HashMap<String, Vec<RpcReplyPort<Result<Code2Session, Error>>>>,
+    /// Code -> when it was exchanged successfully.
+    used: HashMap<String, Instant>,
+    /// When `used` was last pruned of codes older than [`CODE_LIFETIME`].
+    pruned_at: Instant,
+}
+
+/// Messages of the exchanger.
+pub enum WeChatExchangerMsg {
+    /// Exchange a code; duplicates in flight share the first one's outcome.
+    Exchange(String, RpcReplyPort<Result<Code2Session, Error>>),
+    /// The spawned call for a code has finished.
+    Finished(String, Result<Code2Session, Error>),
+    /// Test hook: panic inside the handler.
+    #[cfg(feature = "fault-injection")]
+    Panic,
+}
+
+impl Actor for WeChatExchanger {
+    type Msg = WeChatExchangerMsg;
+    type State = WeChatExchangerState;
+    type Arguments = WeChatExchangerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: WeChatExchangerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(WeChatExchangerState {
+            upstream: args.upstream,
+            max_inflight: args.max_inflight,
+            inflight: HashMap::new(),
+            used: HashMap::new(),
+            pruned_at: Instant::now(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            WeChatExchangerMsg::Exchange(code, reply) => state.exchange(myself, code, reply),
+            WeChatExchangerMsg::Finished(code, outcome) => state.finish(code, outcome),
+            #[cfg(feature = "fault-injection")]
+            WeChatExchangerMsg::Panic => panic!("injected panic in WeChatExchanger"),
+        }
+        Ok(())
+    }
+}
+
+impl WeChatExchangerState {
+    fn exchange(
+        &mut self,
+        myself: ActorRef<WeChatExchangerMsg>,
+        code: String,
+        reply: RpcReplyPort<Result<Code2Session, Error>>,
+    ) {
+        self.prune_used();
+        if self.used.contains_key(&code) {
+            let _ = reply.send(Err(Error::CodeUsed));
+            return;
+        }
+        if let Some(waiters) = self.inflight.get_mut(&code) {
+            waiters.push(reply);
+            return;
+        }
+        if self.inflight.len() >= self.max_inflight {
+            tracing::warn!(
+                limit = self.max_inflight,
+                "in-flight exchange limit reached"
+            );
+            let _ = reply.send(Err(Error::UpstreamBusy));
+            return;
+        }
+        self.inflight.insert(code.clone(), vec![reply]);
+        let upstream = self.upstream.clone();
+        tokio::spawn(async move {
+            let outcome = upstream.code2session(&code).await;
+            // If the actor died meanwhile, its waiters were already answered with an error.
+            let _ = myself.send_message(WeChatExchangerMsg::Finished(code, outcome));
+        });
+    }
+
+    fn finish(&mut self, code: String, outcome: Result<Code2Session, Error>) {
+        let waiters = self.inflight.remove(&code).unwrap_or_default();
+        if outcome.is_ok() {
+            self.used.insert(code, Instant::now());
+        }
+        for waiter in waiters {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Forgets codes past their lifetime, at most once per tenth of that lifetime.
+    fn prune_used(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.pruned_at) < CODE_LIFETIME / 10 {
+            return;
+        }
+        self.pruned_at = now;
+        self.used
+            .retain(|_, at| now.duration_since(*at) < CODE_LIFETIME);
+    }
+}

@@ -1,0 +1,309 @@
+//! Broker: starts the actors and offers the typed async API that the HTTP front end and
+//! embedders use. Every call into an actor has a timeout; a dead or slow actor becomes
+//! [`Error::Unavailable`], never a hang.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use tokio::sync::watch;
+
+use crate::actors::session_keeper::{SessionInfo, SessionKeeperArgs, SessionKeeperMsg};
+use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
+use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
+use crate::crypto::{is_token_shaped, token_hash};
+use crate::group_commit::GroupCommit;
+use crate::store::Store;
+use crate::upstream::{Upstream, UpstreamConfig};
+use crate::{Config, Error};
+
+/// Longest login code we pass to WeChat; real ones are about 32 characters.
+pub const MAX_CODE_LEN: usize = 256;
+
+/// What a successful login gives the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Login {
+    /// The session token ("3rd session") the client sends as `Authorization: Bearer`.
+    pub token: String,
+    /// Seconds the token stays valid if it is not used.
+    pub expires_in: u64,
+    /// Whether this login registered the user.
+    pub is_new: bool,
+    /// The user's stable id.
+    pub uid: u64,
+}
+
+/// A running broker. Cheap to clone; all clones drive the same actors.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    children: Arc<Children>,
+    supervisor: ActorRef<SupervisorMsg>,
+    /// Turns `false` when the supervisor has stopped (shut down or gave up).
+    supervisor_alive: watch::Receiver<bool>,
+    store: Store,
+    call_timeout: Duration,
+    /// Exchanges wait for WeChat, retries included, so they get a longer timeout.
+    exchange_timeout: Duration,
+}
+
+impl Broker {
+    /// Opens the store and starts the supervised actors.
+    ///
+    /// Needs WeChat credentials in `config` (see [`crate::Sandbox`] to try it without WeChat).
+    pub async fn start(config: &Config) -> Result<Broker, Error> {
+        config.validate()?;
+        let (appid, secret) = config.credentials()?.ok_or_else(|| {
+            Error::Config("Broker::start needs WECHAT_APPID and WECHAT_SECRET".into())
+        })?;
+        let store = Store::open(&config.data_dir, config.cache_mb)?;
+        let commit = GroupCommit::start(store.db().clone());
+        let upstream = Upstream::new(UpstreamConfig {
+            base: config.api_base.clone(),
+            appid,
+            secret,
+            connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
+            timeout: Duration::from_millis(config.upstream_timeout_ms),
+            retries: config.upstream_retries,
+        })?;
+        let exchange_timeout = upstream.worst_case() + config.call_timeout();
+        let children = Arc::new(Children::default());
+        let args = SupervisorArgs {
+            children: children.clone(),
+            wechat_exchanger: WeChatExchangerArgs {
+                upstream,
+                max_inflight: config.max_inflight,
+            },
+            user_registry: UserRegistryArgs {
+                store: store.clone(),
+                commit: commit.clone(),
+                clock: config.clock.clone(),
+            },
+            session_keeper: SessionKeeperArgs {
+                store: store.clone(),
+                commit,
+                clock: config.clock.clone(),
+                idle_ttl: config.session_idle_ttl,
+                max_ttl: config.session_max_ttl,
+                sweep_interval: Duration::from_secs(config.sweep_interval_secs),
+            },
+        };
+        let (supervisor, handle) = Actor::spawn(None, Supervisor, args)
+            .await
+            .map_err(|e| Error::Unavailable(format!("the actors did not start: {e}")))?;
+        let (alive_tx, supervisor_alive) = watch::channel(true);
+        tokio::spawn(async move {
+            let _ = handle.await;
+            let _ = alive_tx.send(false);
+        });
+        Ok(Broker {
+            inner: Arc::new(Inner {
+                children,
+                supervisor,
+                supervisor_alive,
+                store,
+                call_timeout: config.call_timeout(),
+                exchange_timeout,
+            }),
+        })
+    }
+
+    /// Logs a user in with a code from `wx.login`: exchange, register, issue a token.
+    pub async fn login(&self, code: &str) -> Result<Login, Error> {
+        check_code(code)?;
+        let inner = &self.inner;
+        let exchanger = current(&inner.children.wechat_exchanger, "the WeChat exchanger")?;
+        let wechat = ask(
+            &exchanger,
+            "the WeChat exchanger",
+            inner.exchange_timeout,
+            |reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply),
+        )
+        .await?;
+        let registry = current(&inner.children.user_registry, "the user registry")?;
+        let user = ask(
+            &registry,
+            "the user registry",
+            inner.call_timeout,
+            |reply| UserRegistryMsg::Upsert(wechat, reply),
+        )
+        .await?;
+        let keeper = current(&inner.children.session_keeper, "the session keeper")?;
+        let issued = ask(&keeper, "the session keeper", inner.call_timeout, |reply| {
+            SessionKeeperMsg::Issue {
+                uid: user.uid,
+                openid: user.openid,
+                unionid: user.unionid,
+                reply,
+            }
+        })
+        .await?;
+        Ok(Login {
+            token: issued.token,
+            expires_in: issued.expires_in,
+            is_new: user.is_new,
+            uid: user.uid,
+        })
+    }
+
+    /// Who `token` belongs to; using it slides its idle expiry.
+    pub async fn check_session(&self, token: &str) -> Result<SessionInfo, Error> {
+        if !is_token_shaped(token) {
+            return Err(Error::InvalidSession);
+        }
+        let hash = token_hash(token);
+        let keeper = current(&self.inner.children.session_keeper, "the session keeper")?;
+        ask(
+            &keeper,
+            "the session keeper",
+            self.inner.call_timeout,
+            |reply| SessionKeeperMsg::Check(hash, reply),
+        )
+        .await
+    }
+
+    /// Ends the session of `token`; once this returns, the logout survives a crash.
+    pub async fn logout(&self, token: &str) -> Result<(), Error> {
+        if !is_token_shaped(token) {
+            return Err(Error::InvalidSession);
+        }
+        let hash = token_hash(token);
+        let keeper = current(&self.inner.children.session_keeper, "the session keeper")?;
+        ask(
+            &keeper,
+            "the session keeper",
+            self.inner.call_timeout,
+            |reply| SessionKeeperMsg::Revoke(hash, reply),
+        )
+        .await
+    }
+
+    /// Sessions held, expired ones not yet swept included.
+    pub async fn session_count(&self) -> Result<usize, Error> {
+        let keeper = current(&self.inner.children.session_keeper, "the session keeper")?;
+        ask(
+            &keeper,
+            "the session keeper",
+            self.inner.call_timeout,
+            SessionKeeperMsg::Count,
+        )
+        .await
+    }
+
+    /// Whether every actor runs and the supervisor has not given up.
+    pub fn is_ready(&self) -> bool {
+        *self.inner.supervisor_alive.borrow() && self.inner.children.all_running()
+    }
+
+    /// Resolves when the supervisor has stopped: after [`Broker::shutdown`], or when actors
+    /// failed more often than the restart cap allows.
+    pub async fn stopped(&self) {
+        let mut alive = self.inner.supervisor_alive.clone();
+        let _ = alive.wait_for(|alive| !alive).await;
+    }
+
+    /// Stops the actors (each persists what it holds) and flushes the store.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let _ = inner
+            .supervisor
+            .call(SupervisorMsg::StopChildren, Some(Duration::from_secs(15)))
+            .await;
+        inner.supervisor.stop(Some("broker shutdown".into()));
+        self.stopped().await;
+        inner.store.db().flush_async().await?;
+        Ok(())
+    }
+
+    /// Makes one actor panic, to test supervision. Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_panic(&self, kind: crate::ActorKind) {
+        use crate::ActorKind;
+        use crate::actors::session_keeper::SessionKeeperMsg as K;
+        use crate::actors::user_registry::UserRegistryMsg as R;
+        use crate::actors::wechat_exchanger::WeChatExchangerMsg as W;
+        let children = &self.inner.children;
+        let _ = match kind {
+            ActorKind::WeChatExchanger => {
+                current(&children.wechat_exchanger, "").map(|a| a.cast(W::Panic).is_ok())
+            }
+            ActorKind::UserRegistry => {
+                current(&children.user_registry, "").map(|a| a.cast(R::Panic).is_ok())
+            }
+            ActorKind::SessionKeeper => {
+                current(&children.session_keeper, "").map(|a| a.cast(K::Panic).is_ok())
+            }
+        };
+    }
+}
+
+/// A login code must be something WeChat could have issued: short, printable ASCII.
+fn check_code(code: &str) -> Result<(), Error> {
+    if code.is_empty() {
+        return Err(Error::InvalidRequest("code is empty".into()));
+    }
+    if code.len() > MAX_CODE_LEN {
+        return Err(Error::InvalidRequest(format!(
+            "code is longer than {MAX_CODE_LEN} characters"
+        )));
+    }
+    if !code.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::InvalidRequest(
+            "code may only contain printable ASCII characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The child's current reference, or `Unavailable` while it restarts.
+fn current<M: ractor::Message>(
+    slot: &RwLock<Option<ActorRef<M>>>,
+    what: &str,
+) -> Result<ActorRef<M>, Error> {
+    slot.read()
+        .expect("slot lock")
+        .clone()
+        .ok_or_else(|| Error::Unavailable(format!("{what} is restarting")))
+}
+
+/// Calls an actor with a timeout, mapping every way the call can fail to `Unavailable`.
+async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    what: &str,
+    timeout: Duration,
+    message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> M,
+) -> Result<T, Error>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(message, Some(timeout)).await {
+        Ok(CallResult::Success(result)) => result,
+        Ok(CallResult::Timeout) => {
+            Err(Error::Unavailable(format!("{what} did not answer in time")))
+        }
+        Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(format!("{what} stopped"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_checked_before_they_reach_wechat() {
+        assert!(check_code("061abcDEF").is_ok());
+        assert!(check_code(&"a".repeat(MAX_CODE_LEN)).is_ok());
+        for bad in ["", " ", "a b", "abc\n", "é", &"a".repeat(MAX_CODE_LEN + 1)] {
+            assert!(
+                matches!(check_code(bad), Err(Error::InvalidRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}

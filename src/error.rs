@@ -1,0 +1,56 @@
+//! The one error type of the library: every failure a caller can see, by its meaning.
+//!
+//! The HTTP layer maps each variant to a status and a JSON error code in one place
+//! (`http::problem`); embedders match on the variants directly.
+
+/// What went wrong with a broker operation.
+///
+/// Variants carry no secrets: a session_key, the app secret or a token never goes into one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The request itself is malformed (missing or oversized field); the sentence says which.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// WeChat does not know the code (errcode 40029): the client must call `wx.login` again.
+    #[error("the login code is invalid")]
+    InvalidCode,
+    /// The code was already exchanged (errcode 40163, or seen by this broker before).
+    #[error("the login code was already used")]
+    CodeUsed,
+    /// WeChat's per-user minute quota is spent (errcode 45011).
+    #[error("too many logins for this user; retry after {retry_after_secs} s")]
+    RateLimited {
+        /// Seconds the client should wait, sent as `Retry-After`.
+        retry_after_secs: u64,
+    },
+    /// WeChat blocked the login of a high-risk user (errcode 40226).
+    #[error("WeChat refused the login of this user as high-risk")]
+    RiskyUser,
+    /// WeChat stayed busy (errcode -1) after our retries, or our own in-flight limit is reached.
+    #[error("WeChat is busy; retry shortly")]
+    UpstreamBusy,
+    /// WeChat did not answer within the configured timeout.
+    #[error("WeChat did not answer in time")]
+    UpstreamTimeout,
+    /// WeChat answered something we cannot use (bad appid/secret, 5xx, non-JSON); detail is for logs.
+    #[error("WeChat answered unusably: {0}")]
+    Upstream(String),
+    /// The session token is unknown, expired, revoked or missing.
+    #[error("the session is invalid or expired")]
+    InvalidSession,
+    /// An actor is dead, restarting or too slow to answer within its call timeout.
+    #[error("the broker is temporarily unavailable: {0}")]
+    Unavailable(String),
+    /// The configuration cannot work (one of appid/secret missing, a zero TTL...).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The embedded store failed (I/O, corruption); detail is for logs.
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+impl From<sled::Error> for Error {
+    fn from(err: sled::Error) -> Self {
+        Error::Storage(err.to_string())
+    }
+}

@@ -1,0 +1,11 @@
+//! The warp front end: turns HTTP requests into broker calls and broker results into JSON.
+//!
+//! - `filters`: one function per route, and [`routes`] that joins them.
+//! - `handlers`: the async handlers and the JSON bodies they answer.
+//! - `problem`: the one mapping from errors and rejections to a status and a JSON error body.
+
+mod filters;
+mod handlers;
+mod problem;
+
+pub use filters::routes;

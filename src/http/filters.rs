@@ -1,0 +1,104 @@
+//! The routes, one function each, in the order they are matched.
+
+use std::convert::Infallible;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use super::handlers;
+use super::problem::{self, Problem};
+use crate::{Broker, Error};
+
+/// Largest request body accepted; a login body is a few dozen bytes.
+pub const BODY_LIMIT: u64 = 64 * 1024;
+
+/// Every route of the broker, with errors turned into JSON.
+pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    login(broker.clone())
+        .or(session(broker.clone()))
+        .or(logout(broker.clone()))
+        .or(healthz(broker))
+        .recover(problem::recover)
+}
+
+/// POST /v1/login with `{"code": "..."}` or the form `code=...`
+fn login(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "login")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(body())
+        .and(with_broker(broker))
+        .and_then(handlers::login)
+}
+
+/// GET /v1/session with `Authorization: Bearer TOKEN`
+fn session(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "session")
+        .and(warp::get())
+        .and(bearer())
+        .and(with_broker(broker))
+        .and_then(handlers::session)
+}
+
+/// POST /v1/logout with `Authorization: Bearer TOKEN`
+fn logout(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "logout")
+        .and(warp::post())
+        .and(bearer())
+        .and(with_broker(broker))
+        .and_then(handlers::logout)
+}
+
+/// GET /healthz: 200 while every actor runs, 503 otherwise
+fn healthz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("healthz")
+        .and(warp::get())
+        .and(with_broker(broker))
+        .map(handlers::healthz)
+}
+
+fn with_broker(broker: Broker) -> impl Filter<Extract = (Broker,), Error = Infallible> + Clone {
+    warp::any().map(move || broker.clone())
+}
+
+/// The request body, up to [`BODY_LIMIT`] bytes, with or without a Content-Length.
+fn body() -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(read_limited)
+}
+
+async fn read_limited(
+    length: Option<u64>,
+    stream: impl Stream<Item = Result<impl Buf, warp::Error>>,
+) -> Result<Bytes, Rejection> {
+    let too_large = || {
+        warp::reject::custom(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {BODY_LIMIT} bytes"),
+        ))
+    };
+    if length.is_some_and(|length| length > BODY_LIMIT) {
+        return Err(too_large());
+    }
+    let mut stream = std::pin::pin!(stream);
+    let mut body = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| {
+            Problem::reject(Error::InvalidRequest("the request body was cut off".into()))
+        })?;
+        if (body.len() + chunk.remaining()) as u64 > BODY_LIMIT {
+            return Err(too_large());
+        }
+        body.put(chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The raw `Authorization` header; the handler decides what a valid one is.
+fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+}

@@ -1,0 +1,125 @@
+//! The handlers: parse what the filters extracted, call the broker, answer JSON.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use super::problem::{Problem, json};
+use crate::{Broker, Error};
+
+/// The login request, as JSON or as a form.
+#[derive(Deserialize)]
+struct LoginRequest {
+    code: String,
+}
+
+/// The login answer: the token and what the client may want to know about it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LoginReply {
+    third_session: String,
+    expires_in: u64,
+    is_new: bool,
+    uid: u64,
+}
+
+/// The session answer: who the token belongs to and until when.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionReply {
+    uid: u64,
+    openid: String,
+    unionid: Option<String>,
+    expires_at: u64,
+}
+
+pub async fn login(
+    content_type: Option<String>,
+    body: Bytes,
+    broker: Broker,
+) -> Result<Response, Rejection> {
+    let code = parse_login(content_type.as_deref(), &body)?;
+    let login = broker.login(&code).await.map_err(Problem::reject)?;
+    Ok(json(
+        StatusCode::OK,
+        &LoginReply {
+            third_session: login.token,
+            expires_in: login.expires_in,
+            is_new: login.is_new,
+            uid: login.uid,
+        },
+    ))
+}
+
+pub async fn session(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
+    let token = bearer_token(authorization.as_deref())?;
+    let session = broker.check_session(token).await.map_err(Problem::reject)?;
+    Ok(json(
+        StatusCode::OK,
+        &SessionReply {
+            uid: session.uid,
+            openid: session.openid,
+            unionid: session.unionid,
+            expires_at: session.expires_at,
+        },
+    ))
+}
+
+pub async fn logout(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
+    let token = bearer_token(authorization.as_deref())?;
+    broker.logout(token).await.map_err(Problem::reject)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub fn healthz(broker: Broker) -> Response {
+    if broker.is_ready() {
+        json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+    } else {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the broker is starting, restarting an actor or shutting down",
+        )
+        .into_response()
+    }
+}
+
+/// The code from a JSON body (also when no Content-Type is given) or a form body.
+fn parse_login(content_type: Option<&str>, body: &[u8]) -> Result<String, Rejection> {
+    let media = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let parsed = match media.as_deref() {
+        None | Some("application/json") => serde_json::from_slice::<LoginRequest>(body)
+            .map_err(|e| format!("expected a JSON body {{\"code\": \"...\"}}: {e}")),
+        Some("application/x-www-form-urlencoded") => {
+            serde_urlencoded::from_bytes::<LoginRequest>(body)
+                .map_err(|e| format!("expected a form body code=...: {e}"))
+        }
+        Some(_) => {
+            return Err(warp::reject::custom(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send application/json or application/x-www-form-urlencoded",
+            )));
+        }
+    };
+    parsed
+        .map(|request| request.code)
+        .map_err(|message| Problem::reject(Error::InvalidRequest(message)))
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header; anything else is an invalid session.
+fn bearer_token(header: Option<&str>) -> Result<&str, Rejection> {
+    header
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| Problem::reject(Error::InvalidSession))
+}

@@ -1,0 +1,200 @@
+//! Errors as HTTP answers: every failure becomes a status and `{"error", "message"}`.
+//!
+//! [`Problem::from_error`] is the one place that decides the status and code of each [`Error`];
+//! [`recover`] does the same for warp's own rejections (unknown route, wrong method, ...). A 5xx
+//! answer never carries internal detail: the cause is logged here instead.
+
+use std::convert::Infallible;
+
+use serde::Serialize;
+use warp::http::StatusCode;
+use warp::http::header::{CACHE_CONTROL, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use crate::Error;
+
+/// An error answer in the making.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl warp::reject::Reject for Problem {}
+
+/// The JSON body of every error.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl Problem {
+    /// A problem with a fixed status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Problem {
+        Problem {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Rejects the request with the answer for `err`.
+    pub fn reject(err: Error) -> Rejection {
+        warp::reject::custom(Problem::from_error(&err))
+    }
+
+    /// The status, error code and client-facing message for each error.
+    pub fn from_error(err: &Error) -> Problem {
+        use StatusCode as S;
+        let (status, code, message) = match err {
+            Error::InvalidRequest(detail) => (S::BAD_REQUEST, "invalid_request", detail.clone()),
+            Error::InvalidCode => (
+                S::UNAUTHORIZED,
+                "invalid_code",
+                "the login code is invalid; call wx.login again".into(),
+            ),
+            Error::CodeUsed => (
+                S::UNAUTHORIZED,
+                "code_used",
+                "the login code was already used; call wx.login again".into(),
+            ),
+            Error::RateLimited { retry_after_secs } => (
+                S::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many logins for this user; retry in {retry_after_secs} seconds"),
+            ),
+            Error::RiskyUser => (
+                S::FORBIDDEN,
+                "risky_user",
+                "WeChat blocked this login as high-risk".into(),
+            ),
+            Error::UpstreamBusy => (
+                S::SERVICE_UNAVAILABLE,
+                "upstream_busy",
+                "WeChat is busy; retry in a moment".into(),
+            ),
+            Error::UpstreamTimeout => (
+                S::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "WeChat did not answer in time; retry in a moment".into(),
+            ),
+            Error::Upstream(_) => (
+                S::BAD_GATEWAY,
+                "upstream_error",
+                "WeChat answered in a way the broker cannot use".into(),
+            ),
+            Error::InvalidSession => (
+                S::UNAUTHORIZED,
+                "invalid_session",
+                "the session is missing, invalid or expired; log in again".into(),
+            ),
+            Error::Unavailable(_) => (
+                S::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the broker is temporarily unavailable; retry in a moment".into(),
+            ),
+            Error::Config(_) | Error::Storage(_) => (
+                S::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the broker failed; the cause is in its log".into(),
+            ),
+        };
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), cause = %err, "request failed");
+        }
+        let retry_after = match err {
+            Error::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Error::UpstreamBusy => Some(1),
+            _ => None,
+        };
+        Problem {
+            retry_after,
+            ..Problem::new(status, code, message)
+        }
+    }
+}
+
+impl Reply for Problem {
+    fn into_response(self) -> Response {
+        let mut response = json(
+            self.status,
+            &ErrorBody {
+                error: self.code,
+                message: &self.message,
+            },
+        );
+        let headers = response.headers_mut();
+        if let Some(secs) = self.retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED && self.code == "invalid_session" {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// A JSON answer that no cache keeps (it may carry a token).
+pub fn json(status: StatusCode, body: &impl Serialize) -> Response {
+    let mut response = warp::reply::with_status(warp::reply::json(body), status).into_response();
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Turns every rejection, ours and warp's, into a JSON error answer.
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    use StatusCode as S;
+    let problem = if let Some(problem) = rejection.find::<Problem>() {
+        problem.clone()
+    } else if rejection.is_not_found() {
+        Problem::new(S::NOT_FOUND, "not_found", "no such route")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        Problem::new(
+            S::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        Problem::new(
+            S::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than 64 KiB",
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        Problem::new(
+            S::LENGTH_REQUIRED,
+            "length_required",
+            "send a Content-Length header",
+        )
+    } else if rejection
+        .find::<warp::reject::UnsupportedMediaType>()
+        .is_some()
+    {
+        Problem::new(
+            S::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "unsupported Content-Type",
+        )
+    } else if rejection.find::<warp::reject::InvalidHeader>().is_some() {
+        Problem::new(
+            S::BAD_REQUEST,
+            "invalid_request",
+            "a request header is malformed",
+        )
+    } else {
+        tracing::warn!(?rejection, "unhandled rejection");
+        Problem::new(
+            S::BAD_REQUEST,
+            "invalid_request",
+            "the request could not be handled",
+        )
+    };
+    Ok(problem.into_response())
+}

@@ -1,0 +1,125 @@
+//! wxbroker: a session broker for WeChat Mini Program login.
+//!
+//! A mini program posts the code from `wx.login`; the broker exchanges it with WeChat for the
+//! user's openid and session_key, registers the user, and answers a random session token (the
+//! "3rd session") that the client sends with every later request. The session_key and the app
+//! secret never leave the process.
+//!
+//! # Layout
+//!
+//! - [`run`]: the whole server (the binary's body): broker, HTTP front end, sandbox fallback,
+//!   graceful shutdown. Takes an already bound listener and a shutdown future.
+//! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
+//! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`.
+//! - `upstream.rs`: the WeChat HTTP client and its wire format.
+//! - `store.rs`: users and sessions in sled trees, synchronous; `group_commit.rs`: shared flushes.
+//! - `crypto.rs`: session tokens and their hashes.
+//! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
+//! - [`Sandbox`] (`sandbox.rs`): a loopback stand-in for WeChat.
+//! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`).
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wxbroker::Error> {
+//! use wxbroker::{Broker, Config, Sandbox, SandboxOptions};
+//! let sandbox = Sandbox::start(SandboxOptions::default()).await?;
+//! let mut config = Config::default();
+//! sandbox.configure(&mut config);
+//! let broker = Broker::start(&config).await?;
+//! let login = broker.login("alice.1").await?;
+//! let session = broker.check_session(&login.token).await?;
+//! assert_eq!(session.uid, login.uid);
+//! broker.shutdown().await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod actors;
+mod broker;
+mod clock;
+mod config;
+mod crypto;
+mod error;
+mod group_commit;
+mod http;
+mod sandbox;
+mod store;
+mod upstream;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use actors::session_keeper::SessionInfo;
+pub use actors::supervisor::ActorKind;
+pub use broker::{Broker, Login, MAX_CODE_LEN};
+pub use clock::Clock;
+pub use config::{Config, Secret};
+pub use error::Error;
+pub use http::routes;
+pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
+
+/// How long in-flight requests may take to finish once shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
+///
+/// Without credentials in `config`, starts a [`Sandbox`] and uses it (and says so loudly).
+/// Returns an error if the actors fail beyond their restart cap.
+pub async fn run(
+    listener: TcpListener,
+    mut config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    config.validate()?;
+    let _sandbox = match config.credentials()? {
+        Some(_) => None,
+        None => {
+            let sandbox = Sandbox::start(SandboxOptions::default()).await?;
+            sandbox.configure(&mut config);
+            tracing::warn!(
+                url = %sandbox.url(),
+                "SANDBOX MODE: WECHAT_APPID and WECHAT_SECRET are not set, so logins go to a \
+                 built-in fake WeChat. Set both to serve real users."
+            );
+            Some(sandbox)
+        }
+    };
+    let broker = Broker::start(&config).await?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "wxbroker is serving");
+    }
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        warp::serve(routes(broker.clone()))
+            .incoming(listener)
+            .graceful(async {
+                let _ = drain_rx.await;
+            })
+            .run(),
+    );
+    let gave_up = tokio::select! {
+        () = shutdown => false,
+        () = broker.stopped() => true,
+    };
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = drain_tx.send(());
+    if tokio::time::timeout(DRAIN_TIMEOUT, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing anyway");
+        server.abort();
+    }
+    broker.shutdown().await?;
+    if gave_up {
+        return Err(Error::Unavailable(
+            "actors failed more often than the restart cap allows; see the log".into(),
+        ));
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! A sandbox WeChat on loopback: the real `code2Session` wire format, without WeChat.
+//!
+//! The binary starts it when no credentials are set; tests and newcomers use it to log in as
+//! named users and to provoke every errcode. The code grammar:
+//!
+//! | code | answer |
+//! |---|---|
+//! | `alice`, `alice.2`, `alice.anything` | log in as user `alice`: same openid for every code, a fresh session_key each time |
+//! | `alice.union.1` | the same, and the answer carries a unionid (as for a mini program bound to an Open Platform account) |
+//! | `err40029.1`, `err-1.x`, `err45011`... | answers that errcode (never marked as used, so it can be sent again) |
+//!
+//! A name is 1 to 32 letters, digits or `_`. Each code works once; the same code again is
+//! answered 40163 ("code been used"). Anything else is 40029 ("invalid code"). A wrong appid is
+//! 40013 and a wrong secret 40125, as from WeChat. Bodies are JSON sent as `text/plain`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use reqwest::Url;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use warp::Filter;
+
+use crate::config::Secret;
+use crate::{Config, Error};
+
+/// The appid the sandbox expects: not a real one, so it can never be mistaken for production.
+pub const SANDBOX_APPID: &str = "wxsandbox0000000";
+
+/// How the sandbox behaves.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxOptions {
+    /// Delay before every answer, to imitate WeChat's latency.
+    pub latency: Duration,
+}
+
+/// A running sandbox WeChat. Stops when dropped.
+pub struct Sandbox {
+    addr: SocketAddr,
+    state: Arc<SandboxState>,
+    server: JoinHandle<()>,
+}
+
+struct SandboxState {
+    secret: String,
+    latency: Duration,
+    used_codes: Mutex<HashSet<String>>,
+    /// openid -> the session_key of its latest exchange.
+    session_keys: Mutex<HashMap<String, String>>,
+    exchanges: AtomicU64,
+}
+
+impl Sandbox {
+    /// Starts a sandbox on `127.0.0.1` on a free port, with a random secret.
+    pub async fn start(options: SandboxOptions) -> Result<Sandbox, Error> {
+        let state = Arc::new(SandboxState {
+            secret: URL_SAFE_NO_PAD.encode(random_bytes::<24>()),
+            latency: options.latency,
+            used_codes: Mutex::new(HashSet::new()),
+            session_keys: Mutex::new(HashMap::new()),
+            exchanges: AtomicU64::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(|e| Error::Config(format!("cannot bind the sandbox WeChat: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Config(format!("cannot bind the sandbox WeChat: {e}")))?;
+        let route_state = state.clone();
+        let routes = warp::path!("sns" / "jscode2session")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .then(move |query: HashMap<String, String>| {
+                let state = route_state.clone();
+                async move {
+                    tokio::time::sleep(state.latency).await;
+                    let body = state.code2session(&query).to_string();
+                    warp::reply::with_header(body, "content-type", "text/plain")
+                }
+            });
+        let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
+        Ok(Sandbox {
+            addr,
+            state,
+            server,
+        })
+    }
+
+    /// The base URL to use as `WECHAT_API_BASE`.
+    pub fn url(&self) -> Url {
+        Url::parse(&format!("http://{}/", self.addr)).expect("a socket address makes a URL")
+    }
+
+    /// The secret this sandbox accepts.
+    pub fn secret(&self) -> Secret {
+        Secret::new(self.state.secret.clone())
+    }
+
+    /// Points `config` at this sandbox: its URL, appid and secret.
+    pub fn configure(&self, config: &mut Config) {
+        config.appid = Some(SANDBOX_APPID.to_owned());
+        config.secret = Some(self.secret());
+        config.api_base = self.url();
+    }
+
+    /// How many code2Session requests the sandbox has answered, errors included.
+    pub fn exchanges(&self) -> u64 {
+        self.state.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// The openid the sandbox gives the user `name`.
+    pub fn openid_of(name: &str) -> String {
+        derived_id('o', "openid", name)
+    }
+
+    /// The unionid the sandbox gives the user `name` (for codes with `.union`).
+    pub fn unionid_of(name: &str) -> String {
+        derived_id('u', "unionid", name)
+    }
+
+    /// The session_key of the latest exchange for `openid`, as WeChat's client would hold it.
+    pub fn session_key(&self, openid: &str) -> Option<String> {
+        self.state
+            .session_keys
+            .lock()
+            .expect("sandbox lock")
+            .get(openid)
+            .cloned()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl SandboxState {
+    fn code2session(&self, query: &HashMap<String, String>) -> serde_json::Value {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
+        if param("appid") != SANDBOX_APPID {
+            return wechat_error(40013, "invalid appid");
+        }
+        if param("secret") != self.secret {
+            return wechat_error(40125, "invalid appsecret");
+        }
+        if param("grant_type") != "authorization_code" {
+            return wechat_error(40002, "invalid grant_type");
+        }
+        let code = param("js_code");
+        if code.is_empty() {
+            return wechat_error(41008, "missing code");
+        }
+        let mut parts = code.split('.');
+        let name = parts.next().unwrap_or("");
+        if let Some(errcode) = name.strip_prefix("err").and_then(|n| n.parse::<i64>().ok()) {
+            return wechat_error(errcode, errmsg(errcode));
+        }
+        let valid_name = (1..=32).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_name {
+            return wechat_error(40029, "invalid code");
+        }
+        if !self
+            .used_codes
+            .lock()
+            .expect("sandbox lock")
+            .insert(code.to_owned())
+        {
+            return wechat_error(40163, "code been used");
+        }
+        let openid = Sandbox::openid_of(name);
+        let session_key = STANDARD.encode(random_bytes::<16>());
+        self.session_keys
+            .lock()
+            .expect("sandbox lock")
+            .insert(openid.clone(), session_key.clone());
+        let mut body = json!({ "openid": openid, "session_key": session_key });
+        if parts.any(|flag| flag == "union") {
+            body["unionid"] = json!(Sandbox::unionid_of(name));
+        }
+        body
+    }
+}
+
+fn wechat_error(errcode: i64, errmsg: &str) -> serde_json::Value {
+    json!({ "errcode": errcode, "errmsg": format!("{errmsg}, rid: sandbox") })
+}
+
+fn errmsg(errcode: i64) -> &'static str {
+    match errcode {
+        -1 => "system error",
+        40029 => "invalid code",
+        40163 => "code been used",
+        45011 => "api minute-quota reach limit  mustslower  retry next minute",
+        40226 => "invalid user, risky user",
+        40013 => "invalid appid",
+        40125 => "invalid appsecret",
+        _ => "sandbox error",
+    }
+}
+
+/// A stable id for `name`, shaped like WeChat's (28 characters).
+fn derived_id(prefix: char, kind: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("wxbroker-sandbox:{kind}:{name}"));
+    let mut id = String::from(prefix);
+    id.push_str(&URL_SAFE_NO_PAD.encode(digest)[..27]);
+    id
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::fill(&mut bytes);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> SandboxState {
+        SandboxState {
+            secret: "s".into(),
+            latency: Duration::ZERO,
+            used_codes: Mutex::new(HashSet::new()),
+            session_keys: Mutex::new(HashMap::new()),
+            exchanges: AtomicU64::new(0),
+        }
+    }
+
+    fn ask(state: &SandboxState, code: &str) -> serde_json::Value {
+        let query = [
+            ("appid", SANDBOX_APPID),
+            ("secret", "s"),
+            ("js_code", code),
+            ("grant_type", "authorization_code"),
+        ];
+        state.code2session(
+            &query
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_code_grammar() {
+        let state = state();
+        let first = ask(&state, "alice.1");
+        let second = ask(&state, "alice.2");
+        assert_eq!(first["openid"], Sandbox::openid_of("alice"));
+        assert_eq!(first["openid"], second["openid"]);
+        assert_ne!(first["session_key"], second["session_key"]);
+        assert!(first.get("unionid").is_none());
+        assert_eq!(
+            STANDARD
+                .decode(first["session_key"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            16
+        );
+
+        assert_eq!(
+            ask(&state, "alice.union.3")["unionid"],
+            Sandbox::unionid_of("alice")
+        );
+        assert_eq!(ask(&state, "alice.1")["errcode"], 40163);
+        assert_eq!(ask(&state, "err45011")["errcode"], 45011);
+        assert_eq!(ask(&state, "err-1.7")["errcode"], -1);
+        assert_eq!(ask(&state, "err-1.7")["errcode"], -1);
+        assert_eq!(ask(&state, "bad-name")["errcode"], 40029);
+        assert_eq!(ask(&state, &"a".repeat(33))["errcode"], 40029);
+        assert_eq!(Sandbox::openid_of("bob").len(), 28);
+        assert_ne!(Sandbox::openid_of("bob"), Sandbox::openid_of("alice"));
+    }
+
+    #[test]
+    fn wrong_credentials_get_wechat_errcodes() {
+        let state = state();
+        let mut query: HashMap<String, String> = [
+            ("appid", "wxother"),
+            ("secret", "s"),
+            ("js_code", "a"),
+            ("grant_type", "authorization_code"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(state.code2session(&query)["errcode"], 40013);
+        query.insert("appid".into(), SANDBOX_APPID.into());
+        query.insert("secret".into(), "wrong".into());
+        assert_eq!(state.code2session(&query)["errcode"], 40125);
+    }
+}

@@ -1,0 +1,287 @@
+//! Users and sessions in sled trees. Synchronous and actor-free, so it is tested directly.
+//!
+//! Trees:
+//! - `users`: openid -> [`UserRecord`] (JSON)
+//! - `uids`: uid (big-endian u64) -> openid, the index for finding a user by uid
+//! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
+//! - `sessions`: SHA-256 of a token -> [`SessionRecord`] (JSON); the token itself is never stored
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::Error;
+use crate::crypto::TokenHash;
+
+const NEXT_UID: &[u8] = b"next_uid";
+
+/// A registered mini program user as stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Our own stable id for the user: handed out once, never reused.
+    pub uid: u64,
+    /// The user's id within this mini program.
+    pub openid: String,
+    /// The user's id across the company's WeChat apps, once WeChat reveals it.
+    pub unionid: Option<String>,
+    /// The current session_key (base64, as WeChat sent it). Never leaves the process.
+    pub session_key: String,
+    /// Unix seconds of the first login.
+    pub created_at: u64,
+    /// Unix seconds of the last change (login or profile update).
+    pub updated_at: u64,
+}
+
+/// A live session as stored, keyed by the hash of its token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The user the session belongs to.
+    pub uid: u64,
+    /// Copied from the user so that a check needs no second lookup.
+    pub openid: String,
+    /// Copied from the user at login.
+    pub unionid: Option<String>,
+    /// Unix seconds of the login that issued the token.
+    pub created_at: u64,
+    /// Unix seconds of the last use that was persisted (uses in between slide it in memory only).
+    pub last_seen: u64,
+    /// Unix seconds after which the token is dead whatever its use (the absolute TTL).
+    pub expires_at: u64,
+}
+
+/// The broker's embedded database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    users: sled::Tree,
+    uids: sled::Tree,
+    meta: sled::Tree,
+    sessions: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` with a page cache of `cache_mb` MiB.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb * 1024 * 1024)
+            .open()
+            .map_err(|e| {
+                Error::Storage(format!(
+                    "cannot open the database in {}: {e}. Check that the directory is writable \
+                     and that no other wxbroker uses it, or point WXBROKER_DATA_DIR elsewhere",
+                    dir.display()
+                ))
+            })?;
+        Ok(Store {
+            users: db.open_tree("users")?,
+            uids: db.open_tree("uids")?,
+            meta: db.open_tree("meta")?,
+            sessions: db.open_tree("sessions")?,
+            db,
+        })
+    }
+
+    /// The underlying database, for flushing.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Registers `openid` or refreshes its session_key, atomically; returns the user and whether
+    /// it is new.
+    ///
+    /// A new user gets the next uid from a counter written in the same transaction, so a uid is
+    /// never handed out twice. A `unionid` reported now is kept; `None` never erases one.
+    pub fn upsert_user(
+        &self,
+        openid: &str,
+        session_key: &str,
+        unionid: Option<&str>,
+        now: u64,
+    ) -> Result<(UserRecord, bool), Error> {
+        let result = (&self.users, &self.uids, &self.meta).transaction(|(users, uids, meta)| {
+            if let Some(bytes) = users.get(openid)? {
+                let mut user: UserRecord =
+                    decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                user.session_key = session_key.to_owned();
+                if let Some(unionid) = unionid {
+                    user.unionid = Some(unionid.to_owned());
+                }
+                user.updated_at = now;
+                users.insert(openid.as_bytes(), encode(&user))?;
+                return Ok((user, false));
+            }
+            let uid = match meta.get(NEXT_UID)? {
+                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
+                None => 1,
+            };
+            meta.insert(NEXT_UID, &(uid + 1).to_be_bytes())?;
+            let user = UserRecord {
+                uid,
+                openid: openid.to_owned(),
+                unionid: unionid.map(str::to_owned),
+                session_key: session_key.to_owned(),
+                created_at: now,
+                updated_at: now,
+            };
+            users.insert(openid.as_bytes(), encode(&user))?;
+            uids.insert(&uid.to_be_bytes(), openid.as_bytes())?;
+            Ok((user, true))
+        });
+        result.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => e.into(),
+        })
+    }
+
+    /// Writes (or overwrites) a session. Not flushed: the caller decides what must be durable.
+    pub fn put_session(&self, hash: &TokenHash, session: &SessionRecord) -> Result<(), Error> {
+        self.sessions.insert(hash, encode(session))?;
+        Ok(())
+    }
+
+    /// Deletes a session; returns whether it existed.
+    pub fn remove_session(&self, hash: &TokenHash) -> Result<bool, Error> {
+        Ok(self.sessions.remove(hash)?.is_some())
+    }
+
+    /// Deletes many sessions in one batch (the sweep).
+    pub fn remove_sessions<'a>(
+        &self,
+        hashes: impl IntoIterator<Item = &'a TokenHash>,
+    ) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for hash in hashes {
+            batch.remove(hash.as_slice());
+        }
+        self.sessions.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every stored session, for rebuilding the SessionKeeper's table at start.
+    pub fn sessions(&self) -> impl Iterator<Item = Result<(TokenHash, SessionRecord), Error>> + '_ {
+        self.sessions.iter().map(|entry| {
+            let (key, value) = entry?;
+            let hash: TokenHash = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| Error::Storage("a session key is not 32 bytes".into()))?;
+            Ok((hash, decode(&value)?))
+        })
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Storage(format!("corrupt record: {e}")))
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| Error::Storage("corrupt uid counter".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(dir.path(), 8).unwrap()
+    }
+
+    #[test]
+    fn new_users_get_increasing_uids_and_known_ones_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let (alice, new) = store.upsert_user("o-alice", "k1", None, 100).unwrap();
+        assert!(new);
+        assert_eq!(alice.uid, 1);
+        let (bob, new) = store.upsert_user("o-bob", "k2", None, 101).unwrap();
+        assert!(new);
+        assert_eq!(bob.uid, 2);
+
+        let (again, new) = store
+            .upsert_user("o-alice", "k3", Some("u-alice"), 200)
+            .unwrap();
+        assert!(!new);
+        assert_eq!(again.uid, 1);
+        assert_eq!(again.session_key, "k3");
+        assert_eq!(again.unionid.as_deref(), Some("u-alice"));
+        assert_eq!((again.created_at, again.updated_at), (100, 200));
+
+        // A later login without unionid does not erase it.
+        let (later, _) = store.upsert_user("o-alice", "k4", None, 300).unwrap();
+        assert_eq!(later.unionid.as_deref(), Some("u-alice"));
+        assert_eq!(
+            store.uids.get(1u64.to_be_bytes()).unwrap().unwrap(),
+            b"o-alice"
+        );
+        assert_eq!(
+            store.uids.get(2u64.to_be_bytes()).unwrap().unwrap(),
+            b"o-bob"
+        );
+        assert_eq!(store.uids.get(3u64.to_be_bytes()).unwrap(), None);
+    }
+
+    #[test]
+    fn uids_are_not_reused_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = store(&dir);
+            store.upsert_user("o-1", "k", None, 1).unwrap();
+            store.upsert_user("o-2", "k", None, 1).unwrap();
+            store.db().flush().unwrap();
+        }
+        let store = store(&dir);
+        let (user, new) = store.upsert_user("o-3", "k", None, 2).unwrap();
+        assert!(new);
+        assert_eq!(user.uid, 3);
+        let (old, new) = store.upsert_user("o-1", "k2", None, 3).unwrap();
+        assert_eq!((old.uid, new), (1, false));
+    }
+
+    #[test]
+    fn sessions_round_trip_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let record = SessionRecord {
+            uid: 7,
+            openid: "o".into(),
+            unionid: None,
+            created_at: 1,
+            last_seen: 2,
+            expires_at: 3,
+        };
+        store.put_session(&[1; 32], &record).unwrap();
+        store.put_session(&[2; 32], &record).unwrap();
+        store.put_session(&[3; 32], &record).unwrap();
+        let all: Vec<_> = store.sessions().collect::<Result<_, _>>().unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0], ([1; 32], record));
+
+        assert!(store.remove_session(&[1; 32]).unwrap());
+        assert!(!store.remove_session(&[1; 32]).unwrap());
+        store.remove_sessions(&[[2; 32], [3; 32]]).unwrap();
+        assert_eq!(store.sessions().count(), 0);
+    }
+
+    #[test]
+    fn an_unopenable_directory_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = Store::open(&file, 8).err().unwrap();
+        assert!(
+            matches!(&err, Error::Storage(m) if m.contains("not-a-dir")),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! The WeChat HTTP client: `code2Session`, its wire format and its errcodes.
+//!
+//! Base URL, credentials and timeouts are injected, so tests point it at a loopback server.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::Deserialize;
+
+use crate::Error;
+use crate::config::Secret;
+
+/// What WeChat tells us about a user for one login code.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Code2Session {
+    /// The user's id within this mini program.
+    pub openid: String,
+    /// The key for this user's encrypted data; rotates on every `wx.login`.
+    pub session_key: String,
+    /// Present only when the mini program is bound to an Open Platform account.
+    pub unionid: Option<String>,
+}
+
+impl fmt::Debug for Code2Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Code2Session")
+            .field("openid", &self.openid)
+            .field("session_key", &"[redacted]")
+            .field("unionid", &self.unionid)
+            .finish()
+    }
+}
+
+/// How to reach WeChat.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// `https://api.weixin.qq.com` in production; loopback in tests and the sandbox.
+    pub base: Url,
+    /// The mini program's appid.
+    pub appid: String,
+    /// The app secret; only ever put into the request to WeChat.
+    pub secret: Secret,
+    /// Time to establish a connection.
+    pub connect_timeout: Duration,
+    /// Time for one whole attempt, body included.
+    pub timeout: Duration,
+    /// Retries after errcode -1 ("system busy").
+    pub retries: u32,
+}
+
+/// A client for WeChat's server API. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct Upstream {
+    http: reqwest::Client,
+    config: UpstreamConfig,
+    code2session_url: Url,
+}
+
+/// The first wait before retrying a busy WeChat; doubles with each retry.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Upstream {
+    /// Builds the client; fails only if the TLS stack cannot start or the base URL is unusable.
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        // `join` replaces the last path segment unless the base ends with a slash.
+        let mut base = config.base.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let code2session_url = base
+            .join("sns/jscode2session")
+            .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))?;
+        Ok(Upstream {
+            http,
+            config,
+            code2session_url,
+        })
+    }
+
+    /// The longest [`Upstream::code2session`] can take: every attempt timing out, plus backoffs.
+    pub fn worst_case(&self) -> Duration {
+        let attempts = self.config.retries + 1;
+        let backoffs: Duration = (1..=self.config.retries).map(backoff).sum();
+        self.config.timeout * attempts + backoffs
+    }
+
+    /// Exchanges a login code for the user's openid and session_key.
+    ///
+    /// "System busy" (-1) is retried with backoff; a "code used" (40163) after such a retry means
+    /// our earlier attempt went through, so it is reported as busy rather than as the client's
+    /// fault.
+    pub async fn code2session(&self, code: &str) -> Result<Code2Session, Error> {
+        let mut retry = 0;
+        loop {
+            match self.code2session_once(code).await {
+                Err(Error::UpstreamBusy) if retry < self.config.retries => {
+                    retry += 1;
+                    tracing::warn!(retry, "WeChat is busy (errcode -1); retrying");
+                    tokio::time::sleep(backoff(retry)).await;
+                }
+                Err(Error::CodeUsed) if retry > 0 => return Err(Error::UpstreamBusy),
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn code2session_once(&self, code: &str) -> Result<Code2Session, Error> {
+        let mut url = self.code2session_url.clone();
+        url.query_pairs_mut()
+            .append_pair("appid", &self.config.appid)
+            .append_pair("secret", self.config.secret.expose())
+            .append_pair("js_code", code)
+            .append_pair("grant_type", "authorization_code");
+        let response = self.http.get(url).send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(transport_error)?;
+        parse_code2session(status, &body).map_err(|e| match e {
+            // WeChat's errmsg has been seen to echo request parameters back.
+            Error::Upstream(detail) => {
+                Error::Upstream(detail.replace(self.config.secret.expose(), "[redacted]"))
+            }
+            other => other,
+        })
+    }
+}
+
+fn backoff(retry: u32) -> Duration {
+    FIRST_BACKOFF * 2u32.pow(retry.saturating_sub(1))
+}
+
+/// Maps a transport failure, dropping the URL: it carries the app secret in its query.
+fn transport_error(err: reqwest::Error) -> Error {
+    if err.is_timeout() {
+        Error::UpstreamTimeout
+    } else {
+        let err = err.without_url();
+        Error::Upstream(format!("request to WeChat failed: {err}"))
+    }
+}
+
+/// The body of a code2Session answer: either the user's keys or an errcode.
+#[derive(Deserialize)]
+struct Wire {
+    openid: Option<String>,
+    session_key: Option<String>,
+    unionid: Option<String>,
+    errcode: Option<i64>,
+    errmsg: Option<String>,
+}
+
+/// Parses a code2Session answer from its HTTP status and body, whatever its Content-Type.
+///
+/// Errors come with HTTP 200 and an errcode; success may or may not carry `errcode: 0`.
+pub fn parse_code2session(status: u16, body: &[u8]) -> Result<Code2Session, Error> {
+    if !(200..300).contains(&status) {
+        return Err(Error::Upstream(format!("WeChat answered HTTP {status}")));
+    }
+    let wire: Wire = serde_json::from_slice(body).map_err(|e| {
+        Error::Upstream(format!(
+            "WeChat answered a body that is not the expected JSON: {e}"
+        ))
+    })?;
+    match wire.errcode {
+        None | Some(0) => {}
+        Some(errcode) => return Err(errcode_error(errcode, wire.errmsg.as_deref().unwrap_or(""))),
+    }
+    match (wire.openid, wire.session_key) {
+        (Some(openid), Some(session_key)) if !openid.is_empty() && !session_key.is_empty() => {
+            Ok(Code2Session {
+                openid,
+                session_key,
+                unionid: wire.unionid.filter(|u| !u.is_empty()),
+            })
+        }
+        _ => Err(Error::Upstream(
+            "WeChat answered without openid or session_key".into(),
+        )),
+    }
+}
+
+fn errcode_error(errcode: i64, errmsg: &str) -> Error {
+    match errcode {
+        -1 => Error::UpstreamBusy,
+        40029 => Error::InvalidCode,
+        40163 => Error::CodeUsed,
+        45011 => Error::RateLimited {
+            retry_after_secs: 60,
+        },
+        40226 => Error::RiskyUser,
+        40013 | 40125 => {
+            tracing::error!(
+                errcode,
+                "WeChat rejected our credentials: check WECHAT_APPID and WECHAT_SECRET"
+            );
+            Error::Upstream(format!(
+                "WeChat rejected our appid or secret (errcode {errcode})"
+            ))
+        }
+        _ => Error::Upstream(format!("WeChat answered errcode {errcode}: {errmsg}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Code2Session {
+        parse_code2session(200, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn success_with_and_without_errcode_zero_and_unionid() {
+        let plain = ok(r#"{"openid":"o1","session_key":"k1"}"#);
+        assert_eq!(plain.openid, "o1");
+        assert_eq!(plain.session_key, "k1");
+        assert_eq!(plain.unionid, None);
+
+        let full = ok(
+            r#"{"errcode":0,"errmsg":"ok","openid":"o2","session_key":"k2","unionid":"u2","expires_in":7200}"#,
+        );
+        assert_eq!(full.unionid.as_deref(), Some("u2"));
+    }
+
+    #[test]
+    fn errcodes_map_to_their_errors() {
+        let cases = [
+            (-1, Error::UpstreamBusy),
+            (40029, Error::InvalidCode),
+            (40163, Error::CodeUsed),
+            (
+                45011,
+                Error::RateLimited {
+                    retry_after_secs: 60,
+                },
+            ),
+            (40226, Error::RiskyUser),
+        ];
+        for (errcode, expected) in cases {
+            let body = format!(r#"{{"errcode":{errcode},"errmsg":"x"}}"#);
+            assert_eq!(parse_code2session(200, body.as_bytes()), Err(expected));
+        }
+        for errcode in [40013, 40125, 99999] {
+            let body = format!(r#"{{"errcode":{errcode},"errmsg":"x"}}"#);
+            assert!(matches!(
+                parse_code2session(200, body.as_bytes()),
+                Err(Error::Upstream(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn unusable_answers_are_upstream_errors() {
+        for (status, body) in [
+            (502, r#"{"openid":"o","session_key":"k"}"#),
+            (200, "<html>bad gateway</html>"),
+            (200, r#"{"openid":"o","session_ke"#),
+            (200, r#"{"openid":"o"}"#),
+            (200, r#"{"openid":"","session_key":"k"}"#),
+            (200, ""),
+        ] {
+            assert!(
+                matches!(
+                    parse_code2session(status, body.as_bytes()),
+                    Err(Error::Upstream(_))
+                ),
+                "{status} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_session_key() {
+        let shown = format!("{:?}", ok(r#"{"openid":"o","session_key":"SECRETKEY"}"#));
+        assert!(!shown.contains("SECRETKEY"));
+    }
+
+    #[test]
+    fn worst_case_covers_every_attempt_and_backoff() {
+        let upstream = Upstream::new(UpstreamConfig {
+            base: Url::parse("http://127.0.0.1:1/").unwrap(),
+            appid: "a".into(),
+            secret: Secret::new("s"),
+            connect_timeout: Duration::from_millis(10),
+            timeout: Duration::from_secs(1),
+            retries: 2,
+        })
+        .unwrap();
+        assert_eq!(
+            upstream.worst_case(),
+            Duration::from_millis(3000 + 100 + 200)
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! `wxbroker::run`, as the binary uses it: sandbox fallback, serving, clean shutdown.
+
+use reqwest::StatusCode;
+use wxbroker::Config;
+
+use crate::support::{client, parts};
+
+async fn serve_once(dir: &std::path::Path, code: &str) -> (StatusCode, serde_json::Value) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = Config {
+        data_dir: dir.to_owned(),
+        cache_mb: 8,
+        ..Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wxbroker::run(listener, config, async {
+        let _ = stopped.await;
+    }));
+    let http = client();
+    let answer = parts(
+        http.post(format!("{url}/v1/login"))
+            .form(&[("code", code)])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    drop(http);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn run_serves_the_sandbox_without_credentials_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, first) = serve_once(dir.path(), "sam.1").await;
+    assert_eq!(
+        (status, first["isNew"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    // A second run on the same directory finds the user (a new sandbox, same openid).
+    let (status, second) = serve_once(dir.path(), "sam.2").await;
+    assert_eq!(
+        (status, second["isNew"].as_bool()),
+        (StatusCode::OK, Some(false))
+    );
+    assert_eq!(first["uid"], second["uid"]);
+}
+
+#[tokio::test]
+async fn run_refuses_half_a_set_of_credentials() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = Config {
+        appid: Some("wx123".into()),
+        ..Config::default()
+    };
+    let err = wxbroker::run(listener, config, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, wxbroker::Error::Config(_)), "{err}");
+}

@@ -1,0 +1,237 @@
+//! The test harness: a broker served on loopback, with its sandbox, clock and data directory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use warp::Filter;
+use wxbroker::{Broker, Clock, Config, Sandbox, SandboxOptions};
+
+/// Where the manual clock starts (some day in 2026).
+pub const T0: u64 = 1_790_000_000;
+
+/// A broker served over HTTP on a free loopback port.
+pub struct TestBroker {
+    pub url: String,
+    pub http: reqwest::Client,
+    pub broker: Broker,
+    pub sandbox: Arc<Sandbox>,
+    pub clock: Clock,
+    pub config: Config,
+    pub dir: Arc<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl TestBroker {
+    /// A broker on a fresh data directory, a fresh sandbox and a manual clock at [`T0`].
+    pub async fn start() -> TestBroker {
+        TestBroker::start_with(|_| {}).await
+    }
+
+    /// As [`TestBroker::start`], with the configuration adjusted by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        let sandbox = Arc::new(Sandbox::start(SandboxOptions::default()).await.unwrap());
+        TestBroker::start_on(sandbox, tweak).await
+    }
+
+    /// A broker using `sandbox` as WeChat.
+    pub async fn start_on(sandbox: Arc<Sandbox>, tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            clock: Clock::manual(T0),
+            cache_mb: 8,
+            sweep_interval_secs: 3600,
+            upstream_timeout_ms: 2000,
+            ..Config::default()
+        };
+        sandbox.configure(&mut config);
+        tweak(&mut config);
+        TestBroker::serve(config, sandbox, dir).await
+    }
+
+    async fn serve(config: Config, sandbox: Arc<Sandbox>, dir: Arc<TempDir>) -> TestBroker {
+        let broker = Broker::start(&config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            warp::serve(wxbroker::routes(broker.clone()))
+                .incoming(listener)
+                .graceful(async {
+                    let _ = stopped.await;
+                })
+                .run(),
+        );
+        TestBroker {
+            url: format!("http://{addr}"),
+            http: client(),
+            broker,
+            sandbox,
+            clock: config.clock.clone(),
+            config,
+            dir,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Stops serving and shuts the broker down cleanly.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // Idle keep-alive connections would hold the server open.
+        self.http = client();
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .expect("server drained")
+                .unwrap();
+        }
+        self.broker.shutdown().await.unwrap();
+    }
+
+    /// Shuts down and starts again on the same data directory, sandbox and clock.
+    pub async fn restart(mut self) -> TestBroker {
+        self.stop().await;
+        let (config, sandbox, dir) = (self.config.clone(), self.sandbox.clone(), self.dir.clone());
+        drop(self);
+        TestBroker::serve(config, sandbox, dir).await
+    }
+
+    /// POST /v1/login with a JSON body.
+    pub async fn login(&self, code: &str) -> Response {
+        self.http
+            .post(format!("{}/v1/login", self.url))
+            .json(&serde_json::json!({ "code": code }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Logs in and returns the token, asserting success.
+    pub async fn token(&self, code: &str) -> String {
+        let (status, body) = parts(self.login(code).await).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["thirdSession"].as_str().unwrap().to_owned()
+    }
+
+    /// GET /v1/session with the token.
+    pub async fn session(&self, token: &str) -> Response {
+        self.http
+            .get(format!("{}/v1/session", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POST /v1/logout with the token.
+    pub async fn logout(&self, token: &str) -> Response {
+        self.http
+            .post(format!("{}/v1/logout", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A client that never waits long: a hang shows up as a test failure, not a stuck run.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Status and JSON body of a response (asserting the body is JSON).
+pub async fn parts(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "body is not JSON ({e}): {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    (status, body)
+}
+
+/// Asserts a JSON error answer with this status and error code.
+pub async fn assert_error(response: Response, status: StatusCode, code: &str) -> Value {
+    let (got, body) = parts(response).await;
+    assert_eq!(
+        (got, body["error"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+/// Polls `condition` every 20 ms for up to 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A misbehaving WeChat on loopback. The code picks the fault:
+/// `http500`, `garbage` (HTML), `truncated` (cut-off JSON), `hang` (never answers).
+pub async fn fault_upstream() -> (String, JoinHandle<()>) {
+    let route = warp::path!("sns" / "jscode2session")
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .then(
+            |query: std::collections::HashMap<String, String>| async move {
+                let code = query.get("js_code").cloned().unwrap_or_default();
+                let (status, body) = match code.as_str() {
+                    "http500" => (500, "internal error".to_owned()),
+                    "garbage" => (200, "<html>WeChat</html>".to_owned()),
+                    "truncated" => (200, r#"{"openid":"o1","session_k"#.to_owned()),
+                    "hang" => {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        (200, "{}".to_owned())
+                    }
+                    _ => (
+                        200,
+                        r#"{"openid":"o1","session_key":"a2V5a2V5a2V5a2V5a2V5aw=="}"#.to_owned(),
+                    ),
+                };
+                warp::reply::with_status(body, warp::http::StatusCode::from_u16(status).unwrap())
+            },
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    (
+        url,
+        tokio::spawn(warp::serve(route).incoming(listener).run()),
+    )
+}

@@ -220,25 +220,21 @@ impl Broker {
         Ok(())
     }
 
-    /// Makes one actor panic, to test supervision. Only with the `fault-injection` feature.
+    /// Makes one actor suffer `fault`, to test supervision and timeouts. Only with the
+    /// `fault-injection` feature.
     #[cfg(feature = "fault-injection")]
-    pub fn inject_panic(&self, kind: crate::ActorKind) {
+    pub fn inject(&self, kind: crate::ActorKind, fault: crate::Fault) {
         use crate::ActorKind;
-        use crate::actors::session_keeper::SessionKeeperMsg as K;
-        use crate::actors::user_registry::UserRegistryMsg as R;
-        use crate::actors::wechat_exchanger::WeChatExchangerMsg as W;
         let children = &self.inner.children;
-        let _ = match kind {
-            ActorKind::WeChatExchanger => {
-                current(&children.wechat_exchanger, "").map(|a| a.cast(W::Panic).is_ok())
-            }
-            ActorKind::UserRegistry => {
-                current(&children.user_registry, "").map(|a| a.cast(R::Panic).is_ok())
-            }
-            ActorKind::SessionKeeper => {
-                current(&children.session_keeper, "").map(|a| a.cast(K::Panic).is_ok())
-            }
+        let sent = match kind {
+            ActorKind::WeChatExchanger => current(&children.wechat_exchanger, "")
+                .map(|a| a.cast(WeChatExchangerMsg::Inject(fault)).is_ok()),
+            ActorKind::UserRegistry => current(&children.user_registry, "")
+                .map(|a| a.cast(UserRegistryMsg::Inject(fault)).is_ok()),
+            ActorKind::SessionKeeper => current(&children.session_keeper, "")
+                .map(|a| a.cast(SessionKeeperMsg::Inject(fault)).is_ok()),
         };
+        assert!(matches!(sent, Ok(true)), "{kind:?} is not running");
     }
 }
 

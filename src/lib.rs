@@ -41,6 +41,8 @@ mod clock;
 mod config;
 mod crypto;
 mod error;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod group_commit;
 mod http;
 mod sandbox;
@@ -58,6 +60,8 @@ pub use broker::{Broker, Login, MAX_CODE_LEN};
 pub use clock::Clock;
 pub use config::{Config, Secret};
 pub use error::Error;
+#[cfg(feature = "fault-injection")]
+pub use fault::Fault;
 pub use http::routes;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
 

@@ -92,9 +92,9 @@ pub enum SessionKeeperMsg {
     Count(RpcReplyPort<Result<usize, Error>>),
     /// Delete expired sessions (sent by the keeper's own interval timer).
     Sweep,
-    /// Test hook: panic inside the handler.
+    /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
-    Panic,
+    Inject(crate::Fault),
 }
 
 impl Actor for SessionKeeper {
@@ -166,7 +166,7 @@ impl Actor for SessionKeeper {
             }
             SessionKeeperMsg::Sweep => state.sweep()?,
             #[cfg(feature = "fault-injection")]
-            SessionKeeperMsg::Panic => panic!("injected panic in SessionKeeper"),
+            SessionKeeperMsg::Inject(fault) => fault.strike("SessionKeeper").await,
         }
         Ok(())
     }
@@ -275,5 +275,73 @@ impl Live {
 
     fn expired(&self, now: u64, idle_ttl: u64) -> bool {
         now >= self.expires_at(idle_ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keeper(dir: &tempfile::TempDir, clock: &Clock) -> SessionKeeperState {
+        let store = Store::open(dir.path(), 8).unwrap();
+        SessionKeeperState {
+            args: SessionKeeperArgs {
+                commit: GroupCommit::start(store.db().clone()),
+                store,
+                clock: clock.clone(),
+                idle_ttl: 1000,
+                max_ttl: 5000,
+                sweep_interval: Duration::from_secs(3600),
+            },
+            sessions: HashMap::new(),
+            sweeper: tokio::spawn(async {}),
+        }
+    }
+
+    fn stored_last_seen(state: &SessionKeeperState, hash: &TokenHash) -> u64 {
+        let stored = state
+            .args
+            .store
+            .sessions()
+            .map(Result::unwrap)
+            .find(|(h, _)| h == hash);
+        stored.unwrap().1.last_seen
+    }
+
+    #[tokio::test]
+    async fn checks_write_the_last_use_only_when_it_moved_a_tenth_of_the_idle_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(10_000);
+        let mut state = keeper(&dir, &clock);
+        let issued = state.issue(1, "o".into(), None).unwrap();
+        let hash = token_hash(&issued.token);
+
+        clock.advance(99);
+        assert_eq!(state.check(&hash).unwrap().expires_at, 10_099 + 1000);
+        assert_eq!(
+            stored_last_seen(&state, &hash),
+            10_000,
+            "under a tenth: memory only"
+        );
+
+        clock.advance(1);
+        state.check(&hash).unwrap();
+        assert_eq!(
+            stored_last_seen(&state, &hash),
+            10_100,
+            "a tenth: written back"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_session_is_refused_and_forgotten_before_any_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(10_000);
+        let mut state = keeper(&dir, &clock);
+        let hash = token_hash(&state.issue(1, "o".into(), None).unwrap().token);
+        clock.advance(1000);
+        assert_eq!(state.check(&hash), Err(Error::InvalidSession));
+        assert_eq!(state.args.store.sessions().count(), 0);
+        assert!(state.sessions.is_empty());
     }
 }

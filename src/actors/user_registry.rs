@@ -45,9 +45,9 @@ pub struct Registration {
 pub enum UserRegistryMsg {
     /// Register the user WeChat named, or store its new session_key.
     Upsert(Code2Session, RpcReplyPort<Result<Registration, Error>>),
-    /// Test hook: panic inside the handler.
+    /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
-    Panic,
+    Inject(crate::Fault),
 }
 
 impl Actor for UserRegistry {
@@ -101,7 +101,7 @@ impl Actor for UserRegistry {
                 }
             }
             #[cfg(feature = "fault-injection")]
-            UserRegistryMsg::Panic => panic!("injected panic in UserRegistry"),
+            UserRegistryMsg::Inject(fault) => fault.strike("UserRegistry").await,
         }
         Ok(())
     }

@@ -47,9 +47,9 @@ pub enum WeChatExchangerMsg {
     Exchange(String, RpcReplyPort<Result<Code2Session, Error>>),
     /// The spawned call for a code has finished.
     Finished(String, Result<Code2Session, Error>),
-    /// Test hook: panic inside the handler.
+    /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
-    Panic,
+    Inject(crate::Fault),
 }
 
 impl Actor for WeChatExchanger {
@@ -81,7 +81,7 @@ impl Actor for WeChatExchanger {
             WeChatExchangerMsg::Exchange(code, reply) => state.exchange(myself, code, reply),
             WeChatExchangerMsg::Finished(code, outcome) => state.finish(code, outcome),
             #[cfg(feature = "fault-injection")]
-            WeChatExchangerMsg::Panic => panic!("injected panic in WeChatExchanger"),
+            WeChatExchangerMsg::Inject(fault) => fault.strike("WeChatExchanger").await,
         }
         Ok(())
     }

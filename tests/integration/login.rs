@@ -330,3 +330,23 @@ async fn two_brokers_in_one_process_do_not_collide() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_chunked_body_without_content_length_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tb = TestBroker::start().await;
+    let mut stream = tokio::net::TcpStream::connect(tb.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let body = r#"{"code":"vera.1"}"#;
+    let request = format!(
+        "POST /v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("thirdSession"), "{answer}");
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use wxbroker::ActorKind;
+use wxbroker::{ActorKind, Fault};
 
 use crate::support::{TestBroker, eventually, parts};
 
@@ -22,7 +22,7 @@ async fn each_actor_is_restarted_and_works_after() {
     let tb = TestBroker::start().await;
     let token = tb.token("tom.0").await;
     for (i, kind) in ActorKind::ALL.into_iter().enumerate() {
-        tb.broker.inject_panic(kind);
+        tb.broker.inject(kind, Fault::Panic);
         // Whatever happens while it restarts is an answer, never a hang.
         for _ in 0..20 {
             let response = tb.session(&token).await;
@@ -58,7 +58,7 @@ async fn past_the_restart_cap_the_broker_reports_not_ready() {
     let healthz = format!("{}/healthz", tb.url);
     for _ in 0..=10 {
         wait_ready(&tb).await;
-        tb.broker.inject_panic(ActorKind::SessionKeeper);
+        tb.broker.inject(ActorKind::SessionKeeper, Fault::Panic);
         // Wait until the panic has been noticed before the next one.
         let broker = tb.broker.clone();
         eventually("the actor to die", || {
@@ -74,4 +74,39 @@ async fn past_the_restart_cap_the_broker_reports_not_ready() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let (_, body) = parts(tb.session(&"A".repeat(43)).await).await;
     assert_eq!(body["error"], "unavailable");
+}
+
+#[tokio::test]
+async fn a_stuck_actor_is_a_503_within_the_call_timeout_not_a_hang() {
+    let tb = TestBroker::start_with(|c| c.call_timeout_ms = 200).await;
+    let token = tb.token("uma.1").await;
+    tb.broker.inject(
+        ActorKind::SessionKeeper,
+        Fault::Stall(Duration::from_secs(2)),
+    );
+    let started = std::time::Instant::now();
+    let (status, body) = parts(tb.session(&token).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    tb.broker.inject(
+        ActorKind::UserRegistry,
+        Fault::Stall(Duration::from_secs(2)),
+    );
+    let (status, _) = parts(tb.login("uma.2").await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Once unstuck, it answers again.
+    let broker = tb.broker.clone();
+    crate::support::eventually("the keeper to answer", || {
+        let broker = broker.clone();
+        let token = token.clone();
+        async move { broker.check_session(&token).await.is_ok() }
+    })
+    .await;
 }

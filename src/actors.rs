@@ -4,7 +4,9 @@
 //! - [`wechat_exchanger::WeChatExchanger`] exchanges login codes with WeChat.
 //! - [`user_registry::UserRegistry`] registers users and keeps their session_keys.
 //! - [`session_keeper::SessionKeeper`] issues, checks, slides and expires session tokens.
+//! - [`decryptor::Decryptor`] opens `encryptedData` (profiles, phone numbers) and checks it.
 
+pub mod decryptor;
 pub mod session_keeper;
 pub mod supervisor;
 pub mod user_registry;

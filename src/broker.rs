@@ -9,14 +9,16 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
+use crate::actors::decryptor::{DecryptorArgs, DecryptorMsg};
 use crate::actors::session_keeper::{SessionInfo, SessionKeeperArgs, SessionKeeperMsg};
 use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
 use crate::crypto::{is_token_shaped, token_hash};
 use crate::group_commit::GroupCommit;
-use crate::store::Store;
+use crate::store::{Store, UserKey};
 use crate::upstream::{Upstream, UpstreamConfig};
+use crate::user::{EncryptedData, Phone, Profile, User};
 use crate::{Config, Error};
 
 /// Longest login code we pass to WeChat; real ones are about 32 characters.
@@ -65,7 +67,7 @@ impl Broker {
         let commit = GroupCommit::start(store.db().clone());
         let upstream = Upstream::new(UpstreamConfig {
             base: config.api_base.clone(),
-            appid,
+            appid: appid.clone(),
             secret,
             connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
             timeout: Duration::from_millis(config.upstream_timeout_ms),
@@ -92,6 +94,7 @@ impl Broker {
                 max_ttl: config.session_max_ttl,
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
             },
+            decryptor: DecryptorArgs { appid },
         };
         let (supervisor, handle) = Actor::spawn(None, Supervisor, args)
             .await
@@ -116,33 +119,20 @@ impl Broker {
     /// Logs a user in with a code from `wx.login`: exchange, register, issue a token.
     pub async fn login(&self, code: &str) -> Result<Login, Error> {
         check_code(code)?;
-        let inner = &self.inner;
-        let exchanger = current(&inner.children.wechat_exchanger, "the WeChat exchanger")?;
-        let wechat = ask(
-            &exchanger,
-            "the WeChat exchanger",
-            inner.exchange_timeout,
-            |reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply),
-        )
-        .await?;
-        let registry = current(&inner.children.user_registry, "the user registry")?;
-        let user = ask(
-            &registry,
-            "the user registry",
-            inner.call_timeout,
-            |reply| UserRegistryMsg::Upsert(wechat, reply),
-        )
-        .await?;
-        let keeper = current(&inner.children.session_keeper, "the session keeper")?;
-        let issued = ask(&keeper, "the session keeper", inner.call_timeout, |reply| {
-            SessionKeeperMsg::Issue {
+        let wechat = self
+            .exchanger(|reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply))
+            .await?;
+        let user = self
+            .registry(|reply| UserRegistryMsg::Upsert(wechat, reply))
+            .await?;
+        let issued = self
+            .keeper(|reply| SessionKeeperMsg::Issue {
                 uid: user.uid,
                 openid: user.openid,
                 unionid: user.unionid,
                 reply,
-            }
-        })
-        .await?;
+            })
+            .await?;
         Ok(Login {
             token: issued.token,
             expires_in: issued.expires_in,
@@ -157,14 +147,8 @@ impl Broker {
             return Err(Error::InvalidSession);
         }
         let hash = token_hash(token);
-        let keeper = current(&self.inner.children.session_keeper, "the session keeper")?;
-        ask(
-            &keeper,
-            "the session keeper",
-            self.inner.call_timeout,
-            |reply| SessionKeeperMsg::Check(hash, reply),
-        )
-        .await
+        self.keeper(|reply| SessionKeeperMsg::Check(hash, reply))
+            .await
     }
 
     /// Ends the session of `token`; once this returns, the logout survives a crash.
@@ -173,26 +157,75 @@ impl Broker {
             return Err(Error::InvalidSession);
         }
         let hash = token_hash(token);
-        let keeper = current(&self.inner.children.session_keeper, "the session keeper")?;
-        ask(
-            &keeper,
-            "the session keeper",
-            self.inner.call_timeout,
-            |reply| SessionKeeperMsg::Revoke(hash, reply),
-        )
-        .await
+        self.keeper(|reply| SessionKeeperMsg::Revoke(hash, reply))
+            .await
+    }
+
+    /// Decrypts the profile the session's user sent, stores it (durably) and returns it.
+    ///
+    /// A unionid in the profile becomes the user's, and shows on all of its sessions.
+    pub async fn userinfo(&self, token: &str, data: EncryptedData) -> Result<Profile, Error> {
+        let session = self.check_session(token).await?;
+        let session_key = self.session_key(&session.openid).await?;
+        let profile = self
+            .decryptor(|reply| DecryptorMsg::Profile {
+                session_key,
+                openid: session.openid.clone(),
+                data,
+                reply,
+            })
+            .await?;
+        if let Some(unionid) = profile.union_id.clone()
+            && session.unionid.as_ref() != Some(&unionid)
+        {
+            // Before the profile is saved, so that the profile's flush covers it too.
+            self.keeper(|reply| SessionKeeperMsg::SetUnionid {
+                uid: session.uid,
+                unionid,
+                reply,
+            })
+            .await?;
+        }
+        let saved = profile.clone();
+        self.registry(|reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply))
+            .await?;
+        Ok(profile)
+    }
+
+    /// Decrypts the phone number the session's user sent, stores it (durably) and returns it.
+    pub async fn phone(&self, token: &str, data: EncryptedData) -> Result<Phone, Error> {
+        let session = self.check_session(token).await?;
+        let session_key = self.session_key(&session.openid).await?;
+        let phone = self
+            .decryptor(|reply| DecryptorMsg::Phone {
+                session_key,
+                data,
+                reply,
+            })
+            .await?;
+        let saved = phone.clone();
+        self.registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
+            .await?;
+        Ok(phone)
+    }
+
+    /// The stored user behind `token`.
+    pub async fn me(&self, token: &str) -> Result<User, Error> {
+        let session = self.check_session(token).await?;
+        self.find_user(UserKey::Uid(session.uid))
+            .await?
+            .ok_or(Error::InvalidSession)
+    }
+
+    /// Finds a user by uid, openid or unionid (for business backends; not exposed over HTTP).
+    pub async fn find_user(&self, key: UserKey) -> Result<Option<User>, Error> {
+        self.registry(|reply| UserRegistryMsg::Find(key, reply))
+            .await
     }
 
     /// Sessions held, expired ones not yet swept included.
     pub async fn session_count(&self) -> Result<usize, Error> {
-        let keeper = current(&self.inner.children.session_keeper, "the session keeper")?;
-        ask(
-            &keeper,
-            "the session keeper",
-            self.inner.call_timeout,
-            SessionKeeperMsg::Count,
-        )
-        .await
+        self.keeper(SessionKeeperMsg::Count).await
     }
 
     /// Whether every actor runs and the supervisor has not given up.
@@ -222,19 +255,78 @@ impl Broker {
 
     /// Makes one actor suffer `fault`, to test supervision and timeouts. Only with the
     /// `fault-injection` feature.
+    ///
+    /// # Panics
+    /// If that actor is not running.
     #[cfg(feature = "fault-injection")]
     pub fn inject(&self, kind: crate::ActorKind, fault: crate::Fault) {
         use crate::ActorKind;
+        fn cast<M: ractor::Message>(slot: &Slot<M>, message: M) -> bool {
+            let actor = slot.read().expect("slot lock").clone();
+            actor.is_some_and(|actor| actor.cast(message).is_ok())
+        }
         let children = &self.inner.children;
         let sent = match kind {
-            ActorKind::WeChatExchanger => current(&children.wechat_exchanger, "")
-                .map(|a| a.cast(WeChatExchangerMsg::Inject(fault)).is_ok()),
-            ActorKind::UserRegistry => current(&children.user_registry, "")
-                .map(|a| a.cast(UserRegistryMsg::Inject(fault)).is_ok()),
-            ActorKind::SessionKeeper => current(&children.session_keeper, "")
-                .map(|a| a.cast(SessionKeeperMsg::Inject(fault)).is_ok()),
+            ActorKind::WeChatExchanger => cast(
+                &children.wechat_exchanger,
+                WeChatExchangerMsg::Inject(fault),
+            ),
+            ActorKind::UserRegistry => {
+                cast(&children.user_registry, UserRegistryMsg::Inject(fault))
+            }
+            ActorKind::SessionKeeper => {
+                cast(&children.session_keeper, SessionKeeperMsg::Inject(fault))
+            }
+            ActorKind::Decryptor => cast(&children.decryptor, DecryptorMsg::Inject(fault)),
         };
-        assert!(matches!(sent, Ok(true)), "{kind:?} is not running");
+        assert!(sent, "{kind:?} is not running");
+    }
+
+    async fn session_key(&self, openid: &str) -> Result<String, Error> {
+        self.registry(|reply| UserRegistryMsg::SessionKey(openid.to_owned(), reply))
+            .await
+    }
+
+    async fn exchanger<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> WeChatExchangerMsg,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let slot = &inner.children.wechat_exchanger;
+        ask(
+            slot,
+            "the WeChat exchanger",
+            inner.exchange_timeout,
+            message,
+        )
+        .await
+    }
+
+    async fn registry<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> UserRegistryMsg,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let slot = &inner.children.user_registry;
+        ask(slot, "the user registry", inner.call_timeout, message).await
+    }
+
+    async fn keeper<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> SessionKeeperMsg,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let slot = &inner.children.session_keeper;
+        ask(slot, "the session keeper", inner.call_timeout, message).await
+    }
+
+    async fn decryptor<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> DecryptorMsg,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let slot = &inner.children.decryptor;
+        ask(slot, "the decryptor", inner.call_timeout, message).await
     }
 }
 
@@ -256,20 +348,13 @@ fn check_code(code: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The child's current reference, or `Unavailable` while it restarts.
-fn current<M: ractor::Message>(
-    slot: &RwLock<Option<ActorRef<M>>>,
-    what: &str,
-) -> Result<ActorRef<M>, Error> {
-    slot.read()
-        .expect("slot lock")
-        .clone()
-        .ok_or_else(|| Error::Unavailable(format!("{what} is restarting")))
-}
+/// Where the supervisor publishes a child's current reference.
+type Slot<M> = RwLock<Option<ActorRef<M>>>;
 
-/// Calls an actor with a timeout, mapping every way the call can fail to `Unavailable`.
+/// Calls the child in `slot` with a timeout, mapping every way the call can fail (restarting,
+/// dead, too slow) to `Unavailable`.
 async fn ask<M, T>(
-    actor: &ActorRef<M>,
+    slot: &Slot<M>,
     what: &str,
     timeout: Duration,
     message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> M,
@@ -278,6 +363,11 @@ where
     M: ractor::Message,
     T: Send + 'static,
 {
+    let actor = slot
+        .read()
+        .expect("slot lock")
+        .clone()
+        .ok_or_else(|| Error::Unavailable(format!("{what} is restarting")))?;
     match actor.call(message, Some(timeout)).await {
         Ok(CallResult::Success(result)) => result,
         Ok(CallResult::Timeout) => {

@@ -1,10 +1,17 @@
-//! Pure cryptographic helpers: session tokens and their hashes. No I/O beyond the OS RNG.
+//! Pure cryptographic functions: session tokens and their hashes, WeChat's AES-128-CBC
+//! `encryptedData`, and the `rawData` signature. No I/O beyond the OS RNG, no async.
 
+use aes::cipher::block_padding::Pkcs7;
+use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
 use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::TryRng;
 use rand::rngs::SysRng;
+use sha1::Sha1;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::Error;
 
 /// Bytes of randomness in a session token.
 pub const TOKEN_BYTES: usize = 32;
@@ -36,10 +43,179 @@ pub fn token_hash(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Decrypts WeChat's `encryptedData` (all three arguments base64, as the client sends them).
+///
+/// Input that cannot be ciphertext at all is `InvalidRequest`; a padding failure is
+/// `DecryptFailed` (almost always a session_key that rotated since the data was made). A wrong key
+/// passes the padding check about once in 256 tries: the caller's JSON and watermark checks catch
+/// those.
+pub fn decrypt_encrypted_data(session_key: &str, iv: &str, data: &str) -> Result<Vec<u8>, Error> {
+    let key = decode_16("session_key", session_key)?;
+    let iv = decode_16("iv", iv)?;
+    let data = STANDARD
+        .decode(data)
+        .map_err(|_| Error::InvalidRequest("encryptedData is not valid base64".into()))?;
+    if data.is_empty() || data.len() % 16 != 0 {
+        return Err(Error::InvalidRequest(
+            "encryptedData must be a non-empty multiple of 16 bytes".into(),
+        ));
+    }
+    cbc::Decryptor::<aes::Aes128>::new(&key.into(), &iv.into())
+        .decrypt_padded_vec::<Pkcs7>(&data)
+        .map_err(|_| Error::DecryptFailed)
+}
+
+/// Encrypts as WeChat's client does: the counterpart of [`decrypt_encrypted_data`], returning
+/// base64. Used by the sandbox and by tests.
+pub fn encrypt_for_client(
+    session_key: &str,
+    iv: &[u8; 16],
+    plaintext: &[u8],
+) -> Result<String, Error> {
+    let key = decode_16("session_key", session_key)?;
+    let data = cbc::Encryptor::<aes::Aes128>::new(&key.into(), iv.into())
+        .encrypt_padded_vec::<Pkcs7>(plaintext);
+    Ok(STANDARD.encode(data))
+}
+
+/// `hex(sha1(raw_data + session_key))`, the signature WeChat puts beside `rawData`.
+pub fn raw_data_signature(raw_data: &str, session_key: &str) -> String {
+    let mut sha1 = Sha1::new();
+    sha1.update(raw_data.as_bytes());
+    sha1.update(session_key.as_bytes());
+    sha1.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `signature` signs `raw_data` under `session_key`, compared in constant time.
+pub fn raw_data_signature_matches(raw_data: &str, session_key: &str, signature: &str) -> bool {
+    let expected = raw_data_signature(raw_data, session_key);
+    expected
+        .as_bytes()
+        .ct_eq(signature.to_ascii_lowercase().as_bytes())
+        .into()
+}
+
+fn decode_16(what: &str, value: &str) -> Result<[u8; 16], Error> {
+    let bytes = STANDARD
+        .decode(value)
+        .map_err(|_| Error::InvalidRequest(format!("{what} is not valid base64")))?;
+    bytes
+        .try_into()
+        .map_err(|_| Error::InvalidRequest(format!("{what} must decode to exactly 16 bytes")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::collections::HashSet;
+
+    const KEY: &str = "tiihtNczf5v6AKRyjwEUhQ==";
+    const IV: [u8; 16] = *b"0123456789abcdef";
+
+    #[test]
+    fn known_answer_aes_128_cbc_pkcs7() {
+        // Built here: key = 16 bytes of 0x00..0x0f, iv = "0123456789abcdef", text = "wxbroker".
+        // Cross-checked with `openssl enc -aes-128-cbc -K 000102030405060708090a0b0c0d0e0f
+        // -iv 30313233343536373839616263646566`.
+        let key = STANDARD.encode((0u8..16).collect::<Vec<_>>());
+        let sealed = encrypt_for_client(&key, &IV, b"wxbroker").unwrap();
+        assert_eq!(sealed, KNOWN_CIPHERTEXT);
+        let opened = decrypt_encrypted_data(&key, &STANDARD.encode(IV), &sealed).unwrap();
+        assert_eq!(opened, b"wxbroker");
+    }
+
+    const KNOWN_CIPHERTEXT: &str = "zswx6yvDFhAJXd2Ju4BRPw==";
+
+    #[test]
+    fn round_trip_of_a_profile_sized_payload() {
+        let text =
+            br#"{"openId":"o","nickName":"n","watermark":{"appid":"wx","timestamp":1}}"#.repeat(5);
+        let sealed = encrypt_for_client(KEY, &IV, &text).unwrap();
+        assert_eq!(
+            decrypt_encrypted_data(KEY, &STANDARD.encode(IV), &sealed).unwrap(),
+            text
+        );
+    }
+
+    #[test]
+    fn bad_input_is_invalid_request() {
+        let iv = STANDARD.encode(IV);
+        let sealed = encrypt_for_client(KEY, &IV, b"hello").unwrap();
+        let cases = [
+            ("%%%", iv.as_str(), sealed.as_str()),
+            (KEY, "%%%", sealed.as_str()),
+            (KEY, iv.as_str(), "%%%"),
+            ("AAAA", iv.as_str(), sealed.as_str()),
+            (KEY, "AAAA", sealed.as_str()),
+            (KEY, iv.as_str(), ""),
+            (KEY, iv.as_str(), "AAAA"),
+        ];
+        for (key, iv, data) in cases {
+            assert!(
+                matches!(
+                    decrypt_encrypted_data(key, iv, data),
+                    Err(Error::InvalidRequest(_))
+                ),
+                "{key} {iv} {data}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rotated_key_or_bad_padding_is_decrypt_failed() {
+        let iv = STANDARD.encode(IV);
+        let sealed = encrypt_for_client(KEY, &IV, b"a message of some length").unwrap();
+        let other_key = STANDARD.encode([7u8; 16]);
+        // A wrong key passes padding about 1 in 256 times; this pair was checked to fail it.
+        assert_eq!(
+            decrypt_encrypted_data(&other_key, &iv, &sealed),
+            Err(Error::DecryptFailed)
+        );
+        let mut bytes = STANDARD.decode(&sealed).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x01;
+        let tampered = STANDARD.encode(bytes);
+        assert_eq!(
+            decrypt_encrypted_data(KEY, &iv, &tampered),
+            Err(Error::DecryptFailed)
+        );
+    }
+
+    #[test]
+    fn raw_data_signatures() {
+        // sha1("{}" + KEY), computed with `printf '%s' '{}tiihtNczf5v6AKRyjwEUhQ==' | sha1sum`.
+        let signature = raw_data_signature("{}", KEY);
+        assert_eq!(signature, KNOWN_SIGNATURE);
+        assert!(raw_data_signature_matches("{}", KEY, &signature));
+        assert!(raw_data_signature_matches(
+            "{}",
+            KEY,
+            &signature.to_uppercase()
+        ));
+        assert!(!raw_data_signature_matches("{ }", KEY, &signature));
+        assert!(!raw_data_signature_matches("{}", KEY, &signature[1..]));
+        assert!(!raw_data_signature_matches("{}", KEY, ""));
+    }
+
+    const KNOWN_SIGNATURE: &str = "2b108b8388b55e9cd004b2ff88878cb464498df2";
+
+    proptest! {
+        #[test]
+        fn arbitrary_input_never_panics(
+            key in proptest::collection::vec(any::<u8>(), 0..40),
+            iv in proptest::collection::vec(any::<u8>(), 0..40),
+            data in proptest::collection::vec(any::<u8>(), 0..200),
+            raw in ".*",
+        ) {
+            let outcome = decrypt_encrypted_data(&STANDARD.encode(&key), &STANDARD.encode(&iv), &STANDARD.encode(&data));
+            if let Err(e) = outcome {
+                prop_assert!(matches!(e, Error::InvalidRequest(_) | Error::DecryptFailed));
+            }
+            // Not base64 at all.
+            let garbage = String::from_utf8_lossy(&data).into_owned();
+            let _ = decrypt_encrypted_data(&garbage, &raw, &garbage);
+        }
+    }
 
     #[test]
     fn tokens_are_43_chars_of_base64url_carrying_32_bytes() {

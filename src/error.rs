@@ -38,6 +38,19 @@ pub enum Error {
     /// The session token is unknown, expired, revoked or missing.
     #[error("the session is invalid or expired")]
     InvalidSession,
+    /// `encryptedData` did not decrypt to JSON under the stored session_key: most likely the
+    /// client called `wx.login` again since, so it must log in again and resend.
+    #[error("the data could not be decrypted with the current session_key")]
+    DecryptFailed,
+    /// The decrypted data was made for another mini program.
+    #[error("the data's watermark names another appid")]
+    WatermarkMismatch,
+    /// The decrypted profile belongs to another user than the session's.
+    #[error("the data belongs to another openid than the session's")]
+    OpenidMismatch,
+    /// `rawData` and `signature` do not match under the stored session_key.
+    #[error("the rawData signature does not match")]
+    SignatureMismatch,
     /// An actor is dead, restarting or too slow to answer within its call timeout.
     #[error("the broker is temporarily unavailable: {0}")]
     Unavailable(String),

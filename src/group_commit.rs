@@ -34,6 +34,13 @@ impl GroupCommit {
         GroupCommit { waiters: tx }
     }
 
+    /// Calls `then` with the outcome once every write made before this call is on disk, without
+    /// making the caller wait: an actor hands over its reply and goes on with its next message.
+    pub fn then(&self, then: impl FnOnce(Result<(), Error>) + Send + 'static) {
+        let commit = self.clone();
+        tokio::spawn(async move { then(commit.durable().await) });
+    }
+
     /// Returns once every write made before this call is on disk.
     pub async fn durable(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();

@@ -48,11 +48,13 @@ mod http;
 mod sandbox;
 mod store;
 mod upstream;
+mod user;
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use warp::{Filter, Reply};
 
 pub use actors::session_keeper::SessionInfo;
 pub use actors::supervisor::ActorKind;
@@ -64,6 +66,8 @@ pub use error::Error;
 pub use fault::Fault;
 pub use http::routes;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
+pub use store::UserKey;
+pub use user::{EncryptedData, Phone, Profile, User};
 
 /// How long in-flight requests may take to finish once shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,7 +82,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config.validate()?;
-    let _sandbox = match config.credentials()? {
+    let sandbox = match config.credentials()? {
         Some(_) => None,
         None => {
             let sandbox = Sandbox::start(SandboxOptions::default()).await?;
@@ -96,9 +100,13 @@ pub async fn run(
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "wxbroker is serving");
     }
 
+    let mut app = routes(broker.clone()).map(Reply::into_response).boxed();
+    if let Some(sandbox) = &sandbox {
+        app = sandbox.client_routes().or(app).unify().boxed();
+    }
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        warp::serve(routes(broker.clone()))
+        warp::serve(app)
             .incoming(listener)
             .graceful(async {
                 let _ = drain_rx.await;

@@ -12,6 +12,14 @@
 //! A name is 1 to 32 letters, digits or `_`. Each code works once; the same code again is
 //! answered 40163 ("code been used"). Anything else is 40029 ("invalid code"). A wrong appid is
 //! 40013 and a wrong secret 40125, as from WeChat. Bodies are JSON sent as `text/plain`.
+//!
+//! It also plays the WeChat client's part for encrypted user data, encrypting with the session_key
+//! of the user's latest login, as `wx.getUserProfile` and the phone-number button would:
+//!
+//! - `GET /sandbox/userinfo?user=NAME`: `{"encryptedData", "iv", "rawData", "signature"}`
+//! - `GET /sandbox/phone?user=NAME[&phone=DIGITS]`: `{"encryptedData", "iv"}`
+//!
+//! The binary in sandbox mode serves these two routes on its own port too.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -25,10 +33,14 @@ use reqwest::Url;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
-use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Reply};
 
 use crate::config::Secret;
-use crate::{Config, Error};
+use crate::crypto::{encrypt_for_client, raw_data_signature};
+use crate::{Config, EncryptedData, Error};
 
 /// The appid the sandbox expects: not a real one, so it can never be mistaken for production.
 pub const SANDBOX_APPID: &str = "wxsandbox0000000";
@@ -51,10 +63,20 @@ struct SandboxState {
     secret: String,
     latency: Duration,
     used_codes: Mutex<HashSet<String>>,
-    /// openid -> the session_key of its latest exchange.
-    session_keys: Mutex<HashMap<String, String>>,
+    /// openid -> what the latest exchange for it told the broker.
+    logins: Mutex<HashMap<String, SandboxLogin>>,
     exchanges: AtomicU64,
 }
+
+/// What the sandbox last answered for a user, as the WeChat client would know it.
+#[derive(Clone)]
+struct SandboxLogin {
+    session_key: String,
+    unionid: Option<String>,
+}
+
+/// The phone number the sandbox's phone button gives unless told another.
+const SANDBOX_PHONE: &str = "13800138000";
 
 impl Sandbox {
     /// Starts a sandbox on `127.0.0.1` on a free port, with a random secret.
@@ -63,7 +85,7 @@ impl Sandbox {
             secret: URL_SAFE_NO_PAD.encode(random_bytes::<24>()),
             latency: options.latency,
             used_codes: Mutex::new(HashSet::new()),
-            session_keys: Mutex::new(HashMap::new()),
+            logins: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
         });
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
@@ -73,7 +95,7 @@ impl Sandbox {
             .local_addr()
             .map_err(|e| Error::Config(format!("cannot bind the sandbox WeChat: {e}")))?;
         let route_state = state.clone();
-        let routes = warp::path!("sns" / "jscode2session")
+        let code2session = warp::path!("sns" / "jscode2session")
             .and(warp::get())
             .and(warp::query::<HashMap<String, String>>())
             .then(move |query: HashMap<String, String>| {
@@ -81,15 +103,38 @@ impl Sandbox {
                 async move {
                     tokio::time::sleep(state.latency).await;
                     let body = state.code2session(&query).to_string();
-                    warp::reply::with_header(body, "content-type", "text/plain")
+                    warp::reply::with_header(body, "content-type", "text/plain").into_response()
                 }
             });
+        let routes = code2session.or(client_routes(state.clone())).unify();
         let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
         Ok(Sandbox {
             addr,
             state,
             server,
         })
+    }
+
+    /// The client-side routes (`/sandbox/userinfo`, `/sandbox/phone`), to mount beside the
+    /// broker's own so that a newcomer finds them on the broker's port.
+    pub fn client_routes(&self) -> BoxedFilter<(Response,)> {
+        client_routes(self.state.clone())
+    }
+
+    /// `encryptedData` for `plaintext` under the session_key of `name`'s latest login, as the
+    /// WeChat client would make it; `None` if `name` never logged in.
+    pub fn encrypt_for(&self, name: &str, plaintext: &[u8]) -> Option<EncryptedData> {
+        self.state.encrypt_for(name, plaintext)
+    }
+
+    /// What `wx.getUserProfile` would give `name` now (signed `rawData` included).
+    pub fn encrypted_profile(&self, name: &str) -> Option<EncryptedData> {
+        self.state.encrypted_profile(name)
+    }
+
+    /// What the phone-number button would give `name` now, for `phone` (digits).
+    pub fn encrypted_phone(&self, name: &str, phone: &str) -> Option<EncryptedData> {
+        self.state.encrypted_phone(name, phone)
     }
 
     /// The base URL to use as `WECHAT_API_BASE`.
@@ -126,12 +171,7 @@ impl Sandbox {
 
     /// The session_key of the latest exchange for `openid`, as WeChat's client would hold it.
     pub fn session_key(&self, openid: &str) -> Option<String> {
-        self.state
-            .session_keys
-            .lock()
-            .expect("sandbox lock")
-            .get(openid)
-            .cloned()
+        self.state.login_of(openid).map(|login| login.session_key)
     }
 }
 
@@ -177,16 +217,132 @@ impl SandboxState {
             return wechat_error(40163, "code been used");
         }
         let openid = Sandbox::openid_of(name);
-        let session_key = STANDARD.encode(random_bytes::<16>());
-        self.session_keys
+        let login = SandboxLogin {
+            session_key: STANDARD.encode(random_bytes::<16>()),
+            unionid: parts
+                .any(|flag| flag == "union")
+                .then(|| Sandbox::unionid_of(name)),
+        };
+        self.logins
             .lock()
             .expect("sandbox lock")
-            .insert(openid.clone(), session_key.clone());
-        let mut body = json!({ "openid": openid, "session_key": session_key });
-        if parts.any(|flag| flag == "union") {
-            body["unionid"] = json!(Sandbox::unionid_of(name));
+            .insert(openid.clone(), login.clone());
+        let mut body = json!({ "openid": openid, "session_key": login.session_key });
+        if let Some(unionid) = login.unionid {
+            body["unionid"] = json!(unionid);
         }
         body
+    }
+
+    fn login_of(&self, openid: &str) -> Option<SandboxLogin> {
+        self.logins
+            .lock()
+            .expect("sandbox lock")
+            .get(openid)
+            .cloned()
+    }
+
+    fn encrypt_for(&self, name: &str, plaintext: &[u8]) -> Option<EncryptedData> {
+        let login = self.login_of(&Sandbox::openid_of(name))?;
+        let iv = random_bytes::<16>();
+        let sealed = encrypt_for_client(&login.session_key, &iv, plaintext)
+            .expect("sandbox session_keys are 16 bytes");
+        Some(EncryptedData {
+            encrypted_data: sealed,
+            iv: STANDARD.encode(iv),
+            raw_data: None,
+            signature: None,
+        })
+    }
+
+    fn encrypted_profile(&self, name: &str) -> Option<EncryptedData> {
+        let openid = Sandbox::openid_of(name);
+        let login = self.login_of(&openid)?;
+        let public = json!({
+            "nickName": name,
+            "gender": 0,
+            "language": "zh_CN",
+            "city": "Shenzhen",
+            "province": "Guangdong",
+            "country": "China",
+            "avatarUrl": format!("https://thirdwx.qlogo.cn/sandbox/{name}/132"),
+        });
+        let raw_data = public.to_string();
+        let mut full = public;
+        full["openId"] = json!(openid);
+        if let Some(unionid) = &login.unionid {
+            full["unionId"] = json!(unionid);
+        }
+        full["watermark"] = watermark();
+        let mut data = self.encrypt_for(name, full.to_string().as_bytes())?;
+        data.signature = Some(raw_data_signature(&raw_data, &login.session_key));
+        data.raw_data = Some(raw_data);
+        Some(data)
+    }
+
+    fn encrypted_phone(&self, name: &str, phone: &str) -> Option<EncryptedData> {
+        let text = json!({
+            "phoneNumber": phone,
+            "purePhoneNumber": phone,
+            "countryCode": "86",
+            "watermark": watermark(),
+        });
+        self.encrypt_for(name, text.to_string().as_bytes())
+    }
+}
+
+fn watermark() -> serde_json::Value {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json!({ "appid": SANDBOX_APPID, "timestamp": timestamp })
+}
+
+/// The query of the client-side routes.
+#[derive(serde::Deserialize)]
+struct ClientQuery {
+    user: String,
+    phone: Option<String>,
+}
+
+fn client_routes(state: Arc<SandboxState>) -> BoxedFilter<(Response,)> {
+    let userinfo_state = state.clone();
+    let userinfo = warp::path!("sandbox" / "userinfo")
+        .and(warp::get())
+        .and(warp::query::<ClientQuery>())
+        .map(move |query: ClientQuery| {
+            client_answer(&query.user, userinfo_state.encrypted_profile(&query.user))
+        });
+    let phone = warp::path!("sandbox" / "phone")
+        .and(warp::get())
+        .and(warp::query::<ClientQuery>())
+        .map(move |query: ClientQuery| {
+            let phone = query.phone.as_deref().unwrap_or(SANDBOX_PHONE);
+            if phone.is_empty() || phone.len() > 20 || !phone.bytes().all(|b| b.is_ascii_digit()) {
+                let body = json!({ "error": "invalid_request", "message": "phone must be 1 to 20 digits" });
+                return warp::reply::with_status(warp::reply::json(&body), StatusCode::BAD_REQUEST)
+                    .into_response();
+            }
+            client_answer(&query.user, state.encrypted_phone(&query.user, phone))
+        });
+    userinfo.or(phone).unify().boxed()
+}
+
+fn client_answer(user: &str, data: Option<EncryptedData>) -> Response {
+    match data {
+        Some(data) => warp::reply::json(&data).into_response(),
+        None => {
+            let body = json!({
+                "error": "unknown_user",
+                "message": format!(
+                    "{user} has not logged in: the sandbox encrypts with the session_key of the \
+                     user's latest login, so log in first (POST /v1/login with code={user}.1)"
+                ),
+            });
+            warp::reply::with_status(warp::reply::json(&body), StatusCode::NOT_FOUND)
+                .into_response()
+        }
     }
 }
 
@@ -230,7 +386,7 @@ mod tests {
             secret: "s".into(),
             latency: Duration::ZERO,
             used_codes: Mutex::new(HashSet::new()),
-            session_keys: Mutex::new(HashMap::new()),
+            logins: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
         }
     }
@@ -278,6 +434,10 @@ mod tests {
         assert_eq!(ask(&state, "bad-name")["errcode"], 40029);
         assert_eq!(ask(&state, &"a".repeat(33))["errcode"], 40029);
         assert_eq!(Sandbox::openid_of("bob").len(), 28);
+        assert!(
+            state.encrypted_profile("bob").is_none(),
+            "bob never logged in"
+        );
         assert_ne!(Sandbox::openid_of("bob"), Sandbox::openid_of("alice"));
     }
 

@@ -3,6 +3,7 @@
 //! Trees:
 //! - `users`: openid -> [`UserRecord`] (JSON)
 //! - `uids`: uid (big-endian u64) -> openid, the index for finding a user by uid
+//! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
 //! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
 //! - `sessions`: SHA-256 of a token -> [`SessionRecord`] (JSON); the token itself is never stored
 
@@ -11,10 +12,13 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 
 use crate::Error;
 use crate::crypto::TokenHash;
+use crate::user::{Phone, Profile, User};
 
 const NEXT_UID: &[u8] = b"next_uid";
 
@@ -33,6 +37,37 @@ pub struct UserRecord {
     pub created_at: u64,
     /// Unix seconds of the last change (login or profile update).
     pub updated_at: u64,
+    /// The latest decrypted profile.
+    #[serde(default)]
+    pub profile: Option<Profile>,
+    /// The latest decrypted phone number.
+    #[serde(default)]
+    pub phone: Option<Phone>,
+}
+
+impl From<UserRecord> for User {
+    fn from(record: UserRecord) -> User {
+        User {
+            uid: record.uid,
+            openid: record.openid,
+            unionid: record.unionid,
+            profile: record.profile,
+            phone: record.phone,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        }
+    }
+}
+
+/// How to find a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserKey {
+    /// By our uid.
+    Uid(u64),
+    /// By openid.
+    Openid(String),
+    /// By unionid.
+    Unionid(String),
 }
 
 /// A live session as stored, keyed by the hash of its token.
@@ -59,6 +94,7 @@ pub struct Store {
     users: sled::Tree,
     uids: sled::Tree,
     meta: sled::Tree,
+    unionids: sled::Tree,
     sessions: sled::Tree,
 }
 
@@ -80,6 +116,7 @@ impl Store {
             users: db.open_tree("users")?,
             uids: db.open_tree("uids")?,
             meta: db.open_tree("meta")?,
+            unionids: db.open_tree("unionids")?,
             sessions: db.open_tree("sessions")?,
             db,
         })
@@ -102,16 +139,18 @@ impl Store {
         unionid: Option<&str>,
         now: u64,
     ) -> Result<(UserRecord, bool), Error> {
-        let result = (&self.users, &self.uids, &self.meta).transaction(|(users, uids, meta)| {
+        let trees = (&self.users, &self.uids, &self.meta, &self.unionids);
+        let result = trees.transaction(|(users, uids, meta, unionids)| {
             if let Some(bytes) = users.get(openid)? {
-                let mut user: UserRecord =
+                let old: UserRecord =
                     decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                let mut user = old.clone();
                 user.session_key = session_key.to_owned();
                 if let Some(unionid) = unionid {
                     user.unionid = Some(unionid.to_owned());
                 }
                 user.updated_at = now;
-                users.insert(openid.as_bytes(), encode(&user))?;
+                write_user(users, unionids, Some(&old), &user)?;
                 return Ok((user, false));
             }
             let uid = match meta.get(NEXT_UID)? {
@@ -126,15 +165,71 @@ impl Store {
                 session_key: session_key.to_owned(),
                 created_at: now,
                 updated_at: now,
+                profile: None,
+                phone: None,
             };
-            users.insert(openid.as_bytes(), encode(&user))?;
             uids.insert(&uid.to_be_bytes(), openid.as_bytes())?;
+            write_user(users, unionids, None, &user)?;
             Ok((user, true))
         });
-        result.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => e.into(),
+        result.map_err(abort_or_storage)
+    }
+
+    /// Stores a decrypted profile on the user; its unionId, if any, becomes the user's unionid.
+    pub fn save_profile(
+        &self,
+        openid: &str,
+        profile: &Profile,
+        now: u64,
+    ) -> Result<UserRecord, Error> {
+        self.update_user(openid, now, |user| {
+            if let Some(unionid) = &profile.union_id {
+                user.unionid = Some(unionid.clone());
+            }
+            user.profile = Some(profile.clone());
         })
+    }
+
+    /// Stores a decrypted phone number on the user.
+    pub fn save_phone(&self, openid: &str, phone: &Phone, now: u64) -> Result<UserRecord, Error> {
+        self.update_user(openid, now, |user| user.phone = Some(phone.clone()))
+    }
+
+    fn update_user(
+        &self,
+        openid: &str,
+        now: u64,
+        change: impl Fn(&mut UserRecord),
+    ) -> Result<UserRecord, Error> {
+        let trees = (&self.users, &self.unionids);
+        let result = trees.transaction(|(users, unionids)| {
+            let bytes = users.get(openid)?.ok_or_else(|| {
+                ConflictableTransactionError::Abort(Error::Storage(format!("no user {openid}")))
+            })?;
+            let old: UserRecord = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+            let mut user = old.clone();
+            change(&mut user);
+            user.updated_at = now;
+            write_user(users, unionids, Some(&old), &user)?;
+            Ok(user)
+        });
+        result.map_err(abort_or_storage)
+    }
+
+    /// Finds a user by uid, openid or unionid.
+    pub fn find_user(&self, key: &UserKey) -> Result<Option<UserRecord>, Error> {
+        let openid = match key {
+            UserKey::Openid(openid) => Some(sled::IVec::from(openid.as_bytes())),
+            UserKey::Uid(uid) => self.uids.get(uid.to_be_bytes())?,
+            UserKey::Unionid(unionid) => match self.unionids.get(unionid)? {
+                Some(uid) => self.uids.get(uid)?,
+                None => None,
+            },
+        };
+        match openid {
+            Some(openid) => self.users.get(openid)?.map(|b| decode(&b)).transpose(),
+            None => Ok(None),
+        }
     }
 
     /// Writes (or overwrites) a session. Not flushed: the caller decides what must be durable.
@@ -171,6 +266,33 @@ impl Store {
                 .map_err(|_| Error::Storage("a session key is not 32 bytes".into()))?;
             Ok((hash, decode(&value)?))
         })
+    }
+}
+
+/// Writes a user and keeps the unionid index in step with it.
+fn write_user(
+    users: &TransactionalTree,
+    unionids: &TransactionalTree,
+    old: Option<&UserRecord>,
+    user: &UserRecord,
+) -> Result<(), UnabortableTransactionError> {
+    let old_unionid = old.and_then(|old| old.unionid.as_deref());
+    if old_unionid != user.unionid.as_deref() {
+        if let Some(old_unionid) = old_unionid {
+            unionids.remove(old_unionid.as_bytes())?;
+        }
+        if let Some(unionid) = &user.unionid {
+            unionids.insert(unionid.as_bytes(), &user.uid.to_be_bytes())?;
+        }
+    }
+    users.insert(user.openid.as_bytes(), encode(user))?;
+    Ok(())
+}
+
+fn abort_or_storage(err: TransactionError<Error>) -> Error {
+    match err {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
     }
 }
 
@@ -220,15 +342,65 @@ mod tests {
         // A later login without unionid does not erase it.
         let (later, _) = store.upsert_user("o-alice", "k4", None, 300).unwrap();
         assert_eq!(later.unionid.as_deref(), Some("u-alice"));
+        assert_eq!(store.find_user(&UserKey::Uid(1)).unwrap().unwrap(), later);
         assert_eq!(
-            store.uids.get(1u64.to_be_bytes()).unwrap().unwrap(),
-            b"o-alice"
+            store
+                .find_user(&UserKey::Unionid("u-alice".into()))
+                .unwrap()
+                .unwrap(),
+            later
         );
         assert_eq!(
-            store.uids.get(2u64.to_be_bytes()).unwrap().unwrap(),
-            b"o-bob"
+            store
+                .find_user(&UserKey::Openid("o-bob".into()))
+                .unwrap()
+                .unwrap()
+                .uid,
+            2
         );
-        assert_eq!(store.uids.get(3u64.to_be_bytes()).unwrap(), None);
+        assert_eq!(store.find_user(&UserKey::Uid(3)).unwrap(), None);
+        assert_eq!(
+            store
+                .find_user(&UserKey::Unionid("u-nobody".into()))
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn profiles_and_phones_are_stored_and_index_the_unionid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        store.upsert_user("o-eve", "k", None, 1).unwrap();
+        let profile = Profile {
+            open_id: Some("o-eve".into()),
+            union_id: Some("u-eve".into()),
+            nick_name: Some("Eve".into()),
+            ..Profile::default()
+        };
+        let user = store.save_profile("o-eve", &profile, 5).unwrap();
+        assert_eq!(
+            (user.unionid.as_deref(), user.updated_at),
+            (Some("u-eve"), 5)
+        );
+        let phone = Phone {
+            phone_number: "13800138000".into(),
+            pure_phone_number: "13800138000".into(),
+            country_code: "86".into(),
+        };
+        store.save_phone("o-eve", &phone, 6).unwrap();
+        let found = store
+            .find_user(&UserKey::Unionid("u-eve".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (found.profile, found.phone),
+            (Some(profile), Some(phone.clone()))
+        );
+        assert!(matches!(
+            store.save_phone("o-nobody", &phone, 7),
+            Err(Error::Storage(_))
+        ));
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct SessionKeeperArgs {
 pub struct SessionKeeperState {
     args: SessionKeeperArgs,
     sessions: HashMap<TokenHash, Live>,
+    /// uid -> the hashes of that user's sessions, to update or end them all at once.
+    by_uid: HashMap<u64, Vec<TokenHash>>,
     sweeper: JoinHandle<()>,
 }
 
@@ -88,6 +90,15 @@ pub enum SessionKeeperMsg {
     Check(TokenHash, RpcReplyPort<Result<SessionInfo, Error>>),
     /// End the session with this token hash, durably.
     Revoke(TokenHash, RpcReplyPort<Result<(), Error>>),
+    /// Record a unionid learned after login on all of the user's sessions.
+    SetUnionid {
+        /// The user's uid.
+        uid: u64,
+        /// The unionid WeChat revealed.
+        unionid: String,
+        /// Answered once the sessions are updated.
+        reply: RpcReplyPort<Result<(), Error>>,
+    },
     /// How many sessions are held (expired ones not yet swept included).
     Count(RpcReplyPort<Result<usize, Error>>),
     /// Delete expired sessions (sent by the keeper's own interval timer).
@@ -107,19 +118,20 @@ impl Actor for SessionKeeper {
         myself: ActorRef<Self::Msg>,
         args: SessionKeeperArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut sessions = HashMap::new();
-        for entry in args.store.sessions() {
-            let (hash, record) = entry?;
-            let last_seen = record.last_seen;
-            sessions.insert(hash, Live { record, last_seen });
-        }
-        tracing::info!(sessions = sessions.len(), "session table loaded");
         let sweeper = myself.send_interval(args.sweep_interval, || SessionKeeperMsg::Sweep);
-        Ok(SessionKeeperState {
+        let mut state = SessionKeeperState {
             args,
-            sessions,
+            sessions: HashMap::new(),
+            by_uid: HashMap::new(),
             sweeper,
-        })
+        };
+        let store = state.args.store.clone();
+        for entry in store.sessions() {
+            let (hash, record) = entry?;
+            state.remember(hash, record);
+        }
+        tracing::info!(sessions = state.sessions.len(), "session table loaded");
+        Ok(state)
     }
 
     async fn post_stop(
@@ -151,16 +163,20 @@ impl Actor for SessionKeeper {
                 let _ = reply.send(state.check(&hash));
             }
             SessionKeeperMsg::Revoke(hash, reply) => match state.revoke(&hash) {
-                Ok(()) => {
-                    let commit = state.args.commit.clone();
-                    tokio::spawn(async move {
-                        let _ = reply.send(commit.durable().await);
-                    });
-                }
+                Ok(()) => state.args.commit.then(move |durable| {
+                    let _ = reply.send(durable);
+                }),
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
             },
+            SessionKeeperMsg::SetUnionid {
+                uid,
+                unionid,
+                reply,
+            } => {
+                let _ = reply.send(state.set_unionid(uid, &unionid));
+            }
             SessionKeeperMsg::Count(reply) => {
                 let _ = reply.send(Ok(state.sessions.len()));
             }
@@ -192,13 +208,7 @@ impl SessionKeeperState {
             expires_at: now + self.args.max_ttl,
         };
         self.args.store.put_session(&hash, &record)?;
-        self.sessions.insert(
-            hash,
-            Live {
-                record,
-                last_seen: now,
-            },
-        );
+        self.remember(hash, record);
         Ok(Issued {
             token,
             expires_in: self.args.idle_ttl.min(self.args.max_ttl),
@@ -210,7 +220,7 @@ impl SessionKeeperState {
         let idle_ttl = self.args.idle_ttl;
         let live = self.sessions.get_mut(hash).ok_or(Error::InvalidSession)?;
         if live.expired(now, idle_ttl) {
-            self.sessions.remove(hash);
+            self.forget(hash);
             self.args.store.remove_session(hash)?;
             return Err(Error::InvalidSession);
         }
@@ -228,7 +238,7 @@ impl SessionKeeperState {
     }
 
     fn revoke(&mut self, hash: &TokenHash) -> Result<(), Error> {
-        let live = self.sessions.remove(hash).ok_or(Error::InvalidSession)?;
+        let live = self.forget(hash).ok_or(Error::InvalidSession)?;
         self.args.store.remove_session(hash)?;
         if live.expired(self.args.clock.now(), self.args.idle_ttl) {
             return Err(Error::InvalidSession);
@@ -249,11 +259,42 @@ impl SessionKeeperState {
             return Ok(());
         }
         for hash in &expired {
-            self.sessions.remove(hash);
+            self.forget(hash);
         }
         self.args.store.remove_sessions(&expired)?;
         tracing::debug!(removed = expired.len(), "swept expired sessions");
         Ok(())
+    }
+
+    fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
+        for hash in self.by_uid.get(&uid).into_iter().flatten() {
+            if let Some(live) = self.sessions.get_mut(hash)
+                && live.record.unionid.as_deref() != Some(unionid)
+            {
+                live.record.unionid = Some(unionid.to_owned());
+                self.args.store.put_session(hash, &live.record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a session to the table and its user's index.
+    fn remember(&mut self, hash: TokenHash, record: SessionRecord) {
+        self.by_uid.entry(record.uid).or_default().push(hash);
+        let last_seen = record.last_seen;
+        self.sessions.insert(hash, Live { record, last_seen });
+    }
+
+    /// Removes a session from the table and its user's index (not from the store).
+    fn forget(&mut self, hash: &TokenHash) -> Option<Live> {
+        let live = self.sessions.remove(hash)?;
+        if let Some(hashes) = self.by_uid.get_mut(&live.record.uid) {
+            hashes.retain(|h| h != hash);
+            if hashes.is_empty() {
+                self.by_uid.remove(&live.record.uid);
+            }
+        }
+        Some(live)
     }
 
     /// Persists every last use that was only held in memory (at a clean stop).
@@ -294,6 +335,7 @@ mod tests {
                 sweep_interval: Duration::from_secs(3600),
             },
             sessions: HashMap::new(),
+            by_uid: HashMap::new(),
             sweeper: tokio::spawn(async {}),
         }
     }
@@ -342,6 +384,26 @@ mod tests {
         clock.advance(1000);
         assert_eq!(state.check(&hash), Err(Error::InvalidSession));
         assert_eq!(state.args.store.sessions().count(), 0);
-        assert!(state.sessions.is_empty());
+        assert!(state.sessions.is_empty() && state.by_uid.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_late_unionid_reaches_every_session_of_the_user_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(10_000);
+        let mut state = keeper(&dir, &clock);
+        let a1 = token_hash(&state.issue(1, "o1".into(), None).unwrap().token);
+        let a2 = token_hash(&state.issue(1, "o1".into(), None).unwrap().token);
+        let b = token_hash(&state.issue(2, "o2".into(), None).unwrap().token);
+        state.set_unionid(1, "u1").unwrap();
+        for hash in [a1, a2] {
+            assert_eq!(state.check(&hash).unwrap().unionid.as_deref(), Some("u1"));
+        }
+        assert_eq!(state.check(&b).unwrap().unionid, None);
+        let stored: Vec<_> = state.args.store.sessions().map(Result::unwrap).collect();
+        assert_eq!(
+            stored.iter().filter(|(_, r)| r.unionid.is_some()).count(),
+            2
+        );
     }
 }

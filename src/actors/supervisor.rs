@@ -12,6 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
 
+use super::decryptor::{Decryptor, DecryptorArgs, DecryptorMsg};
 use super::session_keeper::{SessionKeeper, SessionKeeperArgs, SessionKeeperMsg};
 use super::user_registry::{UserRegistry, UserRegistryArgs, UserRegistryMsg};
 use super::wechat_exchanger::{WeChatExchanger, WeChatExchangerArgs, WeChatExchangerMsg};
@@ -34,14 +35,17 @@ pub enum ActorKind {
     UserRegistry,
     /// The [`SessionKeeper`].
     SessionKeeper,
+    /// The [`Decryptor`].
+    Decryptor,
 }
 
 impl ActorKind {
     /// Every kind, in start order.
-    pub const ALL: [ActorKind; 3] = [
+    pub const ALL: [ActorKind; 4] = [
         ActorKind::WeChatExchanger,
         ActorKind::UserRegistry,
         ActorKind::SessionKeeper,
+        ActorKind::Decryptor,
     ];
 }
 
@@ -54,6 +58,8 @@ pub struct Children {
     pub user_registry: RwLock<Option<ActorRef<UserRegistryMsg>>>,
     /// The current SessionKeeper.
     pub session_keeper: RwLock<Option<ActorRef<SessionKeeperMsg>>>,
+    /// The current Decryptor.
+    pub decryptor: RwLock<Option<ActorRef<DecryptorMsg>>>,
 }
 
 impl Children {
@@ -72,6 +78,7 @@ impl Children {
             ActorKind::WeChatExchanger => id(&self.wechat_exchanger),
             ActorKind::UserRegistry => id(&self.user_registry),
             ActorKind::SessionKeeper => id(&self.session_keeper),
+            ActorKind::Decryptor => id(&self.decryptor),
         }
     }
 
@@ -80,6 +87,7 @@ impl Children {
             ActorKind::WeChatExchanger => *self.wechat_exchanger.write().expect("slot lock") = None,
             ActorKind::UserRegistry => *self.user_registry.write().expect("slot lock") = None,
             ActorKind::SessionKeeper => *self.session_keeper.write().expect("slot lock") = None,
+            ActorKind::Decryptor => *self.decryptor.write().expect("slot lock") = None,
         }
     }
 }
@@ -97,6 +105,8 @@ pub struct SupervisorArgs {
     pub user_registry: UserRegistryArgs,
     /// Arguments of the SessionKeeper.
     pub session_keeper: SessionKeeperArgs,
+    /// Arguments of the Decryptor.
+    pub decryptor: DecryptorArgs,
 }
 
 /// The children's arguments and the recent restart history.
@@ -222,6 +232,11 @@ impl SupervisorState {
                     Actor::spawn_linked(None, SessionKeeper, args.session_keeper.clone(), cell)
                         .await?;
                 *args.children.session_keeper.write().expect("slot lock") = Some(actor);
+            }
+            ActorKind::Decryptor => {
+                let (actor, _) =
+                    Actor::spawn_linked(None, Decryptor, args.decryptor.clone(), cell).await?;
+                *args.children.decryptor.write().expect("slot lock") = Some(actor);
             }
         }
         Ok(())

@@ -1,14 +1,15 @@
 //! UserRegistry: the users in sled, registered or refreshed on every login.
 //!
-//! Writes happen one message at a time, so the upsert of one openid never races another. A new
-//! registration is answered only once it is on disk; the wait for the disk happens in a spawned
-//! task (group commit), so the actor goes on with the next message meanwhile.
+//! Writes happen one message at a time, so the upsert of one openid never races another. New
+//! registrations and profile or phone updates are answered only once on disk; the wait for the
+//! disk happens in a spawned task (group commit), so the actor goes on with the next message.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::group_commit::GroupCommit;
-use crate::store::Store;
+use crate::store::{Store, UserKey};
 use crate::upstream::Code2Session;
+use crate::user::{Phone, Profile, User};
 use crate::{Clock, Error};
 
 /// The actor. Configuration comes in [`UserRegistryArgs`].
@@ -45,6 +46,14 @@ pub struct Registration {
 pub enum UserRegistryMsg {
     /// Register the user WeChat named, or store its new session_key.
     Upsert(Code2Session, RpcReplyPort<Result<Registration, Error>>),
+    /// The current session_key of the user with this openid.
+    SessionKey(String, RpcReplyPort<Result<String, Error>>),
+    /// Store a decrypted profile on the user with this openid, durably.
+    SaveProfile(String, Profile, RpcReplyPort<Result<User, Error>>),
+    /// Store a decrypted phone number on the user with this openid, durably.
+    SavePhone(String, Phone, RpcReplyPort<Result<User, Error>>),
+    /// Find a user.
+    Find(UserKey, RpcReplyPort<Result<Option<User>, Error>>),
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
     Inject(crate::Fault),
@@ -69,13 +78,14 @@ impl Actor for UserRegistry {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let now = state.clock.now();
         match message {
             UserRegistryMsg::Upsert(login, reply) => {
                 let upserted = state.store.upsert_user(
                     &login.openid,
                     &login.session_key,
                     login.unionid.as_deref(),
-                    state.clock.now(),
+                    now,
                 );
                 match upserted {
                     Ok((user, is_new)) => {
@@ -86,11 +96,7 @@ impl Actor for UserRegistry {
                             is_new,
                         };
                         if is_new {
-                            let commit = state.commit.clone();
-                            tokio::spawn(async move {
-                                let durable = commit.durable().await;
-                                let _ = reply.send(durable.map(|()| registration));
-                            });
+                            state.durable_reply(reply, registration);
                         } else {
                             let _ = reply.send(Ok(registration));
                         }
@@ -100,9 +106,44 @@ impl Actor for UserRegistry {
                     }
                 }
             }
+            UserRegistryMsg::SessionKey(openid, reply) => {
+                let found = state.store.find_user(&UserKey::Openid(openid));
+                let _ = reply.send(found.and_then(|user| {
+                    user.map(|user| user.session_key)
+                        .ok_or(Error::InvalidSession)
+                }));
+            }
+            UserRegistryMsg::SaveProfile(openid, profile, reply) => {
+                match state.store.save_profile(&openid, &profile, now) {
+                    Ok(user) => state.durable_reply(reply, User::from(user)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            UserRegistryMsg::SavePhone(openid, phone, reply) => {
+                match state.store.save_phone(&openid, &phone, now) {
+                    Ok(user) => state.durable_reply(reply, User::from(user)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            UserRegistryMsg::Find(key, reply) => {
+                let _ = reply.send(state.store.find_user(&key).map(|user| user.map(User::from)));
+            }
             #[cfg(feature = "fault-injection")]
             UserRegistryMsg::Inject(fault) => fault.strike("UserRegistry").await,
         }
         Ok(())
+    }
+}
+
+impl UserRegistryArgs {
+    /// Answers `value` once the writes so far are on disk, without holding up the actor.
+    fn durable_reply<T: Send + 'static>(&self, reply: RpcReplyPort<Result<T, Error>>, value: T) {
+        self.commit.then(move |durable| {
+            let _ = reply.send(durable.map(|()| value));
+        });
     }
 }

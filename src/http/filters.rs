@@ -19,6 +19,9 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = In
     login(broker.clone())
         .or(session(broker.clone()))
         .or(logout(broker.clone()))
+        .or(userinfo(broker.clone()))
+        .or(phone(broker.clone()))
+        .or(me(broker.clone()))
         .or(healthz(broker))
         .recover(problem::recover)
 }
@@ -49,6 +52,37 @@ fn logout(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Reject
         .and(bearer())
         .and(with_broker(broker))
         .and_then(handlers::logout)
+}
+
+/// POST /v1/userinfo with `{"encryptedData", "iv", "rawData"?, "signature"?}` and a Bearer token
+fn userinfo(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "userinfo")
+        .and(warp::post())
+        .and(bearer())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(body())
+        .and(with_broker(broker))
+        .and_then(handlers::userinfo)
+}
+
+/// POST /v1/phone with `{"encryptedData", "iv"}` and a Bearer token
+fn phone(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "phone")
+        .and(warp::post())
+        .and(bearer())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(body())
+        .and(with_broker(broker))
+        .and_then(handlers::phone)
+}
+
+/// GET /v1/me with a Bearer token: the stored user
+fn me(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "me")
+        .and(warp::get())
+        .and(bearer())
+        .and(with_broker(broker))
+        .and_then(handlers::me)
 }
 
 /// GET /healthz: 200 while every actor runs, 503 otherwise

@@ -1,13 +1,14 @@
 //! The handlers: parse what the filters extracted, call the broker, answer JSON.
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use super::problem::{Problem, json};
-use crate::{Broker, Error};
+use crate::{Broker, EncryptedData, Error, Phone, Profile, User};
 
 /// The login request, as JSON or as a form.
 #[derive(Deserialize)]
@@ -35,12 +36,25 @@ struct SessionReply {
     expires_at: u64,
 }
 
+/// The stored user, as `/v1/me` shows it (no session_key).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MeReply {
+    uid: u64,
+    openid: String,
+    unionid: Option<String>,
+    profile: Option<Profile>,
+    phone: Option<Phone>,
+    created_at: u64,
+    updated_at: u64,
+}
+
 pub async fn login(
     content_type: Option<String>,
     body: Bytes,
     broker: Broker,
 ) -> Result<Response, Rejection> {
-    let code = parse_login(content_type.as_deref(), &body)?;
+    let LoginRequest { code } = parse_body(content_type.as_deref(), &body, r#"{"code": "..."}"#)?;
     let login = broker.login(&code).await.map_err(Problem::reject)?;
     Ok(json(
         StatusCode::OK,
@@ -73,6 +87,52 @@ pub async fn logout(authorization: Option<String>, broker: Broker) -> Result<Res
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+pub async fn userinfo(
+    authorization: Option<String>,
+    content_type: Option<String>,
+    body: Bytes,
+    broker: Broker,
+) -> Result<Response, Rejection> {
+    let token = bearer_token(authorization.as_deref())?;
+    let data: EncryptedData = parse_body(content_type.as_deref(), &body, ENCRYPTED_SHAPE)?;
+    let profile = broker
+        .userinfo(token, data)
+        .await
+        .map_err(Problem::reject)?;
+    Ok(json(StatusCode::OK, &profile))
+}
+
+pub async fn phone(
+    authorization: Option<String>,
+    content_type: Option<String>,
+    body: Bytes,
+    broker: Broker,
+) -> Result<Response, Rejection> {
+    let token = bearer_token(authorization.as_deref())?;
+    let data: EncryptedData = parse_body(content_type.as_deref(), &body, ENCRYPTED_SHAPE)?;
+    let phone = broker.phone(token, data).await.map_err(Problem::reject)?;
+    Ok(json(StatusCode::OK, &phone))
+}
+
+pub async fn me(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
+    let token = bearer_token(authorization.as_deref())?;
+    let user: User = broker.me(token).await.map_err(Problem::reject)?;
+    Ok(json(
+        StatusCode::OK,
+        &MeReply {
+            uid: user.uid,
+            openid: user.openid,
+            unionid: user.unionid,
+            profile: user.profile,
+            phone: user.phone,
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+        },
+    ))
+}
+
+const ENCRYPTED_SHAPE: &str = r#"{"encryptedData": "...", "iv": "..."}"#;
+
 pub fn healthz(broker: Broker) -> Response {
     if broker.is_ready() {
         json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
@@ -86,8 +146,12 @@ pub fn healthz(broker: Broker) -> Response {
     }
 }
 
-/// The code from a JSON body (also when no Content-Type is given) or a form body.
-fn parse_login(content_type: Option<&str>, body: &[u8]) -> Result<String, Rejection> {
+/// A JSON body (also when no Content-Type is given) or a form body, of the given `shape`.
+fn parse_body<T: DeserializeOwned>(
+    content_type: Option<&str>,
+    body: &[u8],
+    shape: &str,
+) -> Result<T, Rejection> {
     let media = content_type.map(|c| {
         c.split(';')
             .next()
@@ -96,12 +160,10 @@ fn parse_login(content_type: Option<&str>, body: &[u8]) -> Result<String, Reject
             .to_ascii_lowercase()
     });
     let parsed = match media.as_deref() {
-        None | Some("application/json") => serde_json::from_slice::<LoginRequest>(body)
-            .map_err(|e| format!("expected a JSON body {{\"code\": \"...\"}}: {e}")),
-        Some("application/x-www-form-urlencoded") => {
-            serde_urlencoded::from_bytes::<LoginRequest>(body)
-                .map_err(|e| format!("expected a form body code=...: {e}"))
-        }
+        None | Some("application/json") => serde_json::from_slice::<T>(body)
+            .map_err(|e| format!("expected a JSON body {shape}: {e}")),
+        Some("application/x-www-form-urlencoded") => serde_urlencoded::from_bytes::<T>(body)
+            .map_err(|e| format!("expected a form body with the fields of {shape}: {e}")),
         Some(_) => {
             return Err(warp::reject::custom(Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -110,9 +172,7 @@ fn parse_login(content_type: Option<&str>, body: &[u8]) -> Result<String, Reject
             )));
         }
     };
-    parsed
-        .map(|request| request.code)
-        .map_err(|message| Problem::reject(Error::InvalidRequest(message)))
+    parsed.map_err(|message| Problem::reject(Error::InvalidRequest(message)))
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header; anything else is an invalid session.

@@ -21,6 +21,8 @@ pub struct Problem {
     code: &'static str,
     message: String,
     retry_after: Option<u64>,
+    /// Tells the client to call `wx.login` again and resend (the session_key rotated).
+    relogin: bool,
 }
 
 impl warp::reject::Reject for Problem {}
@@ -30,6 +32,8 @@ impl warp::reject::Reject for Problem {}
 struct ErrorBody<'a> {
     error: &'a str,
     message: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    relogin: bool,
 }
 
 impl Problem {
@@ -40,6 +44,7 @@ impl Problem {
             code,
             message: message.into(),
             retry_after: None,
+            relogin: false,
         }
     }
 
@@ -93,6 +98,29 @@ impl Problem {
                 "invalid_session",
                 "the session is missing, invalid or expired; log in again".into(),
             ),
+            Error::DecryptFailed => (
+                S::UNPROCESSABLE_ENTITY,
+                "decrypt_failed",
+                "the data could not be decrypted: most likely the session_key rotated because \
+                 wx.login was called again after the data was obtained; log in again, then get \
+                 and send the data again"
+                    .into(),
+            ),
+            Error::WatermarkMismatch => (
+                S::FORBIDDEN,
+                "watermark_mismatch",
+                "the data was made for another mini program (watermark.appid differs)".into(),
+            ),
+            Error::OpenidMismatch => (
+                S::FORBIDDEN,
+                "openid_mismatch",
+                "the data belongs to another user than this session's".into(),
+            ),
+            Error::SignatureMismatch => (
+                S::FORBIDDEN,
+                "signature_mismatch",
+                "signature does not match rawData under the current session_key".into(),
+            ),
             Error::Unavailable(_) => (
                 S::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -114,6 +142,7 @@ impl Problem {
         };
         Problem {
             retry_after,
+            relogin: matches!(err, Error::DecryptFailed),
             ..Problem::new(status, code, message)
         }
     }
@@ -126,6 +155,7 @@ impl Reply for Problem {
             &ErrorBody {
                 error: self.code,
                 message: &self.message,
+                relogin: self.relogin,
             },
         );
         let headers = response.headers_mut();

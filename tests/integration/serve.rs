@@ -26,6 +26,28 @@ async fn serve_once(dir: &std::path::Path, code: &str) -> (StatusCode, serde_jso
             .unwrap(),
     )
     .await;
+    // In sandbox mode the broker's own port also plays the client's part for encrypted data.
+    let name = code.split('.').next().unwrap();
+    let data = http
+        .get(format!("{url}/sandbox/userinfo?user={name}"))
+        .send()
+        .await
+        .unwrap();
+    let (status, data) = parts(data).await;
+    assert_eq!(status, StatusCode::OK, "{data}");
+    let token = answer.1["thirdSession"].as_str().unwrap();
+    let userinfo = http
+        .post(format!("{url}/v1/userinfo"))
+        .bearer_auth(token)
+        .json(&data)
+        .send()
+        .await
+        .unwrap();
+    let (status, profile) = parts(userinfo).await;
+    assert_eq!(
+        (status, profile["nickName"].as_str()),
+        (StatusCode::OK, Some(name))
+    );
     drop(http);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

@@ -1,0 +1,91 @@
+//! What the broker knows about a user, as embedders and the HTTP API see it.
+//!
+//! The field names of [`Profile`], [`Phone`] and [`EncryptedData`] are WeChat's own, so the same
+//! shapes serve for decrypting, storing and answering.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A user as the broker stores it, without the session_key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// The user's stable id.
+    pub uid: u64,
+    /// The user's id within this mini program.
+    pub openid: String,
+    /// The user's id across the company's WeChat apps, once known.
+    pub unionid: Option<String>,
+    /// The profile from the latest `/v1/userinfo`, if any.
+    pub profile: Option<Profile>,
+    /// The phone number from the latest `/v1/phone`, if any.
+    pub phone: Option<Phone>,
+    /// Unix seconds of the first login.
+    pub created_at: u64,
+    /// Unix seconds of the last login or update.
+    pub updated_at: u64,
+}
+
+/// A user's profile as `wx.getUserInfo` / `getUserProfile` deliver it (decrypted, no watermark).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Profile {
+    /// The openid the data was made for.
+    pub open_id: Option<String>,
+    /// The unionid, when the mini program is bound to an Open Platform account.
+    pub union_id: Option<String>,
+    /// Display name.
+    pub nick_name: Option<String>,
+    /// Avatar image URL.
+    pub avatar_url: Option<String>,
+    /// 0 unknown, 1 male, 2 female.
+    pub gender: Option<i64>,
+    /// City, as the user set it.
+    pub city: Option<String>,
+    /// Province, as the user set it.
+    pub province: Option<String>,
+    /// Country, as the user set it.
+    pub country: Option<String>,
+    /// Language of the other fields, e.g. `zh_CN`.
+    pub language: Option<String>,
+}
+
+/// A phone number as the phone-number button delivers it (decrypted, no watermark).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Phone {
+    /// The number with its country code for numbers outside mainland China.
+    pub phone_number: String,
+    /// The number without country code.
+    pub pure_phone_number: String,
+    /// The country code, e.g. `86` (WeChat has sent it as a string and as a number).
+    #[serde(deserialize_with = "string_or_number")]
+    pub country_code: String,
+}
+
+/// Encrypted user data as the mini program sends it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptedData {
+    /// Base64 AES-128-CBC ciphertext.
+    pub encrypted_data: String,
+    /// Base64 16-byte IV.
+    pub iv: String,
+    /// The plain profile JSON (profiles only), signed by `signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_data: Option<String>,
+    /// `hex(sha1(rawData + session_key))` (profiles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match Either::deserialize(deserializer)? {
+        Either::Text(text) => text,
+        Either::Number(number) => number.to_string(),
+    })
+}

@@ -10,10 +10,11 @@
 //! - [`run`]: the whole server (the binary's body): broker, HTTP front end, sandbox fallback,
 //!   graceful shutdown. Takes an already bound listener and a shutdown future.
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
-//! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`.
+//! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`.
 //! - `upstream.rs`: the WeChat HTTP client and its wire format.
 //! - `store.rs`: users and sessions in sled trees, synchronous; `group_commit.rs`: shared flushes.
-//! - `crypto.rs`: session tokens and their hashes.
+//! - `crypto.rs`: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
+//! - `user.rs`: [`User`], [`Profile`], [`Phone`], [`EncryptedData`].
 //! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
 //! - [`Sandbox`] (`sandbox.rs`): a loopback stand-in for WeChat.
 //! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`).

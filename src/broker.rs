@@ -44,6 +44,7 @@ pub struct Broker {
 }
 
 struct Inner {
+    config: Config,
     children: Arc<Children>,
     supervisor: ActorRef<SupervisorMsg>,
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
@@ -106,6 +107,7 @@ impl Broker {
         });
         Ok(Broker {
             inner: Arc::new(Inner {
+                config: config.clone(),
                 children,
                 supervisor,
                 supervisor_alive,
@@ -221,6 +223,11 @@ impl Broker {
     pub async fn find_user(&self, key: UserKey) -> Result<Option<User>, Error> {
         self.registry(|reply| UserRegistryMsg::Find(key, reply))
             .await
+    }
+
+    /// The configuration the broker was started with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// Sessions held, expired ones not yet swept included.

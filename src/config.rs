@@ -35,6 +35,16 @@ pub const DEFAULT_UPSTREAM_RETRIES: u32 = 2;
 pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 2000;
 /// Seconds between sweeps that delete expired sessions.
 pub const DEFAULT_SWEEP_INTERVAL: u64 = 60;
+/// Time a client has to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Time in-flight requests get to finish at shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// Logins per minute from one client address, sustained (0 turns the limit off).
+pub const DEFAULT_LOGIN_RATE_PER_MIN: u32 = 120;
+/// Logins from one client address allowed at once before the rate applies.
+pub const DEFAULT_LOGIN_BURST: u32 = 30;
 /// sled's page cache in MiB (sled's own default of 1 GiB is far more than a broker needs).
 pub const DEFAULT_CACHE_MB: u64 = 64;
 
@@ -102,6 +112,26 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_SWEEP_INTERVAL", default_value_t = DEFAULT_SWEEP_INTERVAL)]
     pub sweep_interval_secs: u64,
 
+    /// Milliseconds a client has to send its request headers (slow or idle clients are cut off).
+    #[arg(long, env = "WXBROKER_HEADER_READ_TIMEOUT_MS", default_value_t = DEFAULT_HEADER_READ_TIMEOUT_MS)]
+    pub header_read_timeout_ms: u64,
+
+    /// Connections open at once; beyond it new connections wait to be accepted.
+    #[arg(long, env = "WXBROKER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Milliseconds in-flight requests get to finish at shutdown.
+    #[arg(long, env = "WXBROKER_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
+
+    /// Logins per minute from one client IP, sustained; 0 turns the limit off.
+    #[arg(long, env = "WXBROKER_LOGIN_RATE_PER_MIN", default_value_t = DEFAULT_LOGIN_RATE_PER_MIN)]
+    pub login_rate_per_min: u32,
+
+    /// Logins from one client IP allowed in a burst before the per-minute rate applies.
+    #[arg(long, env = "WXBROKER_LOGIN_BURST", default_value_t = DEFAULT_LOGIN_BURST)]
+    pub login_burst: u32,
+
     /// MiB of page cache for the embedded database.
     #[arg(long, env = "WXBROKER_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
     pub cache_mb: u64,
@@ -129,6 +159,11 @@ impl Default for Config {
             upstream_retries: DEFAULT_UPSTREAM_RETRIES,
             call_timeout_ms: DEFAULT_CALL_TIMEOUT_MS,
             sweep_interval_secs: DEFAULT_SWEEP_INTERVAL,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+            login_rate_per_min: DEFAULT_LOGIN_RATE_PER_MIN,
+            login_burst: DEFAULT_LOGIN_BURST,
             cache_mb: DEFAULT_CACHE_MB,
             clock: Clock::system(),
         }
@@ -166,6 +201,12 @@ impl Config {
             ),
             ("WXBROKER_CALL_TIMEOUT_MS", self.call_timeout_ms),
             ("WXBROKER_SWEEP_INTERVAL", self.sweep_interval_secs),
+            (
+                "WXBROKER_HEADER_READ_TIMEOUT_MS",
+                self.header_read_timeout_ms,
+            ),
+            ("WXBROKER_MAX_CONNECTIONS", self.max_connections as u64),
+            ("WXBROKER_LOGIN_BURST", u64::from(self.login_burst)),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -182,6 +223,14 @@ impl Config {
 
     pub(crate) fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
+    }
+
+    pub(crate) fn server_limits(&self) -> crate::server::ServerLimits {
+        crate::server::ServerLimits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            max_connections: self.max_connections,
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 //! - `filters`: one function per route, and [`routes`] that joins them.
 //! - `handlers`: the async handlers and the JSON bodies they answer.
 //! - `problem`: the one mapping from errors and rejections to a status and a JSON error body.
+//! - `rate_limit`: the per-client-IP login limit.
 
 mod filters;
 mod handlers;
 mod problem;
+mod rate_limit;
 
 pub use filters::routes;

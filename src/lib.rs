@@ -7,8 +7,10 @@
 //!
 //! # Layout
 //!
-//! - [`run`]: the whole server (the binary's body): broker, HTTP front end, sandbox fallback,
-//!   graceful shutdown. Takes an already bound listener and a shutdown future.
+//! - [`run`]: the whole server (the binary's body): sandbox fallback, broker, HTTP front end,
+//!   graceful shutdown. Takes an already bound listener and a shutdown future. [`serve`] does the
+//!   same for a broker started by the caller.
+//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`.
 //! - `upstream.rs`: the WeChat HTTP client and its wire format.
@@ -47,12 +49,12 @@ mod fault;
 mod group_commit;
 mod http;
 mod sandbox;
+mod server;
 mod store;
 mod upstream;
 mod user;
 
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use warp::{Filter, Reply};
@@ -67,11 +69,9 @@ pub use error::Error;
 pub use fault::Fault;
 pub use http::routes;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
+pub use server::PeerAddr;
 pub use store::UserKey;
 pub use user::{EncryptedData, Phone, Profile, User};
-
-/// How long in-flight requests may take to finish once shutdown starts.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///
@@ -80,7 +80,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(
     listener: TcpListener,
     mut config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
     let sandbox = match config.credentials()? {
@@ -97,38 +97,45 @@ pub async fn run(
         }
     };
     let broker = Broker::start(&config).await?;
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "wxbroker is serving");
-    }
-
     let mut app = routes(broker.clone()).map(Reply::into_response).boxed();
     if let Some(sandbox) = &sandbox {
         app = sandbox.client_routes().or(app).unify().boxed();
     }
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        warp::serve(app)
-            .incoming(listener)
-            .graceful(async {
-                let _ = drain_rx.await;
-            })
-            .run(),
-    );
-    let gave_up = tokio::select! {
-        () = shutdown => false,
-        () = broker.stopped() => true,
-    };
-    tracing::info!("shutting down: draining in-flight requests");
-    let _ = drain_tx.send(());
-    if tokio::time::timeout(DRAIN_TIMEOUT, &mut server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing anyway");
-        server.abort();
+    serve_app(listener, broker, app, shutdown).await
+}
+
+/// Serves a started broker's routes on `listener` until `shutdown` resolves (or the actors give
+/// up), then drains in-flight requests and shuts the broker down.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let app = routes(broker.clone()).map(Reply::into_response).boxed();
+    serve_app(listener, broker, app, shutdown).await
+}
+
+async fn serve_app(
+    listener: TcpListener,
+    broker: Broker,
+    app: warp::filters::BoxedFilter<(warp::reply::Response,)>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    if let Ok(addr) = listener.local_addr() {
+        let data_dir = broker.config().data_dir.display().to_string();
+        tracing::info!(%addr, data_dir, "wxbroker is serving");
     }
+    let gave_up = std::sync::atomic::AtomicBool::new(false);
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {}
+            () = broker.stopped() => gave_up.store(true, std::sync::atomic::Ordering::Relaxed),
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+    };
+    server::serve_http(listener, app, broker.config().server_limits(), stop).await;
     broker.shutdown().await?;
-    if gave_up {
+    if gave_up.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Unavailable(
             "actors failed more often than the restart cap allows; see the log".into(),
         ));

@@ -7,8 +7,11 @@ use futures_util::{Stream, StreamExt};
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use std::sync::Arc;
+
 use super::handlers;
 use super::problem::{self, Problem};
+use super::rate_limit::{LoginLimiter, login_limit};
 use crate::{Broker, Error};
 
 /// Largest request body accepted; a login body is a few dozen bytes.
@@ -16,7 +19,12 @@ pub const BODY_LIMIT: u64 = 64 * 1024;
 
 /// Every route of the broker, with errors turned into JSON.
 pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    login(broker.clone())
+    let config = broker.config();
+    let limiter = Arc::new(LoginLimiter::new(
+        config.login_rate_per_min,
+        config.login_burst,
+    ));
+    login(broker.clone(), limiter)
         .or(session(broker.clone()))
         .or(logout(broker.clone()))
         .or(userinfo(broker.clone()))
@@ -27,9 +35,13 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = In
 }
 
 /// POST /v1/login with `{"code": "..."}` or the form `code=...`
-fn login(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+fn login(
+    broker: Broker,
+    limiter: Arc<LoginLimiter>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("v1" / "login")
         .and(warp::post())
+        .and(login_limit(limiter))
         .and(warp::header::optional::<String>("content-type"))
         .and(body())
         .and(with_broker(broker))

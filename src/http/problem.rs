@@ -48,6 +48,12 @@ impl Problem {
         }
     }
 
+    /// Adds a `Retry-After` header of `secs`.
+    pub fn with_retry_after(mut self, secs: u64) -> Problem {
+        self.retry_after = Some(secs);
+        self
+    }
+
     /// Rejects the request with the answer for `err`.
     pub fn reject(err: Error) -> Rejection {
         warp::reject::custom(Problem::from_error(&err))

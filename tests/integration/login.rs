@@ -246,7 +246,7 @@ async fn logins_beyond_the_in_flight_limit_get_503_at_once() {
 
 #[tokio::test]
 async fn an_unusable_or_silent_wechat_is_502_or_504() {
-    let (url, _server) = fault_upstream().await;
+    let (url, _calls) = fault_upstream().await;
     let tb = TestBroker::start_with(|c| {
         c.api_base = url.parse().unwrap();
         c.upstream_timeout_ms = 300;

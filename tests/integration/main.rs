@@ -3,6 +3,7 @@
 
 mod decrypt;
 mod login;
+mod reliability;
 mod serve;
 mod session;
 #[cfg(feature = "fault-injection")]

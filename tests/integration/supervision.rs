@@ -70,10 +70,22 @@ async fn past_the_restart_cap_the_broker_reports_not_ready() {
     tokio::time::timeout(Duration::from_secs(10), tb.broker.stopped())
         .await
         .expect("the supervisor gives up");
-    let response = tb.http.get(&healthz).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let (_, body) = parts(tb.session(&"A".repeat(43)).await).await;
-    assert_eq!(body["error"], "unavailable");
+    // What /healthz reports; the server itself stops accepting at once.
+    assert!(!tb.broker.is_ready());
+    assert!(matches!(
+        tb.broker.check_session(&"A".repeat(43)).await,
+        Err(wxbroker::Error::Unavailable(_))
+    ));
+    // `serve` (and with it the binary) ends with an error rather than limping on.
+    let mut tb = tb;
+    assert!(matches!(
+        tb.stop_with().await,
+        Err(wxbroker::Error::Unavailable(_))
+    ));
+    assert!(
+        tb.http.get(&healthz).send().await.is_err(),
+        "no longer listening"
+    );
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 //! The test harness: a broker served on loopback, with its sandbox, clock and data directory.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Response, StatusCode};
@@ -25,7 +27,7 @@ pub struct TestBroker {
     pub config: Config,
     pub dir: Arc<TempDir>,
     stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
+    server: Option<JoinHandle<Result<(), wxbroker::Error>>>,
 }
 
 impl TestBroker {
@@ -49,6 +51,8 @@ impl TestBroker {
             cache_mb: 8,
             sweep_interval_secs: 3600,
             upstream_timeout_ms: 2000,
+            // Every test client comes from 127.0.0.1; the limit has a test of its own.
+            login_rate_per_min: 0,
             ..Config::default()
         };
         sandbox.configure(&mut config);
@@ -61,14 +65,9 @@ impl TestBroker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(
-            warp::serve(wxbroker::routes(broker.clone()))
-                .incoming(listener)
-                .graceful(async {
-                    let _ = stopped.await;
-                })
-                .run(),
-        );
+        let server = tokio::spawn(wxbroker::serve(listener, broker.clone(), async {
+            let _ = stopped.await;
+        }));
         TestBroker {
             url: format!("http://{addr}"),
             http: client(),
@@ -84,18 +83,21 @@ impl TestBroker {
 
     /// Stops serving and shuts the broker down cleanly.
     pub async fn stop(&mut self) {
+        self.stop_with().await.unwrap();
+    }
+
+    /// Stops serving; returns what `wxbroker::serve` returned.
+    pub async fn stop_with(&mut self) -> Result<(), wxbroker::Error> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         // Idle keep-alive connections would hold the server open.
         self.http = client();
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(Duration::from_secs(10), server)
-                .await
-                .expect("server drained")
-                .unwrap();
-        }
-        self.broker.shutdown().await.unwrap();
+        let server = self.server.take().expect("served");
+        tokio::time::timeout(Duration::from_secs(15), server)
+            .await
+            .expect("server drained")
+            .unwrap()
     }
 
     /// Shuts down and starts again on the same data directory, sandbox and clock.
@@ -205,33 +207,43 @@ where
 }
 
 /// A misbehaving WeChat on loopback. The code picks the fault:
-/// `http500`, `garbage` (HTML), `truncated` (cut-off JSON), `hang` (never answers).
-pub async fn fault_upstream() -> (String, JoinHandle<()>) {
+/// `http500`, `garbage` (HTML), `truncated` (cut-off JSON), `hang` (never answers),
+/// `busy_once.N` (-1, then success), `busy_then_used.N` (-1, then 40163), `busy.N` (-1 always);
+/// anything else succeeds. Returns the base URL and a count of requests served.
+pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
+    let seen = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = calls.clone();
     let route = warp::path!("sns" / "jscode2session")
-        .and(warp::query::<std::collections::HashMap<String, String>>())
-        .then(
-            |query: std::collections::HashMap<String, String>| async move {
-                let code = query.get("js_code").cloned().unwrap_or_default();
-                let (status, body) = match code.as_str() {
-                    "http500" => (500, "internal error".to_owned()),
-                    "garbage" => (200, "<html>WeChat</html>".to_owned()),
-                    "truncated" => (200, r#"{"openid":"o1","session_k"#.to_owned()),
-                    "hang" => {
+        .and(warp::query::<HashMap<String, String>>())
+        .then(move |query: HashMap<String, String>| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let code = query.get("js_code").cloned().unwrap_or_default();
+            let first = seen.lock().unwrap().insert(code.clone());
+            async move {
+                let kind = code.split('.').next().unwrap_or("");
+                let ok = r#"{"openid":"o-fault","session_key":"a2V5a2V5a2V5a2V5a2V5aw=="}"#;
+                let (status, body) = match (kind, first) {
+                    ("http500", _) => (500, "internal error"),
+                    ("garbage", _) => (200, "<html>WeChat</html>"),
+                    ("truncated", _) => (200, r#"{"openid":"o1","session_k"#),
+                    ("hang", _) => {
                         tokio::time::sleep(Duration::from_secs(60)).await;
-                        (200, "{}".to_owned())
+                        (200, "{}")
                     }
-                    _ => (
-                        200,
-                        r#"{"openid":"o1","session_key":"a2V5a2V5a2V5a2V5a2V5aw=="}"#.to_owned(),
-                    ),
+                    ("busy", _) | ("busy_once" | "busy_then_used", true) => {
+                        (200, r#"{"errcode":-1,"errmsg":"system error"}"#)
+                    }
+                    ("busy_then_used", false) => {
+                        (200, r#"{"errcode":40163,"errmsg":"code been used"}"#)
+                    }
+                    _ => (200, ok),
                 };
                 warp::reply::with_status(body, warp::http::StatusCode::from_u16(status).unwrap())
-            },
-        );
+            }
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
-    (
-        url,
-        tokio::spawn(warp::serve(route).incoming(listener).run()),
-    )
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    (url, calls)
 }

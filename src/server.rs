@@ -1,0 +1,113 @@
+//! The HTTP server: serves a warp filter through hyper with the limits warp's own server lacks.
+//!
+//! warp 0.4's server installs no timer, so hyper cannot time out a client that never finishes its
+//! request headers, and it accepts connections without bound. Here every connection gets a
+//! header-read timeout, the number of open connections is capped (the accept loop waits for a
+//! free slot), and shutdown stops accepting, lets in-flight requests finish for a bounded time,
+//! then closes what is left.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower_service::Service;
+use warp::Filter;
+use warp::reject::Rejection;
+use warp::reply::Response;
+
+/// The client's socket address, put into every request's extensions for the filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Connection limits of the server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Time a client has to send a request's headers, on a new or a kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// Connections open at once; the accept loop waits while the cap is reached.
+    pub max_connections: usize,
+    /// Time in-flight requests get to finish once shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+/// Serves `filter` on `listener` until `shutdown` resolves, then drains within the limit.
+pub async fn serve_http<F>(
+    listener: TcpListener,
+    filter: F,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    F: Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static,
+{
+    let service = warp::service(filter);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let http = Arc::new(http);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &slots) => accepted,
+        };
+        let (stream, peer, slot) = accepted;
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let handler = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(PeerAddr(peer));
+            service.clone().call(request)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), handler));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still in flight after {:?}; closing anyway",
+            limits.drain_timeout
+        );
+    }
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> (
+    tokio::net::TcpStream,
+    SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+) {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return (stream, peer, slot),
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Failure modes: a misbehaving WeChat, slow or idle clients, floods, shutdown while busy.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wxbroker::{Sandbox, SandboxOptions};
+
+use crate::support::{TestBroker, assert_error, fault_upstream, parts};
+
+async fn on_faults(
+    tweak: impl FnOnce(&mut wxbroker::Config),
+) -> (TestBroker, Arc<std::sync::atomic::AtomicU64>) {
+    let (url, calls) = fault_upstream().await;
+    let tb = TestBroker::start_with(|c| {
+        c.api_base = url.parse().unwrap();
+        tweak(c);
+    })
+    .await;
+    (tb, calls)
+}
+
+#[tokio::test]
+async fn a_busy_wechat_is_retried_and_then_succeeds() {
+    let (tb, calls) = on_faults(|c| c.upstream_retries = 2).await;
+    let (status, body) = parts(tb.login("busy_once.1").await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(calls.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn code_used_after_our_own_retry_is_busy_not_the_clients_fault() {
+    let (tb, calls) = on_faults(|c| c.upstream_retries = 2).await;
+    assert_error(
+        tb.login("busy_then_used.1").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream_busy",
+    )
+    .await;
+    assert_eq!(calls.load(Ordering::Relaxed), 2);
+    let (_, calls_always) = (tb.login("busy.1").await, calls.load(Ordering::Relaxed));
+    assert_eq!(calls_always, 2 + 3, "one try and two retries");
+}
+
+#[tokio::test]
+async fn a_slow_answer_within_the_timeout_succeeds() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        latency: Duration::from_millis(400),
+    })
+    .await
+    .unwrap();
+    let tb = TestBroker::start_on(Arc::new(sandbox), |c| c.upstream_timeout_ms = 2000).await;
+    let (status, _) = parts(tb.login("slow.1").await).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_hanging_wechat_fills_the_in_flight_limit_and_the_rest_get_503_quickly() {
+    let (tb, _) = on_faults(|c| {
+        c.max_inflight = 4;
+        c.upstream_timeout_ms = 1500;
+    })
+    .await;
+    let started = Instant::now();
+    let codes: Vec<String> = (0..24).map(|i| format!("hang.{i}")).collect();
+    let timed = join_all(codes.iter().map(|code| async {
+        let response = tb.login(code).await;
+        (response.status(), started.elapsed())
+    }))
+    .await;
+    let busy: Vec<_> = timed
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    let timeouts = timed
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::GATEWAY_TIMEOUT)
+        .count();
+    assert_eq!((busy.len(), timeouts), (20, 4), "{timed:?}");
+    // The refused ones did not wait for the hanging ones.
+    assert!(
+        busy.iter().all(|(_, at)| *at < Duration::from_millis(1000)),
+        "{timed:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_do_not_lock_out_a_normal_client_and_are_cut_off() {
+    let _ = rlimit::increase_nofile_limit(8192);
+    let tb = TestBroker::start_with(|c| c.header_read_timeout_ms = 700).await;
+    let addr = tb.url.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for i in 0..500 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 0 {
+            // Half of them start a request and never finish its headers.
+            stream
+                .write_all(b"POST /v1/login HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    let (status, _) = parts(tb.login("walt.1").await).await;
+    assert_eq!(status, StatusCode::OK);
+    // The server closes every one of them once the header-read timeout passes.
+    for mut stream in idle {
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+        // A reset counts as closed too.
+        if let Ok(n) = read.expect("the server closes idle connections") {
+            let answer = String::from_utf8_lossy(&buf[..n]);
+            assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_connection_cap_makes_new_clients_wait_for_a_free_slot() {
+    let tb = TestBroker::start_with(|c| {
+        c.max_connections = 8;
+        c.header_read_timeout_ms = 500;
+    })
+    .await;
+    let addr = tb.url.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let (status, _) = parts(tb.login("xena.1").await).await;
+    assert_eq!(status, StatusCode::OK);
+    // It had to wait for the idle ones to be cut off: proof that the cap held.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn logins_from_one_address_are_rate_limited() {
+    let tb = TestBroker::start_with(|c| {
+        c.login_rate_per_min = 1;
+        c.login_burst = 2;
+    })
+    .await;
+    for i in 0..2 {
+        let (status, _) = parts(tb.login(&format!("yara.{i}")).await).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let limited = tb.login("yara.3").await;
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_error(limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    assert_eq!(
+        tb.sandbox.exchanges(),
+        2,
+        "a limited login never reaches WeChat"
+    );
+    // Other routes are not limited.
+    assert_error(
+        tb.session(&"A".repeat(43)).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_session",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        latency: Duration::from_millis(600),
+    })
+    .await
+    .unwrap();
+    let mut tb = TestBroker::start_on(Arc::new(sandbox), |_| {}).await;
+    let http = tb.http.clone();
+    let url = format!("{}/v1/login", tb.url);
+    let in_flight = tokio::spawn(async move {
+        http.post(url)
+            .json(&serde_json::json!({ "code": "zack.1" }))
+            .send()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tb.stop().await;
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let client = crate::support::client();
+    assert!(
+        client
+            .get(format!("{}/healthz", tb.url))
+            .send()
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+}

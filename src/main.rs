@@ -1,18 +1,33 @@
 //! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`].
 
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wxbroker::Config;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
-    let config = Config::parse();
+    match serve(Config::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, without a backtrace: this is for an operator, not a debugger.
+            tracing::error!("{e:#}");
+            eprintln!("wxbroker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -1,9 +1,11 @@
 //! Integration tests: the real broker over real HTTP on 127.0.0.1:0, a real sled database in a
 //! temporary directory, and a real loopback upstream (the sandbox or a fault server).
 
+mod binary;
 mod decrypt;
 mod login;
 mod reliability;
+mod secrecy;
 mod serve;
 mod session;
 #[cfg(feature = "fault-injection")]

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use reqwest::{Response, StatusCode};
@@ -16,6 +16,40 @@ use wxbroker::{Broker, Clock, Config, Sandbox, SandboxOptions};
 
 /// Where the manual clock starts (some day in 2026).
 pub const T0: u64 = 1_790_000_000;
+
+/// Every log line of every broker in this test binary, at debug level (trace for wxbroker).
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+fn capture_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug,wxbroker=trace"))
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .init();
+        buffer
+    })
+}
+
+/// What the brokers of this test binary have logged so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&capture_logs().lock().unwrap()).into_owned()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A broker served over HTTP on a free loopback port.
 pub struct TestBroker {
@@ -61,6 +95,7 @@ impl TestBroker {
     }
 
     async fn serve(config: Config, sandbox: Arc<Sandbox>, dir: Arc<TempDir>) -> TestBroker {
+        capture_logs();
         let broker = Broker::start(&config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

@@ -1,0 +1,275 @@
+//! The real `wxbroker` binary: start-up failures, SIGTERM, and kill -9 in the middle of writes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::client;
+
+/// A `wxbroker` process in sandbox mode on a free loopback port.
+struct Process {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+}
+
+fn command(data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wxbroker"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("WECHAT_") || name.starts_with("WXBROKER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--login-rate-per-min",
+            "0",
+            "--cache-mb",
+            "16",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+impl Process {
+    async fn start(data_dir: &Path) -> Process {
+        let mut child = command(data_dir).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let log = Arc::new(Mutex::new(String::new()));
+        let url = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+                if let Some(addr) = line.split("addr=").nth(1) {
+                    return format!("http://{}", addr.split_whitespace().next().unwrap());
+                }
+            }
+            panic!("wxbroker exited before serving: {}", log.lock().unwrap());
+        })
+        .await
+        .expect("wxbroker serves within 20 s");
+        // Keep draining its output so that it never blocks on a full pipe.
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Process { child, url, log }
+    }
+
+    async fn kill9(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_data_dir_is_a_clear_message_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let output = command(&file).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not-a-directory") && stderr.contains("WXBROKER_DATA_DIR"),
+        "{stderr}"
+    );
+    let all = format!("{stderr}{}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        !all.contains("panicked") && !all.contains("backtrace"),
+        "{all}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_flushes_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::start(dir.path()).await;
+    let http = client();
+    let login = http
+        .post(format!("{}/v1/login", process.url))
+        .form(&[("code", "term.1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+    let pid = process.child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut child = process.child;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(process.log.lock().unwrap().contains("stopped cleanly"));
+}
+
+/// What the clients were told before the kill.
+#[derive(Default)]
+struct Acknowledged {
+    /// name -> uid of every registration answered 200 with isNew.
+    registrations: HashMap<String, u64>,
+    /// Round and token of every logout answered 204.
+    logouts: Vec<(usize, String)>,
+}
+
+const ROUNDS: usize = 24;
+const WORKERS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = Arc::new(Mutex::new(Acknowledged::default()));
+    let mut checked_registrations = 0;
+    let mut checked_logouts = 0;
+    for round in 0..=ROUNDS {
+        // The database opens every time, and what was acknowledged before is all there.
+        let process = Process::start(dir.path()).await;
+        let http = client();
+        let (registrations, logouts) = {
+            let acked = acked.lock().unwrap();
+            // Every round checks what the last kill interrupted; the last round checks everything.
+            let checked = |r: usize| round == ROUNDS || r + 1 == round;
+            let names: Vec<(String, u64)> = acked
+                .registrations
+                .iter()
+                .filter(|(name, _)| checked(round_of(name)))
+                .map(|(n, u)| (n.clone(), *u))
+                .collect();
+            let tokens: Vec<String> = acked
+                .logouts
+                .iter()
+                .filter(|(r, _)| checked(*r))
+                .map(|(_, t)| t.clone())
+                .collect();
+            (names, tokens)
+        };
+        for (name, uid) in &registrations {
+            let response = http
+                .post(format!("{}/v1/login", process.url))
+                .form(&[("code", format!("{name}.check{round}"))])
+                .send()
+                .await
+                .unwrap();
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(
+                (body["uid"].as_u64(), body["isNew"].as_bool()),
+                (Some(*uid), Some(false)),
+                "{name}: {body}"
+            );
+            checked_registrations += 1;
+        }
+        for token in &logouts {
+            let response = http
+                .get(format!("{}/v1/session", process.url))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "a logout came back"
+            );
+            checked_logouts += 1;
+        }
+        if round == ROUNDS {
+            break;
+        }
+
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|worker| tokio::spawn(drive(process.url.clone(), round, worker, acked.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(rand::random_range(50..400))).await;
+        process.kill9().await;
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    }
+    let acked = acked.lock().unwrap();
+    eprintln!(
+        "crash test: {ROUNDS} kill -9 rounds, {} acknowledged registrations and {} acknowledged \
+         logouts; {checked_registrations} registration checks and {checked_logouts} logout checks \
+         after restarts; lost: 0",
+        acked.registrations.len(),
+        acked.logouts.len()
+    );
+    assert!(
+        acked.registrations.len() >= ROUNDS,
+        "the load did register users"
+    );
+    assert!(!acked.logouts.is_empty(), "the load did log out");
+}
+
+/// The round a user name was registered in (`r{round}w{worker}u{i}`).
+fn round_of(name: &str) -> usize {
+    name[1..name.find('w').unwrap()].parse().unwrap()
+}
+
+/// One client: registers new users and logs out every other session, until the broker dies.
+async fn drive(url: String, round: usize, worker: usize, acked: Arc<Mutex<Acknowledged>>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for i in 0..10_000 {
+        let name = format!("r{round}w{worker}u{i}");
+        let Ok(response) = http
+            .post(format!("{url}/v1/login"))
+            .form(&[("code", format!("{name}.1"))])
+            .send()
+            .await
+        else {
+            return;
+        };
+        let Ok(body) = response.json::<serde_json::Value>().await else {
+            return;
+        };
+        let (Some(uid), Some(true), Some(token)) = (
+            body["uid"].as_u64(),
+            body["isNew"].as_bool(),
+            body["thirdSession"].as_str(),
+        ) else {
+            return;
+        };
+        acked.lock().unwrap().registrations.insert(name, uid);
+        if i % 2 == 0 {
+            let Ok(response) = http
+                .post(format!("{url}/v1/logout"))
+                .bearer_auth(token)
+                .send()
+                .await
+            else {
+                return;
+            };
+            if response.status() == StatusCode::NO_CONTENT {
+                acked
+                    .lock()
+                    .unwrap()
+                    .logouts
+                    .push((round, token.to_owned()));
+            }
+        }
+    }
+}

@@ -274,6 +274,26 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_answers_never_panic(status in 0u16..1000, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = parse_code2session(status, &body);
+        }
+
+        #[test]
+        fn arbitrary_json_shapes_never_panic(
+            openid in proptest::option::of(".{0,40}"),
+            key in proptest::option::of(".{0,40}"),
+            errcode in proptest::option::of(proptest::prelude::any::<i64>()),
+        ) {
+            let body = serde_json::json!({ "openid": openid, "session_key": key, "errcode": errcode });
+            let outcome = parse_code2session(200, body.to_string().as_bytes());
+            if let Ok(session) = outcome {
+                proptest::prop_assert!(!session.openid.is_empty() && !session.session_key.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn debug_hides_the_session_key() {
         let shown = format!("{:?}", ok(r#"{"openid":"o","session_key":"SECRETKEY"}"#));

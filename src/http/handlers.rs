@@ -183,3 +183,41 @@ fn bearer_token(header: Option<&str>) -> Result<&str, Rejection> {
         .map(|(_, token)| token.trim())
         .ok_or_else(|| Problem::reject(Error::InvalidSession))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+            content_type in proptest::option::of(prop_oneof![
+                Just("application/json".to_owned()),
+                Just("application/x-www-form-urlencoded; charset=utf-8".to_owned()),
+                ".{0,30}",
+            ]),
+        ) {
+            let _ = parse_body::<LoginRequest>(content_type.as_deref(), &body, "{}");
+            let _ = parse_body::<EncryptedData>(content_type.as_deref(), &body, "{}");
+        }
+
+        #[test]
+        fn arbitrary_authorization_headers_never_panic(header in proptest::option::of(".{0,80}")) {
+            if let Ok(token) = bearer_token(header.as_deref()) {
+                prop_assert!(header.as_deref().unwrap_or("").to_ascii_lowercase().starts_with("bearer "));
+                prop_assert_eq!(token, token.trim());
+            }
+        }
+    }
+
+    #[test]
+    fn login_bodies_as_json_or_form() {
+        let json: LoginRequest = parse_body(None, br#"{"code":"a1"}"#, "").unwrap();
+        let form: LoginRequest =
+            parse_body(Some("application/x-www-form-urlencoded"), b"code=a%2B1", "").unwrap();
+        assert_eq!((json.code.as_str(), form.code.as_str()), ("a1", "a+1"));
+        assert!(parse_body::<LoginRequest>(Some("text/plain"), b"code=a", "").is_err());
+    }
+}

@@ -122,3 +122,59 @@ async fn a_stuck_actor_is_a_503_within_the_call_timeout_not_a_hang() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_every_request_is_answered_while_each_actor_restarts() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tb = Arc::new(TestBroker::start().await);
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        tokens.push(tb.token(&format!("load{i}.0")).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (tb, stop, token) = (tb.clone(), stop.clone(), tokens[w].clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                // Bounded in count; the client's own timeout turns a hang into a failure.
+                for i in 0..2_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let response = if i % 4 == 0 {
+                        tb.login(&format!("load{w}.n{i}")).await
+                    } else {
+                        tb.session(&token).await
+                    };
+                    statuses.push(response.status());
+                }
+                statuses
+            })
+        })
+        .collect();
+    for kind in ActorKind::ALL {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tb.broker.inject(kind, Fault::Panic);
+        wait_ready(&tb).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    for worker in workers {
+        for status in worker.await.unwrap() {
+            assert!(
+                status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+                "{status}"
+            );
+            answered += 1;
+        }
+    }
+    assert!(answered > 40, "the load ran: {answered}");
+    // Everything works after, with the sessions rebuilt from sled.
+    for token in &tokens {
+        assert_eq!(tb.session(token).await.status(), StatusCode::OK);
+    }
+}

@@ -1,4 +1,5 @@
-//! Session checks and logins through the real actors, in process (no HTTP front end).
+//! Session checks and logins through the real actors, in process (no HTTP front end; the login's
+//! exchange goes to the sandbox WeChat over loopback HTTP).
 //!
 //! `cargo bench --bench session`
 
@@ -8,7 +9,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use wxbroker::{Broker, Config, Sandbox, SandboxOptions};
 
 fn session(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the figure is the work of a call, not the cost of waking another thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();

@@ -132,6 +132,11 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_LOGIN_BURST", default_value_t = DEFAULT_LOGIN_BURST)]
     pub login_burst: u32,
 
+    /// Milliseconds the built-in sandbox WeChat waits before each answer (sandbox mode only; for
+    /// load tests that imitate WeChat's latency).
+    #[arg(long, env = "WXBROKER_SANDBOX_LATENCY_MS", default_value_t = 0)]
+    pub sandbox_latency_ms: u64,
+
     /// MiB of page cache for the embedded database.
     #[arg(long, env = "WXBROKER_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
     pub cache_mb: u64,
@@ -164,6 +169,7 @@ impl Default for Config {
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
             login_rate_per_min: DEFAULT_LOGIN_RATE_PER_MIN,
             login_burst: DEFAULT_LOGIN_BURST,
+            sandbox_latency_ms: 0,
             cache_mb: DEFAULT_CACHE_MB,
             clock: Clock::system(),
         }

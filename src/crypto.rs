@@ -83,16 +83,28 @@ pub fn raw_data_signature(raw_data: &str, session_key: &str) -> String {
     let mut sha1 = Sha1::new();
     sha1.update(raw_data.as_bytes());
     sha1.update(session_key.as_bytes());
-    sha1.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(40);
+    for byte in sha1.finalize() {
+        hex.push(HEX[usize::from(byte >> 4)] as char);
+        hex.push(HEX[usize::from(byte & 0xf)] as char);
+    }
+    hex
 }
 
 /// Whether `signature` signs `raw_data` under `session_key`, compared in constant time.
 pub fn raw_data_signature_matches(raw_data: &str, session_key: &str, signature: &str) -> bool {
     let expected = raw_data_signature(raw_data, session_key);
-    expected
-        .as_bytes()
-        .ct_eq(signature.to_ascii_lowercase().as_bytes())
-        .into()
+    let signature = signature.as_bytes();
+    // Lengths are public; only the content is compared in constant time.
+    expected.len() == signature.len()
+        && expected
+            .bytes()
+            .zip(signature)
+            .fold(subtle::Choice::from(1), |same, (a, b)| {
+                same & a.ct_eq(&b.to_ascii_lowercase())
+            })
+            .into()
 }
 
 fn decode_16(what: &str, value: &str) -> Result<[u8; 16], Error> {

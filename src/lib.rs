@@ -42,7 +42,7 @@ mod actors;
 mod broker;
 mod clock;
 mod config;
-mod crypto;
+pub mod crypto;
 mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
@@ -50,8 +50,8 @@ mod group_commit;
 mod http;
 mod sandbox;
 mod server;
-mod store;
-mod upstream;
+pub mod store;
+pub mod upstream;
 mod user;
 
 use std::future::Future;
@@ -59,6 +59,7 @@ use std::future::Future;
 use tokio::net::TcpListener;
 use warp::{Filter, Reply};
 
+pub use actors::decryptor::{open_phone, open_profile};
 pub use actors::session_keeper::SessionInfo;
 pub use actors::supervisor::ActorKind;
 pub use broker::{Broker, Login, MAX_CODE_LEN};
@@ -86,7 +87,10 @@ pub async fn run(
     let sandbox = match config.credentials()? {
         Some(_) => None,
         None => {
-            let sandbox = Sandbox::start(SandboxOptions::default()).await?;
+            let sandbox = Sandbox::start(SandboxOptions {
+                latency: std::time::Duration::from_millis(config.sandbox_latency_ms),
+            })
+            .await?;
             sandbox.configure(&mut config);
             tracing::warn!(
                 url = %sandbox.url(),

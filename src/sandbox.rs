@@ -101,7 +101,10 @@ impl Sandbox {
             .then(move |query: HashMap<String, String>| {
                 let state = route_state.clone();
                 async move {
-                    tokio::time::sleep(state.latency).await;
+                    // Even a zero sleep waits for the timer's next millisecond tick.
+                    if !state.latency.is_zero() {
+                        tokio::time::sleep(state.latency).await;
+                    }
                     let body = state.code2session(&query).to_string();
                     warp::reply::with_header(body, "content-type", "text/plain").into_response()
                 }

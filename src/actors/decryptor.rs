@@ -92,11 +92,10 @@ impl Actor for Decryptor {
     }
 }
 
-/// Decrypted data: the payload's own fields beside WeChat's watermark.
+/// The watermark WeChat puts beside the payload's own fields. Read in a pass of its own: serde's
+/// `flatten` would buffer the whole document and cost more than the two passes together.
 #[derive(Deserialize)]
-struct Sealed<T> {
-    #[serde(flatten)]
-    payload: T,
+struct Sealed {
     watermark: Watermark,
 }
 
@@ -145,11 +144,11 @@ fn open<T: DeserializeOwned>(
 ) -> Result<T, Error> {
     let plaintext = decrypt_encrypted_data(session_key, &data.iv, &data.encrypted_data)?;
     // serde's messages can quote the plaintext: none of it goes anywhere.
-    let sealed: Sealed<T> = serde_json::from_slice(&plaintext).map_err(|_| Error::DecryptFailed)?;
+    let sealed: Sealed = serde_json::from_slice(&plaintext).map_err(|_| Error::DecryptFailed)?;
     if sealed.watermark.appid != appid {
         return Err(Error::WatermarkMismatch);
     }
-    Ok(sealed.payload)
+    serde_json::from_slice(&plaintext).map_err(|_| Error::DecryptFailed)
 }
 
 #[cfg(test)]

@@ -16,6 +16,10 @@ use crate::group_commit::GroupCommit;
 use crate::store::{SessionRecord, Store};
 use crate::{Clock, Error};
 
+/// Live sessions one user may hold; a login beyond it ends the user's oldest session. It bounds
+/// the per-user index (and what one account logging in in a loop can cost).
+pub const MAX_SESSIONS_PER_USER: usize = 64;
+
 /// The actor. Configuration comes in [`SessionKeeperArgs`].
 pub struct SessionKeeper;
 
@@ -207,6 +211,15 @@ impl SessionKeeperState {
             last_seen: now,
             expires_at: now + self.args.max_ttl,
         };
+        let oldest = self
+            .by_uid
+            .get(&uid)
+            .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
+            .map(|hashes| hashes[0]);
+        if let Some(oldest) = oldest {
+            self.forget(&oldest);
+            self.args.store.remove_session(&oldest)?;
+        }
         self.args.store.put_session(&hash, &record)?;
         self.remember(hash, record);
         Ok(Issued {
@@ -278,7 +291,7 @@ impl SessionKeeperState {
         Ok(())
     }
 
-    /// Adds a session to the table and its user's index.
+    /// Adds a session to the table and its user's index (oldest first).
     fn remember(&mut self, hash: TokenHash, record: SessionRecord) {
         self.by_uid.entry(record.uid).or_default().push(hash);
         let last_seen = record.last_seen;
@@ -385,6 +398,21 @@ mod tests {
         assert_eq!(state.check(&hash), Err(Error::InvalidSession));
         assert_eq!(state.args.store.sessions().count(), 0);
         assert!(state.sessions.is_empty() && state.by_uid.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_user_beyond_the_session_cap_loses_the_oldest_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(10_000);
+        let mut state = keeper(&dir, &clock);
+        let hashes: Vec<TokenHash> = (0..=MAX_SESSIONS_PER_USER)
+            .map(|_| token_hash(&state.issue(1, "o1".into(), None).unwrap().token))
+            .collect();
+        assert_eq!(state.check(&hashes[0]), Err(Error::InvalidSession));
+        for hash in &hashes[1..] {
+            assert!(state.check(hash).is_ok());
+        }
+        assert_eq!(state.args.store.sessions().count(), MAX_SESSIONS_PER_USER);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 mod binary;
 mod decrypt;
 mod login;
+mod miniprogram;
 mod reliability;
 mod secrecy;
 mod serve;

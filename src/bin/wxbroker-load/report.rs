@@ -1,0 +1,193 @@
+//! What a run measured: per scenario and endpoint, as a table or as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latencies and outcomes of one endpoint, as a worker collects them.
+pub struct EndpointStats {
+    /// Latency in microseconds.
+    pub latency: Histogram<u64>,
+    /// Answers with the expected status.
+    pub ok: u64,
+    /// Everything else, by status (or `io` for a broken connection).
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        EndpointStats {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            ok: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+}
+
+impl EndpointStats {
+    /// Adds another worker's figures.
+    pub fn merge(&mut self, other: &EndpointStats) {
+        let _ = self.latency.add(&other.latency);
+        self.ok += other.ok;
+        for (status, count) in &other.errors {
+            *self.errors.entry(status.clone()).or_default() += count;
+        }
+    }
+}
+
+/// One endpoint in the report.
+#[derive(Serialize)]
+pub struct EndpointReport {
+    name: String,
+    requests: u64,
+    errors: BTreeMap<String, u64>,
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+/// One scenario in the report.
+#[derive(Serialize, Default)]
+pub struct ScenarioReport {
+    /// The scenario's name.
+    pub name: String,
+    /// Connections used.
+    pub connections: usize,
+    /// Seconds from the first request to the last answer.
+    pub elapsed_secs: f64,
+    /// Requests of every endpoint.
+    pub requests: u64,
+    /// Failed requests of every endpoint.
+    pub errors: u64,
+    /// `requests / elapsed_secs`.
+    pub requests_per_sec: f64,
+    /// Per endpoint.
+    pub endpoints: Vec<EndpointReport>,
+    /// The broker's peak RSS at the end of the scenario.
+    pub rss_peak_bytes: Option<u64>,
+    /// `sessions` scenario: RSS growth divided by the sessions created.
+    pub bytes_per_session: Option<f64>,
+    /// `sessions --restart`: seconds from restart until `/healthz` answers 200.
+    pub restart_secs: Option<f64>,
+}
+
+impl ScenarioReport {
+    /// Builds the report of a scenario from its merged per-endpoint figures.
+    pub fn new(
+        name: &str,
+        connections: usize,
+        elapsed_secs: f64,
+        stats: &BTreeMap<String, EndpointStats>,
+    ) -> ScenarioReport {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        let endpoints: Vec<EndpointReport> = stats
+            .iter()
+            .map(|(name, s)| {
+                let requests = s.ok + s.errors.values().sum::<u64>();
+                EndpointReport {
+                    name: name.clone(),
+                    requests,
+                    errors: s.errors.clone(),
+                    requests_per_sec: requests as f64 / elapsed_secs,
+                    p50_ms: ms(s.latency.value_at_quantile(0.5)),
+                    p90_ms: ms(s.latency.value_at_quantile(0.9)),
+                    p99_ms: ms(s.latency.value_at_quantile(0.99)),
+                    p999_ms: ms(s.latency.value_at_quantile(0.999)),
+                    max_ms: ms(s.latency.max()),
+                }
+            })
+            .collect();
+        let requests = endpoints.iter().map(|e| e.requests).sum();
+        ScenarioReport {
+            name: name.to_owned(),
+            connections,
+            elapsed_secs,
+            requests,
+            errors: endpoints
+                .iter()
+                .map(|e| e.errors.values().sum::<u64>())
+                .sum(),
+            requests_per_sec: requests as f64 / elapsed_secs,
+            endpoints,
+            ..ScenarioReport::default()
+        }
+    }
+}
+
+/// The whole run.
+#[derive(Serialize, Default)]
+pub struct RunReport {
+    /// In the order they ran.
+    pub scenarios: Vec<ScenarioReport>,
+    /// `<scenario>/baseline`: each scenario's req/s over the baseline's, when both ran.
+    pub ratios: BTreeMap<String, f64>,
+}
+
+impl RunReport {
+    /// Computes the ratios to the baseline.
+    pub fn finish(&mut self) {
+        let Some(baseline) = self.scenarios.iter().find(|s| s.name == "baseline") else {
+            return;
+        };
+        let base = baseline.requests_per_sec;
+        for s in self.scenarios.iter().filter(|s| s.name != "baseline") {
+            self.ratios
+                .insert(format!("{}/baseline", s.name), s.requests_per_sec / base);
+        }
+    }
+
+    /// Failed requests of the whole run.
+    pub fn errors(&self) -> u64 {
+        self.scenarios.iter().map(|s| s.errors).sum()
+    }
+
+    /// The report as a text table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "\nscenario {}: {} connections, {:.2} s, {} requests, {:.0} req/s, {} errors",
+                s.name, s.connections, s.elapsed_secs, s.requests, s.requests_per_sec, s.errors
+            );
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  errors",
+                "endpoint", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+            );
+            for e in &s.endpoints {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {:>9} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}  {:?}",
+                    e.name,
+                    e.requests,
+                    e.requests_per_sec,
+                    e.p50_ms,
+                    e.p90_ms,
+                    e.p99_ms,
+                    e.p999_ms,
+                    e.max_ms,
+                    e.errors
+                );
+            }
+            if let Some(rss) = s.rss_peak_bytes {
+                let _ = writeln!(out, "  broker peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
+            }
+            if let Some(bytes) = s.bytes_per_session {
+                let _ = writeln!(out, "  RSS per live session: {bytes:.0} bytes");
+            }
+            if let Some(secs) = s.restart_secs {
+                let _ = writeln!(out, "  restart until serving: {secs:.2} s");
+            }
+        }
+        for (name, ratio) in &self.ratios {
+            let _ = writeln!(out, "{name}: {ratio:.2}");
+        }
+        out
+    }
+}

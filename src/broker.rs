@@ -10,16 +10,18 @@ use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
 use crate::actors::decryptor::{DecryptorArgs, DecryptorMsg};
-use crate::actors::session_keeper::{SessionInfo, SessionKeeperArgs, SessionKeeperMsg};
+use crate::actors::session_keeper::{
+    SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary,
+};
 use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
-use crate::crypto::{is_token_shaped, token_hash};
+use crate::crypto::{TokenHash, is_token_shaped, token_hash};
 use crate::group_commit::GroupCommit;
 use crate::store::{Store, UserKey};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User};
-use crate::{Config, Error};
+use crate::{Config, Error, Metrics};
 
 /// Longest login code we pass to WeChat; real ones are about 32 characters.
 pub const MAX_CODE_LEN: usize = 256;
@@ -37,6 +39,15 @@ pub struct Login {
     pub uid: u64,
 }
 
+/// Counts for the admin's stats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Registered users.
+    pub users: usize,
+    /// Sessions held (expired ones not yet swept included).
+    pub live_sessions: usize,
+}
+
 /// A running broker. Cheap to clone; all clones drive the same actors.
 #[derive(Clone)]
 pub struct Broker {
@@ -45,6 +56,7 @@ pub struct Broker {
 
 struct Inner {
     config: Config,
+    metrics: Arc<Metrics>,
     children: Arc<Children>,
     supervisor: ActorRef<SupervisorMsg>,
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
@@ -65,7 +77,8 @@ impl Broker {
             Error::Config("Broker::start needs WECHAT_APPID and WECHAT_SECRET".into())
         })?;
         let store = Store::open(&config.data_dir, config.cache_mb)?;
-        let commit = GroupCommit::start(store.db().clone());
+        let metrics = Arc::new(Metrics::new());
+        let commit = GroupCommit::start(store.db().clone(), metrics.clone());
         let upstream = Upstream::new(UpstreamConfig {
             base: config.api_base.clone(),
             appid: appid.clone(),
@@ -73,6 +86,7 @@ impl Broker {
             connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
             timeout: Duration::from_millis(config.upstream_timeout_ms),
             retries: config.upstream_retries,
+            metrics: metrics.clone(),
         })?;
         let exchange_timeout = upstream.worst_case() + config.call_timeout();
         let children = Arc::new(Children::default());
@@ -81,6 +95,7 @@ impl Broker {
             wechat_exchanger: WeChatExchangerArgs {
                 upstream,
                 max_inflight: config.max_inflight,
+                metrics: metrics.clone(),
             },
             user_registry: UserRegistryArgs {
                 store: store.clone(),
@@ -94,8 +109,10 @@ impl Broker {
                 idle_ttl: config.session_idle_ttl,
                 max_ttl: config.session_max_ttl,
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
+                metrics: metrics.clone(),
             },
             decryptor: DecryptorArgs { appid },
+            metrics: metrics.clone(),
         };
         let (supervisor, handle) = Actor::spawn(None, Supervisor, args)
             .await
@@ -108,6 +125,7 @@ impl Broker {
         Ok(Broker {
             inner: Arc::new(Inner {
                 config: config.clone(),
+                metrics,
                 children,
                 supervisor,
                 supervisor_alive,
@@ -120,6 +138,17 @@ impl Broker {
 
     /// Logs a user in with a code from `wx.login`: exchange, register, issue a token.
     pub async fn login(&self, code: &str) -> Result<Login, Error> {
+        let outcome = self.login_inner(code).await;
+        let label = match &outcome {
+            Ok(login) if login.is_new => "new",
+            Ok(_) => "returning",
+            Err(e) => e.code(),
+        };
+        self.inner.metrics.logins.with_label_values(&[label]).inc();
+        outcome
+    }
+
+    async fn login_inner(&self, code: &str) -> Result<Login, Error> {
         check_code(code)?;
         let wechat = self
             .exchanger(|reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply))
@@ -145,12 +174,19 @@ impl Broker {
 
     /// Who `token` belongs to; using it slides its idle expiry.
     pub async fn check_session(&self, token: &str) -> Result<SessionInfo, Error> {
-        if !is_token_shaped(token) {
-            return Err(Error::InvalidSession);
+        let outcome = if is_token_shaped(token) {
+            let hash = token_hash(token);
+            self.keeper(|reply| SessionKeeperMsg::Check(hash, reply))
+                .await
+        } else {
+            Err(Error::InvalidSession)
+        };
+        let metrics = &self.inner.metrics;
+        match &outcome {
+            Ok(_) => metrics.valid_checks.inc(),
+            Err(e) => metrics.session_checks.with_label_values(&[e.code()]).inc(),
         }
-        let hash = token_hash(token);
-        self.keeper(|reply| SessionKeeperMsg::Check(hash, reply))
-            .await
+        outcome
     }
 
     /// Ends the session of `token`; once this returns, the logout survives a crash.
@@ -225,9 +261,49 @@ impl Broker {
             .await
     }
 
+    /// A warp filter that extracts the caller's session from its Bearer token, or rejects with
+    /// the same 401 JSON as `/v1/session` (finish the route with `.recover(wxbroker::recover)`).
+    pub fn require_session(
+        &self,
+    ) -> impl warp::Filter<Extract = (SessionInfo,), Error = warp::Rejection> + Clone + use<> {
+        crate::http::require_session(self.clone())
+    }
+
+    /// The broker's metrics (rendered at `/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// The configuration the broker was started with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The live sessions of user `uid`.
+    pub async fn user_sessions(&self, uid: u64) -> Result<Vec<SessionSummary>, Error> {
+        self.keeper(|reply| SessionKeeperMsg::Sessions(uid, reply))
+            .await
+    }
+
+    /// Ends the session whose id (the hex SHA-256 of its token) is `id`, durably.
+    pub async fn revoke_session(&self, id: &str) -> Result<(), Error> {
+        let hash = parse_session_id(id).ok_or(Error::InvalidSession)?;
+        self.keeper(|reply| SessionKeeperMsg::Revoke(hash, reply))
+            .await
+    }
+
+    /// Ends every session of user `uid`, durably; returns how many were live.
+    pub async fn revoke_user_sessions(&self, uid: u64) -> Result<usize, Error> {
+        self.keeper(|reply| SessionKeeperMsg::RevokeUser(uid, reply))
+            .await
+    }
+
+    /// Registered users and held sessions.
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        Ok(Stats {
+            users: self.registry(UserRegistryMsg::Count).await?,
+            live_sessions: self.session_count().await?,
+        })
     }
 
     /// Sessions held, expired ones not yet swept included.
@@ -238,6 +314,11 @@ impl Broker {
     /// Whether every actor runs and the supervisor has not given up.
     pub fn is_ready(&self) -> bool {
         *self.inner.supervisor_alive.borrow() && self.inner.children.all_running()
+    }
+
+    /// Whether the embedded store answers a read.
+    pub fn store_answers(&self) -> bool {
+        self.inner.store.db().contains_key(b"readyz").is_ok()
     }
 
     /// Resolves when the supervisor has stopped: after [`Broker::shutdown`], or when actors
@@ -335,6 +416,18 @@ impl Broker {
         let slot = &inner.children.decryptor;
         ask(slot, "the decryptor", inner.call_timeout, message).await
     }
+}
+
+/// The 32 bytes of a session id (64 hex digits).
+fn parse_session_id(id: &str) -> Option<TokenHash> {
+    if id.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
 }
 
 /// A login code must be something WeChat could have issued: short, printable ASCII.

@@ -1,14 +1,21 @@
-//! Configuration: defaults, overridden by environment variables, overridden by flags (clap).
+//! Configuration: defaults, overridden by an optional TOML file, by environment variables, by flags.
 //!
-//! The library takes a [`Config`] value; only the binary parses it from the command line.
+//! The library takes a [`Config`] value; only the binary parses it from the command line
+//! ([`Config::load_from`], [`Config::layered_args`]). clap is the one source of truth for every
+//! setting's flag, environment variable and default; the file's keys are the long flag names, and
+//! its values go in as flags wherever neither the command line nor the environment sets them.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::builder::PossibleValue;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgMatches, Command, CommandFactory, Parser, ValueEnum};
 use reqwest::Url;
 
 use crate::{Clock, Error};
@@ -56,6 +63,11 @@ pub const DEFAULT_CACHE_MB: u64 = 64;
     about = "Session broker for WeChat Mini Program login"
 )]
 pub struct Config {
+    /// TOML file of settings, keyed by long flag name (`session_idle_ttl = 3600`); the environment
+    /// and flags override it. If it holds a secret, make it readable by the service only.
+    #[arg(long = "config", env = "WXBROKER_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
     /// The mini program's appid. With neither appid nor secret set, a built-in sandbox WeChat is used.
     #[arg(long, env = "WECHAT_APPID")]
     pub appid: Option<String>,
@@ -132,6 +144,10 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_LOGIN_BURST", default_value_t = DEFAULT_LOGIN_BURST)]
     pub login_burst: u32,
 
+    /// Bearer secret of the admin routes (`/admin/...`); without it they are off (404).
+    #[arg(long, env = "WXBROKER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
     /// Milliseconds the built-in sandbox WeChat waits before each answer (sandbox mode only; for
     /// load tests that imitate WeChat's latency).
     #[arg(long, env = "WXBROKER_SANDBOX_LATENCY_MS", default_value_t = 0)]
@@ -141,6 +157,10 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
     pub cache_mb: u64,
 
+    /// Format of log lines: readable text, or one JSON object per line for log collectors.
+    #[arg(long, env = "WXBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
     /// Source of wall-clock time; tests replace it with a manual clock.
     #[arg(skip)]
     pub clock: Clock,
@@ -149,6 +169,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            config_file: None,
             appid: None,
             secret: None,
             api_base: Url::parse(DEFAULT_API_BASE).expect("default API base is a URL"),
@@ -169,14 +190,71 @@ impl Default for Config {
             drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
             login_rate_per_min: DEFAULT_LOGIN_RATE_PER_MIN,
             login_burst: DEFAULT_LOGIN_BURST,
+            admin_token: None,
             sandbox_latency_ms: 0,
             cache_mb: DEFAULT_CACHE_MB,
+            log_format: LogFormat::Human,
             clock: Clock::system(),
         }
     }
 }
 
+/// How the binary writes its log lines (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One readable line per event, for a terminal or a plain log file.
+    #[default]
+    Human,
+    /// One JSON object per event, for log collectors that index fields.
+    Json,
+}
+
+// By hand rather than derived: the derive turns the variants' docs into per-value help, which
+// switches the whole `--help` to its long layout.
+impl ValueEnum for LogFormat {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[LogFormat::Human, LogFormat::Json]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        }))
+    }
+}
+
+impl LogFormat {
+    /// Whether log lines are JSON objects: what the binary asks to pick its formatter.
+    pub fn is_json(self) -> bool {
+        self == LogFormat::Json
+    }
+}
+
 impl Config {
+    /// Parses a command line (program name first) with the config file layered in: defaults <
+    /// file < environment < flags. Every mistake, in the file or on the command line, is an
+    /// [`Error::Config`]; the binary uses [`Config::layered_args`] instead, to keep clap's own
+    /// help output and exit codes.
+    pub fn load_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result<Config, Error> {
+        let args = Config::layered_args::<Config>(args)?;
+        Config::try_parse_from(args).map_err(|e| Error::Config(clap_message(&e)))
+    }
+
+    /// The command line `args` with the settings of the config file (`--config`, or
+    /// `WXBROKER_CONFIG`) inserted as flags, each only where neither the command line nor the
+    /// environment sets it, ready for `P::parse_from`.
+    ///
+    /// `P` is [`Config`] or a parser that flattens it (the binary's, which adds subcommands).
+    /// An unreadable file, an unknown key or a value of the wrong type is an error naming the file
+    /// and the key. A command line that does not parse comes back unchanged, so that the real
+    /// parse reports it with clap's usage (and `--help` and `--version` work as usual).
+    pub fn layered_args<P: CommandFactory>(
+        args: impl IntoIterator<Item = impl Into<OsString>>,
+    ) -> Result<Vec<OsString>, Error> {
+        layer_file(&P::command(), args.into_iter().map(Into::into).collect())
+    }
+
     /// The appid and secret, or `None` when neither is set (sandbox mode).
     ///
     /// Only one of them set is an error: it is almost always a typo in a deployment.
@@ -240,6 +318,133 @@ impl Config {
     }
 }
 
+/// Long flag names a config file cannot set: the file itself, and clap's own flags.
+const NOT_FROM_FILE: [&str; 3] = ["config", "help", "version"];
+
+/// Inserts the config file's settings into `args` (see [`Config::layered_args`]).
+fn layer_file(cmd: &Command, mut args: Vec<OsString>) -> Result<Vec<OsString>, Error> {
+    // A first parse tells where the file is and which settings the command line or the
+    // environment already give. If it fails, the caller's own parse says why, with clap's usage.
+    let Ok(matches) = cmd.clone().try_get_matches_from(&args) else {
+        return Ok(args);
+    };
+    let Some(path) = file_path(cmd, &matches) else {
+        return Ok(args);
+    };
+    let mut flags = Vec::new();
+    for (arg, value) in file_settings(cmd, &path)? {
+        let given = matches!(
+            matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if let (false, Some(long)) = (given, arg.get_long()) {
+            // `--name=value` keeps a value that starts with `-` a value.
+            flags.push(OsString::from(format!("--{long}={value}")));
+        }
+    }
+    // Right after the program name: before any subcommand, where the flattened flags belong.
+    let at = args.len().min(1);
+    args.splice(at..at, flags);
+    Ok(args)
+}
+
+/// The config file named on the command line or in the environment, if any.
+fn file_path(cmd: &Command, matches: &ArgMatches) -> Option<PathBuf> {
+    let arg = cmd
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some("config"))?;
+    let mut values = matches.get_raw(arg.get_id().as_str())?;
+    values.next().map(PathBuf::from)
+}
+
+/// The settings of the file at `path`, each with its flag and the value as it would be typed
+/// after the flag, already checked by the flag's own parser.
+fn file_settings<'c>(cmd: &'c Command, path: &Path) -> Result<Vec<(&'c Arg, String)>, Error> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read the config file {shown}: {e}")))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        Error::Config(format!(
+            "the config file {shown} is not valid TOML: {}",
+            toml_error(&text, &e)
+        ))
+    })?;
+    let mut seen = HashSet::new();
+    let mut settings = Vec::new();
+    for (key, value) in &table {
+        let at = |what: String| Error::Config(format!("config file {shown}, key `{key}`: {what}"));
+        let long = key.replace('_', "-");
+        if long == "config" {
+            return Err(at("a config file cannot name another one".into()));
+        }
+        let arg = cmd
+            .get_arguments()
+            .find(|arg| {
+                arg.get_long() == Some(long.as_str()) && !NOT_FROM_FILE.contains(&long.as_str())
+            })
+            .ok_or_else(|| {
+                at(
+                    "unknown setting (the keys are the long flag names that `wxbroker --help` \
+                    lists, e.g. session_idle_ttl)"
+                        .into(),
+                )
+            })?;
+        if !seen.insert(arg.get_id().clone()) {
+            return Err(at("set twice (once spelt with `_`, once with `-`)".into()));
+        }
+        let value = match value {
+            toml::Value::String(text) => text.clone(),
+            toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Float(number) => number.to_string(),
+            toml::Value::Boolean(flag) => flag.to_string(),
+            other => {
+                return Err(at(format!(
+                    "expected a string or a number, found {}",
+                    other.type_str()
+                )));
+            }
+        };
+        check_value(arg, &value).map_err(at)?;
+        settings.push((arg, value));
+    }
+    Ok(settings)
+}
+
+/// Runs `value` through the flag's own parser, so that a wrong type is reported against the file
+/// and its key rather than as a command-line mistake the user never typed.
+fn check_value(arg: &Arg, value: &str) -> Result<(), String> {
+    let long = arg.get_long().unwrap_or_default();
+    let probe = Command::new("wxbroker")
+        .no_binary_name(true)
+        .arg(arg.clone());
+    match probe.try_get_matches_from([format!("--{long}={value}")]) {
+        Ok(_) => Ok(()),
+        // clap's message would quote the value, and a hidden value is a secret.
+        Err(_) if arg.is_hide_env_values_set() => Err("invalid value".into()),
+        Err(e) => Err(clap_message(&e)),
+    }
+}
+
+/// A TOML syntax error as a line number and a message, without the excerpt of the file that the
+/// error's `Display` shows: the offending line may hold the secret.
+fn toml_error(text: &str, err: &toml::de::Error) -> String {
+    match err.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&byte| byte == b'\n').count() + 1;
+            format!("line {line}: {}", err.message())
+        }
+        None => err.message().to_owned(),
+    }
+}
+
+/// clap's message for `err` on one line, without the usage hint that follows it.
+fn clap_message(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
+}
+
 /// A secret string (the app secret) that never shows in `Debug` or `Display` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -272,6 +477,8 @@ impl FromStr for Secret {
 
 #[cfg(test)]
 mod tests {
+    use clap::FromArgMatches;
+
     use super::*;
 
     #[test]
@@ -324,6 +531,187 @@ mod tests {
         assert_eq!(config.session_idle_ttl, 60);
         assert_eq!(config.listen.port(), 0);
         assert_eq!(config.session_lifetime(), 60);
+    }
+
+    /// A config file holding `text`.
+    fn config_file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    /// Config's command with the environment variable of each `(id, var)` replaced by `var`. The
+    /// tests decide what is "set in the environment" this way, without changing the process
+    /// environment that other tests read at the same time; `var`s no one sets stand for "unset".
+    fn command_with_env(vars: &[(&str, &'static str)]) -> Command {
+        vars.iter().fold(Config::command(), |cmd, &(id, var)| {
+            cmd.mut_arg(id, |arg| arg.env(var))
+        })
+    }
+
+    /// What the binary does, on `cmd`: layer the file in, then parse.
+    fn parse(cmd: &Command, args: &[&str]) -> Result<Config, Error> {
+        let args = layer_file(cmd, args.iter().map(OsString::from).collect())?;
+        let matches = cmd
+            .clone()
+            .try_get_matches_from(args)
+            .map_err(|e| Error::Config(clap_message(&e)))?;
+        Ok(Config::from_arg_matches(&matches).unwrap())
+    }
+
+    const UNSET: &str = "WXBROKER_TEST_NEVER_SET_7D1F";
+
+    #[test]
+    fn the_file_overrides_defaults_and_flags_override_the_file() {
+        let file = config_file(
+            "appid = \"wx-file\"\nsession_idle_ttl = 60\nmax-inflight = 9\n\
+             listen = \"127.0.0.1:0\"\nlog_format = \"json\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let cmd = command_with_env(&[
+            ("appid", UNSET),
+            ("session_idle_ttl", UNSET),
+            ("max_inflight", UNSET),
+            ("listen", UNSET),
+            ("log_format", UNSET),
+            ("session_max_ttl", UNSET),
+        ]);
+
+        let config = parse(&cmd, &["wxbroker", "--config", path, "--max-inflight", "3"]).unwrap();
+        assert_eq!(config.appid.as_deref(), Some("wx-file"));
+        assert_eq!(config.session_idle_ttl, 60);
+        assert_eq!(config.max_inflight, 3, "the flag wins over the file");
+        assert_eq!(config.listen.port(), 0);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.session_max_ttl, DEFAULT_SESSION_MAX_TTL,
+            "not in the file"
+        );
+        assert_eq!(config.config_file.as_deref(), Some(file.path()));
+
+        // The public entry point does the same with Config's own command.
+        let loaded = Config::load_from(["wxbroker", "--config", path, "--max-inflight", "3"]);
+        assert_eq!(loaded.unwrap().max_inflight, 3);
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_and_a_flag_overrides_both() {
+        // PATH is set in every test process: here it plays WECHAT_APPID.
+        let from_env = std::env::var("PATH").expect("PATH is set");
+        let file = config_file("appid = \"wx-file\"\n");
+        let path = file.path().to_str().unwrap();
+        let in_env = command_with_env(&[("appid", "PATH")]);
+        let config = parse(&in_env, &["wxbroker", "--config", path]).unwrap();
+        assert_eq!(config.appid.as_deref(), Some(from_env.as_str()));
+
+        let config = parse(
+            &in_env,
+            &["wxbroker", "--config", path, "--appid", "wx-flag"],
+        )
+        .unwrap();
+        assert_eq!(config.appid.as_deref(), Some("wx-flag"));
+
+        let not_in_env = command_with_env(&[("appid", UNSET)]);
+        let config = parse(&not_in_env, &["wxbroker", "--config", path]).unwrap();
+        assert_eq!(config.appid.as_deref(), Some("wx-file"));
+    }
+
+    #[test]
+    fn the_file_can_be_named_in_the_environment() {
+        // The config flag's variable bound to PATH, which is set but names no file: the error
+        // about that "file" shows that the variable was read.
+        let cmd = command_with_env(&[("config_file", "PATH")]);
+        let err = parse(&cmd, &["wxbroker"]).unwrap_err();
+        let path = std::env::var("PATH").unwrap();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains(&path) && m.contains("cannot read")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_mistakes_name_the_file_and_the_key() {
+        let cases = [
+            (
+                "sesion_idle_ttl = 5\n",
+                "`sesion_idle_ttl`: unknown setting",
+            ),
+            (
+                "session_idle_ttl = \"soon\"\n",
+                "`session_idle_ttl`: invalid value 'soon'",
+            ),
+            (
+                "listen = [\"127.0.0.1:0\"]\n",
+                "`listen`: expected a string or a number",
+            ),
+            ("api_base = \"not a url\"\n", "`api_base`: invalid value"),
+            (
+                "log_format = \"xml\"\n",
+                "`log_format`: invalid value 'xml'",
+            ),
+            (
+                "config = \"other.toml\"\n",
+                "`config`: a config file cannot name another",
+            ),
+            ("help = true\n", "`help`: unknown setting"),
+            ("cache_mb = 8\ncache-mb = 9\n", "set twice"),
+        ];
+        for (text, expected) in cases {
+            let file = config_file(text);
+            let path = file.path().to_str().unwrap();
+            let err = Config::load_from(["wxbroker", "--config", path]).unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(path) && m.contains(expected)),
+                "{text}: {err}"
+            );
+        }
+
+        let missing = "/nonexistent/wxbroker.toml";
+        let err = Config::load_from(["wxbroker", "--config", missing]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains(missing) && m.contains("cannot read")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_gives_the_line_but_never_the_text() {
+        // An unquoted secret is the likeliest syntax error in such a file.
+        let file = config_file("appid = \"wx1\"\nsecret = hunter2-secret\n");
+        let path = file.path().to_str().unwrap();
+        let err = Config::load_from(["wxbroker", "--config", path]).unwrap_err();
+        let Error::Config(message) = &err else {
+            panic!("{err}")
+        };
+        assert!(
+            message.contains(path) && message.contains("line 2"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn the_secret_may_come_from_the_file_and_stays_redacted() {
+        let file = config_file("appid = \"wx1\"\nsecret = \"from-the-file\"\n");
+        let path = file.path().to_str().unwrap();
+        let cmd = command_with_env(&[("appid", UNSET), ("secret", UNSET)]);
+        let config = parse(&cmd, &["wxbroker", "--config", path]).unwrap();
+        assert_eq!(
+            config.secret.as_ref().map(Secret::expose),
+            Some("from-the-file")
+        );
+        assert!(!format!("{config:?}").contains("from-the-file"));
+    }
+
+    #[test]
+    fn a_bad_command_line_is_left_for_clap_to_report() {
+        let args = Config::layered_args::<Config>(["wxbroker", "--no-such-flag"]).unwrap();
+        assert_eq!(args, ["wxbroker", "--no-such-flag"]);
+        let err = Config::load_from(["wxbroker", "--no-such-flag"]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("--no-such-flag")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -62,6 +62,29 @@ pub enum Error {
     Storage(String),
 }
 
+impl Error {
+    /// The stable code of this error, as the JSON `error` field and metric labels carry it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidCode => "invalid_code",
+            Error::CodeUsed => "code_used",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::RiskyUser => "risky_user",
+            Error::UpstreamBusy => "upstream_busy",
+            Error::UpstreamTimeout => "upstream_timeout",
+            Error::Upstream(_) => "upstream_error",
+            Error::InvalidSession => "invalid_session",
+            Error::DecryptFailed => "decrypt_failed",
+            Error::WatermarkMismatch => "watermark_mismatch",
+            Error::OpenidMismatch => "openid_mismatch",
+            Error::SignatureMismatch => "signature_mismatch",
+            Error::Unavailable(_) => "unavailable",
+            Error::Config(_) | Error::Storage(_) => "internal",
+        }
+    }
+}
+
 impl From<sled::Error> for Error {
     fn from(err: sled::Error) -> Self {
         Error::Storage(err.to_string())

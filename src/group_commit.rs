@@ -5,9 +5,11 @@
 //! of them. A waiter queued during a flush waits for the next one, so every answer covers the
 //! write made before it was queued.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Error;
+use crate::{Error, Metrics};
 
 /// A handle for waiting until earlier writes are on disk. Cheap to clone.
 #[derive(Clone)]
@@ -17,12 +19,14 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the flushing task for `db`. It ends when the last handle is dropped.
-    pub fn start(db: sled::Db) -> GroupCommit {
+    pub fn start(db: sled::Db, metrics: Arc<Metrics>) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), Error>>>();
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while rx.recv_many(&mut batch, usize::MAX).await > 0 {
+                let timer = metrics.flush_seconds.start_timer();
                 let result = db.flush_async().await.map(drop).map_err(Error::from);
+                timer.observe_duration();
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "flushing the database failed");
                 }
@@ -60,7 +64,7 @@ mod tests {
     async fn concurrent_waiters_all_complete_and_see_their_writes_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = GroupCommit::start(db.clone());
+        let commit = GroupCommit::start(db.clone(), Arc::default());
         let mut tasks = Vec::new();
         for i in 0u32..200 {
             let (db, commit) = (db.clone(), commit.clone());

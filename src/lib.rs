@@ -15,6 +15,7 @@
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`.
 //! - `upstream.rs`: the WeChat HTTP client and its wire format.
 //! - `store.rs`: users and sessions in sled trees, synchronous; `group_commit.rs`: shared flushes.
+//! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
 //! - `crypto.rs`: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - `user.rs`: [`User`], [`Profile`], [`Phone`], [`EncryptedData`].
 //! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
@@ -39,7 +40,9 @@
 #![warn(missing_docs)]
 
 mod actors;
+pub mod backup;
 mod broker;
+mod client;
 mod clock;
 mod config;
 pub mod crypto;
@@ -48,6 +51,7 @@ mod error;
 mod fault;
 mod group_commit;
 mod http;
+mod metrics;
 mod sandbox;
 mod server;
 pub mod store;
@@ -60,15 +64,17 @@ use tokio::net::TcpListener;
 use warp::{Filter, Reply};
 
 pub use actors::decryptor::{open_phone, open_profile};
-pub use actors::session_keeper::SessionInfo;
+pub use actors::session_keeper::{MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
 pub use actors::supervisor::ActorKind;
-pub use broker::{Broker, Login, MAX_CODE_LEN};
+pub use broker::{Broker, Login, MAX_CODE_LEN, Stats};
+pub use client::BrokerClient;
 pub use clock::Clock;
-pub use config::{Config, Secret};
+pub use config::{Config, LogFormat, Secret};
 pub use error::Error;
 #[cfg(feature = "fault-injection")]
 pub use fault::Fault;
-pub use http::routes;
+pub use http::{recover, require_session, routes};
+pub use metrics::Metrics;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
 pub use server::PeerAddr;
 pub use store::UserKey;

@@ -1,29 +1,123 @@
-//! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`].
+//! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`]; and the offline
+//! `export` / `import` commands ([`wxbroker::backup`]).
 
-use std::io::IsTerminal;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, IsTerminal};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wxbroker::Config;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use wxbroker::{Config, backup};
+
+/// The command line: the broker's settings, and an optional offline command.
+#[derive(Parser)]
+#[command(
+    name = "wxbroker",
+    version,
+    about = "Session broker for WeChat Mini Program login",
+    // After the options rather than a long_about, which would switch --help to the long layout.
+    after_help = "Without a command, wxbroker serves. Each setting comes from, in rising precedence: \
+        its default, the TOML file of --config (keys are the long flag names, e.g. \
+        session_idle_ttl = 3600), the environment, the flag."
+)]
+struct Cli {
+    /// Every setting of the broker, as flags.
+    #[command(flatten)]
+    config: Config,
+
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Offline commands: they open a stopped broker's data dir directly.
+#[derive(Subcommand)]
+enum Command {
+    /// Write every user as one JSON object per line (never a session_key, token or session).
+    ///
+    /// Each line holds uid, openid, unionid, profile, phone, createdAt and updatedAt, as
+    /// /v1/me shows them. Run it on a stopped broker's data dir.
+    Export {
+        /// Data dir to read [default: the broker's --data-dir, from the flag before the command,
+        /// WXBROKER_DATA_DIR or the config file]
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+
+        /// File to write (replaced only once the export is complete) [default: standard output]
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Read users written by `export` into a data dir, keeping their uids.
+    ///
+    /// New uids are handed out after the largest one imported. Imported users must log in again
+    /// before their encrypted data can be decrypted (no session_key is exported). Run it on a
+    /// stopped broker's data dir; a bad line stops the import with its line number, keeping the
+    /// lines before it.
+    Import {
+        /// Data dir to write (created if missing) [default: the broker's --data-dir, from the flag
+        /// before the command, WXBROKER_DATA_DIR or the config file]
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+
+        /// File to read [default: standard input]
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
-    match serve(Config::parse()).await {
+    let args = match Config::layered_args::<Cli>(std::env::args_os()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("wxbroker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Cli { config, command } = Cli::parse_from(args);
+    let serving = command.is_none();
+    init_logging(config.log_format.is_json(), serving);
+    let result = match command {
+        None => serve(config).await,
+        Some(Command::Export { data_dir, output }) => export(&config, data_dir, output),
+        Some(Command::Import { data_dir, input }) => import(&config, data_dir, input),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain, without a backtrace: this is for an operator, not a debugger.
-            tracing::error!("{e:#}");
+            // The offline commands log to stderr, where this line goes anyway: not twice.
+            if serving {
+                tracing::error!("{e:#}");
+            }
             eprintln!("wxbroker: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Human or JSON lines, filtered by `RUST_LOG` (default `info`). The server logs to stdout as it
+/// always has; the offline commands log to stderr, since their stdout may be the export itself.
+/// Colours only on a terminal.
+fn init_logging(json: bool, serving: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, terminal) = if serving {
+        let terminal = std::io::stdout().is_terminal();
+        (BoxMakeWriter::new(std::io::stdout), terminal)
+    } else {
+        let terminal = std::io::stderr().is_terminal();
+        (BoxMakeWriter::new(std::io::stderr), terminal)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    if json {
+        builder.with_ansi(false).json().init();
+    } else {
+        builder.with_ansi(terminal).init();
     }
 }
 
@@ -33,6 +127,78 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (WXBROKER_LISTEN)", config.listen))?;
     wxbroker::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `wxbroker export`: every user to `output` (or stdout), flushed (and synced, for a file)
+/// before the exit.
+fn export(
+    config: &Config,
+    data_dir: Option<PathBuf>,
+    output: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = data_dir.unwrap_or_else(|| config.data_dir.clone());
+    let store = backup::open_for_export(&dir, config.cache_mb)?;
+    let count = match &output {
+        Some(path) => export_to_file(&store, path)?,
+        None => backup::export(&store, &mut BufWriter::new(std::io::stdout().lock()))?,
+    };
+    let to = output
+        .as_deref()
+        .map_or("standard output".into(), |p| p.display().to_string());
+    tracing::info!(users = count, data_dir = %dir.display(), to, "exported");
+    Ok(())
+}
+
+/// Writes the export beside `path` and renames it into place once complete and on disk, so a
+/// failed export never replaces a good backup with half of one.
+fn export_to_file(store: &wxbroker::store::Store, path: &Path) -> anyhow::Result<u64> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let written = (|| {
+        let file = File::create(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut out = BufWriter::new(file);
+        let count = backup::export(store, &mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        std::fs::rename(&partial, path).with_context(|| {
+            format!("cannot rename {} to {}", partial.display(), path.display())
+        })?;
+        Ok(count)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
+/// `wxbroker import`: users from `input` (or stdin) into the data dir, flushed before the exit.
+fn import(
+    config: &Config,
+    data_dir: Option<PathBuf>,
+    input: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = data_dir.unwrap_or_else(|| config.data_dir.clone());
+    // The input first: a mistyped file name must not leave an empty data dir behind.
+    let file = match &input {
+        Some(path) => {
+            Some(File::open(path).with_context(|| format!("cannot open {}", path.display()))?)
+        }
+        None => None,
+    };
+    let from = input
+        .as_deref()
+        .map_or("standard input".into(), |p| p.display().to_string());
+    let store = backup::open_for_import(&dir, config.cache_mb)?;
+    let count = match file {
+        Some(file) => backup::import(&store, BufReader::new(file)),
+        None => backup::import(&store, std::io::stdin().lock()),
+    }
+    .with_context(|| format!("import from {from} into {}", dir.display()))?;
+    tracing::info!(users = count, data_dir = %dir.display(), from, "imported");
     Ok(())
 }
 

@@ -18,9 +18,15 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower_service::Service;
+use tracing::Instrument;
 use warp::Filter;
+use warp::http::HeaderValue;
+use warp::http::header::HeaderName;
 use warp::reject::Rejection;
 use warp::reply::Response;
+
+/// The header that carries a request's id, in and out.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The client's socket address, put into every request's extensions for the filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +70,29 @@ pub async fn serve_http<F>(
         let service = service.clone();
         let handler = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(PeerAddr(peer));
-            service.clone().call(request)
+            let id = request_id(&request);
+            let span = tracing::info_span!(
+                "request",
+                id = %id,
+                method = %request.method(),
+                path = %request.uri().path()
+            );
+            let call = service.clone().call(request);
+            async move {
+                let started = std::time::Instant::now();
+                let mut response = call.instrument(span.clone()).await?;
+                span.in_scope(|| {
+                    tracing::debug!(
+                        status = response.status().as_u16(),
+                        micros = started.elapsed().as_micros() as u64,
+                        "answered"
+                    );
+                });
+                if let Ok(value) = HeaderValue::from_str(&id) {
+                    response.headers_mut().insert(REQUEST_ID, value);
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), handler));
         tokio::spawn(async move {
@@ -83,6 +111,25 @@ pub async fn serve_http<F>(
             "requests still in flight after {:?}; closing anyway",
             limits.drain_timeout
         );
+    }
+}
+
+/// The request's id: the client's `X-Request-Id` when it is sane, else a fresh one. It is echoed
+/// back and names the request's span, so every log line of a request carries it.
+fn request_id<B>(request: &hyper::Request<B>) -> String {
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    match given {
+        Some(id) => id.to_owned(),
+        None => format!("{:016x}", rand::random::<u64>()),
     }
 }
 

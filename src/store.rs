@@ -232,6 +232,53 @@ impl Store {
         }
     }
 
+    /// Every user, in openid order (for export).
+    pub fn users(&self) -> impl Iterator<Item = Result<UserRecord, Error>> + '_ {
+        self.users.iter().map(|entry| decode(&entry?.1))
+    }
+
+    /// How many users are registered.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Writes a user as it was exported, keeping its uid; the uid counter moves past it so that
+    /// the uid is never handed out again. Replaces a user with the same openid.
+    pub fn import_user(&self, user: &UserRecord) -> Result<(), Error> {
+        let trees = (&self.users, &self.uids, &self.meta, &self.unionids);
+        let result = trees.transaction(|(users, uids, meta, unionids)| {
+            if let Some(owner) = uids.get(user.uid.to_be_bytes())?
+                && owner != user.openid.as_bytes()
+            {
+                return Err(ConflictableTransactionError::Abort(Error::InvalidRequest(
+                    format!("uid {} already belongs to another openid", user.uid),
+                )));
+            }
+            let old = match users.get(user.openid.as_bytes())? {
+                Some(bytes) => Some(
+                    decode::<UserRecord>(&bytes).map_err(ConflictableTransactionError::Abort)?,
+                ),
+                None => None,
+            };
+            if let Some(old) = &old
+                && old.uid != user.uid
+            {
+                uids.remove(&old.uid.to_be_bytes())?;
+            }
+            let next = match meta.get(NEXT_UID)? {
+                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
+                None => 1,
+            };
+            if user.uid >= next {
+                meta.insert(NEXT_UID, &(user.uid + 1).to_be_bytes())?;
+            }
+            uids.insert(&user.uid.to_be_bytes(), user.openid.as_bytes())?;
+            write_user(users, unionids, old.as_ref(), user)?;
+            Ok(())
+        });
+        result.map_err(abort_or_storage)
+    }
+
     /// Writes (or overwrites) a session. Not flushed: the caller decides what must be durable.
     pub fn put_session(&self, hash: &TokenHash, session: &SessionRecord) -> Result<(), Error> {
         self.sessions.insert(hash, encode(session))?;

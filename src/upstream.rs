@@ -3,13 +3,14 @@
 //! Base URL, credentials and timeouts are injected, so tests point it at a loopback server.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::Error;
 use crate::config::Secret;
+use crate::{Error, Metrics};
 
 /// What WeChat tells us about a user for one login code.
 #[derive(Clone, PartialEq, Eq)]
@@ -47,6 +48,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Retries after errcode -1 ("system busy").
     pub retries: u32,
+    /// Where call latency and errors are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A client for WeChat's server API. Cheap to clone (the connection pool is shared).
@@ -117,16 +120,55 @@ impl Upstream {
             .append_pair("secret", self.config.secret.expose())
             .append_pair("js_code", code)
             .append_pair("grant_type", "authorization_code");
-        let response = self.http.get(url).send().await.map_err(transport_error)?;
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(transport_error)?;
-        parse_code2session(status, &body).map_err(|e| match e {
+        let timer = self.config.metrics.upstream_seconds.start_timer();
+        let outcome = self.call(url).await;
+        timer.observe_duration();
+        if let Err(e) = &outcome {
+            self.config
+                .metrics
+                .upstream_errors
+                .with_label_values(&[&error_label(e)])
+                .inc();
+        }
+        outcome.map_err(|e| match e {
             // WeChat's errmsg has been seen to echo request parameters back.
             Error::Upstream(detail) => {
                 Error::Upstream(detail.replace(self.config.secret.expose(), "[redacted]"))
             }
             other => other,
         })
+    }
+}
+
+impl Upstream {
+    async fn call(&self, url: Url) -> Result<Code2Session, Error> {
+        let response = self.http.get(url).send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(transport_error)?;
+        parse_code2session(status, &body)
+    }
+}
+
+/// The metric label of a failed call: the errcode where WeChat gave one.
+fn error_label(err: &Error) -> String {
+    match err {
+        Error::UpstreamBusy => "-1".into(),
+        Error::InvalidCode => "40029".into(),
+        Error::CodeUsed => "40163".into(),
+        Error::RateLimited { .. } => "45011".into(),
+        Error::RiskyUser => "40226".into(),
+        Error::UpstreamTimeout => "timeout".into(),
+        Error::Upstream(detail) => detail
+            .split("errcode ")
+            .nth(1)
+            .and_then(|rest| {
+                rest.split(|c: char| !(c.is_ascii_digit() || c == '-'))
+                    .next()
+            })
+            .filter(|code| !code.is_empty())
+            .unwrap_or("other")
+            .to_owned(),
+        _ => "other".into(),
     }
 }
 
@@ -309,6 +351,7 @@ mod tests {
             connect_timeout: Duration::from_millis(10),
             timeout: Duration::from_secs(1),
             retries: 2,
+            metrics: Arc::default(),
         })
         .unwrap();
         assert_eq!(

@@ -6,6 +6,7 @@
 //! can at worst make a session expire that tenth earlier.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -14,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::crypto::{TokenHash, new_token, token_hash};
 use crate::group_commit::GroupCommit;
 use crate::store::{SessionRecord, Store};
-use crate::{Clock, Error};
+use crate::{Clock, Error, Metrics};
 
 /// Live sessions one user may hold; a login beyond it ends the user's oldest session. It bounds
 /// the per-user index (and what one account logging in in a loop can cost).
@@ -38,6 +39,8 @@ pub struct SessionKeeperArgs {
     pub max_ttl: u64,
     /// Time between sweeps of expired sessions.
     pub sweep_interval: Duration,
+    /// Where the live-session gauge is kept.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The live sessions and the handles needed to persist them.
@@ -77,6 +80,19 @@ pub struct SessionInfo {
     pub expires_at: u64,
 }
 
+/// A session as the admin sees it: its id is the token's hash, never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Lowercase hex of the token's SHA-256: names the session without letting anyone use it.
+    pub id: String,
+    /// Unix seconds of the login.
+    pub created_at: u64,
+    /// Unix seconds of the last use.
+    pub last_seen: u64,
+    /// Unix seconds at which it expires unless used again.
+    pub expires_at: u64,
+}
+
 /// Messages of the keeper.
 pub enum SessionKeeperMsg {
     /// Issue a token for a user who just logged in.
@@ -103,6 +119,10 @@ pub enum SessionKeeperMsg {
         /// Answered once the sessions are updated.
         reply: RpcReplyPort<Result<(), Error>>,
     },
+    /// The live sessions of a user (for the admin).
+    Sessions(u64, RpcReplyPort<Result<Vec<SessionSummary>, Error>>),
+    /// End every session of a user, durably; answers how many ended.
+    RevokeUser(u64, RpcReplyPort<Result<usize, Error>>),
     /// How many sessions are held (expired ones not yet swept included).
     Count(RpcReplyPort<Result<usize, Error>>),
     /// Delete expired sessions (sent by the keeper's own interval timer).
@@ -181,6 +201,17 @@ impl Actor for SessionKeeper {
             } => {
                 let _ = reply.send(state.set_unionid(uid, &unionid));
             }
+            SessionKeeperMsg::Sessions(uid, reply) => {
+                let _ = reply.send(Ok(state.sessions_of(uid)));
+            }
+            SessionKeeperMsg::RevokeUser(uid, reply) => match state.revoke_user(uid) {
+                Ok(count) => state.args.commit.then(move |durable| {
+                    let _ = reply.send(durable.map(|()| count));
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             SessionKeeperMsg::Count(reply) => {
                 let _ = reply.send(Ok(state.sessions.len()));
             }
@@ -279,6 +310,40 @@ impl SessionKeeperState {
         Ok(())
     }
 
+    fn sessions_of(&self, uid: u64) -> Vec<SessionSummary> {
+        let now = self.args.clock.now();
+        let idle_ttl = self.args.idle_ttl;
+        self.by_uid
+            .get(&uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|hash| Some((hash, self.sessions.get(hash)?)))
+            .filter(|(_, live)| !live.expired(now, idle_ttl))
+            .map(|(hash, live)| SessionSummary {
+                id: hash.iter().map(|b| format!("{b:02x}")).collect(),
+                created_at: live.record.created_at,
+                last_seen: live.last_seen,
+                expires_at: live.expires_at(idle_ttl),
+            })
+            .collect()
+    }
+
+    fn revoke_user(&mut self, uid: u64) -> Result<usize, Error> {
+        let now = self.args.clock.now();
+        let hashes = self.by_uid.get(&uid).cloned().unwrap_or_default();
+        let mut live = 0;
+        for hash in &hashes {
+            if self
+                .forget(hash)
+                .is_some_and(|s| !s.expired(now, self.args.idle_ttl))
+            {
+                live += 1;
+            }
+        }
+        self.args.store.remove_sessions(&hashes)?;
+        Ok(live)
+    }
+
     fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
         for hash in self.by_uid.get(&uid).into_iter().flatten() {
             if let Some(live) = self.sessions.get_mut(hash)
@@ -296,11 +361,19 @@ impl SessionKeeperState {
         self.by_uid.entry(record.uid).or_default().push(hash);
         let last_seen = record.last_seen;
         self.sessions.insert(hash, Live { record, last_seen });
+        self.args
+            .metrics
+            .live_sessions
+            .set(self.sessions.len() as i64);
     }
 
     /// Removes a session from the table and its user's index (not from the store).
     fn forget(&mut self, hash: &TokenHash) -> Option<Live> {
         let live = self.sessions.remove(hash)?;
+        self.args
+            .metrics
+            .live_sessions
+            .set(self.sessions.len() as i64);
         if let Some(hashes) = self.by_uid.get_mut(&live.record.uid) {
             hashes.retain(|h| h != hash);
             if hashes.is_empty() {
@@ -340,7 +413,8 @@ mod tests {
         let store = Store::open(dir.path(), 8).unwrap();
         SessionKeeperState {
             args: SessionKeeperArgs {
-                commit: GroupCommit::start(store.db().clone()),
+                commit: GroupCommit::start(store.db().clone(), Default::default()),
+                metrics: Default::default(),
                 store,
                 clock: clock.clone(),
                 idle_ttl: 1000,

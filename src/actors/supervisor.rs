@@ -40,6 +40,16 @@ pub enum ActorKind {
 }
 
 impl ActorKind {
+    /// The actor's name, as logs and metrics show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActorKind::WeChatExchanger => "wechat_exchanger",
+            ActorKind::UserRegistry => "user_registry",
+            ActorKind::SessionKeeper => "session_keeper",
+            ActorKind::Decryptor => "decryptor",
+        }
+    }
+
     /// Every kind, in start order.
     pub const ALL: [ActorKind; 4] = [
         ActorKind::WeChatExchanger,
@@ -107,6 +117,8 @@ pub struct SupervisorArgs {
     pub session_keeper: SessionKeeperArgs,
     /// Arguments of the Decryptor.
     pub decryptor: DecryptorArgs,
+    /// Where restarts are counted.
+    pub metrics: Arc<crate::Metrics>,
 }
 
 /// The children's arguments and the recent restart history.
@@ -201,6 +213,12 @@ impl Actor for Supervisor {
             return Ok(());
         }
         tracing::error!(actor = ?kind, cause, "actor ended unexpectedly");
+        state
+            .args
+            .metrics
+            .actor_restarts
+            .with_label_values(&[kind.name()])
+            .inc();
         state.schedule_restart(&myself, kind);
         Ok(())
     }

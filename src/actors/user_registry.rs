@@ -54,6 +54,8 @@ pub enum UserRegistryMsg {
     SavePhone(String, Phone, RpcReplyPort<Result<User, Error>>),
     /// Find a user.
     Find(UserKey, RpcReplyPort<Result<Option<User>, Error>>),
+    /// How many users are registered.
+    Count(RpcReplyPort<Result<usize, Error>>),
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
     Inject(crate::Fault),
@@ -128,6 +130,9 @@ impl Actor for UserRegistry {
                         let _ = reply.send(Err(e));
                     }
                 }
+            }
+            UserRegistryMsg::Count(reply) => {
+                let _ = reply.send(Ok(state.store.user_count()));
             }
             UserRegistryMsg::Find(key, reply) => {
                 let _ = reply.send(state.store.find_user(&key).map(|user| user.map(User::from)));

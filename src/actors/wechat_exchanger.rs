@@ -6,13 +6,14 @@
 //! codes were already exchanged.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::Error;
 use crate::upstream::{Code2Session, Upstream};
+use crate::{Error, Metrics};
 
 /// WeChat's codes live about five minutes; remembering one longer would only cost memory.
 const CODE_LIFETIME: Duration = Duration::from_secs(300);
@@ -27,10 +28,13 @@ pub struct WeChatExchangerArgs {
     pub upstream: Upstream,
     /// Exchanges in flight at once; beyond it a login gets `UpstreamBusy` immediately.
     pub max_inflight: usize,
+    /// Where the in-flight gauge is kept.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Codes in flight and codes already used.
 pub struct WeChatExchangerState {
+    metrics: Arc<Metrics>,
     upstream: Upstream,
     max_inflight: usize,
     /// Code -> everyone waiting for its exchange (the first caller and any duplicates).
@@ -63,6 +67,7 @@ impl Actor for WeChatExchanger {
         args: WeChatExchangerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WeChatExchangerState {
+            metrics: args.metrics,
             upstream: args.upstream,
             max_inflight: args.max_inflight,
             inflight: HashMap::new(),
@@ -112,6 +117,9 @@ impl WeChatExchangerState {
             return;
         }
         self.inflight.insert(code.clone(), vec![reply]);
+        self.metrics
+            .upstream_inflight
+            .set(self.inflight.len() as i64);
         let upstream = self.upstream.clone();
         tokio::spawn(async move {
             let outcome = upstream.code2session(&code).await;
@@ -122,6 +130,9 @@ impl WeChatExchangerState {
 
     fn finish(&mut self, code: String, outcome: Result<Code2Session, Error>) {
         let waiters = self.inflight.remove(&code).unwrap_or_default();
+        self.metrics
+            .upstream_inflight
+            .set(self.inflight.len() as i64);
         if outcome.is_ok() {
             self.used.insert(code, Instant::now());
         }

@@ -9,9 +9,9 @@ use warp::{Filter, Rejection, Reply};
 
 use std::sync::Arc;
 
-use super::handlers;
 use super::problem::{self, Problem};
 use super::rate_limit::{LoginLimiter, login_limit};
+use super::{admin, handlers};
 use crate::{Broker, Error};
 
 /// Largest request body accepted; a login body is a few dozen bytes.
@@ -30,8 +30,25 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = In
         .or(userinfo(broker.clone()))
         .or(phone(broker.clone()))
         .or(me(broker.clone()))
-        .or(healthz(broker))
+        .or(healthz(broker.clone()))
+        .or(readyz(broker.clone()))
+        .or(metrics(broker.clone()))
+        .or(openapi())
+        .or(admin::routes(broker))
         .recover(problem::recover)
+}
+
+/// The caller's session, from its Bearer token; rejects like `/v1/session` (401 JSON, once the
+/// rejection passes through [`crate::recover`]). For guarding an embedder's own routes.
+pub fn require_session(
+    broker: Broker,
+) -> impl Filter<Extract = (crate::SessionInfo,), Error = Rejection> + Clone {
+    bearer().and(with_broker(broker)).and_then(
+        |authorization: Option<String>, broker: Broker| async move {
+            let token = handlers::bearer_token(authorization.as_deref())?;
+            broker.check_session(token).await.map_err(Problem::reject)
+        },
+    )
 }
 
 /// POST /v1/login with `{"code": "..."}` or the form `code=...`
@@ -105,7 +122,42 @@ fn healthz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
         .map(handlers::healthz)
 }
 
-fn with_broker(broker: Broker) -> impl Filter<Extract = (Broker,), Error = Infallible> + Clone {
+/// GET /readyz: 200 while every actor runs and the store answers, 503 otherwise
+fn readyz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("readyz")
+        .and(warp::get())
+        .and(with_broker(broker))
+        .map(handlers::readyz)
+}
+
+/// GET /metrics: Prometheus text format
+fn metrics(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_broker(broker))
+        .map(|broker: Broker| {
+            warp::reply::with_header(
+                broker.metrics().render(),
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        })
+}
+
+/// GET /openapi.json: the OpenAPI 3 document of every route
+fn openapi() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("openapi.json").and(warp::get()).map(|| {
+        warp::reply::with_header(
+            include_str!("../openapi.json"),
+            "content-type",
+            "application/json",
+        )
+    })
+}
+
+pub(super) fn with_broker(
+    broker: Broker,
+) -> impl Filter<Extract = (Broker,), Error = Infallible> + Clone {
     warp::any().map(move || broker.clone())
 }
 
@@ -144,7 +196,9 @@ async fn read_limited(
     Ok(body.freeze())
 }
 
-/// The raw `Authorization` header; the handler decides what a valid one is.
-fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+/// The raw `Authorization` header; the handler decides what a valid one is. A header that is not
+/// even text counts as absent, so that it ends in the same 401 as a missing one.
+pub(super) fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
+        .or_else(|_| async { Ok::<_, Rejection>((None,)) })
 }

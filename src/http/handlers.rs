@@ -36,10 +36,10 @@ struct SessionReply {
     expires_at: u64,
 }
 
-/// The stored user, as `/v1/me` shows it (no session_key).
+/// The stored user, as `/v1/me` and the admin show it (no session_key).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct MeReply {
+pub struct MeReply {
     uid: u64,
     openid: String,
     unionid: Option<String>,
@@ -47,6 +47,20 @@ struct MeReply {
     phone: Option<Phone>,
     created_at: u64,
     updated_at: u64,
+}
+
+impl From<User> for MeReply {
+    fn from(user: User) -> MeReply {
+        MeReply {
+            uid: user.uid,
+            openid: user.openid,
+            unionid: user.unionid,
+            profile: user.profile,
+            phone: user.phone,
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+        }
+    }
 }
 
 pub async fn login(
@@ -117,18 +131,7 @@ pub async fn phone(
 pub async fn me(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
     let token = bearer_token(authorization.as_deref())?;
     let user: User = broker.me(token).await.map_err(Problem::reject)?;
-    Ok(json(
-        StatusCode::OK,
-        &MeReply {
-            uid: user.uid,
-            openid: user.openid,
-            unionid: user.unionid,
-            profile: user.profile,
-            phone: user.phone,
-            created_at: user.created_at,
-            updated_at: user.updated_at,
-        },
-    ))
+    Ok(json(StatusCode::OK, &MeReply::from(user)))
 }
 
 const ENCRYPTED_SHAPE: &str = r#"{"encryptedData": "...", "iv": "..."}"#;
@@ -141,6 +144,19 @@ pub fn healthz(broker: Broker) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "the broker is starting, restarting an actor or shutting down",
+        )
+        .into_response()
+    }
+}
+
+pub fn readyz(broker: Broker) -> Response {
+    if broker.is_ready() && broker.store_answers() {
+        json(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
+    } else {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "an actor is not running or the store does not answer",
         )
         .into_response()
     }
@@ -176,7 +192,7 @@ fn parse_body<T: DeserializeOwned>(
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header; anything else is an invalid session.
-fn bearer_token(header: Option<&str>) -> Result<&str, Rejection> {
+pub fn bearer_token(header: Option<&str>) -> Result<&str, Rejection> {
     header
         .and_then(|h| h.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))

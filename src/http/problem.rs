@@ -62,51 +62,42 @@ impl Problem {
     /// The status, error code and client-facing message for each error.
     pub fn from_error(err: &Error) -> Problem {
         use StatusCode as S;
-        let (status, code, message) = match err {
-            Error::InvalidRequest(detail) => (S::BAD_REQUEST, "invalid_request", detail.clone()),
+        let (status, message) = match err {
+            Error::InvalidRequest(detail) => (S::BAD_REQUEST, detail.clone()),
             Error::InvalidCode => (
                 S::UNAUTHORIZED,
-                "invalid_code",
                 "the login code is invalid; call wx.login again".into(),
             ),
             Error::CodeUsed => (
                 S::UNAUTHORIZED,
-                "code_used",
                 "the login code was already used; call wx.login again".into(),
             ),
             Error::RateLimited { retry_after_secs } => (
                 S::TOO_MANY_REQUESTS,
-                "rate_limited",
                 format!("too many logins for this user; retry in {retry_after_secs} seconds"),
             ),
             Error::RiskyUser => (
                 S::FORBIDDEN,
-                "risky_user",
                 "WeChat blocked this login as high-risk".into(),
             ),
             Error::UpstreamBusy => (
                 S::SERVICE_UNAVAILABLE,
-                "upstream_busy",
                 "WeChat is busy; retry in a moment".into(),
             ),
             Error::UpstreamTimeout => (
                 S::GATEWAY_TIMEOUT,
-                "upstream_timeout",
                 "WeChat did not answer in time; retry in a moment".into(),
             ),
             Error::Upstream(_) => (
                 S::BAD_GATEWAY,
-                "upstream_error",
                 "WeChat answered in a way the broker cannot use".into(),
             ),
             Error::InvalidSession => (
                 S::UNAUTHORIZED,
-                "invalid_session",
                 "the session is missing, invalid or expired; log in again".into(),
             ),
             Error::DecryptFailed => (
                 S::UNPROCESSABLE_ENTITY,
-                "decrypt_failed",
                 "the data could not be decrypted: most likely the session_key rotated because \
                  wx.login was called again after the data was obtained; log in again, then get \
                  and send the data again"
@@ -114,27 +105,22 @@ impl Problem {
             ),
             Error::WatermarkMismatch => (
                 S::FORBIDDEN,
-                "watermark_mismatch",
                 "the data was made for another mini program (watermark.appid differs)".into(),
             ),
             Error::OpenidMismatch => (
                 S::FORBIDDEN,
-                "openid_mismatch",
                 "the data belongs to another user than this session's".into(),
             ),
             Error::SignatureMismatch => (
                 S::FORBIDDEN,
-                "signature_mismatch",
                 "signature does not match rawData under the current session_key".into(),
             ),
             Error::Unavailable(_) => (
                 S::SERVICE_UNAVAILABLE,
-                "unavailable",
                 "the broker is temporarily unavailable; retry in a moment".into(),
             ),
             Error::Config(_) | Error::Storage(_) => (
                 S::INTERNAL_SERVER_ERROR,
-                "internal",
                 "the broker failed; the cause is in its log".into(),
             ),
         };
@@ -149,7 +135,7 @@ impl Problem {
         Problem {
             retry_after,
             relogin: matches!(err, Error::DecryptFailed),
-            ..Problem::new(status, code, message)
+            ..Problem::new(status, err.code(), message)
         }
     }
 }
@@ -168,7 +154,7 @@ impl Reply for Problem {
         if let Some(secs) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        if self.status == StatusCode::UNAUTHORIZED && self.code == "invalid_session" {
+        if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response

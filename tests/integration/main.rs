@@ -1,10 +1,13 @@
 //! Integration tests: the real broker over real HTTP on 127.0.0.1:0, a real sled database in a
 //! temporary directory, and a real loopback upstream (the sandbox or a fault server).
 
+mod backup;
 mod binary;
 mod decrypt;
 mod login;
 mod miniprogram;
+mod openapi;
+mod operate;
 mod reliability;
 mod secrecy;
 mod serve;

@@ -1,0 +1,246 @@
+//! Offline backup and restore of the users, as JSON lines (`wxbroker export`, `wxbroker import`).
+//!
+//! One line per user, in the shape of the `/v1/me` answer ([`ExportedUser`]). Never written: the
+//! session_key (WeChat's key to the user's encrypted data, which must not leave the process) and
+//! the sessions (neither tokens nor their hashes). So a restored user logs in again, which also
+//! stores a fresh session_key; until then, encrypted data of that user cannot be decrypted.
+//!
+//! Both work on the data dir of a stopped broker: sled locks the directory, so while a broker
+//! serves on it the open fails, with a message that says to stop the broker first.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::store::{Store, UserKey, UserRecord};
+use crate::user::{Phone, Profile};
+
+/// One user as exported: one line of a backup. The same fields as the `/v1/me` answer, so that
+/// what a backup holds is exactly what the API shows, and never the session_key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportedUser {
+    /// The user's uid, kept by an import so that ids held elsewhere stay valid.
+    pub uid: u64,
+    /// The user's id within this mini program: what a returning login is matched on.
+    pub openid: String,
+    /// The user's id across the company's WeChat apps, if known.
+    pub unionid: Option<String>,
+    /// The latest decrypted profile, if any.
+    pub profile: Option<Profile>,
+    /// The latest decrypted phone number, if any.
+    pub phone: Option<Phone>,
+    /// Unix seconds of the first login.
+    pub created_at: u64,
+    /// Unix seconds of the last login or update.
+    pub updated_at: u64,
+}
+
+impl From<UserRecord> for ExportedUser {
+    fn from(record: UserRecord) -> ExportedUser {
+        ExportedUser {
+            uid: record.uid,
+            openid: record.openid,
+            unionid: record.unionid,
+            profile: record.profile,
+            phone: record.phone,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        }
+    }
+}
+
+/// Opens the data dir of a stopped broker to export from it.
+///
+/// The directory must already hold a database: a mistyped path must not give an empty backup.
+pub fn open_for_export(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
+    // sled keeps its log in the file `db`; a directory without one never held a broker's data.
+    if !dir.join("db").is_file() {
+        return Err(Error::Storage(format!(
+            "there is no wxbroker database in {}: point --data-dir (or WXBROKER_DATA_DIR) at the \
+             data dir of a broker",
+            dir.display()
+        )));
+    }
+    open_offline(dir, cache_mb)
+}
+
+/// Opens (or creates) the data dir of a stopped broker to import into it.
+pub fn open_for_import(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
+    open_offline(dir, cache_mb)
+}
+
+fn open_offline(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
+    Store::open(dir, cache_mb).map_err(|err| match err {
+        // sled's message for a directory that another process (or this one) holds open.
+        Error::Storage(message) if message.contains("could not acquire lock") => {
+            Error::Storage(format!(
+                "the data dir {} is in use, most likely by a running wxbroker: stop the broker \
+                 first (export and import work offline, on a stopped broker's data dir)",
+                dir.display()
+            ))
+        }
+        other => other,
+    })
+}
+
+/// Writes every user of `store` to `out`, one [`ExportedUser`] JSON object per line, in openid
+/// order, then flushes `out`. Returns how many users were written.
+pub fn export(store: &Store, out: &mut impl Write) -> Result<u64, Error> {
+    let write_failed = |e: std::io::Error| Error::Storage(format!("cannot write the export: {e}"));
+    let mut count = 0;
+    for record in store.users() {
+        let line = serde_json::to_string(&ExportedUser::from(record?))
+            .map_err(|e| Error::Storage(format!("cannot encode a user: {e}")))?;
+        writeln!(out, "{line}").map_err(write_failed)?;
+        count += 1;
+    }
+    out.flush().map_err(write_failed)?;
+    Ok(count)
+}
+
+/// Reads lines written by [`export`] into `store`, keeping each user's uid (the uid counter moves
+/// past the largest, so no uid is handed out twice), then flushes the store. Returns how many
+/// users were imported.
+///
+/// A user whose openid is already in the store is replaced, keeping the stored session_key (the
+/// one WeChat last gave); a new one gets an empty session_key until its next login. Blank lines
+/// are skipped. A bad line is an error naming its number; the lines before it stay imported
+/// and are flushed, and importing the same file again after fixing it is harmless.
+pub fn import(store: &Store, input: impl BufRead) -> Result<u64, Error> {
+    let mut count = 0;
+    let result = import_lines(store, input, &mut count);
+    // Even after a bad line: what was imported before it is acknowledged by the error message.
+    store.db().flush()?;
+    result.map(|()| count)
+}
+
+fn import_lines(store: &Store, input: impl BufRead, count: &mut u64) -> Result<(), Error> {
+    for (index, line) in input.lines().enumerate() {
+        let number = index + 1;
+        let at_line = |what: String| {
+            Error::InvalidRequest(format!(
+                "line {number}: {what}; users imported before it: {count}"
+            ))
+        };
+        let line = line.map_err(|e| at_line(format!("cannot be read: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let user: ExportedUser =
+            serde_json::from_str(&line).map_err(|e| at_line(json_error(&e)))?;
+        if user.uid == 0 || user.openid.is_empty() {
+            return Err(at_line(
+                "uid must be at least 1 and openid must not be empty".into(),
+            ));
+        }
+        let session_key = store
+            .find_user(&UserKey::Openid(user.openid.clone()))?
+            .map(|stored| stored.session_key)
+            .unwrap_or_default();
+        let record = UserRecord {
+            uid: user.uid,
+            openid: user.openid,
+            unionid: user.unionid,
+            session_key,
+            created_at: user.created_at,
+            updated_at: user.updated_at,
+            profile: user.profile,
+            phone: user.phone,
+        };
+        store.import_user(&record).map_err(|err| match err {
+            Error::InvalidRequest(what) | Error::Storage(what) => at_line(what),
+            other => other,
+        })?;
+        *count += 1;
+    }
+    Ok(())
+}
+
+/// serde_json's message without its "at line 1 column N": within one line only the column means
+/// anything, and a second line number would confuse the one that counts.
+fn json_error(err: &serde_json::Error) -> String {
+    let message = err.to_string();
+    let position = format!(" at line {} column {}", err.line(), err.column());
+    let message = message.strip_suffix(&position).unwrap_or(&message);
+    format!("not an exported user: {message} (column {})", err.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(uid: u64, openid: &str) -> String {
+        format!(
+            r#"{{"uid":{uid},"openid":"{openid}","unionid":null,"profile":null,"phone":null,"createdAt":1,"updatedAt":2}}"#
+        )
+    }
+
+    #[test]
+    fn import_keeps_uids_and_moves_the_counter_past_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_for_import(dir.path(), 8).unwrap();
+        let input = format!("{}\n\n{}\n", line(7, "o-a"), line(3, "o-b"));
+        assert_eq!(import(&store, input.as_bytes()).unwrap(), 2);
+        let b = store.find_user(&UserKey::Uid(3)).unwrap().unwrap();
+        assert_eq!((b.openid.as_str(), b.session_key.as_str()), ("o-b", ""));
+        let (new, is_new) = store.upsert_user("o-new", "k", None, 5).unwrap();
+        assert_eq!((new.uid, is_new), (8, true));
+    }
+
+    #[test]
+    fn a_user_already_stored_keeps_its_session_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_for_import(dir.path(), 8).unwrap();
+        let (user, _) = store.upsert_user("o-a", "key-a", None, 1).unwrap();
+        import(&store, line(user.uid, "o-a").as_bytes()).unwrap();
+        let stored = store.find_user(&UserKey::Openid("o-a".into())).unwrap();
+        assert_eq!(stored.unwrap().session_key, "key-a");
+    }
+
+    #[test]
+    fn a_bad_line_names_its_number_and_keeps_the_lines_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_for_import(dir.path(), 8).unwrap();
+        let bad = [
+            (r#"{"uid":1}"#, "missing field `openid`"),
+            (
+                r#"{"uid":1,"openid":"o","sessionKey":"k"}"#,
+                "unknown field `sessionKey`",
+            ),
+            ("not json", "not an exported user"),
+            (&line(0, "o-zero"), "uid must be at least 1"),
+            // uid 1 is o-a's already.
+            (
+                &line(1, "o-other"),
+                "uid 1 already belongs to another openid",
+            ),
+        ];
+        for (bad, expected) in bad {
+            let input = format!(
+                "{}\n{}\n{bad}\n{}\n",
+                line(1, "o-a"),
+                line(2, "o-b"),
+                line(3, "o-c")
+            );
+            let err = import(&store, input.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidRequest(m) if m.contains("line 3: ") && m.contains(expected)),
+                "{bad}: {err}"
+            );
+            assert_eq!(store.user_count(), 2, "{bad}");
+        }
+    }
+
+    #[test]
+    fn export_needs_an_existing_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open_for_export(&dir.path().join("typo"), 8).err().unwrap();
+        assert!(
+            matches!(&err, Error::Storage(m) if m.contains("typo") && m.contains("no wxbroker database")),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! The broker's Prometheus metrics, in a registry of its own (two brokers in one process each
+//! count their own).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the broker exports at `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    /// Logins by outcome: `new`, `returning`, or the error code (`invalid_code`, ...).
+    pub logins: IntCounterVec,
+    /// Session checks by outcome: `valid`, `invalid_session`, `unavailable`.
+    pub session_checks: IntCounterVec,
+    /// `session_checks{outcome="valid"}`, resolved once: it is counted on the hottest path.
+    pub valid_checks: IntCounter,
+    /// Time of each call to WeChat (one attempt).
+    pub upstream_seconds: Histogram,
+    /// Failed calls to WeChat by errcode, or `timeout`, `transport`, `http`, `body`.
+    pub upstream_errors: IntCounterVec,
+    /// Code exchanges in flight now.
+    pub upstream_inflight: IntGauge,
+    /// Sessions held by the SessionKeeper (expired ones not yet swept included).
+    pub live_sessions: IntGauge,
+    /// Actor restarts by actor.
+    pub actor_restarts: IntCounterVec,
+    /// Time of each shared sled flush (group commit).
+    pub flush_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, label: &str| {
+            let metric = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let session_checks = counter(
+            "wxbroker_session_checks_total",
+            "Session checks by outcome",
+            "outcome",
+        );
+        Metrics {
+            logins: counter("wxbroker_logins_total", "Logins by outcome", "outcome"),
+            valid_checks: session_checks.with_label_values(&["valid"]),
+            session_checks,
+            upstream_seconds: histogram(
+                "wxbroker_upstream_call_seconds",
+                "Time of each call to WeChat",
+                latency.clone(),
+            ),
+            upstream_errors: counter(
+                "wxbroker_upstream_errors_total",
+                "Failed calls to WeChat by errcode or kind",
+                "errcode",
+            ),
+            upstream_inflight: gauge("wxbroker_upstream_inflight", "Code exchanges in flight"),
+            live_sessions: gauge("wxbroker_live_sessions", "Sessions held in memory"),
+            actor_restarts: counter(
+                "wxbroker_actor_restarts_total",
+                "Actor restarts by actor",
+                "actor",
+            ),
+            flush_seconds: histogram(
+                "wxbroker_store_flush_seconds",
+                "Time of each shared sled flush",
+                latency,
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,6 +1,6 @@
 //! Offline backup and restore of the users, as JSON lines (`wxbroker export`, `wxbroker import`).
 //!
-//! One line per user, in the shape of the `/v1/me` answer ([`ExportedUser`]). Never written: the
+//! One line per user, in the shape of the `/v1/me` answer ([`User`]). Never written: the
 //! session_key (WeChat's key to the user's encrypted data, which must not leave the process) and
 //! the sessions (neither tokens nor their hashes). So a restored user logs in again, which also
 //! stores a fresh session_key; until then, encrypted data of that user cannot be decrypted.
@@ -11,46 +11,8 @@
 use std::io::{BufRead, Write};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-use crate::Error;
 use crate::store::{Store, UserKey, UserRecord};
-use crate::user::{Phone, Profile};
-
-/// One user as exported: one line of a backup. The same fields as the `/v1/me` answer, so that
-/// what a backup holds is exactly what the API shows, and never the session_key.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ExportedUser {
-    /// The user's uid, kept by an import so that ids held elsewhere stay valid.
-    pub uid: u64,
-    /// The user's id within this mini program: what a returning login is matched on.
-    pub openid: String,
-    /// The user's id across the company's WeChat apps, if known.
-    pub unionid: Option<String>,
-    /// The latest decrypted profile, if any.
-    pub profile: Option<Profile>,
-    /// The latest decrypted phone number, if any.
-    pub phone: Option<Phone>,
-    /// Unix seconds of the first login.
-    pub created_at: u64,
-    /// Unix seconds of the last login or update.
-    pub updated_at: u64,
-}
-
-impl From<UserRecord> for ExportedUser {
-    fn from(record: UserRecord) -> ExportedUser {
-        ExportedUser {
-            uid: record.uid,
-            openid: record.openid,
-            unionid: record.unionid,
-            profile: record.profile,
-            phone: record.phone,
-            created_at: record.created_at,
-            updated_at: record.updated_at,
-        }
-    }
-}
+use crate::{Error, User};
 
 /// Opens the data dir of a stopped broker to export from it.
 ///
@@ -86,13 +48,13 @@ fn open_offline(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
     })
 }
 
-/// Writes every user of `store` to `out`, one [`ExportedUser`] JSON object per line, in openid
+/// Writes every user of `store` to `out`, one [`User`] JSON object per line, in openid
 /// order, then flushes `out`. Returns how many users were written.
 pub fn export(store: &Store, out: &mut impl Write) -> Result<u64, Error> {
     let write_failed = |e: std::io::Error| Error::Storage(format!("cannot write the export: {e}"));
     let mut count = 0;
     for record in store.users() {
-        let line = serde_json::to_string(&ExportedUser::from(record?))
+        let line = serde_json::to_string(&User::from(record?))
             .map_err(|e| Error::Storage(format!("cannot encode a user: {e}")))?;
         writeln!(out, "{line}").map_err(write_failed)?;
         count += 1;
@@ -129,8 +91,7 @@ fn import_lines(store: &Store, input: impl BufRead, count: &mut u64) -> Result<(
         if line.trim().is_empty() {
             continue;
         }
-        let user: ExportedUser =
-            serde_json::from_str(&line).map_err(|e| at_line(json_error(&e)))?;
+        let user: User = serde_json::from_str(&line).map_err(|e| at_line(json_error(&e)))?;
         if user.uid == 0 || user.openid.is_empty() {
             return Err(at_line(
                 "uid must be at least 1 and openid must not be empty".into(),

@@ -5,8 +5,10 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// A user as the broker stores it, without the session_key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A user as the broker stores it, without the session_key. Its JSON form (camelCase) is the
+/// `/v1/me` answer, the admin's, and one line of a backup (`wxbroker export`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct User {
     /// The user's stable id.
     pub uid: u64,

@@ -10,7 +10,6 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use super::filters::{bearer, with_broker};
-use super::handlers::MeReply;
 use super::problem::{Problem, json};
 use crate::{Broker, Error, UserKey};
 
@@ -139,7 +138,7 @@ fn stats(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection
 
 async fn find(broker: Broker, key: UserKey) -> Result<Response, Rejection> {
     match broker.find_user(key).await.map_err(Problem::reject)? {
-        Some(user) => Ok(json(StatusCode::OK, &MeReply::from(user))),
+        Some(user) => Ok(json(StatusCode::OK, &user)),
         None => Err(not_found("user_not_found", "no such user")),
     }
 }

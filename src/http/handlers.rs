@@ -8,7 +8,7 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use super::problem::{Problem, json};
-use crate::{Broker, EncryptedData, Error, Phone, Profile, User};
+use crate::{Broker, EncryptedData, Error, User};
 
 /// The login request, as JSON or as a form.
 #[derive(Deserialize)]
@@ -34,33 +34,6 @@ struct SessionReply {
     openid: String,
     unionid: Option<String>,
     expires_at: u64,
-}
-
-/// The stored user, as `/v1/me` and the admin show it (no session_key).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MeReply {
-    uid: u64,
-    openid: String,
-    unionid: Option<String>,
-    profile: Option<Profile>,
-    phone: Option<Phone>,
-    created_at: u64,
-    updated_at: u64,
-}
-
-impl From<User> for MeReply {
-    fn from(user: User) -> MeReply {
-        MeReply {
-            uid: user.uid,
-            openid: user.openid,
-            unionid: user.unionid,
-            profile: user.profile,
-            phone: user.phone,
-            created_at: user.created_at,
-            updated_at: user.updated_at,
-        }
-    }
 }
 
 pub async fn login(
@@ -131,7 +104,7 @@ pub async fn phone(
 pub async fn me(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
     let token = bearer_token(authorization.as_deref())?;
     let user: User = broker.me(token).await.map_err(Problem::reject)?;
-    Ok(json(StatusCode::OK, &MeReply::from(user)))
+    Ok(json(StatusCode::OK, &user))
 }
 
 const ENCRYPTED_SHAPE: &str = r#"{"encryptedData": "...", "iv": "..."}"#;

@@ -14,7 +14,7 @@ use wxbroker::backup;
 use wxbroker::store::Store;
 use wxbroker::{Config, Sandbox};
 
-use crate::support::{TestBroker, client, parts};
+use crate::support::{TestBroker, client, me, parts, post};
 
 /// The fields of an exported line: those of `/v1/me`, nothing else.
 const FIELDS: [&str; 7] = [
@@ -26,34 +26,6 @@ const FIELDS: [&str; 7] = [
     "createdAt",
     "updatedAt",
 ];
-
-async fn post(
-    tb: &TestBroker,
-    route: &str,
-    token: &str,
-    data: &impl serde::Serialize,
-) -> reqwest::Response {
-    tb.http
-        .post(format!("{}/v1/{route}", tb.url))
-        .bearer_auth(token)
-        .json(data)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn me(tb: &TestBroker, token: &str) -> Value {
-    let response = tb
-        .http
-        .get(format!("{}/v1/me", tb.url))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = parts(response).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
-}
 
 /// Opens `dir` offline, waiting for a stopped broker's last handles (tasks that end after its
 /// shutdown) to let go of sled's lock.

@@ -4,35 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wxbroker::{EncryptedData, SANDBOX_APPID, Sandbox, UserKey};
 
-use crate::support::{TestBroker, assert_error, parts};
-
-async fn post(
-    tb: &TestBroker,
-    route: &str,
-    token: &str,
-    data: &impl serde::Serialize,
-) -> reqwest::Response {
-    tb.http
-        .post(format!("{}/v1/{route}", tb.url))
-        .bearer_auth(token)
-        .json(data)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn me(tb: &TestBroker, token: &str) -> Value {
-    let response = tb
-        .http
-        .get(format!("{}/v1/me", tb.url))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = parts(response).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
-}
+use crate::support::{TestBroker, assert_error, me, parts, post};
 
 fn profile_text(name: &str, appid: &str, union_id: Option<&str>) -> String {
     let mut profile = json!({

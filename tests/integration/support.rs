@@ -197,6 +197,36 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// POSTs `data` as JSON to `/v1/{route}` with the session `token`.
+pub async fn post(
+    tb: &TestBroker,
+    route: &str,
+    token: &str,
+    data: &impl serde::Serialize,
+) -> Response {
+    tb.http
+        .post(format!("{}/v1/{route}", tb.url))
+        .bearer_auth(token)
+        .json(data)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `GET /v1/me` with `token`, asserting 200.
+pub async fn me(tb: &TestBroker, token: &str) -> Value {
+    let response = tb
+        .http
+        .get(format!("{}/v1/me", tb.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = parts(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
 /// Status and JSON body of a response (asserting the body is JSON).
 pub async fn parts(response: Response) -> (StatusCode, Value) {
     let status = response.status();

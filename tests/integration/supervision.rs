@@ -50,6 +50,15 @@ async fn each_actor_is_restarted_and_works_after() {
             "{kind:?}"
         );
     }
+    // Each restart is counted, by actor.
+    let metrics = tb.broker.metrics().render();
+    for kind in ActorKind::ALL {
+        let line = format!(
+            "wxbroker_actor_restarts_total{{actor=\"{}\"}} 1",
+            kind.name()
+        );
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+    }
 }
 
 #[tokio::test]

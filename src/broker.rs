@@ -23,6 +23,9 @@ use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User};
 use crate::{Config, Error, Metrics};
 
+/// Extra time a call gets when it waits for a disk flush.
+const FLUSH_ALLOWANCE: Duration = Duration::from_secs(10);
+
 /// Longest login code we pass to WeChat; real ones are about 32 characters.
 pub const MAX_CODE_LEN: usize = 256;
 
@@ -154,7 +157,7 @@ impl Broker {
             .exchanger(|reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply))
             .await?;
         let user = self
-            .registry(|reply| UserRegistryMsg::Upsert(wechat, reply))
+            .durable_registry(|reply| UserRegistryMsg::Upsert(wechat, reply))
             .await?;
         let issued = self
             .keeper(|reply| SessionKeeperMsg::Issue {
@@ -213,9 +216,8 @@ impl Broker {
                 reply,
             })
             .await?;
-        if let Some(unionid) = profile.union_id.clone()
-            && session.unionid.as_ref() != Some(&unionid)
-        {
+        // Sent even when this session already shows it: the user's other sessions may not.
+        if let Some(unionid) = profile.union_id.clone() {
             // Before the profile is saved, so that the profile's flush covers it too.
             self.keeper(|reply| SessionKeeperMsg::SetUnionid {
                 uid: session.uid,
@@ -225,7 +227,7 @@ impl Broker {
             .await?;
         }
         let saved = profile.clone();
-        self.registry(|reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply))
+        self.durable_registry(|reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply))
             .await?;
         Ok(profile)
     }
@@ -242,7 +244,7 @@ impl Broker {
             })
             .await?;
         let saved = phone.clone();
-        self.registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
+        self.durable_registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
             .await?;
         Ok(phone)
     }
@@ -397,6 +399,18 @@ impl Broker {
         let inner = &self.inner;
         let slot = &inner.children.user_registry;
         ask(slot, "the user registry", inner.call_timeout, message).await
+    }
+
+    /// A registry call that may wait for a disk flush: a slow disk must not turn a write that
+    /// will succeed into a 503 (the login's code would be spent for nothing).
+    async fn durable_registry<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> UserRegistryMsg,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let slot = &inner.children.user_registry;
+        let timeout = inner.call_timeout + FLUSH_ALLOWANCE;
+        ask(slot, "the user registry", timeout, message).await
     }
 
     async fn keeper<T: Send + 'static>(

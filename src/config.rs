@@ -297,6 +297,32 @@ impl Config {
                 return Err(Error::Config(format!("{name} must be greater than 0")));
             }
         }
+        // Bounds that keep the time arithmetic far from overflowing.
+        const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+        let at_most = [
+            (
+                "WXBROKER_SESSION_IDLE_TTL",
+                self.session_idle_ttl,
+                TEN_YEARS,
+            ),
+            ("WXBROKER_SESSION_MAX_TTL", self.session_max_ttl, TEN_YEARS),
+            (
+                "WXBROKER_UPSTREAM_RETRIES",
+                u64::from(self.upstream_retries),
+                10,
+            ),
+            (
+                "WXBROKER_UPSTREAM_TIMEOUT_MS",
+                self.upstream_timeout_ms,
+                600_000,
+            ),
+            ("WXBROKER_CALL_TIMEOUT_MS", self.call_timeout_ms, 600_000),
+        ];
+        for (name, value, max) in at_most {
+            if value > max {
+                return Err(Error::Config(format!("{name} must be at most {max}")));
+            }
+        }
         Ok(())
     }
 

@@ -17,7 +17,7 @@ pub struct Metrics {
     pub valid_checks: IntCounter,
     /// Time of each call to WeChat (one attempt).
     pub upstream_seconds: Histogram,
-    /// Failed calls to WeChat by errcode, or `timeout`, `transport`, `http`, `body`.
+    /// Failed calls to WeChat by errcode, or `timeout`, or `other` (transport, HTTP status, body).
     pub upstream_errors: IntCounterVec,
     /// Code exchanges in flight now.
     pub upstream_inflight: IntGauge,

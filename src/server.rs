@@ -59,6 +59,8 @@ pub async fn serve_http<F>(
     let http = Arc::new(http);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Every connection's task, so that whatever outlives the drain can be ended.
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -95,7 +97,8 @@ pub async fn serve_http<F>(
             }
         });
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), handler));
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
@@ -112,6 +115,8 @@ pub async fn serve_http<F>(
             limits.drain_timeout
         );
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 /// The request's id: the client's `X-Request-Id` when it is sane, else a fresh one. It is echoed

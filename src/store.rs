@@ -270,7 +270,12 @@ impl Store {
                 None => 1,
             };
             if user.uid >= next {
-                meta.insert(NEXT_UID, &(user.uid + 1).to_be_bytes())?;
+                let after = user.uid.checked_add(1).ok_or_else(|| {
+                    ConflictableTransactionError::Abort(Error::InvalidRequest(
+                        "uid is too large to leave room for new users".into(),
+                    ))
+                })?;
+                meta.insert(NEXT_UID, &after.to_be_bytes())?;
             }
             uids.insert(&user.uid.to_be_bytes(), user.openid.as_bytes())?;
             write_user(users, unionids, old.as_ref(), user)?;

@@ -69,6 +69,8 @@ impl Upstream {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
+            // The secret is in the query: it must never follow a redirect elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         // `join` replaces the last path segment unless the base ends with a slash.
@@ -173,7 +175,7 @@ fn error_label(err: &Error) -> String {
 }
 
 fn backoff(retry: u32) -> Duration {
-    FIRST_BACKOFF * 2u32.pow(retry.saturating_sub(1))
+    FIRST_BACKOFF * 2u32.saturating_pow(retry.saturating_sub(1))
 }
 
 /// Maps a transport failure, dropping the URL: it carries the app secret in its query.

@@ -151,8 +151,11 @@ impl Actor for SessionKeeper {
         };
         let store = state.args.store.clone();
         for entry in store.sessions() {
-            let (hash, record) = entry?;
-            state.remember(hash, record);
+            // A session can always be given up (its user logs in again); the broker cannot.
+            match entry {
+                Ok((hash, record)) => state.remember(hash, record),
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable session record"),
+            }
         }
         tracing::info!(sessions = state.sessions.len(), "session table loaded");
         Ok(state)
@@ -215,7 +218,11 @@ impl Actor for SessionKeeper {
             SessionKeeperMsg::Count(reply) => {
                 let _ = reply.send(Ok(state.sessions.len()));
             }
-            SessionKeeperMsg::Sweep => state.sweep()?,
+            SessionKeeperMsg::Sweep => {
+                if let Err(e) = state.sweep() {
+                    tracing::error!(error = %e, "sweeping expired sessions failed; retrying at the next sweep");
+                }
+            }
             #[cfg(feature = "fault-injection")]
             SessionKeeperMsg::Inject(fault) => fault.strike("SessionKeeper").await,
         }
@@ -240,19 +247,30 @@ impl SessionKeeperState {
             unionid,
             created_at: now,
             last_seen: now,
-            expires_at: now + self.args.max_ttl,
+            expires_at: now.saturating_add(self.args.max_ttl),
         };
+        // Order in the index is not age after a restart (it is rebuilt in key order).
         let oldest = self
             .by_uid
             .get(&uid)
             .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
-            .map(|hashes| hashes[0]);
+            .and_then(|hashes| {
+                hashes
+                    .iter()
+                    .min_by_key(|hash| self.sessions.get(*hash).map(|live| live.record.created_at))
+                    .copied()
+            });
         if let Some(oldest) = oldest {
             self.forget(&oldest);
             self.args.store.remove_session(&oldest)?;
         }
+        let unionid = record.unionid.clone();
         self.args.store.put_session(&hash, &record)?;
         self.remember(hash, record);
+        // A unionid WeChat reports now also belongs on the user's older sessions.
+        if let Some(unionid) = unionid {
+            self.set_unionid(uid, &unionid)?;
+        }
         Ok(Issued {
             token,
             expires_in: self.args.idle_ttl.min(self.args.max_ttl),
@@ -356,7 +374,7 @@ impl SessionKeeperState {
         Ok(())
     }
 
-    /// Adds a session to the table and its user's index (oldest first).
+    /// Adds a session to the table and its user's index.
     fn remember(&mut self, hash: TokenHash, record: SessionRecord) {
         self.by_uid.entry(record.uid).or_default().push(hash);
         let last_seen = record.last_seen;
@@ -397,7 +415,9 @@ impl SessionKeeperState {
 
 impl Live {
     fn expires_at(&self, idle_ttl: u64) -> u64 {
-        (self.last_seen + idle_ttl).min(self.record.expires_at)
+        self.last_seen
+            .saturating_add(idle_ttl)
+            .min(self.record.expires_at)
     }
 
     fn expired(&self, now: u64, idle_ttl: u64) -> bool {
@@ -487,6 +507,25 @@ mod tests {
             assert!(state.check(hash).is_ok());
         }
         assert_eq!(state.args.store.sessions().count(), MAX_SESSIONS_PER_USER);
+    }
+
+    #[tokio::test]
+    async fn the_cap_evicts_the_oldest_session_whatever_the_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(10_000);
+        let mut state = keeper(&dir, &clock);
+        let mut hashes = Vec::new();
+        for _ in 0..MAX_SESSIONS_PER_USER {
+            clock.advance(1);
+            hashes.push(token_hash(
+                &state.issue(1, "o1".into(), None).unwrap().token,
+            ));
+        }
+        // After a restart the index is in key order, not age order.
+        state.by_uid.get_mut(&1).unwrap().reverse();
+        state.issue(1, "o1".into(), None).unwrap();
+        assert_eq!(state.check(&hashes[0]), Err(Error::InvalidSession));
+        assert!(state.check(&hashes[MAX_SESSIONS_PER_USER - 1]).is_ok());
     }
 
     #[tokio::test]

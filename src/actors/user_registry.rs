@@ -4,6 +4,8 @@
 //! registrations and profile or phone updates are answered only once on disk; the wait for the
 //! disk happens in a spawned task (group commit), so the actor goes on with the next message.
 
+use std::collections::HashMap;
+
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::group_commit::GroupCommit;
@@ -26,8 +28,13 @@ pub struct UserRegistryArgs {
     pub clock: Clock,
 }
 
-/// The registry keeps nothing in memory beyond its handles: it is rebuilt from sled by design.
-pub type UserRegistryState = UserRegistryArgs;
+/// The registry's handles, and the registrations written but not yet on disk.
+pub struct UserRegistryState {
+    args: UserRegistryArgs,
+    /// Openids whose registration waits for its flush. A second login of such a user must wait
+    /// for it too: answering it earlier would acknowledge a uid a crash could still take back.
+    pending: HashMap<String, usize>,
+}
 
 /// The outcome of a login for the user's record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +63,8 @@ pub enum UserRegistryMsg {
     Find(UserKey, RpcReplyPort<Result<Option<User>, Error>>),
     /// How many users are registered.
     Count(RpcReplyPort<Result<usize, Error>>),
+    /// The flush that made this openid's registration durable has completed.
+    Flushed(String),
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
     Inject(crate::Fault),
@@ -71,19 +80,22 @@ impl Actor for UserRegistry {
         _myself: ActorRef<Self::Msg>,
         args: UserRegistryArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(args)
+        Ok(UserRegistryState {
+            args,
+            pending: HashMap::new(),
+        })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let now = state.clock.now();
+        let now = state.args.clock.now();
         match message {
             UserRegistryMsg::Upsert(login, reply) => {
-                let upserted = state.store.upsert_user(
+                let upserted = state.args.store.upsert_user(
                     &login.openid,
                     &login.session_key,
                     login.unionid.as_deref(),
@@ -97,8 +109,16 @@ impl Actor for UserRegistry {
                             unionid: user.unionid,
                             is_new,
                         };
-                        if is_new {
-                            state.durable_reply(reply, registration);
+                        if is_new || state.pending.contains_key(&registration.openid) {
+                            *state
+                                .pending
+                                .entry(registration.openid.clone())
+                                .or_default() += 1;
+                            let openid = registration.openid.clone();
+                            state.args.commit.then(move |durable| {
+                                let _ = myself.cast(UserRegistryMsg::Flushed(openid));
+                                let _ = reply.send(durable.map(|()| registration));
+                            });
                         } else {
                             let _ = reply.send(Ok(registration));
                         }
@@ -109,14 +129,14 @@ impl Actor for UserRegistry {
                 }
             }
             UserRegistryMsg::SessionKey(openid, reply) => {
-                let found = state.store.find_user(&UserKey::Openid(openid));
+                let found = state.args.store.find_user(&UserKey::Openid(openid));
                 let _ = reply.send(found.and_then(|user| {
                     user.map(|user| user.session_key)
                         .ok_or(Error::InvalidSession)
                 }));
             }
             UserRegistryMsg::SaveProfile(openid, profile, reply) => {
-                match state.store.save_profile(&openid, &profile, now) {
+                match state.args.store.save_profile(&openid, &profile, now) {
                     Ok(user) => state.durable_reply(reply, User::from(user)),
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -124,18 +144,32 @@ impl Actor for UserRegistry {
                 }
             }
             UserRegistryMsg::SavePhone(openid, phone, reply) => {
-                match state.store.save_phone(&openid, &phone, now) {
+                match state.args.store.save_phone(&openid, &phone, now) {
                     Ok(user) => state.durable_reply(reply, User::from(user)),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
             }
+            UserRegistryMsg::Flushed(openid) => {
+                if let Some(waiting) = state.pending.get_mut(&openid) {
+                    *waiting -= 1;
+                    if *waiting == 0 {
+                        state.pending.remove(&openid);
+                    }
+                }
+            }
             UserRegistryMsg::Count(reply) => {
-                let _ = reply.send(Ok(state.store.user_count()));
+                let _ = reply.send(Ok(state.args.store.user_count()));
             }
             UserRegistryMsg::Find(key, reply) => {
-                let _ = reply.send(state.store.find_user(&key).map(|user| user.map(User::from)));
+                let _ = reply.send(
+                    state
+                        .args
+                        .store
+                        .find_user(&key)
+                        .map(|user| user.map(User::from)),
+                );
             }
             #[cfg(feature = "fault-injection")]
             UserRegistryMsg::Inject(fault) => fault.strike("UserRegistry").await,
@@ -144,10 +178,10 @@ impl Actor for UserRegistry {
     }
 }
 
-impl UserRegistryArgs {
+impl UserRegistryState {
     /// Answers `value` once the writes so far are on disk, without holding up the actor.
     fn durable_reply<T: Send + 'static>(&self, reply: RpcReplyPort<Result<T, Error>>, value: T) {
-        self.commit.then(move |durable| {
+        self.args.commit.then(move |durable| {
             let _ = reply.send(durable.map(|()| value));
         });
     }

@@ -16,6 +16,8 @@ use crate::{Broker, Error};
 
 /// Largest request body accepted; a login body is a few dozen bytes.
 pub const BODY_LIMIT: u64 = 64 * 1024;
+/// Time a client has to send the whole body once its headers are in.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Every route of the broker, with errors turned into JSON.
 pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
@@ -147,11 +149,12 @@ fn metrics(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
 /// GET /openapi.json: the OpenAPI 3 document of every route
 fn openapi() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("openapi.json").and(warp::get()).map(|| {
-        warp::reply::with_header(
+        let reply = warp::reply::with_header(
             include_str!("../openapi.json"),
             "content-type",
             "application/json",
-        )
+        );
+        warp::reply::with_header(reply, "cache-control", "no-store")
     })
 }
 
@@ -182,18 +185,30 @@ async fn read_limited(
     if length.is_some_and(|length| length > BODY_LIMIT) {
         return Err(too_large());
     }
-    let mut stream = std::pin::pin!(stream);
-    let mut body = BytesMut::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| {
-            Problem::reject(Error::InvalidRequest("the request body was cut off".into()))
-        })?;
-        if (body.len() + chunk.remaining()) as u64 > BODY_LIMIT {
-            return Err(too_large());
+    let read = async {
+        let mut stream = std::pin::pin!(stream);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| {
+                Problem::reject(Error::InvalidRequest("the request body was cut off".into()))
+            })?;
+            if (body.len() + chunk.remaining()) as u64 > BODY_LIMIT {
+                return Err(too_large());
+            }
+            body.put(chunk);
         }
-        body.put(chunk);
-    }
-    Ok(body.freeze())
+        Ok(body.freeze())
+    };
+    // A client trickling its body must not hold a connection slot for long.
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(warp::reject::custom(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            )))
+        })
 }
 
 /// The raw `Authorization` header; the handler decides what a valid one is. A header that is not

@@ -183,18 +183,6 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
             "method_not_allowed",
             "this route does not take that method",
         )
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        Problem::new(
-            S::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the request body is larger than 64 KiB",
-        )
-    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        Problem::new(
-            S::LENGTH_REQUIRED,
-            "length_required",
-            "send a Content-Length header",
-        )
     } else if rejection
         .find::<warp::reject::UnsupportedMediaType>()
         .is_some()

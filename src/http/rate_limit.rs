@@ -60,25 +60,31 @@ impl LoginLimiter {
 pub fn login_limit(
     limiter: Arc<LoginLimiter>,
 ) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    // Our own server sets `PeerAddr`; under `warp::serve` (embedders) warp knows the address.
     warp::ext::optional::<PeerAddr>()
-        .and_then(move |peer: Option<PeerAddr>| {
-            let verdict = match peer {
-                Some(PeerAddr(addr)) => limiter.check(addr.ip()),
-                None => Ok(()),
-            };
-            async move {
-                verdict.map_err(|secs| {
-                    warp::reject::custom(
-                        Problem::new(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "rate_limited",
-                            format!("too many logins from this address; retry in {secs} seconds"),
+        .and(warp::addr::remote())
+        .and_then(
+            move |peer: Option<PeerAddr>, remote: Option<std::net::SocketAddr>| {
+                let verdict = match peer.map(|PeerAddr(addr)| addr).or(remote) {
+                    Some(addr) => limiter.check(addr.ip()),
+                    None => Ok(()),
+                };
+                async move {
+                    verdict.map_err(|secs| {
+                        warp::reject::custom(
+                            Problem::new(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "rate_limited",
+                                format!(
+                                    "too many logins from this address; retry in {secs} seconds"
+                                ),
+                            )
+                            .with_retry_after(secs),
                         )
-                        .with_retry_after(secs),
-                    )
-                })
-            }
-        })
+                    })
+                }
+            },
+        )
         .untuple_one()
 }
 

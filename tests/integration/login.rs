@@ -88,6 +88,12 @@ async fn a_unionid_reported_once_is_kept() {
     let without = tb.token("dave.2").await;
     let (_, session) = parts(tb.session(&without).await).await;
     assert_eq!(session["unionid"], Sandbox::unionid_of("dave"));
+
+    // A session from before WeChat first reported it learns it too.
+    let early = tb.token("eli.1").await;
+    tb.token("eli.union.2").await;
+    let (_, session) = parts(tb.session(&early).await).await;
+    assert_eq!(session["unionid"], Sandbox::unionid_of("eli"));
 }
 
 #[tokio::test]

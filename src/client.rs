@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
-use serde::Deserialize;
 
 use crate::{Error, SessionInfo};
 
@@ -20,16 +19,6 @@ use crate::{Error, SessionInfo};
 pub struct BrokerClient {
     http: reqwest::Client,
     session_url: Url,
-}
-
-/// `GET /v1/session`'s answer.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SessionReply {
-    uid: u64,
-    openid: String,
-    unionid: Option<String>,
-    expires_at: u64,
 }
 
 impl BrokerClient {
@@ -66,15 +55,7 @@ impl BrokerClient {
             .await
             .map_err(unavailable)?;
         match response.status() {
-            StatusCode::OK => {
-                let reply: SessionReply = response.json().await.map_err(unavailable)?;
-                Ok(SessionInfo {
-                    uid: reply.uid,
-                    openid: reply.openid,
-                    unionid: reply.unionid,
-                    expires_at: reply.expires_at,
-                })
-            }
+            StatusCode::OK => response.json().await.map_err(unavailable),
             StatusCode::UNAUTHORIZED => Err(Error::InvalidSession),
             status => Err(Error::Unavailable(format!(
                 "wxbroker answered HTTP {status}"

@@ -67,8 +67,9 @@ pub struct Issued {
     pub expires_in: u64,
 }
 
-/// Who a valid session token belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Who a valid session token belongs to. Its JSON form (camelCase) is the `/v1/session` answer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SessionInfo {
     /// The user's stable id.
     pub uid: u64,
@@ -80,8 +81,10 @@ pub struct SessionInfo {
     pub expires_at: u64,
 }
 
-/// A session as the admin sees it: its id is the token's hash, never the token.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A session as the admin sees it: its id is the token's hash, never the token. Its JSON form
+/// (camelCase) is an entry of the admin's session list.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SessionSummary {
     /// Lowercase hex of the token's SHA-256: names the session without letting anyone use it.
     pub id: String,

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
 use subtle::ConstantTimeEq;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -60,28 +59,11 @@ fn user_by_query(broker: Broker) -> impl Filter<Extract = (Response,), Error = R
 
 /// GET /admin/users/{uid}/sessions
 fn user_sessions(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct SessionReply {
-        id: String,
-        created_at: u64,
-        last_seen: u64,
-        expires_at: u64,
-    }
     warp::path!("users" / u64 / "sessions")
         .and(warp::get())
         .and(with_broker(broker))
         .and_then(|uid, broker: Broker| async move {
             let sessions = broker.user_sessions(uid).await.map_err(Problem::reject)?;
-            let sessions: Vec<SessionReply> = sessions
-                .into_iter()
-                .map(|s| SessionReply {
-                    id: s.id,
-                    created_at: s.created_at,
-                    last_seen: s.last_seen,
-                    expires_at: s.expires_at,
-                })
-                .collect();
             Ok::<_, Rejection>(json(
                 StatusCode::OK,
                 &serde_json::json!({ "sessions": sessions }),

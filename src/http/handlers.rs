@@ -26,16 +26,6 @@ struct LoginReply {
     uid: u64,
 }
 
-/// The session answer: who the token belongs to and until when.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SessionReply {
-    uid: u64,
-    openid: String,
-    unionid: Option<String>,
-    expires_at: u64,
-}
-
 pub async fn login(
     content_type: Option<String>,
     body: Bytes,
@@ -57,15 +47,7 @@ pub async fn login(
 pub async fn session(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
     let token = bearer_token(authorization.as_deref())?;
     let session = broker.check_session(token).await.map_err(Problem::reject)?;
-    Ok(json(
-        StatusCode::OK,
-        &SessionReply {
-            uid: session.uid,
-            openid: session.openid,
-            unionid: session.unionid,
-            expires_at: session.expires_at,
-        },
-    ))
+    Ok(json(StatusCode::OK, &session))
 }
 
 pub async fn logout(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {

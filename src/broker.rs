@@ -16,7 +16,7 @@ use crate::actors::session_keeper::{
 use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
-use crate::crypto::{TokenHash, is_token_shaped, token_hash};
+use crate::crypto::{is_token_shaped, parse_session_id, token_hash};
 use crate::group_commit::GroupCommit;
 use crate::store::{Store, UserKey};
 use crate::upstream::{Upstream, UpstreamConfig};
@@ -430,18 +430,6 @@ impl Broker {
         let slot = &inner.children.decryptor;
         ask(slot, "the decryptor", inner.call_timeout, message).await
     }
-}
-
-/// The 32 bytes of a session id (64 hex digits).
-fn parse_session_id(id: &str) -> Option<TokenHash> {
-    if id.len() != 64 {
-        return None;
-    }
-    let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(hash)
 }
 
 /// A login code must be something WeChat could have issued: short, printable ASCII.

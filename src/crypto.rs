@@ -83,13 +83,36 @@ pub fn raw_data_signature(raw_data: &str, session_key: &str) -> String {
     let mut sha1 = Sha1::new();
     sha1.update(raw_data.as_bytes());
     sha1.update(session_key.as_bytes());
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(40);
-    for byte in sha1.finalize() {
-        hex.push(HEX[usize::from(byte >> 4)] as char);
-        hex.push(HEX[usize::from(byte & 0xf)] as char);
+    hex(&sha1.finalize())
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        hex.push(DIGITS[usize::from(byte >> 4)] as char);
+        hex.push(DIGITS[usize::from(byte & 0xf)] as char);
     }
     hex
+}
+
+/// The public name of a session: the hex of its token's hash. It lets an admin point at a
+/// session without holding anything that could be used as the token.
+pub fn session_id(hash: &TokenHash) -> String {
+    hex(hash)
+}
+
+/// The token hash a [`session_id`] names, if `id` is one.
+pub fn parse_session_id(id: &str) -> Option<TokenHash> {
+    if id.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
 }
 
 /// Whether `signature` signs `raw_data` under `session_key`, compared in constant time.
@@ -256,10 +279,15 @@ mod tests {
     fn hash_is_sha256_of_the_token_text() {
         // sha256("abc"), from FIPS 180-2.
         let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let got: String = token_hash("abc")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(got, expected);
+        assert_eq!(hex(&token_hash("abc")), expected);
+    }
+
+    #[test]
+    fn session_ids_round_trip_and_reject_junk() {
+        let hash = token_hash("abc");
+        assert_eq!(parse_session_id(&session_id(&hash)), Some(hash));
+        assert_eq!(parse_session_id("ab"), None);
+        assert_eq!(parse_session_id(&"zz".repeat(32)), None);
+        assert_eq!(parse_session_id(&"é".repeat(32)), None);
     }
 }

@@ -237,7 +237,8 @@ impl Store {
         self.users.iter().map(|entry| decode(&entry?.1))
     }
 
-    /// How many users are registered.
+    /// How many users are registered. sled counts by walking the tree: for the admin's stats,
+    /// not for anything per request.
     pub fn user_count(&self) -> usize {
         self.users.len()
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 
-use crate::crypto::{TokenHash, new_token, token_hash};
+use crate::crypto::{TokenHash, new_token, session_id, token_hash};
 use crate::group_commit::GroupCommit;
 use crate::store::{SessionRecord, Store};
 use crate::{Clock, Error, Metrics};
@@ -341,7 +341,7 @@ impl SessionKeeperState {
             .filter_map(|hash| Some((hash, self.sessions.get(hash)?)))
             .filter(|(_, live)| !live.expired(now, idle_ttl))
             .map(|(hash, live)| SessionSummary {
-                id: hash.iter().map(|b| format!("{b:02x}")).collect(),
+                id: session_id(hash),
                 created_at: live.record.created_at,
                 last_seen: live.last_seen,
                 expires_at: live.expires_at(idle_ttl),

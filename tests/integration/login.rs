@@ -335,6 +335,14 @@ async fn two_brokers_in_one_process_do_not_collide() {
         "invalid_session",
     )
     .await;
+    // Each counts its own.
+    for broker in [&a.broker, &b.broker] {
+        let metrics = broker.metrics().render();
+        assert!(
+            metrics.contains(r#"wxbroker_logins_total{outcome="new"} 1"#),
+            "{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -47,6 +47,19 @@ async fn code_used_after_our_own_retry_is_busy_not_the_clients_fault() {
 }
 
 #[tokio::test]
+async fn a_redirect_from_wechat_is_not_followed() {
+    // The request carries the secret in its query: it must not go anywhere else.
+    let (tb, calls) = on_faults(|_| {}).await;
+    assert_error(
+        tb.login("redirect").await,
+        StatusCode::BAD_GATEWAY,
+        "upstream_error",
+    )
+    .await;
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
 async fn a_slow_answer_within_the_timeout_succeeds() {
     let sandbox = Sandbox::start(SandboxOptions {
         latency: Duration::from_millis(400),
@@ -174,6 +187,34 @@ async fn logins_from_one_address_are_rate_limited() {
         "invalid_session",
     )
     .await;
+}
+
+#[tokio::test]
+async fn past_the_drain_timeout_remaining_connections_are_closed() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        latency: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let mut tb = TestBroker::start_on(Arc::new(sandbox), |c| c.drain_timeout_ms = 300).await;
+    let http = tb.http.clone();
+    let url = format!("{}/v1/login", tb.url);
+    let in_flight = tokio::spawn(async move {
+        http.post(url)
+            .json(&serde_json::json!({ "code": "yuri.1" }))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    tb.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Its connection was closed under it: no answer at all, not a late one.
+    assert!(in_flight.await.unwrap().is_err());
 }
 
 #[tokio::test]

@@ -273,7 +273,8 @@ where
 
 /// A misbehaving WeChat on loopback. The code picks the fault:
 /// `http500`, `garbage` (HTML), `truncated` (cut-off JSON), `hang` (never answers),
-/// `busy_once.N` (-1, then success), `busy_then_used.N` (-1, then 40163), `busy.N` (-1 always);
+/// `busy_once.N` (-1, then success), `busy_then_used.N` (-1, then 40163), `busy.N` (-1 always),
+/// `redirect` (302 to an answer that would succeed);
 /// anything else succeeds. Returns the base URL and a count of requests served.
 pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
     let seen = Arc::new(Mutex::new(HashSet::<String>::new()));
@@ -290,6 +291,7 @@ pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
                 let ok = r#"{"openid":"o-fault","session_key":"a2V5a2V5a2V5a2V5a2V5aw=="}"#;
                 let (status, body) = match (kind, first) {
                     ("http500", _) => (500, "internal error"),
+                    ("redirect", _) => (302, ""),
                     ("garbage", _) => (200, "<html>WeChat</html>"),
                     ("truncated", _) => (200, r#"{"openid":"o1","session_k"#),
                     ("hang", _) => {
@@ -304,7 +306,12 @@ pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
                     }
                     _ => (200, ok),
                 };
-                warp::reply::with_status(body, warp::http::StatusCode::from_u16(status).unwrap())
+                let reply = warp::reply::with_status(
+                    body,
+                    warp::http::StatusCode::from_u16(status).unwrap(),
+                );
+                // Only a 3xx makes a client look at it.
+                warp::reply::with_header(reply, "location", "/sns/jscode2session?js_code=fine")
             }
         });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,6 +9,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
+use crate::actors::access_token_keeper::{AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use crate::actors::decryptor::{DecryptorArgs, DecryptorMsg};
 use crate::actors::session_keeper::{
     SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary,
@@ -21,7 +22,7 @@ use crate::group_commit::GroupCommit;
 use crate::store::{Store, UserKey};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User};
-use crate::{Config, Error, Metrics};
+use crate::{Config, Error, Metrics, Secret};
 
 /// Extra time a call gets when it waits for a disk flush.
 const FLUSH_ALLOWANCE: Duration = Duration::from_secs(10);
@@ -65,9 +66,13 @@ struct Inner {
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
     supervisor_alive: watch::Receiver<bool>,
     store: Store,
+    /// For the server APIs, called from the request's own task.
+    upstream: Upstream,
     call_timeout: Duration,
     /// Exchanges wait for WeChat, retries included, so they get a longer timeout.
     exchange_timeout: Duration,
+    /// A token fetch may try both token endpoints, each with retries.
+    token_timeout: Duration,
 }
 
 impl Broker {
@@ -92,11 +97,12 @@ impl Broker {
             metrics: metrics.clone(),
         })?;
         let exchange_timeout = upstream.worst_case() + config.call_timeout();
+        let token_timeout = upstream.worst_case() * 2 + config.call_timeout();
         let children = Arc::new(Children::default());
         let args = SupervisorArgs {
             children: children.clone(),
             wechat_exchanger: WeChatExchangerArgs {
-                upstream,
+                upstream: upstream.clone(),
                 max_inflight: config.max_inflight,
                 metrics: metrics.clone(),
             },
@@ -115,6 +121,10 @@ impl Broker {
                 metrics: metrics.clone(),
             },
             decryptor: DecryptorArgs { appid },
+            access_token_keeper: AccessTokenKeeperArgs {
+                upstream: upstream.clone(),
+                metrics: metrics.clone(),
+            },
             metrics: metrics.clone(),
         };
         let (supervisor, handle) = Actor::spawn(None, Supervisor, args)
@@ -133,8 +143,10 @@ impl Broker {
                 supervisor,
                 supervisor_alive,
                 store,
+                upstream,
                 call_timeout: config.call_timeout(),
                 exchange_timeout,
+                token_timeout,
             }),
         })
     }
@@ -247,6 +259,78 @@ impl Broker {
         self.durable_registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
             .await?;
         Ok(phone)
+    }
+
+    /// Learns the phone number behind `code`, from the phone-number button, through WeChat's
+    /// `getuserphonenumber`; stores it (durably) on the session's user and returns it. Unlike
+    /// [`Broker::phone`] it needs no session_key, so a rotated key cannot make it fail.
+    pub async fn phone_by_code(&self, token: &str, code: &str) -> Result<Phone, Error> {
+        let session = self.check_session(token).await?;
+        check_code(code)?;
+        let upstream = &self.inner.upstream;
+        let phone = self
+            .with_access_token(|access_token| async move {
+                upstream.phone_number(&access_token, code).await
+            })
+            .await?;
+        let saved = phone.clone();
+        self.durable_registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
+            .await?;
+        Ok(phone)
+    }
+
+    /// Checks `token` as [`Broker::check_session`] does, then asks WeChat (`checksession`)
+    /// whether the session_key stored for its user is still current:
+    /// [`Error::SessionKeyExpired`] if the client has called `wx.login` since without logging in
+    /// here, so that it logs in again before sending encrypted data.
+    pub async fn verify_session_key(&self, token: &str) -> Result<SessionInfo, Error> {
+        let session = self.check_session(token).await?;
+        let session_key = self.session_key(&session.openid).await?;
+        let (upstream, openid, key) = (&self.inner.upstream, &session.openid, &session_key);
+        self.with_access_token(|access_token| async move {
+            upstream.check_session_key(&access_token, openid, key).await
+        })
+        .await?;
+        Ok(session)
+    }
+
+    /// Has WeChat replace the session_key of user `uid` (`resetusersessionkey`) and stores the
+    /// new one, durably. Returns whether the user exists.
+    pub async fn reset_session_key(&self, uid: u64) -> Result<bool, Error> {
+        let Some(user) = self.find_user(UserKey::Uid(uid)).await? else {
+            return Ok(false);
+        };
+        let session_key = self.session_key(&user.openid).await?;
+        let (upstream, openid, key) = (&self.inner.upstream, &user.openid, &session_key);
+        let new_key = self
+            .with_access_token(|access_token| async move {
+                upstream.reset_session_key(&access_token, openid, key).await
+            })
+            .await?;
+        self.durable_registry(|reply| {
+            UserRegistryMsg::SetSessionKey(user.openid.clone(), new_key, reply)
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// Runs `call` with the app's access_token. If WeChat calls the token stale, a new one is
+    /// fetched (one fetch, however many callers meet the stale token) and `call` runs once more.
+    async fn with_access_token<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: Fn(Secret) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let token = self.token_keeper(AccessTokenKeeperMsg::Get).await?;
+        match call(token.clone()).await {
+            Err(Error::AccessTokenStale(_)) => {
+                let fresh = self
+                    .token_keeper(|reply| AccessTokenKeeperMsg::Stale(token, reply))
+                    .await?;
+                call(fresh).await
+            }
+            outcome => outcome,
+        }
     }
 
     /// The stored user behind `token`.
@@ -368,6 +452,10 @@ impl Broker {
                 cast(&children.session_keeper, SessionKeeperMsg::Inject(fault))
             }
             ActorKind::Decryptor => cast(&children.decryptor, DecryptorMsg::Inject(fault)),
+            ActorKind::AccessTokenKeeper => cast(
+                &children.access_token_keeper,
+                AccessTokenKeeperMsg::Inject(fault),
+            ),
         };
         assert!(sent, "{kind:?} is not running");
     }
@@ -420,6 +508,21 @@ impl Broker {
         let inner = &self.inner;
         let slot = &inner.children.session_keeper;
         ask(slot, "the session keeper", inner.call_timeout, message).await
+    }
+
+    async fn token_keeper<T: Send + 'static>(
+        &self,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> AccessTokenKeeperMsg,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let slot = &inner.children.access_token_keeper;
+        ask(
+            slot,
+            "the access_token keeper",
+            inner.token_timeout,
+            message,
+        )
+        .await
     }
 
     async fn decryptor<T: Send + 'static>(

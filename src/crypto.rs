@@ -1,10 +1,11 @@
 //! Pure cryptographic functions: session tokens and their hashes, WeChat's AES-128-CBC
-//! `encryptedData`, and the `rawData` signature. No I/O beyond the OS RNG, no async.
+//! `encryptedData`, and the `rawData` and session_key signatures. No I/O beyond the OS RNG, no async.
 
 use aes::cipher::block_padding::Pkcs7;
 use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use hmac::{Hmac, KeyInit, Mac};
 use rand::TryRng;
 use rand::rngs::SysRng;
 use sha1::Sha1;
@@ -86,6 +87,15 @@ pub fn raw_data_signature(raw_data: &str, session_key: &str) -> String {
     hex(&sha1.finalize())
 }
 
+/// The signature WeChat's `checksession` and `resetusersessionkey` ask for: lowercase hex of
+/// HMAC-SHA256 over the empty message, keyed with the session_key **string's bytes** (not the
+/// decoded key: SDKs that used that got "invalid signature" back).
+pub fn session_key_signature(session_key: &str) -> String {
+    let mac = Hmac::<Sha256>::new_from_slice(session_key.as_bytes())
+        .expect("HMAC takes a key of any length");
+    hex(&mac.finalize().into_bytes())
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -141,6 +151,15 @@ fn decode_16(what: &str, value: &str) -> Result<[u8; 16], Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn session_key_signature_follows_wechats_rule() {
+        // The vector from WeChat's checksession documentation.
+        assert_eq!(
+            super::session_key_signature("tiihtNczf5v6AKRyjwEUhQ=="),
+            "7154f9f8b4b76b92f541cbf0e37d48840fa06e5e42da92a6f80168a1516a4735"
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashSet;

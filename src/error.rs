@@ -35,6 +35,18 @@ pub enum Error {
     /// WeChat answered something we cannot use (bad appid/secret, 5xx, non-JSON); detail is for logs.
     #[error("WeChat answered unusably: {0}")]
     Upstream(String),
+    /// WeChat does not know the phone-number code (or it was used): the client must ask the user
+    /// to tap the phone-number button again.
+    #[error("the phone-number code is invalid or was already used")]
+    InvalidPhoneCode,
+    /// WeChat says the session_key we hold for the user is no longer current (errcode 87009):
+    /// the client called `wx.login` without logging in here, so it must log in again.
+    #[error("WeChat no longer accepts the stored session_key")]
+    SessionKeyExpired,
+    /// WeChat rejected our access_token as invalid or expired (errcode 40001/42001), even after
+    /// a fresh one was fetched.
+    #[error("WeChat rejected the access_token (errcode {0})")]
+    AccessTokenStale(i64),
     /// The session token is unknown, expired, revoked or missing.
     #[error("the session is invalid or expired")]
     InvalidSession,
@@ -74,6 +86,9 @@ impl Error {
             Error::UpstreamBusy => "upstream_busy",
             Error::UpstreamTimeout => "upstream_timeout",
             Error::Upstream(_) => "upstream_error",
+            Error::InvalidPhoneCode => "invalid_phone_code",
+            Error::SessionKeyExpired => "session_key_expired",
+            Error::AccessTokenStale(_) => "upstream_error",
             Error::InvalidSession => "invalid_session",
             Error::DecryptFailed => "decrypt_failed",
             Error::WatermarkMismatch => "watermark_mismatch",

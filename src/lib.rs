@@ -12,14 +12,16 @@
 //!   same for a broker started by the caller.
 //! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
-//! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`.
-//! - `upstream.rs`: the WeChat HTTP client and its wire format.
+//! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,
+//!   `access_token_keeper`.
+//! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
+//!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
 //! - `store.rs`: users and sessions in sled trees, synchronous; `group_commit.rs`: shared flushes.
 //! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
 //! - `crypto.rs`: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - `user.rs`: [`User`], [`Profile`], [`Phone`], [`EncryptedData`].
 //! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
-//! - [`Sandbox`] (`sandbox.rs`): a loopback stand-in for WeChat.
+//! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
 //! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`).
 //!
 //! # Embedding
@@ -54,6 +56,7 @@ mod http;
 mod metrics;
 mod sandbox;
 mod server;
+pub mod server_api;
 pub mod store;
 pub mod upstream;
 mod user;
@@ -95,6 +98,7 @@ pub async fn run(
         None => {
             let sandbox = Sandbox::start(SandboxOptions {
                 latency: std::time::Duration::from_millis(config.sandbox_latency_ms),
+                ..SandboxOptions::default()
             })
             .await?;
             sandbox.configure(&mut config);

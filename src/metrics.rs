@@ -25,6 +25,8 @@ pub struct Metrics {
     pub live_sessions: IntGauge,
     /// Actor restarts by actor.
     pub actor_restarts: IntCounterVec,
+    /// access_token fetches by outcome: `ok` or the error code.
+    pub access_token_fetches: IntCounterVec,
     /// Time of each shared sled flush (group commit).
     pub flush_seconds: Histogram,
 }
@@ -83,6 +85,11 @@ impl Metrics {
                 "wxbroker_actor_restarts_total",
                 "Actor restarts by actor",
                 "actor",
+            ),
+            access_token_fetches: counter(
+                "wxbroker_access_token_fetches_total",
+                "access_token fetches by outcome",
+                "outcome",
             ),
             flush_seconds: histogram(
                 "wxbroker_store_flush_seconds",

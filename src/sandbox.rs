@@ -1,4 +1,5 @@
-//! A sandbox WeChat on loopback: the real `code2Session` wire format, without WeChat.
+//! A sandbox WeChat on loopback: the real wire formats of `code2Session` and the server APIs,
+//! without WeChat.
 //!
 //! The binary starts it when no credentials are set; tests and newcomers use it to log in as
 //! named users and to provoke every errcode. The code grammar:
@@ -19,7 +20,13 @@
 //! - `GET /sandbox/userinfo?user=NAME`: `{"encryptedData", "iv", "rawData", "signature"}`
 //! - `GET /sandbox/phone?user=NAME[&phone=DIGITS]`: `{"encryptedData", "iv"}`
 //!
-//! The binary in sandbox mode serves these two routes on its own port too.
+//! - `GET /sandbox/phonecode[?phone=DIGITS]`: `{"code"}` for `POST /v1/phone`
+//!
+//! The binary in sandbox mode serves these client routes on its own port too. The server APIs
+//! behind an access_token (tokens, phone numbers by code, session_key check and reset) are in
+//! [`server_api`].
+
+mod server_api;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -50,6 +57,8 @@ pub const SANDBOX_APPID: &str = "wxsandbox0000000";
 pub struct SandboxOptions {
     /// Delay before every answer, to imitate WeChat's latency.
     pub latency: Duration,
+    /// The `expires_in` of the access_tokens it issues; `None` is WeChat's 7200 s.
+    pub access_token_lifetime: Option<Duration>,
 }
 
 /// A running sandbox WeChat. Stops when dropped.
@@ -62,10 +71,12 @@ pub struct Sandbox {
 struct SandboxState {
     secret: String,
     latency: Duration,
+    access_token_lifetime: Duration,
     used_codes: Mutex<HashSet<String>>,
     /// openid -> what the latest exchange for it told the broker.
     logins: Mutex<HashMap<String, SandboxLogin>>,
     exchanges: AtomicU64,
+    server_api: server_api::ServerApiState,
 }
 
 /// What the sandbox last answered for a user, as the WeChat client would know it.
@@ -84,9 +95,13 @@ impl Sandbox {
         let state = Arc::new(SandboxState {
             secret: URL_SAFE_NO_PAD.encode(random_bytes::<24>()),
             latency: options.latency,
+            access_token_lifetime: options
+                .access_token_lifetime
+                .unwrap_or(Duration::from_secs(7200)),
             used_codes: Mutex::new(HashSet::new()),
             logins: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
+            server_api: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -105,11 +120,14 @@ impl Sandbox {
                     if !state.latency.is_zero() {
                         tokio::time::sleep(state.latency).await;
                     }
-                    let body = state.code2session(&query).to_string();
-                    warp::reply::with_header(body, "content-type", "text/plain").into_response()
+                    text_json(&state.code2session(&query))
                 }
             });
-        let routes = code2session.or(client_routes(state.clone())).unify();
+        let routes = code2session
+            .or(server_api::routes(state.clone()))
+            .unify()
+            .or(client_routes(state.clone()))
+            .unify();
         let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
         Ok(Sandbox {
             addr,
@@ -160,6 +178,38 @@ impl Sandbox {
     /// How many code2Session requests the sandbox has answered, errors included.
     pub fn exchanges(&self) -> u64 {
         self.state.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// How many access_token requests (`stable_token` and `token`) the sandbox has answered,
+    /// errors included.
+    pub fn token_requests(&self) -> u64 {
+        self.state.server_api.token_requests.load(Ordering::Relaxed)
+    }
+
+    /// Makes every access_token issued so far stale (errcode 40001 from the APIs that take
+    /// one), as when WeChat drops tokens before their time.
+    pub fn invalidate_access_tokens(&self) {
+        self.state.server_api.invalidate_tokens();
+    }
+
+    /// The next `stable_token` and `cgi-bin/token` requests answer HTTP 500, this many of each.
+    pub fn fail_token_requests(&self, stable_token: u32, token: u32) {
+        self.state
+            .server_api
+            .fail_token_requests(stable_token, token);
+    }
+
+    /// Gives `name` a new session_key without telling the broker, as when the mini program calls
+    /// `wx.login` again and never sends that code on. Returns whether `name` had logged in.
+    pub fn rotate_session_key(&self, name: &str) -> bool {
+        let mut logins = self.state.logins.lock().expect("sandbox lock");
+        match logins.get_mut(&Sandbox::openid_of(name)) {
+            Some(login) => {
+                login.session_key = STANDARD.encode(random_bytes::<16>());
+                true
+            }
+            None => false,
+        }
     }
 
     /// The openid the sandbox gives the user `name`.
@@ -322,14 +372,32 @@ fn client_routes(state: Arc<SandboxState>) -> BoxedFilter<(Response,)> {
         .and(warp::query::<ClientQuery>())
         .map(move |query: ClientQuery| {
             let phone = query.phone.as_deref().unwrap_or(SANDBOX_PHONE);
-            if phone.is_empty() || phone.len() > 20 || !phone.bytes().all(|b| b.is_ascii_digit()) {
-                let body = json!({ "error": "invalid_request", "message": "phone must be 1 to 20 digits" });
-                return warp::reply::with_status(warp::reply::json(&body), StatusCode::BAD_REQUEST)
-                    .into_response();
+            if !is_phone(phone) {
+                return bad_phone();
             }
             client_answer(&query.user, state.encrypted_phone(&query.user, phone))
         });
-    userinfo.or(phone).unify().boxed()
+    userinfo
+        .or(phone)
+        .unify()
+        .or(server_api::phone_code_route())
+        .unify()
+        .boxed()
+}
+
+/// Whether `phone` is a phone number as the sandbox takes one: 1 to 20 digits.
+fn is_phone(phone: &str) -> bool {
+    (1..=20).contains(&phone.len()) && phone.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn bad_phone() -> Response {
+    let body = json!({ "error": "invalid_request", "message": "phone must be 1 to 20 digits" });
+    warp::reply::with_status(warp::reply::json(&body), StatusCode::BAD_REQUEST).into_response()
+}
+
+/// A WeChat answer: JSON, sent as `text/plain` as WeChat does.
+fn text_json(body: &serde_json::Value) -> Response {
+    warp::reply::with_header(body.to_string(), "content-type", "text/plain").into_response()
 }
 
 fn client_answer(user: &str, data: Option<EncryptedData>) -> Response {
@@ -388,9 +456,11 @@ mod tests {
         SandboxState {
             secret: "s".into(),
             latency: Duration::ZERO,
+            access_token_lifetime: Duration::from_secs(7200),
             used_codes: Mutex::new(HashSet::new()),
             logins: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
+            server_api: Default::default(),
         }
     }
 

@@ -195,6 +195,18 @@ impl Store {
         self.update_user(openid, now, |user| user.phone = Some(phone.clone()))
     }
 
+    /// Replaces the user's session_key (after WeChat reset it).
+    pub fn set_session_key(
+        &self,
+        openid: &str,
+        session_key: &str,
+        now: u64,
+    ) -> Result<UserRecord, Error> {
+        self.update_user(openid, now, |user| {
+            user.session_key = session_key.to_owned()
+        })
+    }
+
     fn update_user(
         &self,
         openid: &str,

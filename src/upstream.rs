@@ -1,4 +1,5 @@
-//! The WeChat HTTP client: `code2Session`, its wire format and its errcodes.
+//! The WeChat HTTP client: one attempt, retries of "busy", WeChat's reply envelope and errcodes,
+//! and `code2Session`. The APIs that need an access_token are in [`crate::server_api`].
 //!
 //! Base URL, credentials and timeouts are injected, so tests point it at a loopback server.
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::config::Secret;
 use crate::{Error, Metrics};
@@ -55,13 +57,27 @@ pub struct UpstreamConfig {
 /// A client for WeChat's server API. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct Upstream {
-    http: reqwest::Client,
-    config: UpstreamConfig,
-    code2session_url: Url,
+    pub(crate) http: reqwest::Client,
+    pub(crate) config: UpstreamConfig,
+    /// The base URL with a trailing slash, so that `join` appends to it.
+    base: Url,
 }
 
 /// The first wait before retrying a busy WeChat; doubles with each retry.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Which API an errcode came from: some codes mean different things to different APIs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Api {
+    /// `sns/jscode2session`.
+    Login,
+    /// `cgi-bin/stable_token` and `cgi-bin/token`.
+    AccessToken,
+    /// `wxa/business/getuserphonenumber`.
+    PhoneNumber,
+    /// `wxa/checksession` and `wxa/resetusersessionkey`.
+    SessionKey,
+}
 
 impl Upstream {
     /// Builds the client; fails only if the TLS stack cannot start or the base URL is unusable.
@@ -73,22 +89,24 @@ impl Upstream {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
-        // `join` replaces the last path segment unless the base ends with a slash.
         let mut base = config.base.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        let code2session_url = base
-            .join("sns/jscode2session")
-            .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))?;
-        Ok(Upstream {
-            http,
-            config,
-            code2session_url,
-        })
+        let upstream = Upstream { http, config, base };
+        // Fail at start, not at the first login, if the base cannot take a path.
+        upstream.url("sns/jscode2session")?;
+        Ok(upstream)
     }
 
-    /// The longest [`Upstream::code2session`] can take: every attempt timing out, plus backoffs.
+    /// The URL of WeChat's API at `path` (relative to the base).
+    pub(crate) fn url(&self, path: &str) -> Result<Url, Error> {
+        self.base
+            .join(path)
+            .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))
+    }
+
+    /// The longest one API call can take: every attempt timing out, plus backoffs.
     pub fn worst_case(&self) -> Duration {
         let attempts = self.config.retries + 1;
         let backoffs: Duration = (1..=self.config.retries).map(backoff).sum();
@@ -96,38 +114,60 @@ impl Upstream {
     }
 
     /// Exchanges a login code for the user's openid and session_key.
-    ///
-    /// "System busy" (-1) is retried with backoff; a "code used" (40163) after such a retry means
-    /// our earlier attempt went through, so it is reported as busy rather than as the client's
-    /// fault.
     pub async fn code2session(&self, code: &str) -> Result<Code2Session, Error> {
-        let mut retry = 0;
-        loop {
-            match self.code2session_once(code).await {
-                Err(Error::UpstreamBusy) if retry < self.config.retries => {
-                    retry += 1;
-                    tracing::warn!(retry, "WeChat is busy (errcode -1); retrying");
-                    tokio::time::sleep(backoff(retry)).await;
-                }
-                Err(Error::CodeUsed) if retry > 0 => return Err(Error::UpstreamBusy),
-                outcome => return outcome,
-            }
-        }
-    }
-
-    async fn code2session_once(&self, code: &str) -> Result<Code2Session, Error> {
-        let mut url = self.code2session_url.clone();
+        let mut url = self.url("sns/jscode2session")?;
         url.query_pairs_mut()
             .append_pair("appid", &self.config.appid)
             .append_pair("secret", self.config.secret.expose())
             .append_pair("js_code", code)
             .append_pair("grant_type", "authorization_code");
-        let timer = self.config.metrics.upstream_seconds.start_timer();
-        let outcome = self.call(url).await;
+        self.retrying(|| self.attempt(self.http.get(url.clone()), parse_code2session))
+            .await
+    }
+
+    /// Runs `attempt` again while WeChat answers "system busy" (-1), with backoff.
+    ///
+    /// A "code used" or "invalid code" after such a retry means our earlier attempt went through
+    /// (codes are single-use), so it is reported as busy rather than as the client's fault.
+    pub(crate) async fn retrying<T, F>(&self, mut attempt: impl FnMut() -> F) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, Error>>,
+    {
+        let mut retry = 0;
+        loop {
+            match attempt().await {
+                Err(Error::UpstreamBusy) if retry < self.config.retries => {
+                    retry += 1;
+                    tracing::warn!(retry, "WeChat is busy (errcode -1); retrying");
+                    tokio::time::sleep(backoff(retry)).await;
+                }
+                Err(Error::CodeUsed | Error::InvalidPhoneCode) if retry > 0 => {
+                    return Err(Error::UpstreamBusy);
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One call to WeChat: sends `request`, reads the answer and parses it with `parse`; timed,
+    /// failures counted by errcode, and the app secret scrubbed from any error detail.
+    pub(crate) async fn attempt<T>(
+        &self,
+        request: reqwest::RequestBuilder,
+        parse: impl FnOnce(u16, &[u8]) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let metrics = &self.config.metrics;
+        let timer = metrics.upstream_seconds.start_timer();
+        let outcome = async {
+            let response = request.send().await.map_err(transport_error)?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.map_err(transport_error)?;
+            parse(status, &body)
+        }
+        .await;
         timer.observe_duration();
         if let Err(e) = &outcome {
-            self.config
-                .metrics
+            metrics
                 .upstream_errors
                 .with_label_values(&[&error_label(e)])
                 .inc();
@@ -142,23 +182,16 @@ impl Upstream {
     }
 }
 
-impl Upstream {
-    async fn call(&self, url: Url) -> Result<Code2Session, Error> {
-        let response = self.http.get(url).send().await.map_err(transport_error)?;
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(transport_error)?;
-        parse_code2session(status, &body)
-    }
-}
-
 /// The metric label of a failed call: the errcode where WeChat gave one.
 fn error_label(err: &Error) -> String {
     match err {
         Error::UpstreamBusy => "-1".into(),
-        Error::InvalidCode => "40029".into(),
+        Error::InvalidCode | Error::InvalidPhoneCode => "40029".into(),
         Error::CodeUsed => "40163".into(),
         Error::RateLimited { .. } => "45011".into(),
         Error::RiskyUser => "40226".into(),
+        Error::SessionKeyExpired => "87009".into(),
+        Error::AccessTokenStale(errcode) => errcode.to_string(),
         Error::UpstreamTimeout => "timeout".into(),
         Error::Upstream(detail) => detail
             .split("errcode ")
@@ -188,32 +221,50 @@ fn transport_error(err: reqwest::Error) -> Error {
     }
 }
 
-/// The body of a code2Session answer: either the user's keys or an errcode.
+/// Reads an answer of WeChat's `api`: HTTP 2xx with a JSON body whatever its Content-Type, then
+/// either an errcode other than 0 (errors come with HTTP 200) or a body of shape `T`.
+pub(crate) fn parse_reply<T: DeserializeOwned>(
+    api: Api,
+    status: u16,
+    body: &[u8],
+) -> Result<T, Error> {
+    #[derive(Deserialize)]
+    struct Errcode {
+        errcode: Option<i64>,
+        errmsg: Option<String>,
+    }
+    if !(200..300).contains(&status) {
+        return Err(Error::Upstream(format!("WeChat answered HTTP {status}")));
+    }
+    let not_json = |e: serde_json::Error| {
+        Error::Upstream(format!(
+            "WeChat answered a body that is not the expected JSON: {e}"
+        ))
+    };
+    let head: Errcode = serde_json::from_slice(body).map_err(not_json)?;
+    match head.errcode {
+        None | Some(0) => serde_json::from_slice(body).map_err(not_json),
+        Some(errcode) => Err(errcode_error(
+            api,
+            errcode,
+            head.errmsg.as_deref().unwrap_or(""),
+        )),
+    }
+}
+
+/// The body of a successful code2Session answer.
 #[derive(Deserialize)]
 struct Wire {
     openid: Option<String>,
     session_key: Option<String>,
     unionid: Option<String>,
-    errcode: Option<i64>,
-    errmsg: Option<String>,
 }
 
 /// Parses a code2Session answer from its HTTP status and body, whatever its Content-Type.
 ///
 /// Errors come with HTTP 200 and an errcode; success may or may not carry `errcode: 0`.
 pub fn parse_code2session(status: u16, body: &[u8]) -> Result<Code2Session, Error> {
-    if !(200..300).contains(&status) {
-        return Err(Error::Upstream(format!("WeChat answered HTTP {status}")));
-    }
-    let wire: Wire = serde_json::from_slice(body).map_err(|e| {
-        Error::Upstream(format!(
-            "WeChat answered a body that is not the expected JSON: {e}"
-        ))
-    })?;
-    match wire.errcode {
-        None | Some(0) => {}
-        Some(errcode) => return Err(errcode_error(errcode, wire.errmsg.as_deref().unwrap_or(""))),
-    }
+    let wire: Wire = parse_reply(Api::Login, status, body)?;
     match (wire.openid, wire.session_key) {
         (Some(openid), Some(session_key)) if !openid.is_empty() && !session_key.is_empty() => {
             Ok(Code2Session {
@@ -228,16 +279,19 @@ pub fn parse_code2session(status: u16, body: &[u8]) -> Result<Code2Session, Erro
     }
 }
 
-fn errcode_error(errcode: i64, errmsg: &str) -> Error {
-    match errcode {
-        -1 => Error::UpstreamBusy,
-        40029 => Error::InvalidCode,
-        40163 => Error::CodeUsed,
-        45011 => Error::RateLimited {
+fn errcode_error(api: Api, errcode: i64, errmsg: &str) -> Error {
+    match (api, errcode) {
+        (_, -1) => Error::UpstreamBusy,
+        (Api::Login, 40029) => Error::InvalidCode,
+        (Api::Login, 40163) => Error::CodeUsed,
+        (Api::Login, 40226) => Error::RiskyUser,
+        (Api::PhoneNumber, 40029 | 40163) => Error::InvalidPhoneCode,
+        (Api::SessionKey, 87009) => Error::SessionKeyExpired,
+        (_, 45011) => Error::RateLimited {
             retry_after_secs: 60,
         },
-        40226 => Error::RiskyUser,
-        40013 | 40125 => {
+        // From the token endpoints, 40001 means the secret is wrong.
+        (Api::AccessToken, 40001) | (_, 40013 | 40125) => {
             tracing::error!(
                 errcode,
                 "WeChat rejected our credentials: check WECHAT_APPID and WECHAT_SECRET"
@@ -246,6 +300,7 @@ fn errcode_error(errcode: i64, errmsg: &str) -> Error {
                 "WeChat rejected our appid or secret (errcode {errcode})"
             ))
         }
+        (_, 40001 | 42001) => Error::AccessTokenStale(errcode),
         _ => Error::Upstream(format!("WeChat answered errcode {errcode}: {errmsg}")),
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
 
+use super::access_token_keeper::{AccessTokenKeeper, AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use super::decryptor::{Decryptor, DecryptorArgs, DecryptorMsg};
 use super::session_keeper::{SessionKeeper, SessionKeeperArgs, SessionKeeperMsg};
 use super::user_registry::{UserRegistry, UserRegistryArgs, UserRegistryMsg};
@@ -37,6 +38,8 @@ pub enum ActorKind {
     SessionKeeper,
     /// The [`Decryptor`].
     Decryptor,
+    /// The [`AccessTokenKeeper`].
+    AccessTokenKeeper,
 }
 
 impl ActorKind {
@@ -47,15 +50,17 @@ impl ActorKind {
             ActorKind::UserRegistry => "user_registry",
             ActorKind::SessionKeeper => "session_keeper",
             ActorKind::Decryptor => "decryptor",
+            ActorKind::AccessTokenKeeper => "access_token_keeper",
         }
     }
 
     /// Every kind, in start order.
-    pub const ALL: [ActorKind; 4] = [
+    pub const ALL: [ActorKind; 5] = [
         ActorKind::WeChatExchanger,
         ActorKind::UserRegistry,
         ActorKind::SessionKeeper,
         ActorKind::Decryptor,
+        ActorKind::AccessTokenKeeper,
     ];
 }
 
@@ -70,6 +75,8 @@ pub struct Children {
     pub session_keeper: RwLock<Option<ActorRef<SessionKeeperMsg>>>,
     /// The current Decryptor.
     pub decryptor: RwLock<Option<ActorRef<DecryptorMsg>>>,
+    /// The current AccessTokenKeeper.
+    pub access_token_keeper: RwLock<Option<ActorRef<AccessTokenKeeperMsg>>>,
 }
 
 impl Children {
@@ -89,6 +96,7 @@ impl Children {
             ActorKind::UserRegistry => id(&self.user_registry),
             ActorKind::SessionKeeper => id(&self.session_keeper),
             ActorKind::Decryptor => id(&self.decryptor),
+            ActorKind::AccessTokenKeeper => id(&self.access_token_keeper),
         }
     }
 
@@ -98,6 +106,9 @@ impl Children {
             ActorKind::UserRegistry => *self.user_registry.write().expect("slot lock") = None,
             ActorKind::SessionKeeper => *self.session_keeper.write().expect("slot lock") = None,
             ActorKind::Decryptor => *self.decryptor.write().expect("slot lock") = None,
+            ActorKind::AccessTokenKeeper => {
+                *self.access_token_keeper.write().expect("slot lock") = None
+            }
         }
     }
 }
@@ -117,6 +128,8 @@ pub struct SupervisorArgs {
     pub session_keeper: SessionKeeperArgs,
     /// Arguments of the Decryptor.
     pub decryptor: DecryptorArgs,
+    /// Arguments of the AccessTokenKeeper.
+    pub access_token_keeper: AccessTokenKeeperArgs,
     /// Where restarts are counted.
     pub metrics: Arc<crate::Metrics>,
 }
@@ -255,6 +268,20 @@ impl SupervisorState {
                 let (actor, _) =
                     Actor::spawn_linked(None, Decryptor, args.decryptor.clone(), cell).await?;
                 *args.children.decryptor.write().expect("slot lock") = Some(actor);
+            }
+            ActorKind::AccessTokenKeeper => {
+                let (actor, _) = Actor::spawn_linked(
+                    None,
+                    AccessTokenKeeper,
+                    args.access_token_keeper.clone(),
+                    cell,
+                )
+                .await?;
+                *args
+                    .children
+                    .access_token_keeper
+                    .write()
+                    .expect("slot lock") = Some(actor);
             }
         }
         Ok(())

@@ -59,6 +59,8 @@ pub enum UserRegistryMsg {
     SaveProfile(String, Profile, RpcReplyPort<Result<User, Error>>),
     /// Store a decrypted phone number on the user with this openid, durably.
     SavePhone(String, Phone, RpcReplyPort<Result<User, Error>>),
+    /// Replace the session_key of the user with this openid, durably (after WeChat reset it).
+    SetSessionKey(String, String, RpcReplyPort<Result<User, Error>>),
     /// Find a user.
     Find(UserKey, RpcReplyPort<Result<Option<User>, Error>>),
     /// How many users are registered.
@@ -145,6 +147,14 @@ impl Actor for UserRegistry {
             }
             UserRegistryMsg::SavePhone(openid, phone, reply) => {
                 match state.args.store.save_phone(&openid, &phone, now) {
+                    Ok(user) => state.durable_reply(reply, User::from(user)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            UserRegistryMsg::SetSessionKey(openid, session_key, reply) => {
+                match state.args.store.set_session_key(&openid, &session_key, now) {
                     Ok(user) => state.durable_reply(reply, User::from(user)),
                     Err(e) => {
                         let _ = reply.send(Err(e));

@@ -23,6 +23,7 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Re
             .or(user_sessions(broker.clone()))
             .or(revoke_session(broker.clone()))
             .or(revoke_user_sessions(broker.clone()))
+            .or(reset_session_key(broker.clone()))
             .or(stats(broker)),
     )
 }
@@ -104,6 +105,29 @@ fn revoke_user_sessions(
                 StatusCode::OK,
                 &serde_json::json!({ "revoked": revoked }),
             ))
+        })
+}
+
+/// POST /admin/users/{uid}/session-key/reset: WeChat replaces the user's session_key
+fn reset_session_key(
+    broker: Broker,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("users" / u64 / "session-key" / "reset")
+        .and(warp::post())
+        .and(with_broker(broker))
+        .and_then(|uid, broker: Broker| async move {
+            match broker.reset_session_key(uid).await {
+                Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
+                Ok(false) => Err(not_found("user_not_found", "no such user")),
+                // Not a 401: that would read as a wrong admin token.
+                Err(Error::SessionKeyExpired) => Err(warp::reject::custom(Problem::new(
+                    StatusCode::CONFLICT,
+                    "session_key_expired",
+                    "WeChat no longer accepts the stored session_key, so it cannot be reset; \
+                     the user's next login stores a current one",
+                ))),
+                Err(e) => Err(Problem::reject(e)),
+            }
         })
 }
 

@@ -67,10 +67,15 @@ fn login(
         .and_then(handlers::login)
 }
 
-/// GET /v1/session with `Authorization: Bearer TOKEN`
+/// GET /v1/session[?verify=wechat] with `Authorization: Bearer TOKEN`
 fn session(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    let query = warp::query::raw()
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify();
     warp::path!("v1" / "session")
         .and(warp::get())
+        .and(query)
         .and(bearer())
         .and(with_broker(broker))
         .and_then(handlers::session)
@@ -96,7 +101,7 @@ fn userinfo(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Reje
         .and_then(handlers::userinfo)
 }
 
-/// POST /v1/phone with `{"encryptedData", "iv"}` and a Bearer token
+/// POST /v1/phone with `{"code"}` or `{"encryptedData", "iv"}` and a Bearer token
 fn phone(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("v1" / "phone")
         .and(warp::post())

@@ -8,7 +8,7 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use super::problem::{Problem, json};
-use crate::{Broker, EncryptedData, Error, User};
+use crate::{Broker, EncryptedData, Error, SessionInfo, User};
 
 /// The login request, as JSON or as a form.
 #[derive(Deserialize)]
@@ -44,10 +44,56 @@ pub async fn login(
     ))
 }
 
-pub async fn session(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
+/// The query of `/v1/session`.
+#[derive(Deserialize)]
+struct SessionQuery {
+    verify: Option<String>,
+}
+
+/// The `/v1/session?verify=wechat` answer: the session, and that WeChat accepts its key.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VerifiedSession {
+    #[serde(flatten)]
+    session: SessionInfo,
+    session_key_valid: bool,
+}
+
+pub async fn session(
+    query: Option<String>,
+    authorization: Option<String>,
+    broker: Broker,
+) -> Result<Response, Rejection> {
     let token = bearer_token(authorization.as_deref())?;
-    let session = broker.check_session(token).await.map_err(Problem::reject)?;
-    Ok(json(StatusCode::OK, &session))
+    let query: SessionQuery = match query {
+        // The plain check is the hot path: it parses no query.
+        None => SessionQuery { verify: None },
+        Some(query) => serde_urlencoded::from_str(&query).map_err(|e| {
+            Problem::reject(Error::InvalidRequest(format!("bad query string: {e}")))
+        })?,
+    };
+    match query.verify.as_deref() {
+        None => {
+            let session = broker.check_session(token).await.map_err(Problem::reject)?;
+            Ok(json(StatusCode::OK, &session))
+        }
+        Some("wechat") => {
+            let session = broker
+                .verify_session_key(token)
+                .await
+                .map_err(Problem::reject)?;
+            Ok(json(
+                StatusCode::OK,
+                &VerifiedSession {
+                    session,
+                    session_key_valid: true,
+                },
+            ))
+        }
+        Some(_) => Err(Problem::reject(Error::InvalidRequest(
+            "verify takes one value: wechat".into(),
+        ))),
+    }
 }
 
 pub async fn logout(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
@@ -78,9 +124,31 @@ pub async fn phone(
     broker: Broker,
 ) -> Result<Response, Rejection> {
     let token = bearer_token(authorization.as_deref())?;
-    let data: EncryptedData = parse_body(content_type.as_deref(), &body, ENCRYPTED_SHAPE)?;
-    let phone = broker.phone(token, data).await.map_err(Problem::reject)?;
-    Ok(json(StatusCode::OK, &phone))
+    let request: PhoneRequest = parse_body(content_type.as_deref(), &body, PHONE_SHAPE)?;
+    let phone = match request {
+        PhoneRequest {
+            code: Some(code),
+            encrypted_data: None,
+            iv: None,
+        } => broker.phone_by_code(token, &code).await,
+        PhoneRequest {
+            code: None,
+            encrypted_data: Some(encrypted_data),
+            iv: Some(iv),
+        } => {
+            let data = EncryptedData {
+                encrypted_data,
+                iv,
+                raw_data: None,
+                signature: None,
+            };
+            broker.phone(token, data).await
+        }
+        _ => Err(Error::InvalidRequest(format!(
+            "expected a body {PHONE_SHAPE}"
+        ))),
+    };
+    Ok(json(StatusCode::OK, &phone.map_err(Problem::reject)?))
 }
 
 pub async fn me(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
@@ -90,6 +158,17 @@ pub async fn me(authorization: Option<String>, broker: Broker) -> Result<Respons
 }
 
 const ENCRYPTED_SHAPE: &str = r#"{"encryptedData": "...", "iv": "..."}"#;
+
+/// The phone request: a code from the phone-number button, or the older encrypted form.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PhoneRequest {
+    code: Option<String>,
+    encrypted_data: Option<String>,
+    iv: Option<String>,
+}
+
+const PHONE_SHAPE: &str = r#"{"code": "..."} or {"encryptedData": "...", "iv": "..."}"#;
 
 pub fn healthz(broker: Broker) -> Response {
     if broker.is_ready() {

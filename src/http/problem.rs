@@ -88,9 +88,21 @@ impl Problem {
                 S::GATEWAY_TIMEOUT,
                 "WeChat did not answer in time; retry in a moment".into(),
             ),
-            Error::Upstream(_) => (
+            Error::Upstream(_) | Error::AccessTokenStale(_) => (
                 S::BAD_GATEWAY,
                 "WeChat answered in a way the broker cannot use".into(),
+            ),
+            Error::InvalidPhoneCode => (
+                S::BAD_REQUEST,
+                "the phone-number code is invalid or was already used; ask the user to tap the \
+                 phone-number button again"
+                    .into(),
+            ),
+            Error::SessionKeyExpired => (
+                S::UNAUTHORIZED,
+                "WeChat no longer accepts this user's session_key (wx.login was called again \
+                 without logging in here); log in again"
+                    .into(),
             ),
             Error::InvalidSession => (
                 S::UNAUTHORIZED,
@@ -134,7 +146,7 @@ impl Problem {
         };
         Problem {
             retry_after,
-            relogin: matches!(err, Error::DecryptFailed),
+            relogin: matches!(err, Error::DecryptFailed | Error::SessionKeyExpired),
             ..Problem::new(status, err.code(), message)
         }
     }

@@ -207,6 +207,7 @@ async fn a_code_already_exchanged_is_refused_without_asking_wechat() {
 async fn concurrent_requests_with_one_code_make_one_upstream_call() {
     let sandbox = Sandbox::start(SandboxOptions {
         latency: Duration::from_millis(300),
+        ..SandboxOptions::default()
     })
     .await
     .unwrap();
@@ -229,6 +230,7 @@ async fn concurrent_requests_with_one_code_make_one_upstream_call() {
 async fn logins_beyond_the_in_flight_limit_get_503_at_once() {
     let sandbox = Sandbox::start(SandboxOptions {
         latency: Duration::from_millis(500),
+        ..SandboxOptions::default()
     })
     .await
     .unwrap();

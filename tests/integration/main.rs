@@ -11,6 +11,7 @@ mod operate;
 mod reliability;
 mod secrecy;
 mod serve;
+mod server_api;
 mod session;
 #[cfg(feature = "fault-injection")]
 mod supervision;

@@ -670,6 +670,48 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     )
     .await;
 
+    // The phone number by code (getuserphonenumber), and what WeChat may answer to it.
+    let by_code = |token: &str, code: &str| phone(token).json(&json!({ "code": code }));
+    let stored = api
+        .send(by_code(&alice_token, "13912345678.a"), S::OK)
+        .await;
+    assert_eq!(stored["purePhoneNumber"], "13912345678");
+    api.send(
+        phone(&alice_token).form(&[("code", "13912345678.b")]),
+        S::OK,
+    )
+    .await;
+    assert_eq!(
+        api.send(by_code(&alice_token, "13912345678.a"), S::BAD_REQUEST)
+            .await["error"],
+        "invalid_phone_code"
+    );
+    let both = json!({ "code": "1.c", "encryptedData": "AAAA", "iv": "AAAA" });
+    api.send(phone(&alice_token).json(&both), S::BAD_REQUEST)
+        .await;
+    api.send(by_code(&alice_token, "err45011"), S::TOO_MANY_REQUESTS)
+        .await;
+    api.send(by_code(&alice_token, "err-1"), S::SERVICE_UNAVAILABLE)
+        .await;
+    api.send(by_code(&alice_token, "err99999"), S::BAD_GATEWAY)
+        .await;
+
+    // The session_key check with WeChat.
+    let verify = |token: &str| get("/v1/session?verify=wechat").bearer_auth(token);
+    let verified = api.send(verify(&bob_token), S::OK).await;
+    assert_eq!(verified["sessionKeyValid"], true);
+    api.send(
+        get("/v1/session?verify=other").bearer_auth(&bob_token),
+        S::BAD_REQUEST,
+    )
+    .await;
+    tb.sandbox.rotate_session_key("bob");
+    let expired = api.send(verify(&bob_token), S::UNAUTHORIZED).await;
+    assert_eq!(
+        (&expired["error"], &expired["relogin"]),
+        (&json!("session_key_expired"), &json!(true))
+    );
+
     // The session_key rotates with a new login: data obtained before it cannot be decrypted.
     let old_profile = tb.sandbox.encrypted_profile("alice").unwrap();
     let old_number = tb.sandbox.encrypted_phone("alice", "13800138000").unwrap();
@@ -813,6 +855,27 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     assert_eq!(stats["users"], 3);
     api.send(get("/admin/stats").bearer_auth("wrong"), S::UNAUTHORIZED)
         .await;
+
+    // Admin: resetting a user's session_key at WeChat.
+    let reset = |uid: u64| {
+        admin(
+            Method::POST,
+            &format!("/admin/users/{uid}/session-key/reset"),
+        )
+    };
+    api.send(reset(alice_uid), S::NO_CONTENT).await;
+    api.send(verify(&alice_token), S::OK).await;
+    api.send(reset(999999), S::NOT_FOUND).await;
+    let bob_uid = bob["uid"].as_u64().unwrap();
+    assert_eq!(
+        api.send(reset(bob_uid), S::CONFLICT).await["error"],
+        "session_key_expired"
+    );
+    api.send(
+        post(&format!("/admin/users/{alice_uid}/session-key/reset")),
+        S::UNAUTHORIZED,
+    )
+    .await;
 
     // Admin: revoking one session, then all of a user's.
     let one = format!(

@@ -63,6 +63,7 @@ async fn a_redirect_from_wechat_is_not_followed() {
 async fn a_slow_answer_within_the_timeout_succeeds() {
     let sandbox = Sandbox::start(SandboxOptions {
         latency: Duration::from_millis(400),
+        ..SandboxOptions::default()
     })
     .await
     .unwrap();
@@ -193,6 +194,7 @@ async fn logins_from_one_address_are_rate_limited() {
 async fn past_the_drain_timeout_remaining_connections_are_closed() {
     let sandbox = Sandbox::start(SandboxOptions {
         latency: Duration::from_secs(5),
+        ..SandboxOptions::default()
     })
     .await
     .unwrap();
@@ -221,6 +223,7 @@ async fn past_the_drain_timeout_remaining_connections_are_closed() {
 async fn shutdown_finishes_requests_in_flight() {
     let sandbox = Sandbox::start(SandboxOptions {
         latency: Duration::from_millis(600),
+        ..SandboxOptions::default()
     })
     .await
     .unwrap();

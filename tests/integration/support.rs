@@ -275,7 +275,8 @@ where
 /// `http500`, `garbage` (HTML), `truncated` (cut-off JSON), `hang` (never answers),
 /// `busy_once.N` (-1, then success), `busy_then_used.N` (-1, then 40163), `busy.N` (-1 always),
 /// `redirect` (302 to an answer that would succeed);
-/// anything else succeeds. Returns the base URL and a count of requests served.
+/// anything else succeeds. The access_token endpoints (`/cgi-bin/...`) never answer.
+/// Returns the base URL and a count of requests served.
 pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
     let seen = Arc::new(Mutex::new(HashSet::<String>::new()));
     let calls = Arc::new(AtomicU64::new(0));
@@ -314,8 +315,17 @@ pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
                 warp::reply::with_header(reply, "location", "/sns/jscode2session?js_code=fine")
             }
         });
+    // The token endpoints never answer.
+    let counter = calls.clone();
+    let tokens = warp::path("cgi-bin").then(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+        async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "{}"
+        }
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(warp::serve(route).incoming(listener).run());
+    tokio::spawn(warp::serve(route.or(tokens)).incoming(listener).run());
     (url, calls)
 }

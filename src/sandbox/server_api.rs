@@ -1,0 +1,311 @@
+//! The sandbox's server APIs: access tokens (`cgi-bin/stable_token`, `cgi-bin/token`), phone
+//! numbers by code (`wxa/business/getuserphonenumber`), and the session_key check and reset
+//! (`wxa/checksession`, `wxa/resetusersessionkey`), with WeChat's wire formats and errcodes.
+//!
+//! Phone codes: `13800138000` or `13800138000.anything` gives that number (1 to 20 digits), each
+//! code once; `errNNNNN` answers that errcode. `GET /sandbox/phonecode?phone=DIGITS` makes a
+//! fresh code, as the phone-number button would.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::{SANDBOX_APPID, SandboxState, random_bytes, watermark, wechat_error};
+use crate::crypto::session_key_signature;
+
+/// What the sandbox knows about access tokens and phone codes.
+#[derive(Default)]
+pub(super) struct ServerApiState {
+    tokens: Mutex<Tokens>,
+    /// Token requests answered, errors included.
+    pub(super) token_requests: AtomicU64,
+    /// How many of the next requests to each token endpoint answer HTTP 500.
+    failures: Mutex<Failures>,
+    used_phone_codes: Mutex<HashSet<String>>,
+}
+
+#[derive(Default)]
+struct Tokens {
+    /// What `stable_token` gives without `force_refresh`.
+    stable: Option<String>,
+    /// Every token that WeChat would accept now.
+    valid: HashSet<String>,
+}
+
+#[derive(Default)]
+pub(super) struct Failures {
+    pub(super) stable_token: u32,
+    pub(super) token: u32,
+}
+
+impl ServerApiState {
+    /// Makes every token issued so far stale (40001), as when WeChat drops them early.
+    pub(super) fn invalidate_tokens(&self) {
+        let mut tokens = self.tokens.lock().expect("sandbox lock");
+        tokens.stable = None;
+        tokens.valid.clear();
+    }
+
+    /// The next `stable_token` and `token` requests fail with HTTP 500, this many of each.
+    pub(super) fn fail_token_requests(&self, stable_token: u32, token: u32) {
+        *self.failures.lock().expect("sandbox lock") = Failures {
+            stable_token,
+            token,
+        };
+    }
+
+    fn issue(&self, tokens: &mut Tokens) -> String {
+        let token = URL_SAFE_NO_PAD.encode(random_bytes::<48>());
+        tokens.valid.insert(token.clone());
+        token
+    }
+
+    fn token_valid(&self, token: &str) -> bool {
+        self.tokens
+            .lock()
+            .expect("sandbox lock")
+            .valid
+            .contains(token)
+    }
+
+    /// Takes one planned failure of an endpoint, if any is left.
+    fn take_failure(&self, pick: impl FnOnce(&mut Failures) -> &mut u32) -> bool {
+        let mut failures = self.failures.lock().expect("sandbox lock");
+        let left = pick(&mut failures);
+        let fail = *left > 0;
+        *left = left.saturating_sub(1);
+        fail
+    }
+}
+
+/// Every server API route.
+pub(super) fn routes(state: Arc<SandboxState>) -> BoxedFilter<(Response,)> {
+    let s = state.clone();
+    let stable_token = warp::path!("cgi-bin" / "stable_token")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(4096))
+        .and(warp::body::json::<Value>())
+        .then(move |body: Value| {
+            let state = s.clone();
+            async move { answer(&state, |state| stable_token_reply(state, &body)).await }
+        });
+    let s = state.clone();
+    let token = warp::path!("cgi-bin" / "token")
+        .and(warp::get())
+        .and(warp::query::<HashMap<String, String>>())
+        .then(move |query: HashMap<String, String>| {
+            let state = s.clone();
+            async move { answer(&state, |state| token_reply(state, &query)).await }
+        });
+    let s = state.clone();
+    let phone = warp::path!("wxa" / "business" / "getuserphonenumber")
+        .and(warp::post())
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::body::content_length_limit(4096))
+        .and(warp::body::json::<Value>())
+        .then(move |query: HashMap<String, String>, body: Value| {
+            let state = s.clone();
+            async move { answer(&state, |state| phone_reply(state, &query, &body)).await }
+        });
+    let s = state.clone();
+    let session_key = warp::path!("wxa" / String)
+        .and(warp::get())
+        .and(warp::query::<HashMap<String, String>>())
+        .and_then(move |api: String, query: HashMap<String, String>| {
+            let state = s.clone();
+            async move {
+                let reset = match api.as_str() {
+                    "checksession" => false,
+                    "resetusersessionkey" => true,
+                    _ => return Err(warp::reject::not_found()),
+                };
+                Ok(answer(&state, |state| session_key_reply(state, &query, reset)).await)
+            }
+        });
+    stable_token
+        .or(token)
+        .unify()
+        .or(phone)
+        .unify()
+        .or(session_key)
+        .unify()
+        .boxed()
+}
+
+/// `GET /sandbox/phonecode?phone=DIGITS`: a fresh phone code, as the phone-number button gives.
+pub(super) fn phone_code_route() -> BoxedFilter<(Response,)> {
+    warp::path!("sandbox" / "phonecode")
+        .and(warp::get())
+        .and(warp::query::<HashMap<String, String>>())
+        .map(|query: HashMap<String, String>| {
+            let phone = query
+                .get("phone")
+                .map(String::as_str)
+                .unwrap_or(super::SANDBOX_PHONE);
+            if !super::is_phone(phone) {
+                return super::bad_phone();
+            }
+            let nonce = URL_SAFE_NO_PAD.encode(random_bytes::<9>());
+            warp::reply::json(&json!({ "code": format!("{phone}.{nonce}") })).into_response()
+        })
+        .boxed()
+}
+
+/// The answer `reply` makes, after the sandbox's latency; `None` means HTTP 500.
+async fn answer(
+    state: &SandboxState,
+    reply: impl FnOnce(&SandboxState) -> Option<Value>,
+) -> Response {
+    if !state.latency.is_zero() {
+        tokio::time::sleep(state.latency).await;
+    }
+    match reply(state) {
+        Some(body) => super::text_json(&body),
+        None => warp::reply::with_status(
+            "internal error",
+            warp::http::StatusCode::INTERNAL_SERVER_ERROR,
+        )
+        .into_response(),
+    }
+}
+
+/// The credentials check of both token endpoints, as WeChat's errcodes.
+fn credentials_error(state: &SandboxState, appid: &str, secret: &str) -> Option<Value> {
+    if appid != SANDBOX_APPID {
+        return Some(wechat_error(40013, "invalid appid"));
+    }
+    if secret != state.secret {
+        return Some(wechat_error(
+            40001,
+            "invalid credential, access_token is invalid",
+        ));
+    }
+    None
+}
+
+fn stable_token_reply(state: &SandboxState, body: &Value) -> Option<Value> {
+    let api = &state.server_api;
+    api.token_requests.fetch_add(1, Ordering::Relaxed);
+    if api.take_failure(|f| &mut f.stable_token) {
+        return None;
+    }
+    let field = |name: &str| body[name].as_str().unwrap_or("");
+    if field("grant_type") != "client_credential" {
+        return Some(wechat_error(40002, "invalid grant_type"));
+    }
+    if let Some(error) = credentials_error(state, field("appid"), field("secret")) {
+        return Some(error);
+    }
+    let force = body["force_refresh"].as_bool().unwrap_or(false);
+    let mut tokens = api.tokens.lock().expect("sandbox lock");
+    let token = match tokens.stable.clone() {
+        Some(token) if !force => token,
+        _ => {
+            let token = api.issue(&mut tokens);
+            tokens.stable = Some(token.clone());
+            token
+        }
+    };
+    Some(json!({ "access_token": token, "expires_in": state.access_token_lifetime.as_secs() }))
+}
+
+fn token_reply(state: &SandboxState, query: &HashMap<String, String>) -> Option<Value> {
+    let api = &state.server_api;
+    api.token_requests.fetch_add(1, Ordering::Relaxed);
+    if api.take_failure(|f| &mut f.token) {
+        return None;
+    }
+    let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
+    if param("grant_type") != "client_credential" {
+        return Some(wechat_error(40002, "invalid grant_type"));
+    }
+    if let Some(error) = credentials_error(state, param("appid"), param("secret")) {
+        return Some(error);
+    }
+    let token = api.issue(&mut api.tokens.lock().expect("sandbox lock"));
+    Some(json!({ "access_token": token, "expires_in": state.access_token_lifetime.as_secs() }))
+}
+
+fn phone_reply(
+    state: &SandboxState,
+    query: &HashMap<String, String>,
+    body: &Value,
+) -> Option<Value> {
+    let api = &state.server_api;
+    let token = query.get("access_token").map(String::as_str).unwrap_or("");
+    if !api.token_valid(token) {
+        return Some(wechat_error(
+            40001,
+            "invalid credential, access_token is invalid",
+        ));
+    }
+    let code = body["code"].as_str().unwrap_or("");
+    let number = code.split('.').next().unwrap_or("");
+    if let Some(errcode) = number
+        .strip_prefix("err")
+        .and_then(|n| n.parse::<i64>().ok())
+    {
+        return Some(wechat_error(errcode, super::errmsg(errcode)));
+    }
+    let fresh = api
+        .used_phone_codes
+        .lock()
+        .expect("sandbox lock")
+        .insert(code.to_owned());
+    if !super::is_phone(number) || !fresh {
+        return Some(wechat_error(40029, "invalid code"));
+    }
+    Some(json!({
+        "errcode": 0,
+        "errmsg": "ok",
+        "phone_info": {
+            "phoneNumber": number,
+            "purePhoneNumber": number,
+            "countryCode": "86",
+            "watermark": watermark(),
+        },
+    }))
+}
+
+fn session_key_reply(
+    state: &SandboxState,
+    query: &HashMap<String, String>,
+    reset: bool,
+) -> Option<Value> {
+    let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
+    if !state.server_api.token_valid(param("access_token")) {
+        return Some(wechat_error(
+            40001,
+            "invalid credential, access_token is invalid",
+        ));
+    }
+    if param("sig_method") != "hmac_sha256" {
+        return Some(wechat_error(87009, "invalid signature"));
+    }
+    let openid = param("openid");
+    let mut logins = state.logins.lock().expect("sandbox lock");
+    let Some(login) = logins.get_mut(openid) else {
+        return Some(wechat_error(40003, "invalid openid"));
+    };
+    if param("signature") != session_key_signature(&login.session_key) {
+        return Some(wechat_error(87009, "invalid signature"));
+    }
+    if !reset {
+        return Some(json!({ "errcode": 0, "errmsg": "ok" }));
+    }
+    login.session_key = STANDARD.encode(random_bytes::<16>());
+    Some(json!({
+        "errcode": 0,
+        "errmsg": "ok",
+        "openid": openid,
+        "session_key": login.session_key,
+    }))
+}

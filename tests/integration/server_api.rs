@@ -1,0 +1,398 @@
+//! WeChat's server APIs through the broker: the access_token keeper, phone numbers by code, and
+//! the session_key check and reset, against the sandbox (and a hanging WeChat) over real HTTP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wxbroker::{Sandbox, SandboxOptions, Secret};
+
+use crate::support::{TestBroker, assert_error, fault_upstream, me, parts, post};
+
+const ADMIN: &str = "server-api-admin-secret";
+
+/// A fresh phone code for `phone`, from the sandbox's stand-in for the phone-number button.
+async fn phone_code(tb: &TestBroker, phone: &str) -> String {
+    let url = format!("{}sandbox/phonecode?phone={phone}", tb.sandbox.url());
+    let body: Value = tb.http.get(url).send().await.unwrap().json().await.unwrap();
+    body["code"].as_str().unwrap().to_owned()
+}
+
+async fn phone_by_code(tb: &TestBroker, token: &str, code: &str) -> reqwest::Response {
+    post(tb, "phone", token, &json!({ "code": code })).await
+}
+
+async fn verify(tb: &TestBroker, token: &str) -> reqwest::Response {
+    tb.http
+        .get(format!("{}/v1/session?verify=wechat", tb.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn reset(tb: &TestBroker, uid: u64) -> reqwest::Response {
+    tb.http
+        .post(format!("{}/admin/users/{uid}/session-key/reset", tb.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_phone_number_by_code_is_stored_and_needs_no_session_key() {
+    let tb = TestBroker::start().await;
+    let token = tb.token("pat.1").await;
+    let code = phone_code(&tb, "13900001111").await;
+    let (status, phone) = parts(phone_by_code(&tb, &token, &code).await).await;
+    assert_eq!(status, StatusCode::OK, "{phone}");
+    assert_eq!(phone["phoneNumber"], "13900001111");
+    assert_eq!(phone["purePhoneNumber"], "13900001111");
+    assert_eq!(phone["countryCode"], "86");
+    assert_eq!(me(&tb, &token).await["phone"], phone);
+
+    // The client called wx.login again behind our back: the encrypted form can no longer be
+    // opened, the code form still works.
+    assert!(tb.sandbox.rotate_session_key("pat"));
+    let encrypted = tb.sandbox.encrypted_phone("pat", "13900002222").unwrap();
+    let (status, _) = parts(post(&tb, "phone", &token, &encrypted).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let code = phone_code(&tb, "13900002222").await;
+    let (status, phone) = parts(phone_by_code(&tb, &token, &code).await).await;
+    assert_eq!(status, StatusCode::OK, "{phone}");
+    assert_eq!(me(&tb, &token).await["phone"]["phoneNumber"], "13900002222");
+
+    // A code works once.
+    assert_error(
+        phone_by_code(&tb, &token, &code).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_phone_code",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn phone_requests_are_checked_and_errcodes_map_like_logins() {
+    let tb = TestBroker::start_with(|c| c.upstream_retries = 1).await;
+    let token = tb.token("quinn.1").await;
+    for body in [
+        json!({}),
+        json!({ "code": "139.1", "encryptedData": "AAAA", "iv": "AAAA" }),
+        json!({ "encryptedData": "AAAA" }),
+        json!({ "code": "" }),
+        json!({ "code": "a b" }),
+    ] {
+        assert_error(
+            post(&tb, "phone", &token, &body).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+    }
+    assert_error(
+        phone_by_code(&tb, "not-a-token", "139.1").await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_session",
+    )
+    .await;
+    let cases = [
+        ("err45011", StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        ("err-1", StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
+        ("err40029", StatusCode::BAD_REQUEST, "invalid_phone_code"),
+        ("err99999", StatusCode::BAD_GATEWAY, "upstream_error"),
+        ("not-digits", StatusCode::BAD_REQUEST, "invalid_phone_code"),
+    ];
+    for (code, status, error) in cases {
+        assert_error(phone_by_code(&tb, &token, code).await, status, error).await;
+    }
+    // The form body works too, as for the other routes.
+    let code = phone_code(&tb, "13700000000").await;
+    let response = tb
+        .http
+        .post(format!("{}/v1/phone", tb.url))
+        .bearer_auth(&token)
+        .form(&[("code", code.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(parts(response).await.0, StatusCode::OK);
+    assert_eq!(tb.sandbox.token_requests(), 1, "one token served them all");
+}
+
+#[tokio::test]
+async fn concurrent_callers_during_a_fetch_share_one_token_request() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        latency: Duration::from_millis(100),
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let tb = Arc::new(TestBroker::start_on(Arc::new(sandbox), |_| {}).await);
+    let token = tb.token("rae.1").await;
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let (tb, token) = (tb.clone(), token.clone());
+        calls.push(tokio::spawn(async move {
+            let code = format!("1380000{i:04}.x");
+            parts(phone_by_code(&tb, &token, &code).await).await
+        }));
+    }
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(tb.sandbox.token_requests(), 1);
+    // Held, not fetched again.
+    let code = phone_code(&tb, "13800009999").await;
+    assert_eq!(
+        parts(phone_by_code(&tb, &token, &code).await).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(tb.sandbox.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn stable_token_failing_falls_back_to_cgi_bin_token() {
+    let tb = TestBroker::start().await;
+    let token = tb.token("sol.1").await;
+    tb.sandbox.fail_token_requests(1, 0);
+    let code = phone_code(&tb, "13800000001").await;
+    let (status, body) = parts(phone_by_code(&tb, &token, &code).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        tb.sandbox.token_requests(),
+        2,
+        "stable_token, then cgi-bin/token"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_fetch_answers_its_callers_and_is_retried() {
+    let tb = Arc::new(TestBroker::start().await);
+    let token = tb.token("tao.1").await;
+    tb.sandbox.fail_token_requests(1, 1);
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let (tb, token) = (tb.clone(), token.clone());
+        calls.push(tokio::spawn(async move {
+            let code = format!("1390000{i:04}.x");
+            parts(phone_by_code(&tb, &token, &code).await).await
+        }));
+    }
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_GATEWAY, Some("upstream_error")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        tb.sandbox.token_requests(),
+        2,
+        "one fetch: both endpoints once"
+    );
+
+    // After a short backoff the next caller gets a token.
+    let started = Instant::now();
+    loop {
+        let code = phone_code(&tb, "13900009999").await;
+        let (status, body) = parts(phone_by_code(&tb, &token, &code).await).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        tb.sandbox.token_requests(),
+        3,
+        "callers during the backoff fetched nothing"
+    );
+    let metrics = tb
+        .http
+        .get(format!("{}/metrics", tb.url))
+        .send()
+        .await
+        .unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.contains(r#"wxbroker_access_token_fetches_total{outcome="ok"} 1"#));
+    assert!(metrics.contains(r#"wxbroker_access_token_fetches_total{outcome="upstream_error"} 1"#));
+}
+
+#[tokio::test]
+async fn a_hanging_token_endpoint_does_not_wedge_callers() {
+    let (url, requests) = fault_upstream().await;
+    let tb = Arc::new(
+        TestBroker::start_with(|c| {
+            c.api_base = url.parse().unwrap();
+            c.upstream_timeout_ms = 300;
+        })
+        .await,
+    );
+    let token = tb.token("fine.1").await;
+    let before = requests.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let (tb, token) = (tb.clone(), token.clone());
+        calls.push(tokio::spawn(async move {
+            phone_by_code(&tb, &token, &format!("1{i}.x")).await
+        }));
+    }
+    for call in calls {
+        assert_error(
+            call.await.unwrap(),
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+        )
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let after = requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        after - before,
+        2,
+        "one fetch: stable_token, then cgi-bin/token"
+    );
+    // Logins do not depend on the token keeper.
+    tb.token("fine.2").await;
+}
+
+#[tokio::test]
+async fn a_token_reported_stale_is_replaced_once() {
+    let tb = Arc::new(TestBroker::start().await);
+    let token = tb.token("uma.1").await;
+    let code = phone_code(&tb, "13800000002").await;
+    assert_eq!(
+        parts(phone_by_code(&tb, &token, &code).await).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(tb.sandbox.token_requests(), 1);
+
+    tb.sandbox.invalidate_access_tokens();
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let (tb, token) = (tb.clone(), token.clone());
+        calls.push(tokio::spawn(async move {
+            let code = format!("1370000{i:04}.x");
+            parts(phone_by_code(&tb, &token, &code).await).await
+        }));
+    }
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        tb.sandbox.token_requests(),
+        2,
+        "one forced fetch for all of them"
+    );
+}
+
+#[tokio::test]
+async fn verify_wechat_tells_a_client_its_session_key_went_stale() {
+    let tb = TestBroker::start().await;
+    let token = tb.token("vic.1").await;
+    let (status, body) = parts(verify(&tb, &token).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["sessionKeyValid"], true);
+    assert_eq!(body["uid"], 1);
+    assert_eq!(body["openid"], Sandbox::openid_of("vic"));
+
+    tb.sandbox.rotate_session_key("vic");
+    let body = assert_error(
+        verify(&tb, &token).await,
+        StatusCode::UNAUTHORIZED,
+        "session_key_expired",
+    )
+    .await;
+    assert_eq!(body["relogin"], true);
+    // The session itself is still good for everything but decrypting.
+    assert_eq!(parts(tb.session(&token).await).await.0, StatusCode::OK);
+
+    let token = tb.token("vic.2").await;
+    assert_eq!(parts(verify(&tb, &token).await).await.0, StatusCode::OK);
+
+    let other = tb
+        .http
+        .get(format!("{}/v1/session?verify=facebook", tb.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_error(other, StatusCode::BAD_REQUEST, "invalid_request").await;
+    assert_error(
+        verify(&tb, "no-such-token").await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_session",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_admin_reset_rotates_the_session_key_at_wechat_and_here() {
+    let tb = TestBroker::start_with(|c| c.admin_token = Some(Secret::new(ADMIN))).await;
+    let token = tb.token("wen.1").await;
+    let openid = Sandbox::openid_of("wen");
+    let before = tb.sandbox.session_key(&openid).unwrap();
+
+    assert_eq!(reset(&tb, 1).await.status(), StatusCode::NO_CONTENT);
+    let after = tb.sandbox.session_key(&openid).unwrap();
+    assert_ne!(before, after, "WeChat holds a new key");
+    // The broker holds the same new key: WeChat accepts it, and data sealed with it opens.
+    assert_eq!(parts(verify(&tb, &token).await).await.0, StatusCode::OK);
+    let profile = tb.sandbox.encrypted_profile("wen").unwrap();
+    assert_eq!(
+        parts(post(&tb, "userinfo", &token, &profile).await).await.0,
+        StatusCode::OK
+    );
+    // And the new key survives a restart.
+    let tb = tb.restart().await;
+    assert_eq!(parts(verify(&tb, &token).await).await.0, StatusCode::OK);
+
+    assert_error(
+        reset(&tb, 99).await,
+        StatusCode::NOT_FOUND,
+        "user_not_found",
+    )
+    .await;
+    tb.sandbox.rotate_session_key("wen");
+    assert_error(
+        reset(&tb, 1).await,
+        StatusCode::CONFLICT,
+        "session_key_expired",
+    )
+    .await;
+    let unauthorized = tb
+        .http
+        .post(format!("{}/admin/users/1/session-key/reset", tb.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(unauthorized, StatusCode::UNAUTHORIZED, "admin_unauthorized").await;
+    let text = tb
+        .http
+        .get(format!("{}/admin/users/1", tb.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains(&after),
+        "the session_key never leaves the broker"
+    );
+}

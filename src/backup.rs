@@ -7,10 +7,15 @@
 //!
 //! Both work on the data dir of a stopped broker: sled locks the directory, so while a broker
 //! serves on it the open fails, with a message that says to stop the broker first.
+//!
+//! [`migrate_to_redis`] (`wxbroker migrate`) moves a single-node deployment to a shared Redis:
+//! there the session_keys and live sessions go along, since they stay inside the deployment.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 
+use crate::backend::SessionPolicy;
+use crate::backend::redis::RedisStore;
 use crate::store::{Store, UserKey, UserRecord};
 use crate::{Error, User};
 
@@ -46,6 +51,46 @@ fn open_offline(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
         }
         other => other,
     })
+}
+
+/// What [`migrate_to_redis`] moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Migrated {
+    /// Users, with their uids, session_keys, profiles and phones.
+    pub users: u64,
+    /// Sessions still live at `now` (dead ones are left behind).
+    pub sessions: u64,
+}
+
+/// Copies every user of a stopped broker's sled `store` into `redis`, keeping uids (the uid
+/// counter moves past the largest) and session_keys, and every session live at `now`, keeping its
+/// expiry under `policy`, so that clients stay logged in. Running it again copies the same data
+/// again, harmlessly.
+pub async fn migrate_to_redis(
+    store: &Store,
+    redis: &RedisStore,
+    policy: SessionPolicy,
+    now: u64,
+) -> Result<Migrated, Error> {
+    let mut moved = Migrated {
+        users: 0,
+        sessions: 0,
+    };
+    for user in store.users() {
+        redis.import_user(&user?).wait().await?;
+        moved.users += 1;
+    }
+    for session in store.sessions() {
+        let (hash, record) = session?;
+        if policy.deadline(record.last_seen, record.expires_at) > now {
+            redis
+                .put_session(policy, &hash, &record, now)
+                .wait()
+                .await?;
+            moved.sessions += 1;
+        }
+    }
+    Ok(moved)
 }
 
 /// Writes every user of `store` to `out`, one [`User`] JSON object per line, in openid

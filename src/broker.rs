@@ -17,9 +17,9 @@ use crate::actors::session_keeper::{
 use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
+use crate::backend::{Backend, SessionPolicy, StoreHealth};
 use crate::crypto::{is_token_shaped, parse_session_id, token_hash};
-use crate::group_commit::GroupCommit;
-use crate::store::{Store, UserKey};
+use crate::store::UserKey;
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User};
 use crate::{Config, Error, Metrics, Secret};
@@ -65,13 +65,13 @@ struct Inner {
     supervisor: ActorRef<SupervisorMsg>,
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
     supervisor_alive: watch::Receiver<bool>,
-    store: Store,
+    store: StoreHealth,
     /// For the server APIs, called from the request's own task.
     upstream: Upstream,
     call_timeout: Duration,
     /// Exchanges wait for WeChat, retries included, so they get a longer timeout.
     exchange_timeout: Duration,
-    /// A token fetch may try both token endpoints, each with retries.
+    /// A token fetch may try both token endpoints, each with retries, and once more forced.
     token_timeout: Duration,
 }
 
@@ -84,9 +84,8 @@ impl Broker {
         let (appid, secret) = config.credentials()?.ok_or_else(|| {
             Error::Config("Broker::start needs WECHAT_APPID and WECHAT_SECRET".into())
         })?;
-        let store = Store::open(&config.data_dir, config.cache_mb)?;
         let metrics = Arc::new(Metrics::new());
-        let commit = GroupCommit::start(store.db().clone(), metrics.clone());
+        let backend = Backend::open(config, &metrics).await?;
         let upstream = Upstream::new(UpstreamConfig {
             base: config.api_base.clone(),
             appid: appid.clone(),
@@ -97,26 +96,29 @@ impl Broker {
             metrics: metrics.clone(),
         })?;
         let exchange_timeout = upstream.worst_case() + config.call_timeout();
-        let token_timeout = upstream.worst_case() * 2 + config.call_timeout();
+        // Room for two fetches (a stale token: plain, then forced), each of which may fall back
+        // from stable_token to cgi-bin/token.
+        let token_timeout = upstream.worst_case() * 4 + config.call_timeout();
         let children = Arc::new(Children::default());
         let args = SupervisorArgs {
             children: children.clone(),
             wechat_exchanger: WeChatExchangerArgs {
                 upstream: upstream.clone(),
+                claims: backend.code_claims(),
                 max_inflight: config.max_inflight,
                 metrics: metrics.clone(),
             },
             user_registry: UserRegistryArgs {
-                store: store.clone(),
-                commit: commit.clone(),
+                backend: backend.clone(),
                 clock: config.clock.clone(),
             },
             session_keeper: SessionKeeperArgs {
-                store: store.clone(),
-                commit,
+                backend: backend.clone(),
                 clock: config.clock.clone(),
-                idle_ttl: config.session_idle_ttl,
-                max_ttl: config.session_max_ttl,
+                policy: SessionPolicy {
+                    idle_ttl: config.session_idle_ttl,
+                    max_ttl: config.session_max_ttl,
+                },
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
                 metrics: metrics.clone(),
             },
@@ -142,7 +144,7 @@ impl Broker {
                 children,
                 supervisor,
                 supervisor_alive,
-                store,
+                store: backend.health(),
                 upstream,
                 call_timeout: config.call_timeout(),
                 exchange_timeout,
@@ -307,8 +309,12 @@ impl Broker {
                 upstream.reset_session_key(&access_token, openid, key).await
             })
             .await?;
-        self.durable_registry(|reply| {
-            UserRegistryMsg::SetSessionKey(user.openid.clone(), new_key, reply)
+        // A login meanwhile stored a newer key than the one reset: that one stays.
+        self.durable_registry(|reply| UserRegistryMsg::ReplaceSessionKey {
+            openid: user.openid.clone(),
+            old: session_key.clone(),
+            new: new_key,
+            reply,
         })
         .await?;
         Ok(true)
@@ -402,9 +408,9 @@ impl Broker {
         *self.inner.supervisor_alive.borrow() && self.inner.children.all_running()
     }
 
-    /// Whether the embedded store answers a read.
-    pub fn store_answers(&self) -> bool {
-        self.inner.store.db().contains_key(b"readyz").is_ok()
+    /// Whether the store (sled or Redis) answers a read.
+    pub async fn store_answers(&self) -> bool {
+        self.inner.store.answers().await
     }
 
     /// Resolves when the supervisor has stopped: after [`Broker::shutdown`], or when actors
@@ -423,7 +429,7 @@ impl Broker {
             .await;
         inner.supervisor.stop(Some("broker shutdown".into()));
         self.stopped().await;
-        inner.store.db().flush_async().await?;
+        inner.store.flush().await?;
         Ok(())
     }
 

@@ -88,6 +88,11 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
+    /// Where users and sessions live when several brokers share them: `redis://host:port/db`.
+    /// Without it, in sled in the data dir (one broker).
+    #[arg(long, env = "WXBROKER_STORE")]
+    pub store: Option<Secret>,
+
     /// Seconds a session stays valid without use; every use slides it.
     #[arg(long, env = "WXBROKER_SESSION_IDLE_TTL", default_value_t = DEFAULT_SESSION_IDLE_TTL)]
     pub session_idle_ttl: u64,
@@ -177,6 +182,7 @@ impl Default for Config {
                 .parse()
                 .expect("default listen is an address"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            store: None,
             session_idle_ttl: DEFAULT_SESSION_IDLE_TTL,
             session_max_ttl: DEFAULT_SESSION_MAX_TTL,
             max_inflight: DEFAULT_MAX_INFLIGHT,
@@ -271,9 +277,25 @@ impl Config {
         }
     }
 
+    /// Checks `store`: a URL the Redis backend can use, if set.
+    pub fn validate_store(&self) -> Result<(), Error> {
+        if let Some(store) = &self.store {
+            let url = store.expose();
+            if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+                return Err(Error::Config(
+                    "WXBROKER_STORE must be a redis:// (or redis+unix://) URL; TLS (rediss://) \
+                     and Redis Cluster are not supported"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the values that would make the broker misbehave rather than fail loudly.
     pub fn validate(&self) -> Result<(), Error> {
         self.credentials()?;
+        self.validate_store()?;
         let positive = [
             ("WXBROKER_SESSION_IDLE_TTL", self.session_idle_ttl),
             ("WXBROKER_SESSION_MAX_TTL", self.session_max_ttl),

@@ -18,7 +18,7 @@ pub enum Error {
     #[error("the login code was already used")]
     CodeUsed,
     /// WeChat's per-user minute quota is spent (errcode 45011).
-    #[error("too many logins for this user; retry after {retry_after_secs} s")]
+    #[error("WeChat's per-user quota is spent; retry after {retry_after_secs} s")]
     RateLimited {
         /// Seconds the client should wait, sent as `Retry-After`.
         retry_after_secs: u64,

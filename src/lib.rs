@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod actors;
+pub mod backend;
 pub mod backup;
 mod broker;
 mod client;

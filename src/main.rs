@@ -1,5 +1,5 @@
 //! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`]; and the offline
-//! `export` / `import` commands ([`wxbroker::backup`]).
+//! `export` / `import` / `migrate` commands ([`wxbroker::backup`]).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, IsTerminal};
@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
-use wxbroker::{Config, backup};
+use wxbroker::backend::SessionPolicy;
+use wxbroker::backend::redis::RedisStore;
+use wxbroker::{Config, Secret, backup};
 
 /// The command line: the broker's settings, and an optional offline command.
 #[derive(Parser)]
@@ -66,6 +68,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         input: Option<PathBuf>,
     },
+    /// Move a single-node deployment to a shared Redis: users (uids, session_keys, profiles,
+    /// phones) and live sessions, so that nobody has to log in again.
+    ///
+    /// Run it on a stopped broker's data dir, then start the brokers with WXBROKER_STORE set to
+    /// the same Redis URL. Sessions keep their expiry under the session TTL settings.
+    Migrate {
+        /// Where from: `sled:DIR`, a stopped broker's data dir
+        #[arg(long, value_name = "sled:DIR")]
+        from: String,
+
+        /// Where to: `redis://host:port/db`
+        #[arg(long, value_name = "URL")]
+        to: Secret,
+    },
 }
 
 #[tokio::main]
@@ -84,6 +100,7 @@ async fn main() -> ExitCode {
         None => serve(config).await,
         Some(Command::Export { data_dir, output }) => export(&config, data_dir, output),
         Some(Command::Import { data_dir, input }) => import(&config, data_dir, input),
+        Some(Command::Migrate { from, to }) => migrate(&config, &from, &to).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -199,6 +216,35 @@ fn import(
     }
     .with_context(|| format!("import from {from} into {}", dir.display()))?;
     tracing::info!(users = count, data_dir = %dir.display(), from, "imported");
+    Ok(())
+}
+
+/// `wxbroker migrate --from sled:DIR --to redis://...`.
+async fn migrate(config: &Config, from: &str, to: &Secret) -> anyhow::Result<()> {
+    let dir = from
+        .strip_prefix("sled:")
+        .map(PathBuf::from)
+        .context("--from must be sled:DIR, the data dir of a stopped broker")?;
+    let checked = Config {
+        store: Some(to.clone()),
+        ..Config::default()
+    };
+    checked.validate_store()?;
+    let store = backup::open_for_export(&dir, config.cache_mb)?;
+    let redis = RedisStore::connect(to.expose()).await?;
+    let policy = SessionPolicy {
+        idle_ttl: config.session_idle_ttl,
+        max_ttl: config.session_max_ttl,
+    };
+    let moved = backup::migrate_to_redis(&store, &redis, policy, config.clock.now())
+        .await
+        .with_context(|| format!("migrate from {}", dir.display()))?;
+    tracing::info!(
+        users = moved.users,
+        sessions = moved.sessions,
+        from = %dir.display(),
+        "migrated to Redis"
+    );
     Ok(())
 }
 

@@ -187,9 +187,16 @@ impl Sandbox {
     }
 
     /// Makes every access_token issued so far stale (errcode 40001 from the APIs that take
-    /// one), as when WeChat drops tokens before their time.
+    /// one), as when WeChat drops tokens before their time. As WeChat's `stable_token` would,
+    /// it keeps answering the stale token until asked with `force_refresh`.
     pub fn invalidate_access_tokens(&self) {
         self.state.server_api.invalidate_tokens();
+    }
+
+    /// Every access_token the sandbox has issued, stale ones included: what must never show in
+    /// the broker's logs or answers.
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        self.state.server_api.issued_tokens()
     }
 
     /// The next `stable_token` and `cgi-bin/token` requests answer HTTP 500, this many of each.

@@ -40,15 +40,16 @@ struct ResetWire {
 
 impl Upstream {
     /// Fetches an access_token from `cgi-bin/stable_token`, or from the older `cgi-bin/token`
-    /// when that fails. `force` asks the stable endpoint for a new token rather than the current
-    /// one (for a token WeChat has called stale).
+    /// when that fails outright ([`Error::Upstream`]). A timeout, "busy" or rate limit is
+    /// returned as it is: the other endpoint would only double the wait. `force` asks the stable
+    /// endpoint for a new token rather than the current one (for a token WeChat has called stale).
     pub async fn fetch_access_token(&self, force: bool) -> Result<AccessToken, Error> {
         match self.stable_token(force).await {
-            Ok(token) => Ok(token),
-            Err(e) => {
+            Err(e @ Error::Upstream(_)) => {
                 tracing::warn!(error = %e, "stable_token failed; falling back to cgi-bin/token");
                 self.classic_token().await
             }
+            outcome => outcome,
         }
     }
 
@@ -85,9 +86,12 @@ impl Upstream {
             .append_pair("access_token", access_token.expose());
         let body = json!({ "code": code });
         let appid = &self.config.appid;
+        let hidden = [access_token.expose()];
         self.retrying(|| {
             let request = self.http.post(url.clone()).json(&body);
-            self.attempt(request, |status, body| parse_phone(appid, status, body))
+            self.attempt_hiding(request, &hidden, |status, body| {
+                parse_phone(appid, status, body)
+            })
         })
         .await
     }
@@ -100,9 +104,11 @@ impl Upstream {
         openid: &str,
         session_key: &str,
     ) -> Result<(), Error> {
-        let url = self.signed_url("wxa/checksession", access_token, openid, session_key)?;
+        let (url, signature) =
+            self.signed_url("wxa/checksession", access_token, openid, session_key)?;
+        let hidden = [access_token.expose(), signature.as_str()];
         self.retrying(|| {
-            self.attempt(self.http.get(url.clone()), |status, body| {
+            self.attempt_hiding(self.http.get(url.clone()), &hidden, |status, body| {
                 parse_reply::<serde_json::Value>(Api::SessionKey, status, body).map(drop)
             })
         })
@@ -117,9 +123,11 @@ impl Upstream {
         openid: &str,
         session_key: &str,
     ) -> Result<String, Error> {
-        let url = self.signed_url("wxa/resetusersessionkey", access_token, openid, session_key)?;
+        let (url, signature) =
+            self.signed_url("wxa/resetusersessionkey", access_token, openid, session_key)?;
+        let hidden = [access_token.expose(), signature.as_str()];
         // Not retried: if a busy answer hid a reset that happened, our key is stale either way.
-        self.attempt(self.http.get(url), |status, body| {
+        self.attempt_hiding(self.http.get(url), &hidden, |status, body| {
             let wire: ResetWire = parse_reply(Api::SessionKey, status, body)?;
             if wire.session_key.is_empty() {
                 return Err(Error::Upstream(
@@ -132,20 +140,22 @@ impl Upstream {
     }
 
     /// The URL of a session_key API, signed as WeChat asks: HMAC-SHA256 keyed with the key.
+    /// The signature comes along too, to be scrubbed from errors like the token.
     fn signed_url(
         &self,
         path: &str,
         access_token: &Secret,
         openid: &str,
         session_key: &str,
-    ) -> Result<reqwest::Url, Error> {
+    ) -> Result<(reqwest::Url, String), Error> {
+        let signature = session_key_signature(session_key);
         let mut url = self.url(path)?;
         url.query_pairs_mut()
             .append_pair("access_token", access_token.expose())
             .append_pair("openid", openid)
-            .append_pair("signature", &session_key_signature(session_key))
+            .append_pair("signature", &signature)
             .append_pair("sig_method", "hmac_sha256");
-        Ok(url)
+        Ok((url, signature))
     }
 }
 

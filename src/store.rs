@@ -195,15 +195,19 @@ impl Store {
         self.update_user(openid, now, |user| user.phone = Some(phone.clone()))
     }
 
-    /// Replaces the user's session_key (after WeChat reset it).
-    pub fn set_session_key(
+    /// Replaces the user's session_key `old` by `new` (after WeChat reset it); a key that
+    /// changed meanwhile (a login stored a newer one) is kept.
+    pub fn replace_session_key(
         &self,
         openid: &str,
-        session_key: &str,
+        old: &str,
+        new: &str,
         now: u64,
     ) -> Result<UserRecord, Error> {
         self.update_user(openid, now, |user| {
-            user.session_key = session_key.to_owned()
+            if user.session_key == old {
+                user.session_key = new.to_owned();
+            }
         })
     }
 

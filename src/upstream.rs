@@ -156,6 +156,17 @@ impl Upstream {
         request: reqwest::RequestBuilder,
         parse: impl FnOnce(u16, &[u8]) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        self.attempt_hiding(request, &[], parse).await
+    }
+
+    /// As [`Upstream::attempt`], scrubbing also `hidden` (the access_token, a signature: the
+    /// other secrets a request carries) from any error detail.
+    pub(crate) async fn attempt_hiding<T>(
+        &self,
+        request: reqwest::RequestBuilder,
+        hidden: &[&str],
+        parse: impl FnOnce(u16, &[u8]) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let metrics = &self.config.metrics;
         let timer = metrics.upstream_seconds.start_timer();
         let outcome = async {
@@ -175,18 +186,33 @@ impl Upstream {
         outcome.map_err(|e| match e {
             // WeChat's errmsg has been seen to echo request parameters back.
             Error::Upstream(detail) => {
-                Error::Upstream(detail.replace(self.config.secret.expose(), "[redacted]"))
+                let secret = self.config.secret.expose();
+                Error::Upstream(scrub(detail, [secret].iter().chain(hidden)))
             }
             other => other,
         })
     }
 }
 
-/// The metric label of a failed call: the errcode where WeChat gave one.
+/// `detail` with every one of `secrets` replaced by `[redacted]`.
+fn scrub<'a>(mut detail: String, secrets: impl IntoIterator<Item = &'a &'a str>) -> String {
+    for secret in secrets {
+        // An empty needle would match between every character.
+        if !secret.is_empty() {
+            detail = detail.replace(*secret, "[redacted]");
+        }
+    }
+    detail
+}
+
+/// The metric label of a failed call: the errcode where WeChat gave one; `phone_code` for a
+/// refused phone code.
 fn error_label(err: &Error) -> String {
     match err {
         Error::UpstreamBusy => "-1".into(),
-        Error::InvalidCode | Error::InvalidPhoneCode => "40029".into(),
+        Error::InvalidCode => "40029".into(),
+        // 40029 and 40163 alike: a phone code is not worth telling apart by errcode.
+        Error::InvalidPhoneCode => "phone_code".into(),
         Error::CodeUsed => "40163".into(),
         Error::RateLimited { .. } => "45011".into(),
         Error::RiskyUser => "40226".into(),
@@ -397,6 +423,16 @@ mod tests {
     fn debug_hides_the_session_key() {
         let shown = format!("{:?}", ok(r#"{"openid":"o","session_key":"SECRETKEY"}"#));
         assert!(!shown.contains("SECRETKEY"));
+    }
+
+    #[test]
+    fn scrub_hides_every_secret_and_ignores_empty_ones() {
+        let detail = "errmsg echoed secret=S3 access_token=T0K sig=5164 end".to_owned();
+        let scrubbed = scrub(detail, &["S3", "", "T0K", "5164"]);
+        assert_eq!(
+            scrubbed,
+            "errmsg echoed secret=[redacted] access_token=[redacted] sig=[redacted] end"
+        );
     }
 
     #[test]

@@ -2,17 +2,24 @@
 //!
 //! One fetch at most is in flight: callers that need a token while it runs wait for its outcome,
 //! however many they are. The fetch runs in a spawned task and reports back as a message, so the
-//! actor never awaits WeChat and holds nothing across an await. A failed fetch answers every
+//! actor never awaits WeChat and holds nothing across an await; a fetch task that panics reports
+//! [`Error::Unavailable`], so its waiters are answered all the same. A failed fetch answers every
 //! waiter at once with its error, and for a short, growing backoff further callers get that error
 //! at once instead of another call to WeChat; after it, the next caller (or the background
 //! refresh) tries again. The token is fetched when first needed and then refreshed ahead of its
-//! expiry while still served. A token WeChat calls stale (40001/42001) is replaced by one forced
-//! fetch, shared by every caller that reports it.
+//! expiry while still served; one refresh timer at most is pending.
+//!
+//! A token WeChat calls stale (40001/42001) is replaced by a plain fetch, shared by every caller
+//! that reports it. Only if that fetch brings back the very token reported stale (`stable_token`
+//! answers the same token until told otherwise) is a fetch with `force_refresh` made. WeChat
+//! limits forced refreshes, so at most one is made per [`FORCE_INTERVAL`]; within it the token
+//! fetched is taken as it is, and callers whose retry meets it stale get a 502.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::Secret;
@@ -28,6 +35,8 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest wait between fetches while they fail.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// At most one `force_refresh` fetch in this long: WeChat limits them per app.
+const FORCE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The actor. Configuration comes in [`AccessTokenKeeperArgs`].
 pub struct AccessTokenKeeper;
@@ -44,18 +53,26 @@ pub struct AccessTokenKeeperArgs {
 /// A reply port for a token.
 type TokenReply = RpcReplyPort<Result<Secret, Error>>;
 
+/// A pending `RefreshDue`, as `send_after` returns it.
+type Timer = JoinHandle<Result<(), MessagingErr<AccessTokenKeeperMsg>>>;
+
 /// The token, the fetch in flight and the recent failures.
 pub struct AccessTokenKeeperState {
     args: AccessTokenKeeperArgs,
     current: Option<Current>,
     /// The fetch in flight, if one runs.
     fetching: Option<Fetch>,
-    /// A token WeChat called stale: if a fetch brings it back, a forced fetch follows.
+    /// A token WeChat called stale: if a fetch (even one after a failed fetch) brings it back,
+    /// a forced fetch follows.
     stale: Option<Secret>,
     /// The last failure and until when callers get it without a new fetch.
     failed: Option<(Error, Instant)>,
     /// Fetches failed in a row.
     failures: u32,
+    /// When the last forced fetch started, for WeChat's limit on them.
+    last_forced: Option<Instant>,
+    /// The pending refresh (or retry) timer; replaced, not added to, so timers never pile up.
+    timer: Option<Timer>,
 }
 
 /// A fetch in flight and the callers waiting for it.
@@ -105,7 +122,20 @@ impl Actor for AccessTokenKeeper {
             stale: None,
             failed: None,
             failures: 0,
+            last_forced: None,
+            timer: None,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(timer) = state.timer.take() {
+            timer.abort();
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -135,7 +165,7 @@ impl AccessTokenKeeperState {
             return;
         }
         self.current = None;
-        self.wait_for_fetch(myself, reply, false);
+        self.wait_for_fetch(myself, reply);
     }
 
     fn stale(&mut self, myself: &ActorRef<AccessTokenKeeperMsg>, token: Secret, reply: TokenReply) {
@@ -151,16 +181,12 @@ impl AccessTokenKeeperState {
         tracing::warn!("WeChat called the access_token stale; fetching a new one");
         self.current = None;
         self.stale = Some(token);
-        self.wait_for_fetch(myself, reply, true);
+        // Plain first: WeChat may already hold a new token, and forced fetches are limited.
+        self.wait_for_fetch(myself, reply);
     }
 
     /// Queues `reply` for the fetch in flight, starting one unless a recent failure says wait.
-    fn wait_for_fetch(
-        &mut self,
-        myself: &ActorRef<AccessTokenKeeperMsg>,
-        reply: TokenReply,
-        force: bool,
-    ) {
+    fn wait_for_fetch(&mut self, myself: &ActorRef<AccessTokenKeeperMsg>, reply: TokenReply) {
         if let Some(fetch) = &mut self.fetching {
             fetch.waiters.push(reply);
             return;
@@ -171,7 +197,7 @@ impl AccessTokenKeeperState {
             let _ = reply.send(Err(error.clone()));
             return;
         }
-        self.start_fetch(myself, vec![reply], force);
+        self.start_fetch(myself, vec![reply], false);
     }
 
     fn refresh_due(&mut self, myself: &ActorRef<AccessTokenKeeperMsg>) {
@@ -189,17 +215,40 @@ impl AccessTokenKeeperState {
         waiters: Vec<TokenReply>,
         force: bool,
     ) {
+        if force {
+            self.last_forced = Some(Instant::now());
+        }
         self.fetching = Some(Fetch {
             waiters,
             forced: force,
         });
         let upstream = self.args.upstream.clone();
+        let fetch = tokio::spawn(async move { upstream.fetch_access_token(force).await });
         let myself = myself.clone();
         tokio::spawn(async move {
-            let outcome = upstream.fetch_access_token(force).await;
+            // A panicking fetch must still end the fetch in flight, or its waiters wait forever.
+            let outcome = fetch.await.unwrap_or_else(|e| {
+                Err(Error::Unavailable(format!(
+                    "the access_token fetch task failed: {e}"
+                )))
+            });
             // If the actor died meanwhile, its waiters were already answered with an error.
             let _ = myself.send_message(AccessTokenKeeperMsg::Fetched(outcome));
         });
+    }
+
+    /// Whether WeChat's limit leaves room for a forced fetch now.
+    fn may_force(&self) -> bool {
+        self.last_forced
+            .is_none_or(|at| at.elapsed() >= FORCE_INTERVAL)
+    }
+
+    /// Sends `RefreshDue` after `wait`, replacing any timer still pending.
+    fn schedule_refresh(&mut self, myself: &ActorRef<AccessTokenKeeperMsg>, wait: Duration) {
+        if let Some(old) = self.timer.take() {
+            old.abort();
+        }
+        self.timer = Some(myself.send_after(wait, || AccessTokenKeeperMsg::RefreshDue));
     }
 
     fn fetched(
@@ -226,10 +275,15 @@ impl AccessTokenKeeperState {
                     .take()
                     .is_some_and(|stale| stale.expose() == fetched.token.expose());
                 if stale_again && !forced {
-                    // A fetch that started before the report brought the stale token back:
-                    // force one (once; a forced fetch's answer is taken as it is).
-                    self.start_fetch(myself, waiters, true);
-                    return;
+                    if self.may_force() {
+                        // WeChat still hands out the token it calls stale: make it issue another.
+                        self.start_fetch(myself, waiters, true);
+                        return;
+                    }
+                    tracing::warn!(
+                        "WeChat still hands out the stale access_token, and a forced refresh was \
+                         made less than {FORCE_INTERVAL:?} ago; keeping it"
+                    );
                 }
                 self.failed = None;
                 self.failures = 0;
@@ -245,7 +299,7 @@ impl AccessTokenKeeperState {
                     refresh_at,
                     expires_at,
                 });
-                myself.send_after(refresh_at - now, || AccessTokenKeeperMsg::RefreshDue);
+                self.schedule_refresh(myself, refresh_at - now);
             }
             Err(error) => {
                 tracing::warn!(%error, failures = self.failures + 1, "access_token fetch failed");
@@ -258,7 +312,7 @@ impl AccessTokenKeeperState {
                 }
                 // A token still being served is refreshed again after the wait.
                 if self.current.is_some() {
-                    myself.send_after(wait, || AccessTokenKeeperMsg::RefreshDue);
+                    self.schedule_refresh(myself, wait);
                 }
             }
         }
@@ -303,18 +357,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_late_report_of_a_replaced_token_fetches_nothing() {
+    async fn a_stale_token_is_fetched_plainly_then_forced_and_a_late_report_fetches_nothing() {
         let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
         let keeper = keeper(&sandbox).await;
         let old = get(&keeper).await;
         assert_eq!(get(&keeper).await, old);
         sandbox.invalidate_access_tokens();
         let fresh = stale(&keeper, &old).await;
-        assert_ne!(fresh, old);
-        assert_eq!(sandbox.token_requests(), 2);
+        // stable_token still answers the stale token until forced: without the forced fetch the
+        // caller would get the stale token back.
+        assert_ne!(fresh, old, "no forced fetch was made");
+        assert_eq!(
+            sandbox.token_requests(),
+            3,
+            "the first fetch, a plain one, a forced one"
+        );
         // A caller that met the old token before the refresh reports it after.
         assert_eq!(stale(&keeper, &old).await, fresh);
-        assert_eq!(sandbox.token_requests(), 2);
+        assert_eq!(sandbox.token_requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_second_forced_fetch_within_the_interval_is_not_made() {
+        let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+        let keeper = keeper(&sandbox).await;
+        let old = get(&keeper).await;
+        sandbox.invalidate_access_tokens();
+        let fresh = stale(&keeper, &old).await;
+        assert_eq!(sandbox.token_requests(), 3);
+        // Stale again at once: the plain fetch brings it back, and WeChat's limit on forced
+        // refreshes leaves it as it is.
+        sandbox.invalidate_access_tokens();
+        assert_eq!(stale(&keeper, &fresh).await, fresh);
+        assert_eq!(sandbox.token_requests(), 4, "no second forced fetch");
     }
 
     #[tokio::test]

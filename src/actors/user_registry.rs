@@ -1,15 +1,15 @@
-//! UserRegistry: the users in sled, registered or refreshed on every login.
+//! UserRegistry: the users, registered or refreshed on every login.
 //!
-//! Writes happen one message at a time, so the upsert of one openid never races another. New
-//! registrations and profile or phone updates are answered only once on disk; the wait for the
-//! disk happens in a spawned task (group commit), so the actor goes on with the next message.
-
-use std::collections::HashMap;
+//! Writes start one message at a time, so the upsert of one openid never races another on this
+//! broker (and the backend's upsert is atomic, so neither across brokers). New registrations and
+//! profile or phone updates are answered only once durable; that wait happens in a spawned task,
+//! so the actor goes on with the next message. Where users are kept is the backend's business
+//! ([`crate::backend::Users`]).
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::group_commit::GroupCommit;
-use crate::store::{Store, UserKey};
+use crate::backend::{Backend, Users};
+use crate::store::UserKey;
 use crate::upstream::Code2Session;
 use crate::user::{Phone, Profile, User};
 use crate::{Clock, Error};
@@ -17,23 +17,19 @@ use crate::{Clock, Error};
 /// The actor. Configuration comes in [`UserRegistryArgs`].
 pub struct UserRegistry;
 
-/// What the registry is started with (and its whole state: everything else is in sled).
+/// What the registry is started with.
 #[derive(Clone)]
 pub struct UserRegistryArgs {
-    /// The database.
-    pub store: Store,
-    /// Shared flushes, for registrations that must be durable before the answer.
-    pub commit: GroupCommit,
+    /// Where users are kept.
+    pub backend: Backend,
     /// Source of created/updated times.
     pub clock: Clock,
 }
 
-/// The registry's handles, and the registrations written but not yet on disk.
+/// The registry's view of the users.
 pub struct UserRegistryState {
-    args: UserRegistryArgs,
-    /// Openids whose registration waits for its flush. A second login of such a user must wait
-    /// for it too: answering it earlier would acknowledge a uid a crash could still take back.
-    pending: HashMap<String, usize>,
+    users: Users,
+    clock: Clock,
 }
 
 /// The outcome of a login for the user's record.
@@ -59,14 +55,22 @@ pub enum UserRegistryMsg {
     SaveProfile(String, Profile, RpcReplyPort<Result<User, Error>>),
     /// Store a decrypted phone number on the user with this openid, durably.
     SavePhone(String, Phone, RpcReplyPort<Result<User, Error>>),
-    /// Replace the session_key of the user with this openid, durably (after WeChat reset it).
-    SetSessionKey(String, String, RpcReplyPort<Result<User, Error>>),
+    /// Replace the session_key of the user with this openid, durably (after WeChat reset it),
+    /// unless it is no longer the one that was reset.
+    ReplaceSessionKey {
+        /// The user's openid.
+        openid: String,
+        /// The key WeChat reset.
+        old: String,
+        /// The key WeChat answered.
+        new: String,
+        /// Answered once durable.
+        reply: RpcReplyPort<Result<User, Error>>,
+    },
     /// Find a user.
     Find(UserKey, RpcReplyPort<Result<Option<User>, Error>>),
     /// How many users are registered.
     Count(RpcReplyPort<Result<usize, Error>>),
-    /// The flush that made this openid's registration durable has completed.
-    Flushed(String),
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
     Inject(crate::Fault),
@@ -83,116 +87,41 @@ impl Actor for UserRegistry {
         args: UserRegistryArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(UserRegistryState {
-            args,
-            pending: HashMap::new(),
+            users: args.backend.users(),
+            clock: args.clock,
         })
     }
 
     async fn handle(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let now = state.args.clock.now();
+        let now = state.clock.now();
+        let users = &mut state.users;
         match message {
-            UserRegistryMsg::Upsert(login, reply) => {
-                let upserted = state.args.store.upsert_user(
-                    &login.openid,
-                    &login.session_key,
-                    login.unionid.as_deref(),
-                    now,
-                );
-                match upserted {
-                    Ok((user, is_new)) => {
-                        let registration = Registration {
-                            uid: user.uid,
-                            openid: user.openid,
-                            unionid: user.unionid,
-                            is_new,
-                        };
-                        if is_new || state.pending.contains_key(&registration.openid) {
-                            *state
-                                .pending
-                                .entry(registration.openid.clone())
-                                .or_default() += 1;
-                            let openid = registration.openid.clone();
-                            state.args.commit.then(move |durable| {
-                                let _ = myself.cast(UserRegistryMsg::Flushed(openid));
-                                let _ = reply.send(durable.map(|()| registration));
-                            });
-                        } else {
-                            let _ = reply.send(Ok(registration));
-                        }
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            UserRegistryMsg::SessionKey(openid, reply) => {
-                let found = state.args.store.find_user(&UserKey::Openid(openid));
-                let _ = reply.send(found.and_then(|user| {
-                    user.map(|user| user.session_key)
-                        .ok_or(Error::InvalidSession)
-                }));
-            }
+            UserRegistryMsg::Upsert(login, reply) => users.upsert(login, now).answer(reply),
+            UserRegistryMsg::SessionKey(openid, reply) => users.session_key(openid).answer(reply),
             UserRegistryMsg::SaveProfile(openid, profile, reply) => {
-                match state.args.store.save_profile(&openid, &profile, now) {
-                    Ok(user) => state.durable_reply(reply, User::from(user)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                users.save_profile(openid, profile, now).answer(reply)
             }
             UserRegistryMsg::SavePhone(openid, phone, reply) => {
-                match state.args.store.save_phone(&openid, &phone, now) {
-                    Ok(user) => state.durable_reply(reply, User::from(user)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
+                users.save_phone(openid, phone, now).answer(reply)
             }
-            UserRegistryMsg::SetSessionKey(openid, session_key, reply) => {
-                match state.args.store.set_session_key(&openid, &session_key, now) {
-                    Ok(user) => state.durable_reply(reply, User::from(user)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-            }
-            UserRegistryMsg::Flushed(openid) => {
-                if let Some(waiting) = state.pending.get_mut(&openid) {
-                    *waiting -= 1;
-                    if *waiting == 0 {
-                        state.pending.remove(&openid);
-                    }
-                }
-            }
-            UserRegistryMsg::Count(reply) => {
-                let _ = reply.send(Ok(state.args.store.user_count()));
-            }
-            UserRegistryMsg::Find(key, reply) => {
-                let _ = reply.send(
-                    state
-                        .args
-                        .store
-                        .find_user(&key)
-                        .map(|user| user.map(User::from)),
-                );
-            }
+            UserRegistryMsg::ReplaceSessionKey {
+                openid,
+                old,
+                new,
+                reply,
+            } => users
+                .replace_session_key(openid, old, new, now)
+                .answer(reply),
+            UserRegistryMsg::Find(key, reply) => users.find(key).answer(reply),
+            UserRegistryMsg::Count(reply) => users.count().answer(reply),
             #[cfg(feature = "fault-injection")]
             UserRegistryMsg::Inject(fault) => fault.strike("UserRegistry").await,
         }
         Ok(())
-    }
-}
-
-impl UserRegistryState {
-    /// Answers `value` once the writes so far are on disk, without holding up the actor.
-    fn durable_reply<T: Send + 'static>(&self, reply: RpcReplyPort<Result<T, Error>>, value: T) {
-        self.args.commit.then(move |durable| {
-            let _ = reply.send(durable.map(|()| value));
-        });
     }
 }

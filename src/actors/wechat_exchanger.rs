@@ -3,7 +3,8 @@
 //! The actor itself never awaits WeChat: it books the code, spawns the HTTP call and hears the
 //! outcome back as a message. That keeps one slow upstream call from delaying every other login,
 //! lets concurrent requests with the same code share one call, and lets the actor remember which
-//! codes were already exchanged.
+//! codes were already exchanged. With a shared store, a code is also booked there (SET NX) before
+//! it goes to WeChat, so that a replay to another broker is refused without reaching WeChat.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 
+use crate::backend::redis::RedisStore;
 use crate::upstream::{Code2Session, Upstream};
 use crate::{Error, Metrics};
 
@@ -26,6 +28,8 @@ pub struct WeChatExchanger;
 pub struct WeChatExchangerArgs {
     /// The WeChat client.
     pub upstream: Upstream,
+    /// Where codes are booked across brokers (a shared store), if anywhere.
+    pub claims: Option<RedisStore>,
     /// Exchanges in flight at once; beyond it a login gets `UpstreamBusy` immediately.
     pub max_inflight: usize,
     /// Where the in-flight gauge is kept.
@@ -36,6 +40,7 @@ pub struct WeChatExchangerArgs {
 pub struct WeChatExchangerState {
     metrics: Arc<Metrics>,
     upstream: Upstream,
+    claims: Option<RedisStore>,
     max_inflight: usize,
     /// Code -> everyone waiting for its exchange (the first caller and any duplicates).
     inflight: HashMap<String, Vec<RpcReplyPort<Result<Code2Session, Error>>>>,
@@ -69,6 +74,7 @@ impl Actor for WeChatExchanger {
         Ok(WeChatExchangerState {
             metrics: args.metrics,
             upstream: args.upstream,
+            claims: args.claims,
             max_inflight: args.max_inflight,
             inflight: HashMap::new(),
             used: HashMap::new(),
@@ -120,9 +126,9 @@ impl WeChatExchangerState {
         self.metrics
             .upstream_inflight
             .set(self.inflight.len() as i64);
-        let upstream = self.upstream.clone();
+        let (upstream, claims) = (self.upstream.clone(), self.claims.clone());
         tokio::spawn(async move {
-            let outcome = upstream.code2session(&code).await;
+            let outcome = exchange_once(&upstream, claims.as_ref(), &code).await;
             // If the actor died meanwhile, its waiters were already answered with an error.
             let _ = myself.send_message(WeChatExchangerMsg::Finished(code, outcome));
         });
@@ -151,4 +157,26 @@ impl WeChatExchangerState {
         self.used
             .retain(|_, at| now.duration_since(*at) < CODE_LIFETIME);
     }
+}
+
+/// Exchanges `code` with WeChat, booking it first in the shared store if there is one. A failed
+/// exchange gives the booking back, so a retry of a code WeChat did not take may reach WeChat.
+async fn exchange_once(
+    upstream: &Upstream,
+    claims: Option<&RedisStore>,
+    code: &str,
+) -> Result<Code2Session, Error> {
+    let Some(claims) = claims else {
+        return upstream.code2session(code).await;
+    };
+    if !claims.claim_code(code).await? {
+        return Err(Error::CodeUsed);
+    }
+    let outcome = upstream.code2session(code).await;
+    if outcome.is_err()
+        && let Err(e) = claims.release_code(code).await
+    {
+        tracing::warn!(error = %e, "could not release a login code booking");
+    }
+    outcome
 }

@@ -119,14 +119,7 @@ fn reset_session_key(
             match broker.reset_session_key(uid).await {
                 Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
                 Ok(false) => Err(not_found("user_not_found", "no such user")),
-                // Not a 401: that would read as a wrong admin token.
-                Err(Error::SessionKeyExpired) => Err(warp::reject::custom(Problem::new(
-                    StatusCode::CONFLICT,
-                    "session_key_expired",
-                    "WeChat no longer accepts the stored session_key, so it cannot be reset; \
-                     the user's next login stores a current one",
-                ))),
-                Err(e) => Err(Problem::reject(e)),
+                Err(e) => Err(Problem::reject_reset(e)),
             }
         })
 }

@@ -134,7 +134,7 @@ fn readyz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Reject
     warp::path!("readyz")
         .and(warp::get())
         .and(with_broker(broker))
-        .map(handlers::readyz)
+        .and_then(handlers::readyz)
 }
 
 /// GET /metrics: Prometheus text format

@@ -125,11 +125,11 @@ pub async fn phone(
 ) -> Result<Response, Rejection> {
     let token = bearer_token(authorization.as_deref())?;
     let request: PhoneRequest = parse_body(content_type.as_deref(), &body, PHONE_SHAPE)?;
+    // Mini programs often post the button's whole `e.detail`, which in newer base libraries
+    // carries the code and the encrypted form both: the code needs no session_key, so it wins.
     let phone = match request {
         PhoneRequest {
-            code: Some(code),
-            encrypted_data: None,
-            iv: None,
+            code: Some(code), ..
         } => broker.phone_by_code(token, &code).await,
         PhoneRequest {
             code: None,
@@ -159,7 +159,8 @@ pub async fn me(authorization: Option<String>, broker: Broker) -> Result<Respons
 
 const ENCRYPTED_SHAPE: &str = r#"{"encryptedData": "...", "iv": "..."}"#;
 
-/// The phone request: a code from the phone-number button, or the older encrypted form.
+/// The phone request: a code from the phone-number button, or the older encrypted form; the code
+/// when both are there. Other fields (`errMsg`, `cloudID` of `e.detail`) are ignored.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PhoneRequest {
@@ -183,8 +184,8 @@ pub fn healthz(broker: Broker) -> Response {
     }
 }
 
-pub fn readyz(broker: Broker) -> Response {
-    if broker.is_ready() && broker.store_answers() {
+pub async fn readyz(broker: Broker) -> Result<Response, Rejection> {
+    Ok(if broker.is_ready() && broker.store_answers().await {
         json(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
     } else {
         Problem::new(
@@ -193,7 +194,7 @@ pub fn readyz(broker: Broker) -> Response {
             "an actor is not running or the store does not answer",
         )
         .into_response()
-    }
+    })
 }
 
 /// A JSON body (also when no Content-Type is given) or a form body, of the given `shape`.
@@ -269,5 +270,13 @@ mod tests {
             parse_body(Some("application/x-www-form-urlencoded"), b"code=a%2B1", "").unwrap();
         assert_eq!((json.code.as_str(), form.code.as_str()), ("a1", "a+1"));
         assert!(parse_body::<LoginRequest>(Some("text/plain"), b"code=a", "").is_err());
+    }
+
+    #[test]
+    fn a_phone_buttons_whole_detail_parses() {
+        let detail = br#"{"errMsg":"getPhoneNumber:ok","code":"c1","encryptedData":"AAAA","iv":"BBBB","cloudID":"x"}"#;
+        let request: PhoneRequest = parse_body(None, detail, "").unwrap();
+        assert_eq!(request.code.as_deref(), Some("c1"));
+        assert_eq!(request.iv.as_deref(), Some("BBBB"));
     }
 }

@@ -1,8 +1,9 @@
 //! Errors as HTTP answers: every failure becomes a status and `{"error", "message"}`.
 //!
-//! [`Problem::from_error`] is the one place that decides the status and code of each [`Error`];
-//! [`recover`] does the same for warp's own rejections (unknown route, wrong method, ...). A 5xx
-//! answer never carries internal detail: the cause is logged here instead.
+//! [`Problem::from_error`] is the one place that decides the status and code of each [`Error`]
+//! (with its one exception beside it, [`Problem::reject_reset`]); [`recover`] does the same for
+//! warp's own rejections (unknown route, wrong method, ...). A 5xx answer never carries internal
+//! detail: the cause is logged here instead.
 
 use std::convert::Infallible;
 
@@ -59,6 +60,20 @@ impl Problem {
         warp::reject::custom(Problem::from_error(&err))
     }
 
+    /// Rejects a failed admin reset of a session_key. A key WeChat no longer accepts is a 409
+    /// here, not the 401 it is for a user: a 401 would read as a wrong admin token.
+    pub fn reject_reset(err: Error) -> Rejection {
+        match err {
+            Error::SessionKeyExpired => warp::reject::custom(Problem::new(
+                StatusCode::CONFLICT,
+                err.code(),
+                "WeChat no longer accepts the stored session_key, so it cannot be reset; the \
+                 user's next login stores a current one",
+            )),
+            other => Problem::reject(other),
+        }
+    }
+
     /// The status, error code and client-facing message for each error.
     pub fn from_error(err: &Error) -> Problem {
         use StatusCode as S;
@@ -74,7 +89,10 @@ impl Problem {
             ),
             Error::RateLimited { retry_after_secs } => (
                 S::TOO_MANY_REQUESTS,
-                format!("too many logins for this user; retry in {retry_after_secs} seconds"),
+                format!(
+                    "WeChat's per-user quota for this call is spent; retry in \
+                     {retry_after_secs} seconds"
+                ),
             ),
             Error::RiskyUser => (
                 S::FORBIDDEN,

@@ -3,8 +3,12 @@
 //! (`wxa/checksession`, `wxa/resetusersessionkey`), with WeChat's wire formats and errcodes.
 //!
 //! Phone codes: `13800138000` or `13800138000.anything` gives that number (1 to 20 digits), each
-//! code once; `errNNNNN` answers that errcode. `GET /sandbox/phonecode?phone=DIGITS` makes a
-//! fresh code, as the phone-number button would.
+//! code once; `errNNNNN` answers that errcode, with an errmsg that echoes the access_token (WeChat's
+//! errmsg has been seen to echo request parameters, so the broker must scrub them from its logs).
+//! `GET /sandbox/phonecode?phone=DIGITS` makes a fresh code, as the phone-number button would.
+//!
+//! Signatures are checked with HMAC-SHA256 computed here, not with the broker's own function, so
+//! that a wrong signing rule in the broker fails the tests.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,13 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
+use sha2::Sha256;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::{SANDBOX_APPID, SandboxState, random_bytes, watermark, wechat_error};
-use crate::crypto::session_key_signature;
 
 /// What the sandbox knows about access tokens and phone codes.
 #[derive(Default)]
@@ -34,10 +39,12 @@ pub(super) struct ServerApiState {
 
 #[derive(Default)]
 struct Tokens {
-    /// What `stable_token` gives without `force_refresh`.
+    /// What `stable_token` gives without `force_refresh`, valid or not.
     stable: Option<String>,
     /// Every token that WeChat would accept now.
     valid: HashSet<String>,
+    /// Every token ever issued, for tests that look for them where they must not be.
+    issued: Vec<String>,
 }
 
 #[derive(Default)]
@@ -48,10 +55,14 @@ pub(super) struct Failures {
 
 impl ServerApiState {
     /// Makes every token issued so far stale (40001), as when WeChat drops them early.
+    /// `stable_token` keeps answering the stale one until asked with `force_refresh`.
     pub(super) fn invalidate_tokens(&self) {
-        let mut tokens = self.tokens.lock().expect("sandbox lock");
-        tokens.stable = None;
-        tokens.valid.clear();
+        self.tokens.lock().expect("sandbox lock").valid.clear();
+    }
+
+    /// Every access_token issued so far, valid or not.
+    pub(super) fn issued_tokens(&self) -> Vec<String> {
+        self.tokens.lock().expect("sandbox lock").issued.clone()
     }
 
     /// The next `stable_token` and `token` requests fail with HTTP 500, this many of each.
@@ -65,15 +76,19 @@ impl ServerApiState {
     fn issue(&self, tokens: &mut Tokens) -> String {
         let token = URL_SAFE_NO_PAD.encode(random_bytes::<48>());
         tokens.valid.insert(token.clone());
+        tokens.issued.push(token.clone());
         token
     }
 
-    fn token_valid(&self, token: &str) -> bool {
-        self.tokens
+    /// WeChat's answer to an API call with an access_token it does not accept (now), if so.
+    fn token_error(&self, token: &str) -> Option<Value> {
+        let valid = self
+            .tokens
             .lock()
             .expect("sandbox lock")
             .valid
-            .contains(token)
+            .contains(token);
+        (!valid).then(|| wechat_error(40001, "invalid credential, access_token is invalid"))
     }
 
     /// Takes one planned failure of an endpoint, if any is left.
@@ -241,11 +256,8 @@ fn phone_reply(
 ) -> Option<Value> {
     let api = &state.server_api;
     let token = query.get("access_token").map(String::as_str).unwrap_or("");
-    if !api.token_valid(token) {
-        return Some(wechat_error(
-            40001,
-            "invalid credential, access_token is invalid",
-        ));
+    if let Some(error) = api.token_error(token) {
+        return Some(error);
     }
     let code = body["code"].as_str().unwrap_or("");
     let number = code.split('.').next().unwrap_or("");
@@ -253,7 +265,8 @@ fn phone_reply(
         .strip_prefix("err")
         .and_then(|n| n.parse::<i64>().ok())
     {
-        return Some(wechat_error(errcode, super::errmsg(errcode)));
+        let errmsg = format!("{} (access_token={token})", super::errmsg(errcode));
+        return Some(wechat_error(errcode, &errmsg));
     }
     let fresh = api
         .used_phone_codes
@@ -281,11 +294,8 @@ fn session_key_reply(
     reset: bool,
 ) -> Option<Value> {
     let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
-    if !state.server_api.token_valid(param("access_token")) {
-        return Some(wechat_error(
-            40001,
-            "invalid credential, access_token is invalid",
-        ));
+    if let Some(error) = state.server_api.token_error(param("access_token")) {
+        return Some(error);
     }
     if param("sig_method") != "hmac_sha256" {
         return Some(wechat_error(87009, "invalid signature"));
@@ -295,7 +305,7 @@ fn session_key_reply(
     let Some(login) = logins.get_mut(openid) else {
         return Some(wechat_error(40003, "invalid openid"));
     };
-    if param("signature") != session_key_signature(&login.session_key) {
+    if param("signature") != signature(&login.session_key) {
         return Some(wechat_error(87009, "invalid signature"));
     }
     if !reset {
@@ -308,4 +318,27 @@ fn session_key_reply(
         "openid": openid,
         "session_key": login.session_key,
     }))
+}
+
+/// WeChat's session_key signature: lowercase hex of HMAC-SHA256 keyed with the session_key
+/// string's bytes, over an empty message.
+fn signature(session_key: &str) -> String {
+    let mac = Hmac::<Sha256>::new_from_slice(session_key.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_signature_matches_wechats_documented_example() {
+        assert_eq!(
+            super::signature("tiihtNczf5v6AKRyjwEUhQ=="),
+            "7154f9f8b4b76b92f541cbf0e37d48840fa06e5e42da92a6f80168a1516a4735"
+        );
+    }
 }

@@ -12,14 +12,15 @@ use tokio::process::{Child, Command};
 
 use crate::support::client;
 
-/// A `wxbroker` process in sandbox mode on a free loopback port.
-struct Process {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<String>>,
+/// A `wxbroker` process (in sandbox mode unless told otherwise) on a free loopback port.
+pub struct Process {
+    pub child: Child,
+    pub url: String,
+    pub log: Arc<Mutex<String>>,
 }
 
-fn command(data_dir: &Path) -> Command {
+/// The binary, with no `WECHAT_*` or `WXBROKER_*` setting from the environment of the tests.
+pub fn command(data_dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wxbroker"));
     for (name, _) in std::env::vars() {
         if name.starts_with("WECHAT_") || name.starts_with("WXBROKER_") {
@@ -45,8 +46,13 @@ fn command(data_dir: &Path) -> Command {
 }
 
 impl Process {
-    async fn start(data_dir: &Path) -> Process {
-        let mut child = command(data_dir).spawn().unwrap();
+    pub async fn start(data_dir: &Path) -> Process {
+        Process::spawn(command(data_dir)).await
+    }
+
+    /// Starts `command` (see [`command`]) and waits until it serves.
+    pub async fn spawn(mut command: Command) -> Process {
+        let mut child = command.spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(String::new()));
         let url = tokio::time::timeout(Duration::from_secs(20), async {
@@ -73,7 +79,7 @@ impl Process {
         Process { child, url, log }
     }
 
-    async fn kill9(mut self) {
+    pub async fn kill9(mut self) {
         self.child.kill().await.unwrap();
     }
 }

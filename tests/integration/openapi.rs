@@ -686,9 +686,21 @@ async fn the_document_describes_every_route_and_what_it_answers() {
             .await["error"],
         "invalid_phone_code"
     );
-    let both = json!({ "code": "1.c", "encryptedData": "AAAA", "iv": "AAAA" });
-    api.send(phone(&alice_token).json(&both), S::BAD_REQUEST)
-        .await;
+    // The button's whole e.detail, code and encrypted form both: the code is used.
+    let both = json!({
+        "errMsg": "getPhoneNumber:ok",
+        "code": "13912345678.c",
+        "encryptedData": "AAAA",
+        "iv": "AAAA",
+        "cloudID": "cloud-1",
+    });
+    let stored = api.send(phone(&alice_token).json(&both), S::OK).await;
+    assert_eq!(stored["purePhoneNumber"], "13912345678");
+    api.send(
+        phone(&alice_token).json(&json!({ "errMsg": "getPhoneNumber:fail user deny" })),
+        S::BAD_REQUEST,
+    )
+    .await;
     api.send(by_code(&alice_token, "err45011"), S::TOO_MANY_REQUESTS)
         .await;
     api.send(by_code(&alice_token, "err-1"), S::SERVICE_UNAVAILABLE)

@@ -1,15 +1,29 @@
-//! Secrets stay secret: no session_key, app secret, token or decrypted text in any log line, and
-//! no session_key or secret in any response.
+//! Secrets stay secret: no session_key, app secret, token, access_token, session_key signature or
+//! decrypted text in any log line, and no session_key, secret or access_token in any response.
 
+use hmac::{Hmac, KeyInit, Mac};
 use reqwest::StatusCode;
 use serde_json::json;
+use sha2::Sha256;
 use wxbroker::{SANDBOX_APPID, Sandbox, Secret};
 
-use crate::support::{TestBroker, fault_upstream, logs, parts};
+use crate::support::{TestBroker, eventually, fault_upstream, logs, parts};
+
+const ADMIN: &str = "secrecy-admin-secret";
+
+/// What WeChat's session_key APIs take as `signature`: as secret as the key for those APIs.
+fn signature(session_key: &str) -> String {
+    let mac = Hmac::<Sha256>::new_from_slice(session_key.as_bytes()).unwrap();
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 #[tokio::test]
 async fn secrets_never_reach_logs_or_responses() {
-    let tb = TestBroker::start().await;
+    let tb = TestBroker::start_with(|c| c.admin_token = Some(Secret::new(ADMIN))).await;
     let secret = tb.config.secret.clone().unwrap();
     let mut responses = String::new();
     let mut tokens = Vec::new();
@@ -74,6 +88,56 @@ async fn secrets_never_reach_logs_or_responses() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     tb.logout(&tokens[2]).await;
 
+    // The server APIs carry the access_token (and the session_key APIs a signature) in their
+    // queries. The sandbox's errmsg for errNNNNN phone codes echoes the access_token.
+    let phone = |code: &str| {
+        tb.http
+            .post(format!("{}/v1/phone", tb.url))
+            .bearer_auth(&token)
+            .json(&json!({ "code": code }))
+    };
+    for code in ["13800138001.s", "err99999.s", "err-1.s"] {
+        responses.push_str(&phone(code).send().await.unwrap().text().await.unwrap());
+    }
+    let verify = || {
+        tb.http
+            .get(format!("{}/v1/session?verify=wechat", tb.url))
+            .bearer_auth(&token)
+    };
+    responses.push_str(&verify().send().await.unwrap().text().await.unwrap());
+    let kim_openid = Sandbox::openid_of("kim");
+    let key_before_reset = tb.sandbox.session_key(&kim_openid).unwrap();
+    let admin = |request: reqwest::RequestBuilder| request.bearer_auth(ADMIN);
+    let (status, kim) = parts(
+        admin(
+            tb.http
+                .get(format!("{}/admin/users?openid={kim_openid}", tb.url)),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{kim}");
+    let reset = format!("{}/admin/users/{}/session-key/reset", tb.url, kim["uid"]);
+    let response = admin(tb.http.post(&reset)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    responses.push_str(&response.text().await.unwrap());
+    responses.push_str(&verify().send().await.unwrap().text().await.unwrap());
+    // A stale access_token whose replacement cannot be fetched, then can.
+    tb.sandbox.invalidate_access_tokens();
+    tb.sandbox.fail_token_requests(1, 1);
+    let (status, failed) = parts(phone("13800138002.s").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{failed}");
+    responses.push_str(&failed.to_string());
+    let mut attempt = 0;
+    eventually("a new access_token after the backoff", || {
+        attempt += 1;
+        let request = phone(&format!("13800138003.{attempt}"));
+        async move { parts(request.send().await.unwrap()).await.0 == StatusCode::OK }
+    })
+    .await;
+
     // A wrong secret and a garbage upstream are logged loudly, without the secret.
     let wrong_secret = "wrong-secret-4e1d0b";
     let wrong = TestBroker::start_with(|c| c.secret = Some(Secret::new(wrong_secret))).await;
@@ -87,11 +151,27 @@ async fn secrets_never_reach_logs_or_responses() {
         .iter()
         .map(|name| tb.sandbox.session_key(&Sandbox::openid_of(name)).unwrap())
         .collect();
+    let access_tokens = tb.sandbox.issued_access_tokens();
+    assert_eq!(
+        access_tokens.len(),
+        2,
+        "the first, and the one forced after it went stale"
+    );
+    let mut signatures: Vec<String> = keys.iter().map(|key| signature(key)).collect();
+    signatures.push(signature(&key_before_reset));
     let logs = logs();
     assert!(
         logs.contains("WeChat rejected our credentials"),
         "the bad secret is logged loudly"
     );
+    assert!(
+        logs.contains("access_token=[redacted]"),
+        "the echoed access_token is logged scrubbed"
+    );
+    for needle in access_tokens.iter().chain(&signatures) {
+        assert!(!logs.contains(needle.as_str()), "logged: {needle}");
+        assert!(!responses.contains(needle.as_str()), "answered: {needle}");
+    }
     for needle in keys.iter().chain(&tokens) {
         assert!(!logs.contains(needle.as_str()), "logged: {needle}");
     }
@@ -100,8 +180,9 @@ async fn secrets_never_reach_logs_or_responses() {
         assert!(!responses.contains(secret), "secret answered");
     }
     assert!(!logs.contains(marker), "decrypted text logged");
-    for key in &keys {
+    for key in keys.iter().chain([&key_before_reset]) {
         assert!(!responses.contains(key.as_str()), "session_key answered");
+        assert!(!logs.contains(key.as_str()), "session_key logged");
     }
     let (status, _) = parts(tb.session(&token).await).await;
     assert_eq!(status, StatusCode::OK);

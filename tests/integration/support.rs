@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use warp::Filter;
-use wxbroker::{Broker, Clock, Config, Sandbox, SandboxOptions};
+use wxbroker::{Broker, Clock, Config, Sandbox, SandboxOptions, Secret};
 
 /// Where the manual clock starts (some day in 2026).
 pub const T0: u64 = 1_790_000_000;
@@ -60,6 +60,8 @@ pub struct TestBroker {
     pub clock: Clock,
     pub config: Config,
     pub dir: Arc<TempDir>,
+    /// The Redis server of a broker on the Redis backend.
+    pub redis: Option<Arc<RedisServer>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), wxbroker::Error>>>,
 }
@@ -74,6 +76,36 @@ impl TestBroker {
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         let sandbox = Arc::new(Sandbox::start(SandboxOptions::default()).await.unwrap());
         TestBroker::start_on(sandbox, tweak).await
+    }
+
+    /// As [`TestBroker::start_with`], on the given backend (a fresh Redis server for Redis).
+    pub async fn start_backend(kind: StoreKind, tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        let redis = match kind {
+            StoreKind::Sled => None,
+            StoreKind::Redis => Some(Arc::new(RedisServer::start().await)),
+        };
+        TestBroker::start_shared(redis, None, tweak).await
+    }
+
+    /// A broker on the Redis of `redis` (if any) and the WeChat of `sandbox` (a fresh one if
+    /// none): several such brokers share users and sessions, like instances behind a balancer.
+    pub async fn start_shared(
+        redis: Option<Arc<RedisServer>>,
+        sandbox: Option<Arc<Sandbox>>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestBroker {
+        let sandbox = match sandbox {
+            Some(sandbox) => sandbox,
+            None => Arc::new(Sandbox::start(SandboxOptions::default()).await.unwrap()),
+        };
+        let url = redis.as_ref().map(|r| Secret::new(r.url.clone()));
+        let mut tb = TestBroker::start_on(sandbox, |config| {
+            config.store = url;
+            tweak(config);
+        })
+        .await;
+        tb.redis = redis;
+        tb
     }
 
     /// A broker using `sandbox` as WeChat.
@@ -111,6 +143,7 @@ impl TestBroker {
             clock: config.clock.clone(),
             config,
             dir,
+            redis: None,
             stop: Some(stop),
             server: Some(server),
         }
@@ -139,8 +172,11 @@ impl TestBroker {
     pub async fn restart(mut self) -> TestBroker {
         self.stop().await;
         let (config, sandbox, dir) = (self.config.clone(), self.sandbox.clone(), self.dir.clone());
+        let redis = self.redis.clone();
         drop(self);
-        TestBroker::serve(config, sandbox, dir).await
+        let mut tb = TestBroker::serve(config, sandbox, dir).await;
+        tb.redis = redis;
+        tb
     }
 
     /// POST /v1/login with a JSON body.
@@ -328,4 +364,90 @@ pub async fn fault_upstream() -> (String, Arc<AtomicU64>) {
     let url = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(warp::serve(route.or(tokens)).incoming(listener).run());
     (url, calls)
+}
+
+/// Which store a broker under test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded default.
+    Sled,
+    /// A real `redis-server`, started for the test.
+    Redis,
+}
+
+/// A real `redis-server` on a free loopback port, with nothing persisted; killed when dropped.
+pub struct RedisServer {
+    child: Mutex<std::process::Child>,
+    /// `redis://127.0.0.1:PORT/0`.
+    pub url: String,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts one. Panics with what to do when `redis-server` is not installed: the Redis tests
+    /// must fail, not pass silently.
+    pub async fn start() -> RedisServer {
+        let exe = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+            .map(|dir| dir.join("redis-server"))
+            .find(|exe| exe.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "redis-server is not installed: the Redis backend tests need a real server \
+                     (Debian/Ubuntu: apt-get install redis-server; .ci/run installs it)"
+                )
+            });
+        for _ in 0..5 {
+            // A port the OS just handed out is almost surely still free.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = tempfile::tempdir().unwrap();
+            let mut child = std::process::Command::new(&exe)
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return RedisServer {
+                        child: Mutex::new(child),
+                        url: format!("redis://127.0.0.1:{port}/0"),
+                        _dir: dir,
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start on a free loopback port in 5 tries");
+    }
+
+    /// Stops the server at once (SIGKILL), as a crash would.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

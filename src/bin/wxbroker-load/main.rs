@@ -1,45 +1,71 @@
 //! `wxbroker-load`: a load generator for wxbroker, and the tool behind the README's figures.
 //!
-//! It targets a running broker by URL, or starts its own `wxbroker` (sandbox WeChat, temporary
-//! data dir) as a separate process, so that generator and broker never share a runtime. Each
-//! scenario runs on its own keep-alive connections, bounded by a duration and a request count,
-//! and reports per endpoint: requests, errors by status, throughput and latency percentiles.
+//! It targets running brokers by URL (`--url` for one, `--targets` for several), or starts its
+//! own `wxbroker` processes (sandbox WeChat, temporary data dirs; `--instances` of them sharing
+//! the `--store`), so that generator and brokers never share a runtime. Each scenario runs on its
+//! own keep-alive connections, each pinned to one target round-robin, bounded by a duration and a
+//! request count, and reports per endpoint summed over the targets (requests, errors by status,
+//! throughput, latency percentiles) and per target (its share, its peak RSS when known).
+//!
+//! Several targets only make sense when they share users and sessions through one store: the
+//! `check` scenario checks tokens made on another target, and `login`'s returning users may have
+//! registered on any of them. The sandbox gives a user the same openid on every instance.
+//!
+//! # Layout
+//! - `fleet`: the targets of a run, and which of them a connection is pinned to.
+//! - `target`: one broker, given by URL or started and stopped as a child process.
+//! - `scenario`: what each worker sends, and what counts as success.
+//! - `client`: one keep-alive HTTP/1.1 connection through hyper.
+//! - `report`: the figures, as a table or as JSON.
 
 mod client;
+mod fleet;
 mod report;
 mod scenario;
 mod target;
 
 use std::time::Duration;
 
+use anyhow::ensure;
 use clap::Parser;
 
+use fleet::Fleet;
 use report::RunReport;
 use scenario::Scenario;
-use target::Target;
+use target::Launch;
 
 /// Load generator for wxbroker.
+///
+/// Loads running brokers given by --url or --targets, or starts its own (--instances, sharing
+/// --store) for the run and stops them after it.
 #[derive(Parser, Debug)]
 #[command(name = "wxbroker-load", version)]
 struct Args {
-    /// Base URL of a running broker in sandbox mode (e.g. http://127.0.0.1:8080). Without it, a
-    /// broker is started for the run.
-    #[arg(long)]
+    /// Base URL of a running broker in sandbox mode (e.g. http://127.0.0.1:8080); the same as
+    /// --targets with one URL. Without --url or --targets, brokers are started for the run.
+    #[arg(long, conflicts_with = "targets")]
     url: Option<String>,
 
-    /// Allow a target that is not on loopback.
+    /// Base URLs of several running brokers in sandbox mode, comma-separated. Each connection is
+    /// pinned to one of them, round-robin. Every scenario but `baseline` needs them to share one
+    /// store (users and sessions).
+    #[arg(long, value_delimiter = ',', value_name = "URL,URL,...")]
+    targets: Vec<String>,
+
+    /// Allow targets that are not on loopback.
     #[arg(long)]
     allow_remote: bool,
 
-    /// PID of the target broker, to report its peak RSS (known already when the tool starts it).
-    #[arg(long)]
-    pid: Option<u32>,
+    /// PIDs of the target brokers, comma-separated in the order of --url/--targets, to report
+    /// their peak RSS (known already for brokers this tool starts).
+    #[arg(long, value_delimiter = ',', value_name = "PID,PID,...")]
+    pid: Vec<u32>,
 
     /// Scenarios to run in order, in one run: baseline, check, login, mixed, sessions.
     #[arg(long, short, value_delimiter = ',', default_value = "baseline,check")]
     scenario: Vec<Scenario>,
 
-    /// Keep-alive connections (one worker each).
+    /// Keep-alive connections (one worker each), pinned to the targets round-robin.
     #[arg(long, short, default_value_t = 64)]
     connections: usize,
 
@@ -67,20 +93,30 @@ struct Args {
     #[arg(long, default_value_t = 100_000)]
     sessions: u64,
 
-    /// After the `sessions` scenario, restart the broker (one this tool started) and time how
-    /// long it takes to serve again with those sessions on disk.
-    #[arg(long)]
+    /// After the `sessions` scenario, restart the broker and time how long it takes to serve
+    /// again with those sessions stored. Needs exactly one broker started by this tool.
+    #[arg(long, conflicts_with_all = ["url", "targets"])]
     restart: bool,
 
-    /// For a broker this tool starts: the sandbox WeChat's latency in milliseconds.
+    /// For brokers this tool starts: how many. More than one needs --store, since separate sled
+    /// data dirs share neither users nor sessions.
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["url", "targets"])]
+    instances: usize,
+
+    /// For brokers this tool starts: the store they share, passed as WXBROKER_STORE (e.g.
+    /// redis://127.0.0.1:6379/). Without it each keeps its own sled data dir.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["url", "targets"])]
+    store: Option<String>,
+
+    /// For brokers this tool starts: the sandbox WeChat's latency in milliseconds.
     #[arg(long, default_value_t = 0)]
     upstream_latency_ms: u64,
 
-    /// For a broker this tool starts: its in-flight exchange limit.
+    /// For brokers this tool starts: its in-flight exchange limit.
     #[arg(long, default_value_t = 1024)]
     max_inflight: usize,
 
-    /// For a broker this tool starts: the `wxbroker` executable (default: beside this one).
+    /// For brokers this tool starts: the `wxbroker` executable (default: beside this one).
     #[arg(long)]
     broker_bin: Option<std::path::PathBuf>,
 
@@ -102,19 +138,47 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Runs every scenario; returns whether all requests succeeded.
+/// Starts or finds the targets, runs every scenario, stops what it started; returns whether all
+/// requests succeeded.
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let mut target = match &args.url {
-        Some(url) => Target::remote(url, args.pid, args.allow_remote)?,
-        None => {
-            Target::spawn(
-                args.broker_bin.clone(),
-                args.upstream_latency_ms,
-                args.max_inflight,
-            )
-            .await?
-        }
+    let urls: Vec<String> = args.url.iter().chain(&args.targets).cloned().collect();
+    let mut fleet = if urls.is_empty() {
+        ensure!(args.instances >= 1, "--instances must be at least 1");
+        ensure!(
+            args.instances == 1 || args.store.is_some(),
+            "--instances {} needs --store: brokers on separate sled data dirs share neither users \
+             nor sessions",
+            args.instances
+        );
+        ensure!(
+            !args.restart || args.instances == 1,
+            "--restart needs exactly one broker started by this tool, not --instances {}",
+            args.instances
+        );
+        let launch = Launch {
+            bin: args.broker_bin.clone(),
+            upstream_latency_ms: args.upstream_latency_ms,
+            max_inflight: args.max_inflight,
+            store: args.store.clone(),
+        };
+        Fleet::spawn(args.instances, &launch).await?
+    } else {
+        Fleet::remote(&urls, &args.pid, args.allow_remote)?
     };
+    // Stop what was started even when a scenario fails.
+    let report = run_scenarios(&args, &mut fleet).await;
+    fleet.stop().await;
+    let report = report?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(report.errors() == 0)
+}
+
+/// Runs the scenarios in order against `fleet`.
+async fn run_scenarios(args: &Args, fleet: &mut Fleet) -> anyhow::Result<RunReport> {
     let limits = scenario::Limits {
         connections: args.connections,
         duration: Duration::from_secs_f64(args.duration),
@@ -128,20 +192,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     let mut report = RunReport::default();
     for scenario in &args.scenario {
-        let mut outcome = scenario.run(&target, &limits, &options).await?;
+        let mut outcome = scenario.run(fleet, &limits, &options).await?;
         if *scenario == Scenario::Sessions && args.restart {
-            outcome.restart_secs = Some(target.restart().await?.as_secs_f64());
+            outcome.restart_secs = Some(fleet.restart().await?.as_secs_f64());
         }
-        outcome.rss_peak_bytes = target.peak_rss();
+        for share in &mut outcome.targets {
+            share.rss_peak_bytes = fleet.peak_rss(share.index);
+        }
         report.scenarios.push(outcome);
     }
     report.finish();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.table());
-    }
-    let clean = report.errors() == 0;
-    target.stop().await;
-    Ok(clean)
+    Ok(report)
 }

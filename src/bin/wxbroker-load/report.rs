@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::net::SocketAddr;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -51,6 +52,47 @@ pub struct EndpointReport {
     max_ms: f64,
 }
 
+/// One target's share of a scenario: whether the load was spread, and what it cost the broker.
+#[derive(Serialize)]
+pub struct TargetReport {
+    /// Its place in `--targets` (or among the instances this tool started).
+    pub index: usize,
+    /// Its address.
+    pub addr: String,
+    /// Connections pinned to it.
+    pub connections: usize,
+    /// Requests it was sent, of every endpoint.
+    pub requests: u64,
+    /// Those that failed.
+    pub errors: u64,
+    /// Its peak RSS at the end of the scenario, when its PID is known.
+    pub rss_peak_bytes: Option<u64>,
+}
+
+impl TargetReport {
+    /// An empty share for target number `index` at `addr`.
+    pub fn new(index: usize, addr: SocketAddr) -> TargetReport {
+        TargetReport {
+            index,
+            addr: addr.to_string(),
+            connections: 0,
+            requests: 0,
+            errors: 0,
+            rss_peak_bytes: None,
+        }
+    }
+
+    /// Adds one connection's figures.
+    pub fn add_connection(&mut self, stats: &BTreeMap<String, EndpointStats>) {
+        self.connections += 1;
+        for s in stats.values() {
+            let errors = s.errors.values().sum::<u64>();
+            self.requests += s.ok + errors;
+            self.errors += errors;
+        }
+    }
+}
+
 /// One scenario in the report.
 #[derive(Serialize, Default)]
 pub struct ScenarioReport {
@@ -66,10 +108,10 @@ pub struct ScenarioReport {
     pub errors: u64,
     /// `requests / elapsed_secs`.
     pub requests_per_sec: f64,
-    /// Per endpoint.
+    /// Per endpoint, summed over the targets.
     pub endpoints: Vec<EndpointReport>,
-    /// The broker's peak RSS at the end of the scenario.
-    pub rss_peak_bytes: Option<u64>,
+    /// Per target that had a connection: as many as were used.
+    pub targets: Vec<TargetReport>,
     /// `sessions` scenario: RSS growth divided by the sessions created.
     pub bytes_per_session: Option<f64>,
     /// `sessions --restart`: seconds from restart until `/healthz` answers 200.
@@ -150,9 +192,14 @@ impl RunReport {
     pub fn table(&self) -> String {
         let mut out = String::new();
         for s in &self.scenarios {
+            let targets = match s.targets.len() {
+                1 => "1 target".to_owned(),
+                n => format!("{n} targets"),
+            };
             let _ = writeln!(
                 out,
-                "\nscenario {}: {} connections, {:.2} s, {} requests, {:.0} req/s, {} errors",
+                "\nscenario {}: {} connections over {targets}, {:.2} s, {} requests, {:.0} req/s, \
+                 {} errors",
                 s.name, s.connections, s.elapsed_secs, s.requests, s.requests_per_sec, s.errors
             );
             let _ = writeln!(
@@ -175,8 +222,26 @@ impl RunReport {
                     e.errors
                 );
             }
-            if let Some(rss) = s.rss_peak_bytes {
-                let _ = writeln!(out, "  broker peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
+            let mib = |bytes: u64| bytes as f64 / 1048576.0;
+            match s.targets.as_slice() {
+                [one] => {
+                    if let Some(rss) = one.rss_peak_bytes {
+                        let _ = writeln!(out, "  broker peak RSS: {:.1} MiB", mib(rss));
+                    }
+                }
+                several => {
+                    for t in several {
+                        let _ = write!(
+                            out,
+                            "  target {} {}: {} connections, {} requests, {} errors",
+                            t.index, t.addr, t.connections, t.requests, t.errors
+                        );
+                        if let Some(rss) = t.rss_peak_bytes {
+                            let _ = write!(out, ", peak RSS {:.1} MiB", mib(rss));
+                        }
+                        out.push('\n');
+                    }
+                }
             }
             if let Some(bytes) = s.bytes_per_session {
                 let _ = writeln!(out, "  RSS per live session: {bytes:.0} bytes");

@@ -10,15 +10,16 @@ use hyper::Method;
 use tokio::sync::Barrier;
 
 use crate::client::{Call, Conn};
-use crate::report::{EndpointStats, ScenarioReport};
-use crate::target::Target;
+use crate::fleet::Fleet;
+use crate::report::{EndpointStats, ScenarioReport, TargetReport};
 
 /// What to load.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     /// `GET /healthz`: a route that does no work, for the HTTP ceiling of this machine.
     Baseline,
-    /// `GET /v1/session` with tokens made beforehand.
+    /// `GET /v1/session` with tokens made beforehand, each on another target than the one that
+    /// checks it when there are several.
     Check,
     /// `POST /v1/login` with fresh codes, returning and new users mixed by `--new-ratio`.
     Login,
@@ -76,6 +77,8 @@ impl Shared {
 /// One worker's connection, figures and place in its scenario.
 struct Worker {
     conn: Conn,
+    /// The fleet index of the target its connection is pinned to.
+    target: usize,
     stats: BTreeMap<String, EndpointStats>,
     shared: Arc<Shared>,
     id: usize,
@@ -151,7 +154,7 @@ impl Scenario {
     /// Prepares, runs the workers within the limits, and reports.
     pub async fn run(
         self,
-        target: &Target,
+        fleet: &Fleet,
         limits: &Limits,
         options: &Options,
     ) -> anyhow::Result<ScenarioReport> {
@@ -166,8 +169,8 @@ impl Scenario {
         if self == Scenario::Sessions {
             limit = limit.min(options.sessions);
         }
-        register_pool(target, &nonce, pool, connections).await?;
-        let rss_before = target.rss();
+        register_pool(fleet, &nonce, pool, connections).await?;
+        let rss_before = fleet.rss();
 
         let shared = Arc::new(Shared {
             sent: AtomicU64::new(0),
@@ -177,13 +180,20 @@ impl Scenario {
         let start = Arc::new(Barrier::new(connections + 1));
         let mut workers = Vec::new();
         for id in 0..connections {
-            let mut conn = Conn::open(target.addr).await?;
+            let target = fleet.pick(id);
+            let conn = Conn::open(fleet.addr(target)).await?;
             let token = match self {
-                Scenario::Check => Some(token(&mut conn, &format!("c{nonce}w{id}.1")).await?),
+                // Made on the next target, so that with several every check reads a session
+                // another instance created: what a shared store must get right.
+                Scenario::Check => {
+                    let mut maker = Conn::open(fleet.addr(fleet.pick(id + 1))).await?;
+                    Some(token(&mut maker, &format!("c{nonce}w{id}.1")).await?)
+                }
                 _ => None,
             };
             let worker = Worker {
                 conn,
+                target,
                 stats: BTreeMap::new(),
                 shared: shared.clone(),
                 id,
@@ -204,8 +214,14 @@ impl Scenario {
         start.wait().await;
         let progress = tokio::spawn(progress(self.name(), started, shared.clone()));
         let mut merged: BTreeMap<String, EndpointStats> = BTreeMap::new();
+        let mut per_target: BTreeMap<usize, TargetReport> = BTreeMap::new();
         for worker in workers {
-            for (endpoint, stats) in worker.await? {
+            let (target, stats) = worker.await?;
+            let share = per_target
+                .entry(target)
+                .or_insert_with(|| TargetReport::new(target, fleet.addr(target)));
+            share.add_connection(&stats);
+            for (endpoint, stats) in stats {
                 merged.entry(endpoint).or_default().merge(&stats);
             }
         }
@@ -213,8 +229,9 @@ impl Scenario {
         progress.abort();
         eprintln!();
         let mut report = ScenarioReport::new(self.name(), connections, elapsed, &merged);
+        report.targets = per_target.into_values().collect();
         if self == Scenario::Sessions
-            && let (Some(before), Some(after)) = (rss_before, target.rss())
+            && let (Some(before), Some(after)) = (rss_before, fleet.rss())
         {
             report.bytes_per_session =
                 Some(after.saturating_sub(before) as f64 / report.requests.max(1) as f64);
@@ -222,13 +239,13 @@ impl Scenario {
         Ok(report)
     }
 
-    /// One worker's loop.
+    /// One worker's loop; returns its target and figures.
     async fn drive(
         self,
         mut w: Worker,
         token: Option<String>,
         (new_ratio, checks, pool): (f64, usize, usize),
-    ) -> BTreeMap<String, EndpointStats> {
+    ) -> (usize, BTreeMap<String, EndpointStats>) {
         let mut seq = 0u64;
         while w.shared.running() {
             seq += 1;
@@ -268,11 +285,13 @@ impl Scenario {
                 Scenario::Mixed => mixed_life(&mut w, seq, checks).await,
             }
         }
-        w.stats
+        (w.target, w.stats)
     }
 }
 
-/// A user's life: login, checks, the client's encrypted profile, userinfo, logout.
+/// A user's life: login, checks, the client's encrypted profile, userinfo, logout. All on the
+/// worker's one target: the sandbox that encrypts the profile must be the one that gave the
+/// session_key at login.
 async fn mixed_life(w: &mut Worker, seq: u64, checks: usize) {
     let name = format!("m{}w{}i{seq}", w.nonce, w.id);
     let Some(body) = w
@@ -321,9 +340,9 @@ async fn mixed_life(w: &mut Worker, seq: u64, checks: usize) {
     w.call("POST /v1/logout", call, 204).await;
 }
 
-/// Registers the pool of returning users before the measurement.
+/// Registers the pool of returning users before the measurement, spread over the targets.
 async fn register_pool(
-    target: &Target,
+    fleet: &Fleet,
     nonce: &str,
     pool: usize,
     connections: usize,
@@ -333,8 +352,8 @@ async fn register_pool(
     }
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..connections.min(pool).min(64) {
-        let (next, nonce, addr) = (next.clone(), nonce.to_owned(), target.addr);
+    for task in 0..connections.min(pool).min(64) {
+        let (next, nonce, addr) = (next.clone(), nonce.to_owned(), fleet.addr(fleet.pick(task)));
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::open(addr).await?;
             loop {

@@ -1,7 +1,7 @@
-//! The broker under load: one this tool started (a child process), or one given by URL.
+//! One broker under load: one this tool started (a child process), or one given by URL.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -17,19 +17,31 @@ pub struct Target {
     spawned: Option<Spawned>,
 }
 
+/// How this tool starts a broker: the same for every instance of a run, and again on restart.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The `wxbroker` executable (default: beside this one).
+    pub bin: Option<PathBuf>,
+    /// The sandbox WeChat's latency in milliseconds.
+    pub upstream_latency_ms: u64,
+    /// The broker's in-flight exchange limit.
+    pub max_inflight: usize,
+    /// Passed as `WXBROKER_STORE`: the shared store that lets several instances serve the same
+    /// users and sessions. Without it each broker keeps its own sled data dir.
+    pub store: Option<String>,
+}
+
 /// A broker this tool started.
 struct Spawned {
     child: Child,
-    bin: PathBuf,
+    launch: Launch,
     data_dir: PathBuf,
-    upstream_latency_ms: u64,
-    max_inflight: usize,
 }
 
 impl Target {
     /// A running broker; only on loopback unless `allow_remote`.
     pub fn remote(url: &str, pid: Option<u32>, allow_remote: bool) -> anyhow::Result<Target> {
-        let url = reqwest::Url::parse(url).context("--url is not a URL")?;
+        let url = reqwest::Url::parse(url).with_context(|| format!("{url} is not a URL"))?;
         let host = url.host_str().unwrap_or_default();
         let port = url.port_or_known_default().unwrap_or(80);
         let ip: IpAddr = if host == "localhost" {
@@ -50,27 +62,26 @@ impl Target {
     }
 
     /// Starts `wxbroker` in sandbox mode on a free loopback port with a temporary data dir.
-    pub async fn spawn(
-        bin: Option<PathBuf>,
-        upstream_latency_ms: u64,
-        max_inflight: usize,
-    ) -> anyhow::Result<Target> {
-        let bin = match bin {
-            Some(bin) => bin,
-            None => std::env::current_exe()?.with_file_name("wxbroker"),
-        };
+    pub async fn spawn(mut launch: Launch) -> anyhow::Result<Target> {
+        if launch.bin.is_none() {
+            launch.bin = Some(std::env::current_exe()?.with_file_name("wxbroker"));
+        }
         let data_dir = std::env::temp_dir().join(format!(
             "wxbroker-load-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
-        let (child, addr) = start(&bin, &data_dir, upstream_latency_ms, max_inflight).await?;
+        let (child, addr) = match start(&launch, &data_dir).await {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&data_dir);
+                return Err(e);
+            }
+        };
         let spawned = Spawned {
             child,
-            bin,
+            launch,
             data_dir,
-            upstream_latency_ms,
-            max_inflight,
         };
         Ok(Target {
             addr,
@@ -93,17 +104,11 @@ impl Target {
     /// data dir; returns the time from start until it answers `/healthz` with 200.
     pub async fn restart(&mut self) -> anyhow::Result<Duration> {
         let Some(spawned) = &mut self.spawned else {
-            bail!("--restart needs a broker started by this tool (no --url)");
+            bail!("--restart needs a broker started by this tool (no --url or --targets)");
         };
         terminate(&mut spawned.child).await?;
         let started = Instant::now();
-        let (child, addr) = start(
-            &spawned.bin,
-            &spawned.data_dir,
-            spawned.upstream_latency_ms,
-            spawned.max_inflight,
-        )
-        .await?;
+        let (child, addr) = start(&spawned.launch, &spawned.data_dir).await?;
         spawned.child = child;
         self.addr = addr;
         self.pid = spawned.child.id();
@@ -120,22 +125,23 @@ impl Target {
     }
 }
 
-async fn start(
-    bin: &PathBuf,
-    data_dir: &PathBuf,
-    latency_ms: u64,
-    max_inflight: usize,
-) -> anyhow::Result<(Child, SocketAddr)> {
+async fn start(launch: &Launch, data_dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let bin = launch.bin.as_deref().context("no broker executable")?;
     let mut command = Command::new(bin);
+    // The run's settings alone, not whatever the caller's shell exports.
     for (name, _) in std::env::vars() {
         if name.starts_with("WECHAT_") || name.starts_with("WXBROKER_") {
             command.env_remove(name);
         }
     }
+    if let Some(store) = &launch.store {
+        command.env("WXBROKER_STORE", store);
+    }
+    let latency_ms = launch.upstream_latency_ms.to_string();
     let mut child = command
         .args(["--listen", "127.0.0.1:0", "--login-rate-per-min", "0"])
-        .args(["--sandbox-latency-ms", &latency_ms.to_string()])
-        .args(["--max-inflight", &max_inflight.to_string()])
+        .args(["--sandbox-latency-ms", &latency_ms])
+        .args(["--max-inflight", &launch.max_inflight.to_string()])
         .args(["--max-connections", "16384"])
         .arg("--data-dir")
         .arg(data_dir)

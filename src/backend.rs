@@ -1,0 +1,374 @@
+//! Where users and sessions live: the one interface the UserRegistry and the SessionKeeper use,
+//! so that neither knows which backend it runs on.
+//!
+//! - sled (the default, one machine): users in sled trees with group commit
+//!   ([`sled_users`]); sessions in an in-memory table written back to sled ([`sled_sessions`]).
+//! - Redis (`WXBROKER_STORE=redis://...`, several brokers sharing users and sessions): every
+//!   operation is one atomic script or command on the server, with no per-instance cache
+//!   ([`redis`]).
+//!
+//! Each operation returns a [`Pending`]: done at once (sled's in-memory work), or a future that
+//! the actor hands to a task of its own (a flush to wait for, a Redis round trip), so that an
+//! actor never waits for I/O between two messages.
+
+pub mod redis;
+pub mod sled_sessions;
+pub mod sled_users;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use ractor::RpcReplyPort;
+
+use crate::actors::session_keeper::{Issued, SessionInfo, SessionSummary};
+use crate::actors::user_registry::Registration;
+use crate::crypto::{TokenHash, new_token};
+use crate::group_commit::GroupCommit;
+use crate::store::{Store, UserKey};
+use crate::upstream::Code2Session;
+use crate::user::{Phone, Profile, User};
+use crate::{Config, Error, Metrics};
+
+use self::redis::RedisStore;
+use self::sled_sessions::SledSessions;
+use self::sled_users::SledUsers;
+
+/// The outcome of a store operation: known now, or once a future completes.
+pub enum Pending<T> {
+    /// Already done.
+    Ready(Result<T, Error>),
+    /// Done when this completes (it owns everything it needs).
+    Later(BoxFuture<'static, Result<T, Error>>),
+}
+
+impl<T: Send + 'static> Pending<T> {
+    /// Answers `reply` now if the outcome is known, else from a spawned task.
+    pub fn answer(self, reply: RpcReplyPort<Result<T, Error>>) {
+        match self {
+            Pending::Ready(outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Pending::Later(future) => {
+                tokio::spawn(async move {
+                    let _ = reply.send(future.await);
+                });
+            }
+        }
+    }
+
+    /// The same outcome, transformed.
+    pub fn map<U: Send + 'static>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Pending<U> {
+        match self {
+            Pending::Ready(outcome) => Pending::Ready(outcome.map(f)),
+            Pending::Later(future) => Pending::Later(Box::pin(async move { future.await.map(f) })),
+        }
+    }
+
+    /// The outcome, waiting for it if needed (for tests and offline tools).
+    pub async fn wait(self) -> Result<T, Error> {
+        match self {
+            Pending::Ready(outcome) => outcome,
+            Pending::Later(future) => future.await,
+        }
+    }
+}
+
+/// How long sessions live, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionPolicy {
+    /// Without use.
+    pub idle_ttl: u64,
+    /// At most, whatever the use.
+    pub max_ttl: u64,
+}
+
+impl SessionPolicy {
+    /// What a login tells the client about its token's lifetime.
+    pub fn expires_in(&self) -> u64 {
+        self.idle_ttl.min(self.max_ttl)
+    }
+
+    /// When a session used last at `last_seen` and dead at `expires_at` whatever its use dies.
+    pub fn deadline(&self, last_seen: u64, expires_at: u64) -> u64 {
+        last_seen.saturating_add(self.idle_ttl).min(expires_at)
+    }
+
+    /// How far the last use must move before it is written (a tenth of the idle TTL): a check
+    /// does not write on every call.
+    pub fn write_back_step(&self) -> u64 {
+        (self.idle_ttl / 10).max(1)
+    }
+}
+
+/// The chosen backend, as opened once per broker; the actors build their views from it at every
+/// (re)start. Cheap to clone.
+#[derive(Clone)]
+pub enum Backend {
+    /// sled in the data dir, with its group commit.
+    Sled {
+        /// The database.
+        store: Store,
+        /// Shared flushes.
+        commit: GroupCommit,
+    },
+    /// A Redis server.
+    Redis(RedisStore),
+}
+
+impl Backend {
+    /// Opens what `config` names: Redis when `store` is set, else sled in `data_dir`.
+    pub async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Backend, Error> {
+        match &config.store {
+            Some(url) => Ok(Backend::Redis(RedisStore::connect(url.expose()).await?)),
+            None => {
+                let store = Store::open(&config.data_dir, config.cache_mb)?;
+                let commit = GroupCommit::start(store.db().clone(), metrics.clone());
+                Ok(Backend::Sled { store, commit })
+            }
+        }
+    }
+
+    /// The UserRegistry's view.
+    pub fn users(&self) -> Users {
+        match self {
+            Backend::Sled { store, commit } => {
+                Users::Sled(SledUsers::new(store.clone(), commit.clone()))
+            }
+            Backend::Redis(redis) => Users::Redis(redis.clone()),
+        }
+    }
+
+    /// The SessionKeeper's view; with sled, the table is loaded from disk here.
+    pub fn sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
+        match self {
+            Backend::Sled { store, commit } => Sessions::Sled(SledSessions::load(
+                store.clone(),
+                commit.clone(),
+                policy,
+                metrics,
+            )),
+            Backend::Redis(redis) => Sessions::Redis(redis.clone(), policy),
+        }
+    }
+
+    /// Where used login codes are remembered across brokers (only a shared store needs it: one
+    /// broker remembers them in its WeChatExchanger).
+    pub fn code_claims(&self) -> Option<RedisStore> {
+        match self {
+            Backend::Sled { .. } => None,
+            Backend::Redis(redis) => Some(redis.clone()),
+        }
+    }
+
+    /// What the broker itself needs of the store.
+    pub fn health(&self) -> StoreHealth {
+        match self {
+            Backend::Sled { store, .. } => StoreHealth::Sled(store.clone()),
+            Backend::Redis(redis) => StoreHealth::Redis(redis.clone()),
+        }
+    }
+}
+
+/// The part of the backend the broker itself uses: whether the store answers, and the flush at
+/// shutdown. It holds no group commit, whose task (and its handle on the database) must end with
+/// the actors, so that a stopped broker's data dir can be opened again at once.
+#[derive(Clone)]
+pub enum StoreHealth {
+    /// sled.
+    Sled(Store),
+    /// Redis.
+    Redis(RedisStore),
+}
+
+impl StoreHealth {
+    /// Whether the store answers a read.
+    pub async fn answers(&self) -> bool {
+        match self {
+            StoreHealth::Sled(store) => store.db().contains_key(b"readyz").is_ok(),
+            StoreHealth::Redis(redis) => redis.ping().await.is_ok(),
+        }
+    }
+
+    /// Makes every write so far durable (at shutdown); Redis persists on its own terms.
+    pub async fn flush(&self) -> Result<(), Error> {
+        match self {
+            StoreHealth::Sled(store) => {
+                store.db().flush_async().await?;
+                Ok(())
+            }
+            StoreHealth::Redis(_) => Ok(()),
+        }
+    }
+}
+
+/// The registered users.
+pub enum Users {
+    /// In sled, on this machine.
+    Sled(SledUsers),
+    /// In a Redis server shared by every broker.
+    Redis(RedisStore),
+}
+
+impl Users {
+    /// Registers the user WeChat named, or stores its new session_key (and unionid).
+    pub fn upsert(&mut self, login: Code2Session, now: u64) -> Pending<Registration> {
+        match self {
+            Users::Sled(users) => users.upsert(login, now),
+            Users::Redis(redis) => redis.upsert_user(login, now),
+        }
+    }
+
+    /// The current session_key of the user with this openid.
+    pub fn session_key(&self, openid: String) -> Pending<String> {
+        match self {
+            Users::Sled(users) => users.session_key(&openid),
+            Users::Redis(redis) => redis.session_key(openid),
+        }
+    }
+
+    /// Stores a decrypted profile (its unionId becomes the user's), durably.
+    pub fn save_profile(&mut self, openid: String, profile: Profile, now: u64) -> Pending<User> {
+        match self {
+            Users::Sled(users) => users.save_profile(&openid, &profile, now),
+            Users::Redis(redis) => redis.save_profile(openid, profile, now),
+        }
+    }
+
+    /// Stores a phone number, durably.
+    pub fn save_phone(&mut self, openid: String, phone: Phone, now: u64) -> Pending<User> {
+        match self {
+            Users::Sled(users) => users.save_phone(&openid, &phone, now),
+            Users::Redis(redis) => redis.save_phone(openid, phone, now),
+        }
+    }
+
+    /// Replaces the session_key `old` by `new` (after WeChat reset it), durably; a key that
+    /// changed meanwhile (a login stored a newer one) is kept.
+    pub fn replace_session_key(
+        &mut self,
+        openid: String,
+        old: String,
+        new: String,
+        now: u64,
+    ) -> Pending<User> {
+        match self {
+            Users::Sled(users) => users.replace_session_key(&openid, &old, &new, now),
+            Users::Redis(redis) => redis.replace_session_key(openid, old, new, now),
+        }
+    }
+
+    /// Finds a user by uid, openid or unionid.
+    pub fn find(&self, key: UserKey) -> Pending<Option<User>> {
+        match self {
+            Users::Sled(users) => users.find(&key),
+            Users::Redis(redis) => redis.find_user(key),
+        }
+    }
+
+    /// How many users are registered.
+    pub fn count(&self) -> Pending<usize> {
+        match self {
+            Users::Sled(users) => users.count(),
+            Users::Redis(redis) => redis.user_count(),
+        }
+    }
+}
+
+/// The live sessions.
+pub enum Sessions {
+    /// In memory, written back to sled.
+    Sled(SledSessions),
+    /// In a Redis server shared by every broker; expiry is Redis's own TTL.
+    Redis(RedisStore, SessionPolicy),
+}
+
+impl Sessions {
+    /// Issues a token for a user who just logged in; a unionid also goes on the user's older
+    /// sessions.
+    pub fn issue(
+        &mut self,
+        uid: u64,
+        openid: String,
+        unionid: Option<String>,
+        now: u64,
+    ) -> Pending<Issued> {
+        let token = match new_token() {
+            Ok(token) => token,
+            Err(e) => {
+                return Pending::Ready(Err(Error::Unavailable(format!("the OS RNG failed: {e}"))));
+            }
+        };
+        match self {
+            Sessions::Sled(sessions) => {
+                Pending::Ready(sessions.issue(token, uid, openid, unionid, now))
+            }
+            Sessions::Redis(redis, policy) => {
+                redis.issue_session(*policy, token, uid, openid, unionid, now)
+            }
+        }
+    }
+
+    /// Who the session belongs to; slides its idle expiry.
+    pub fn check(&mut self, hash: TokenHash, now: u64) -> Pending<SessionInfo> {
+        match self {
+            Sessions::Sled(sessions) => Pending::Ready(sessions.check(&hash, now)),
+            Sessions::Redis(redis, policy) => redis.check_session(*policy, hash, now),
+        }
+    }
+
+    /// Ends a session, durably; `InvalidSession` if it was not live.
+    pub fn revoke(&mut self, hash: TokenHash, now: u64) -> Pending<()> {
+        match self {
+            Sessions::Sled(sessions) => sessions.revoke(&hash, now),
+            Sessions::Redis(redis, policy) => redis.revoke_session(*policy, hash, now),
+        }
+    }
+
+    /// Ends every session of a user, durably; how many were live.
+    pub fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
+        match self {
+            Sessions::Sled(sessions) => sessions.revoke_user(uid, now),
+            Sessions::Redis(redis, policy) => redis.revoke_user_sessions(*policy, uid, now),
+        }
+    }
+
+    /// Records a unionid learned after login on all of the user's sessions.
+    pub fn set_unionid(&mut self, uid: u64, unionid: String) -> Pending<()> {
+        match self {
+            Sessions::Sled(sessions) => Pending::Ready(sessions.set_unionid(uid, &unionid)),
+            Sessions::Redis(redis, _) => redis.set_session_unionid(uid, unionid),
+        }
+    }
+
+    /// The live sessions of a user.
+    pub fn list(&self, uid: u64, now: u64) -> Pending<Vec<SessionSummary>> {
+        match self {
+            Sessions::Sled(sessions) => Pending::Ready(Ok(sessions.list(uid, now))),
+            Sessions::Redis(redis, policy) => redis.list_sessions(*policy, uid, now),
+        }
+    }
+
+    /// Sessions held (with sled, expired ones not yet swept included).
+    pub fn count(&self) -> Pending<usize> {
+        match self {
+            Sessions::Sled(sessions) => Pending::Ready(Ok(sessions.len())),
+            Sessions::Redis(redis, _) => redis.session_count(),
+        }
+    }
+
+    /// Deletes expired sessions (Redis expires them itself).
+    pub fn sweep(&mut self, now: u64) -> Result<(), Error> {
+        match self {
+            Sessions::Sled(sessions) => sessions.sweep(now),
+            Sessions::Redis(..) => Ok(()),
+        }
+    }
+
+    /// Persists what only memory holds (at a clean stop).
+    pub fn persist(&mut self) -> Result<(), Error> {
+        match self {
+            Sessions::Sled(sessions) => sessions.write_back_last_seen(),
+            Sessions::Redis(..) => Ok(()),
+        }
+    }
+}

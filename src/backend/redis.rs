@@ -1,0 +1,749 @@
+//! Users, sessions and used login codes in a Redis server that several brokers share.
+//!
+//! Every operation that reads and then writes is one Lua script, so it is atomic on the server:
+//! two brokers registering the same openid at once get one uid, and a logout on one broker is
+//! seen by the next check on any other (there is no per-broker cache to go stale). A session's
+//! idle expiry is the key's own TTL; a check moves it (and writes) only when the last use moved
+//! by a tenth of the idle TTL.
+//!
+//! Keys, all under `wxb:`:
+//! - `user:{openid}`: hash of `uid`, `openid`, `unionid`, `session_key`, `created_at`,
+//!   `updated_at`, `profile` and `phone` (JSON)
+//! - `uid:{uid}` -> openid; `unionid:{unionid}` -> uid; `next_uid`: the last uid handed out;
+//!   `user_count`
+//! - `session:{id}` (id: hex SHA-256 of the token): hash of `uid`, `openid`, `unionid`,
+//!   `created_at`, `last_seen`, `expires_at`; TTL = the idle deadline
+//! - `sessions:{uid}`: sorted set of the user's session ids by creation
+//! - `code:{hex SHA-256 of the code}`: a login code exchanged (or being exchanged) by some broker,
+//!   for the code's 5-minute life
+//!
+//! The scripts compute some of the keys they touch, so Redis Cluster is not supported: one
+//! server (with replicas or Sentinel in front, through a `redis://` URL that reaches the primary).
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use sha2::{Digest, Sha256};
+
+use super::{Pending, SessionPolicy};
+use crate::Error;
+use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
+use crate::actors::user_registry::Registration;
+use crate::crypto::{TokenHash, hex, session_id, token_hash};
+use crate::store::{SessionRecord, UserKey, UserRecord};
+use crate::upstream::Code2Session;
+use crate::user::{Phone, Profile, User};
+
+/// Every key of wxbroker starts with this.
+const PREFIX: &str = "wxb:";
+/// How long a login code is remembered: WeChat's codes live about five minutes.
+const CODE_LIFETIME_SECS: u64 = 300;
+
+/// A connection to the shared Redis (multiplexed, reconnecting). Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    con: ConnectionManager,
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `url` (`redis://[user:password@]host:port/db`).
+    pub async fn connect(url: &str) -> Result<RedisStore, Error> {
+        let shown = redacted(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Config(format!("bad WXBROKER_STORE {shown}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let con = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| Error::Config(format!("cannot reach Redis at {shown}: {e}")))?;
+        Ok(RedisStore { con })
+    }
+
+    /// Whether the server answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut con)
+            .await
+            .map(drop)
+            .map_err(storage)
+    }
+
+    /// Books `code` as being exchanged by this broker; `false` if some broker already did.
+    pub async fn claim_code(&self, code: &str) -> Result<bool, Error> {
+        let mut con = self.con.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(code_key(code))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(CODE_LIFETIME_SECS)
+            .query_async(&mut con)
+            .await
+            .map_err(storage)?;
+        Ok(set.is_some())
+    }
+
+    /// Gives up the booking of a code whose exchange failed, so that a retry may reach WeChat.
+    pub async fn release_code(&self, code: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::cmd("DEL")
+            .arg(code_key(code))
+            .query_async::<i64>(&mut con)
+            .await
+            .map(drop)
+            .map_err(storage)
+    }
+
+    /// Runs `invocation` in a task-owned future.
+    fn run<T, R>(
+        &self,
+        script: &'static Script,
+        args: Vec<String>,
+        then: impl FnOnce(R) -> Result<T, Error> + Send + 'static,
+    ) -> Pending<T>
+    where
+        T: Send + 'static,
+        R: FromRedisValue + Send + 'static,
+    {
+        let mut con = self.con.clone();
+        Pending::Later(Box::pin(async move {
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(PREFIX);
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            let raw: R = invocation.invoke_async(&mut con).await.map_err(storage)?;
+            then(raw)
+        }))
+    }
+
+    // Users.
+
+    pub(super) fn upsert_user(&self, login: Code2Session, now: u64) -> Pending<Registration> {
+        let args = vec![
+            login.openid.clone(),
+            login.session_key,
+            login.unionid.unwrap_or_default(),
+            now.to_string(),
+        ];
+        let openid = login.openid;
+        self.run(
+            &UPSERT_USER,
+            args,
+            move |(is_new, uid, unionid): (i64, u64, String)| {
+                Ok(Registration {
+                    uid,
+                    openid,
+                    unionid: Some(unionid).filter(|u| !u.is_empty()),
+                    is_new: is_new == 1,
+                })
+            },
+        )
+    }
+
+    pub(super) fn session_key(&self, openid: String) -> Pending<String> {
+        let mut con = self.con.clone();
+        Pending::Later(Box::pin(async move {
+            let key: Option<String> = redis::cmd("HGET")
+                .arg(format!("{PREFIX}user:{openid}"))
+                .arg("session_key")
+                .query_async(&mut con)
+                .await
+                .map_err(storage)?;
+            key.ok_or(Error::InvalidSession)
+        }))
+    }
+
+    pub(super) fn save_profile(&self, openid: String, profile: Profile, now: u64) -> Pending<User> {
+        let unionid = profile.union_id.clone().unwrap_or_default();
+        let json = serde_json::to_string(&profile).expect("a profile serializes");
+        self.update_user(openid, now, unionid, ("profile", json), None)
+    }
+
+    pub(super) fn save_phone(&self, openid: String, phone: Phone, now: u64) -> Pending<User> {
+        let json = serde_json::to_string(&phone).expect("a phone serializes");
+        self.update_user(openid, now, String::new(), ("phone", json), None)
+    }
+
+    pub(super) fn replace_session_key(
+        &self,
+        openid: String,
+        old: String,
+        new: String,
+        now: u64,
+    ) -> Pending<User> {
+        self.update_user(openid, now, String::new(), ("session_key", new), Some(old))
+    }
+
+    fn update_user(
+        &self,
+        openid: String,
+        now: u64,
+        unionid: String,
+        (field, value): (&str, String),
+        expect: Option<String>,
+    ) -> Pending<User> {
+        let mut args = vec![
+            openid.clone(),
+            now.to_string(),
+            unionid,
+            field.into(),
+            value,
+        ];
+        args.extend(expect);
+        self.run(&UPDATE_USER, args, move |fields: Option<Vec<String>>| {
+            let fields = fields.ok_or_else(|| Error::Storage(format!("no user {openid}")))?;
+            user_record(fields).map(User::from)
+        })
+    }
+
+    pub(super) fn find_user(&self, key: UserKey) -> Pending<Option<User>> {
+        self.find_record(key).map(|record| record.map(User::from))
+    }
+
+    /// The whole stored user, session_key included (for the store's own tools).
+    pub fn find_record(&self, key: UserKey) -> Pending<Option<UserRecord>> {
+        let (kind, value) = match key {
+            UserKey::Uid(uid) => ("uid", uid.to_string()),
+            UserKey::Openid(openid) => ("openid", openid),
+            UserKey::Unionid(unionid) => ("unionid", unionid),
+        };
+        self.run(
+            &FIND_USER,
+            vec![kind.into(), value],
+            |fields: Option<Vec<String>>| fields.map(user_record).transpose(),
+        )
+    }
+
+    pub(super) fn user_count(&self) -> Pending<usize> {
+        let mut con = self.con.clone();
+        Pending::Later(Box::pin(async move {
+            let count: Option<usize> = redis::cmd("GET")
+                .arg(format!("{PREFIX}user_count"))
+                .query_async(&mut con)
+                .await
+                .map_err(storage)?;
+            Ok(count.unwrap_or(0))
+        }))
+    }
+
+    /// Writes a user as exported from another store, keeping its uid (see
+    /// [`crate::store::Store::import_user`]: the same rules).
+    pub fn import_user(&self, user: &UserRecord) -> Pending<()> {
+        let json = |value: Option<String>| value.unwrap_or_default();
+        let args = vec![
+            user.uid.to_string(),
+            user.openid.clone(),
+            user.unionid.clone().unwrap_or_default(),
+            user.session_key.clone(),
+            user.created_at.to_string(),
+            user.updated_at.to_string(),
+            json(
+                user.profile
+                    .as_ref()
+                    .map(|p| serde_json::to_string(p).expect("serializes")),
+            ),
+            json(
+                user.phone
+                    .as_ref()
+                    .map(|p| serde_json::to_string(p).expect("serializes")),
+            ),
+        ];
+        self.run(&IMPORT_USER, args, |_: i64| Ok(()))
+    }
+
+    // Sessions.
+
+    pub(super) fn issue_session(
+        &self,
+        policy: SessionPolicy,
+        token: String,
+        uid: u64,
+        openid: String,
+        unionid: Option<String>,
+        now: u64,
+    ) -> Pending<Issued> {
+        let record = SessionRecord {
+            uid,
+            openid,
+            unionid,
+            created_at: now,
+            last_seen: now,
+            expires_at: now.saturating_add(policy.max_ttl),
+        };
+        let put = self.put_session(policy, &token_hash(&token), &record, now);
+        // A unionid WeChat reports now also belongs on the user's older sessions.
+        let spread = record
+            .unionid
+            .map(|unionid| self.set_session_unionid(uid, unionid));
+        let expires_in = policy.expires_in();
+        Pending::Later(Box::pin(async move {
+            put.wait().await?;
+            if let Some(spread) = spread {
+                spread.wait().await?;
+            }
+            Ok(Issued { token, expires_in })
+        }))
+    }
+
+    /// Stores a session record as it is (a fresh one, or one moved from another store); one
+    /// already dead at `now` is not stored.
+    pub fn put_session(
+        &self,
+        policy: SessionPolicy,
+        hash: &TokenHash,
+        record: &SessionRecord,
+        now: u64,
+    ) -> Pending<()> {
+        let deadline = policy.deadline(record.last_seen, record.expires_at);
+        if deadline <= now {
+            return Pending::Ready(Ok(()));
+        }
+        let args = vec![
+            session_id(hash),
+            record.uid.to_string(),
+            record.openid.clone(),
+            record.unionid.clone().unwrap_or_default(),
+            record.created_at.to_string(),
+            record.last_seen.to_string(),
+            record.expires_at.to_string(),
+            ((deadline - now) * 1000).to_string(),
+            (policy.max_ttl * 1000).to_string(),
+            MAX_SESSIONS_PER_USER.to_string(),
+        ];
+        self.run(&PUT_SESSION, args, |_: i64| Ok(()))
+    }
+
+    pub(super) fn check_session(
+        &self,
+        policy: SessionPolicy,
+        hash: TokenHash,
+        now: u64,
+    ) -> Pending<SessionInfo> {
+        let args = vec![
+            session_id(&hash),
+            now.to_string(),
+            policy.idle_ttl.to_string(),
+            policy.write_back_step().to_string(),
+        ];
+        self.run(
+            &CHECK_SESSION,
+            args,
+            |found: Option<(u64, String, String, u64)>| {
+                let (uid, openid, unionid, expires_at) = found.ok_or(Error::InvalidSession)?;
+                Ok(SessionInfo {
+                    uid,
+                    openid,
+                    unionid: Some(unionid).filter(|u| !u.is_empty()),
+                    expires_at,
+                })
+            },
+        )
+    }
+
+    pub(super) fn revoke_session(
+        &self,
+        policy: SessionPolicy,
+        hash: TokenHash,
+        now: u64,
+    ) -> Pending<()> {
+        let args = vec![
+            session_id(&hash),
+            now.to_string(),
+            policy.idle_ttl.to_string(),
+        ];
+        self.run(&REVOKE_SESSION, args, |live: i64| {
+            if live == 1 {
+                Ok(())
+            } else {
+                Err(Error::InvalidSession)
+            }
+        })
+    }
+
+    pub(super) fn revoke_user_sessions(
+        &self,
+        policy: SessionPolicy,
+        uid: u64,
+        now: u64,
+    ) -> Pending<usize> {
+        let args = vec![
+            uid.to_string(),
+            now.to_string(),
+            policy.idle_ttl.to_string(),
+        ];
+        self.run(&REVOKE_USER, args, |live: usize| Ok(live))
+    }
+
+    pub(super) fn set_session_unionid(&self, uid: u64, unionid: String) -> Pending<()> {
+        self.run(
+            &SET_UNIONID,
+            vec![uid.to_string(), unionid],
+            |_: i64| Ok(()),
+        )
+    }
+
+    pub(super) fn list_sessions(
+        &self,
+        policy: SessionPolicy,
+        uid: u64,
+        now: u64,
+    ) -> Pending<Vec<SessionSummary>> {
+        let args = vec![
+            uid.to_string(),
+            now.to_string(),
+            policy.idle_ttl.to_string(),
+        ];
+        self.run(
+            &LIST_SESSIONS,
+            args,
+            |rows: Vec<(String, u64, u64, u64)>| {
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, created_at, last_seen, expires_at)| SessionSummary {
+                        id,
+                        created_at,
+                        last_seen,
+                        expires_at,
+                    })
+                    .collect())
+            },
+        )
+    }
+
+    /// Sessions stored. Walks the keyspace (SCAN): for the admin's stats, not per request.
+    pub(super) fn session_count(&self) -> Pending<usize> {
+        let mut con = self.con.clone();
+        Pending::Later(Box::pin(async move {
+            let mut cursor = 0u64;
+            let mut count = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{PREFIX}session:*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(storage)?;
+                count += keys.len();
+                if next == 0 {
+                    return Ok(count);
+                }
+                cursor = next;
+            }
+        }))
+    }
+}
+
+/// A Redis that cannot be reached is a 503 (retry), anything else a storage failure.
+fn storage(err: redis::RedisError) -> Error {
+    if err.is_io_error()
+        || err.is_connection_refusal()
+        || err.is_connection_dropped()
+        || err.is_timeout()
+    {
+        Error::Unavailable(format!("Redis is unreachable: {err}"))
+    } else {
+        Error::Storage(format!("Redis: {err}"))
+    }
+}
+
+fn code_key(code: &str) -> String {
+    format!("{PREFIX}code:{}", hex(&Sha256::digest(code.as_bytes())))
+}
+
+/// `url` without its password, for messages.
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("[redacted]"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(unparsable URL)".into(),
+    }
+}
+
+/// A user from the field/value list of its hash.
+fn user_record(fields: Vec<String>) -> Result<UserRecord, Error> {
+    let mut map: HashMap<String, String> = HashMap::new();
+    let mut pairs = fields.into_iter();
+    while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
+        map.insert(field, value);
+    }
+    let bad = |what: &str| Error::Storage(format!("Redis: a user record has a bad {what}"));
+    let number = |field: &str| -> Result<u64, Error> {
+        map.get(field)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(field))
+    };
+    let json = |field: &str| -> Result<Option<serde_json::Value>, Error> {
+        map.get(field)
+            .map(|v| serde_json::from_str(v).map_err(|_| bad(field)))
+            .transpose()
+    };
+    Ok(UserRecord {
+        uid: number("uid")?,
+        created_at: number("created_at")?,
+        updated_at: number("updated_at")?,
+        profile: json("profile")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|_| bad("profile"))?,
+        phone: json("phone")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|_| bad("phone"))?,
+        openid: map.remove("openid").ok_or_else(|| bad("openid"))?,
+        unionid: map.remove("unionid"),
+        session_key: map.remove("session_key").unwrap_or_default(),
+    })
+}
+
+// The scripts. ARGV[1] is always the key prefix.
+
+/// ARGV: openid, session_key, unionid ('' for none), now. Returns {is_new, uid, unionid or ''}.
+static UPSERT_USER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, openid, key, unionid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ukey = p .. 'user:' .. openid
+local uid = redis.call('HGET', ukey, 'uid')
+local is_new = 0
+if not uid then
+  uid = redis.call('INCR', p .. 'next_uid')
+  redis.call('INCR', p .. 'user_count')
+  redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'created_at', now)
+  redis.call('SET', p .. 'uid:' .. uid, openid)
+  is_new = 1
+end
+redis.call('HSET', ukey, 'session_key', key, 'updated_at', now)
+if unionid ~= '' then
+  local old = redis.call('HGET', ukey, 'unionid')
+  if old and old ~= unionid then redis.call('DEL', p .. 'unionid:' .. old) end
+  redis.call('HSET', ukey, 'unionid', unionid)
+  redis.call('SET', p .. 'unionid:' .. unionid, uid)
+end
+return {is_new, tonumber(uid), redis.call('HGET', ukey, 'unionid') or ''}
+"#,
+    )
+});
+
+/// ARGV: openid, now, unionid ('' for none), field, value[, expected current value of the field:
+/// if it holds another, it is kept]. Returns the user's fields, or nil.
+static UPDATE_USER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, openid, now, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ukey = p .. 'user:' .. openid
+local uid = redis.call('HGET', ukey, 'uid')
+if not uid then return false end
+if unionid ~= '' then
+  local old = redis.call('HGET', ukey, 'unionid')
+  if old and old ~= unionid then redis.call('DEL', p .. 'unionid:' .. old) end
+  redis.call('HSET', ukey, 'unionid', unionid)
+  redis.call('SET', p .. 'unionid:' .. unionid, uid)
+end
+if not ARGV[7] or redis.call('HGET', ukey, ARGV[5]) == ARGV[7] then
+  redis.call('HSET', ukey, ARGV[5], ARGV[6])
+end
+redis.call('HSET', ukey, 'updated_at', now)
+return redis.call('HGETALL', ukey)
+"#,
+    )
+});
+
+/// ARGV: 'uid' | 'openid' | 'unionid', value. Returns the user's fields, or nil.
+static FIND_USER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, kind, value = ARGV[1], ARGV[2], ARGV[3]
+local openid = false
+if kind == 'openid' then
+  openid = value
+elseif kind == 'uid' then
+  openid = redis.call('GET', p .. 'uid:' .. value)
+else
+  local uid = redis.call('GET', p .. 'unionid:' .. value)
+  if uid then openid = redis.call('GET', p .. 'uid:' .. uid) end
+end
+if not openid then return false end
+local fields = redis.call('HGETALL', p .. 'user:' .. openid)
+if #fields == 0 then return false end
+return fields
+"#,
+    )
+});
+
+/// ARGV: uid, openid, unionid, session_key, created_at, updated_at, profile, phone ('' for none).
+static IMPORT_USER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, uid, openid, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local owner = redis.call('GET', p .. 'uid:' .. uid)
+if owner and owner ~= openid then
+  return redis.error_reply('uid ' .. uid .. ' already belongs to another openid')
+end
+local ukey = p .. 'user:' .. openid
+local old_uid = redis.call('HGET', ukey, 'uid')
+if not old_uid then
+  redis.call('INCR', p .. 'user_count')
+elseif old_uid ~= uid then
+  redis.call('DEL', p .. 'uid:' .. old_uid)
+end
+local old_union = redis.call('HGET', ukey, 'unionid')
+if old_union and old_union ~= unionid then redis.call('DEL', p .. 'unionid:' .. old_union) end
+redis.call('DEL', ukey)
+redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'session_key', ARGV[5],
+  'created_at', ARGV[6], 'updated_at', ARGV[7])
+if unionid ~= '' then
+  redis.call('HSET', ukey, 'unionid', unionid)
+  redis.call('SET', p .. 'unionid:' .. unionid, uid)
+end
+if ARGV[8] ~= '' then redis.call('HSET', ukey, 'profile', ARGV[8]) end
+if ARGV[9] ~= '' then redis.call('HSET', ukey, 'phone', ARGV[9]) end
+redis.call('SET', p .. 'uid:' .. uid, openid)
+local last = tonumber(redis.call('GET', p .. 'next_uid') or '0')
+if tonumber(uid) > last then redis.call('SET', p .. 'next_uid', uid) end
+return 1
+"#,
+    )
+});
+
+/// ARGV: id, uid, openid, unionid, created_at, last_seen, expires_at, ttl_ms, max_ttl_ms,
+/// max_per_user. Ends the user's oldest sessions beyond the cap first.
+static PUT_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, id, uid, openid, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local max = tonumber(ARGV[11])
+local zkey = p .. 'sessions:' .. uid
+if redis.call('ZCARD', zkey) >= max then
+  for _, other in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
+    if redis.call('EXISTS', p .. 'session:' .. other) == 0 then redis.call('ZREM', zkey, other) end
+  end
+  while redis.call('ZCARD', zkey) >= max do
+    local oldest = redis.call('ZPOPMIN', zkey)
+    redis.call('DEL', p .. 'session:' .. oldest[1])
+  end
+end
+local skey = p .. 'session:' .. id
+redis.call('DEL', skey)
+redis.call('HSET', skey, 'uid', uid, 'openid', openid, 'created_at', ARGV[6],
+  'last_seen', ARGV[7], 'expires_at', ARGV[8])
+redis.call('PEXPIRE', skey, ARGV[9])
+redis.call('ZADD', zkey, ARGV[6], id)
+redis.call('PEXPIRE', zkey, ARGV[10])
+if unionid ~= '' then redis.call('HSET', skey, 'unionid', unionid) end
+return 1
+"#,
+    )
+});
+
+/// ARGV: id, now, idle_ttl, step. Returns {uid, openid, unionid or '', deadline}, or nil when the
+/// session is unknown or dead (then it is deleted).
+static CHECK_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, id = ARGV[1], ARGV[2]
+local now, idle, step = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local skey = p .. 'session:' .. id
+local s = redis.call('HMGET', skey, 'uid', 'openid', 'unionid', 'last_seen', 'expires_at')
+if not s[1] then return false end
+local last_seen, expires_at = tonumber(s[4]), tonumber(s[5])
+local deadline = math.min(last_seen + idle, expires_at)
+if now >= deadline then
+  redis.call('DEL', skey)
+  redis.call('ZREM', p .. 'sessions:' .. s[1], id)
+  return false
+end
+if now - last_seen >= step then
+  deadline = math.min(now + idle, expires_at)
+  redis.call('HSET', skey, 'last_seen', now)
+  redis.call('PEXPIRE', skey, (deadline - now) * 1000)
+end
+return {s[1], s[2], s[3] or '', deadline}
+"#,
+    )
+});
+
+/// ARGV: id, now, idle_ttl. Returns 1 if a live session ended, 0 if it was dead, -1 if unknown.
+static REVOKE_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, id, now, idle = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local skey = p .. 'session:' .. id
+local s = redis.call('HMGET', skey, 'uid', 'last_seen', 'expires_at')
+if not s[1] then return -1 end
+redis.call('DEL', skey)
+redis.call('ZREM', p .. 'sessions:' .. s[1], id)
+if now >= math.min(tonumber(s[2]) + idle, tonumber(s[3])) then return 0 end
+return 1
+"#,
+    )
+});
+
+/// ARGV: uid, now, idle_ttl. Ends every session of the user; returns how many were live.
+static REVOKE_USER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, uid, now, idle = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local zkey = p .. 'sessions:' .. uid
+local live = 0
+for _, id in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
+  local skey = p .. 'session:' .. id
+  local s = redis.call('HMGET', skey, 'last_seen', 'expires_at')
+  if s[1] then
+    if now < math.min(tonumber(s[1]) + idle, tonumber(s[2])) then live = live + 1 end
+    redis.call('DEL', skey)
+  end
+end
+redis.call('DEL', zkey)
+return live
+"#,
+    )
+});
+
+/// ARGV: uid, unionid. Puts the unionid on every session of the user.
+static SET_UNIONID: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, uid, unionid = ARGV[1], ARGV[2], ARGV[3]
+for _, id in ipairs(redis.call('ZRANGE', p .. 'sessions:' .. uid, 0, -1)) do
+  local skey = p .. 'session:' .. id
+  if redis.call('EXISTS', skey) == 1 then redis.call('HSET', skey, 'unionid', unionid) end
+end
+return 1
+"#,
+    )
+});
+
+/// ARGV: uid, now, idle_ttl. Returns {{id, created_at, last_seen, deadline}, ...} of the live
+/// sessions of the user, oldest first.
+static LIST_SESSIONS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local p, uid, now, idle = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local rows = {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'sessions:' .. uid, 0, -1)) do
+  local s = redis.call('HMGET', p .. 'session:' .. id, 'created_at', 'last_seen', 'expires_at')
+  if s[1] then
+    local deadline = math.min(tonumber(s[2]) + idle, tonumber(s[3]))
+    if now < deadline then
+      table.insert(rows, {id, tonumber(s[1]), tonumber(s[2]), deadline})
+    end
+  end
+end
+return rows
+"#,
+    )
+});

@@ -1,0 +1,349 @@
+//! Sessions on one machine: a table in memory (rebuilt from sled at start), so a check costs a
+//! hash lookup and no disk access. Sliding expiry is tracked in memory too and written back only
+//! when the last use moved by a tenth of the idle TTL: a check does not write on every call, and a
+//! crash can at worst make a session expire that tenth earlier.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Pending, SessionPolicy};
+use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
+use crate::crypto::{TokenHash, session_id, token_hash};
+use crate::group_commit::GroupCommit;
+use crate::store::{SessionRecord, Store};
+use crate::{Error, Metrics};
+
+/// The live sessions and the handles needed to persist them.
+pub struct SledSessions {
+    store: Store,
+    commit: GroupCommit,
+    policy: SessionPolicy,
+    metrics: Arc<Metrics>,
+    sessions: HashMap<TokenHash, Live>,
+    /// uid -> the hashes of that user's sessions, to update or end them all at once.
+    by_uid: HashMap<u64, Vec<TokenHash>>,
+}
+
+/// A session in memory: the stored record plus the last use not yet written back.
+struct Live {
+    record: SessionRecord,
+    last_seen: u64,
+}
+
+impl SledSessions {
+    /// The table, loaded from `store`. An unreadable record is skipped: a session can always be
+    /// given up (its user logs in again); the broker cannot.
+    pub fn load(
+        store: Store,
+        commit: GroupCommit,
+        policy: SessionPolicy,
+        metrics: Arc<Metrics>,
+    ) -> SledSessions {
+        let mut table = SledSessions {
+            store,
+            commit,
+            policy,
+            metrics,
+            sessions: HashMap::new(),
+            by_uid: HashMap::new(),
+        };
+        let store = table.store.clone();
+        for entry in store.sessions() {
+            match entry {
+                Ok((hash, record)) => table.remember(hash, record),
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable session record"),
+            }
+        }
+        tracing::info!(sessions = table.sessions.len(), "session table loaded");
+        table
+    }
+
+    /// Sessions held, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub(super) fn issue(
+        &mut self,
+        token: String,
+        uid: u64,
+        openid: String,
+        unionid: Option<String>,
+        now: u64,
+    ) -> Result<Issued, Error> {
+        let hash = token_hash(&token);
+        let record = SessionRecord {
+            uid,
+            openid,
+            unionid,
+            created_at: now,
+            last_seen: now,
+            expires_at: now.saturating_add(self.policy.max_ttl),
+        };
+        // Order in the index is not age after a restart (it is rebuilt in key order).
+        let oldest = self
+            .by_uid
+            .get(&uid)
+            .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
+            .and_then(|hashes| {
+                hashes
+                    .iter()
+                    .min_by_key(|hash| self.sessions.get(*hash).map(|live| live.record.created_at))
+                    .copied()
+            });
+        if let Some(oldest) = oldest {
+            self.forget(&oldest);
+            self.store.remove_session(&oldest)?;
+        }
+        let unionid = record.unionid.clone();
+        self.store.put_session(&hash, &record)?;
+        self.remember(hash, record);
+        // A unionid WeChat reports now also belongs on the user's older sessions.
+        if let Some(unionid) = unionid {
+            self.set_unionid(uid, &unionid)?;
+        }
+        Ok(Issued {
+            token,
+            expires_in: self.policy.expires_in(),
+        })
+    }
+
+    pub(super) fn check(&mut self, hash: &TokenHash, now: u64) -> Result<SessionInfo, Error> {
+        let policy = self.policy;
+        let live = self.sessions.get_mut(hash).ok_or(Error::InvalidSession)?;
+        if live.expired(now, &policy) {
+            self.forget(hash);
+            self.store.remove_session(hash)?;
+            return Err(Error::InvalidSession);
+        }
+        live.last_seen = live.last_seen.max(now);
+        if live.last_seen - live.record.last_seen >= policy.write_back_step() {
+            live.record.last_seen = live.last_seen;
+            self.store.put_session(hash, &live.record)?;
+        }
+        Ok(SessionInfo {
+            uid: live.record.uid,
+            openid: live.record.openid.clone(),
+            unionid: live.record.unionid.clone(),
+            expires_at: live.expires_at(&policy),
+        })
+    }
+
+    pub(super) fn revoke(&mut self, hash: &TokenHash, now: u64) -> Pending<()> {
+        let revoked = (|| {
+            let live = self.forget(hash).ok_or(Error::InvalidSession)?;
+            self.store.remove_session(hash)?;
+            if live.expired(now, &self.policy) {
+                return Err(Error::InvalidSession);
+            }
+            Ok(())
+        })();
+        self.durable(revoked)
+    }
+
+    pub(super) fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
+        let hashes = self.by_uid.get(&uid).cloned().unwrap_or_default();
+        let mut live = 0;
+        for hash in &hashes {
+            if self
+                .forget(hash)
+                .is_some_and(|s| !s.expired(now, &self.policy))
+            {
+                live += 1;
+            }
+        }
+        let removed = self.store.remove_sessions(&hashes).map(|()| live);
+        self.durable(removed)
+    }
+
+    /// `outcome` once it is on disk (through the group commit), or its error at once.
+    fn durable<T: Send + 'static>(&self, outcome: Result<T, Error>) -> Pending<T> {
+        match outcome {
+            Ok(value) => {
+                let commit = self.commit.clone();
+                Pending::Later(Box::pin(
+                    async move { commit.durable().await.map(|()| value) },
+                ))
+            }
+            Err(e) => Pending::Ready(Err(e)),
+        }
+    }
+
+    pub(super) fn sweep(&mut self, now: u64) -> Result<(), Error> {
+        let expired: Vec<TokenHash> = self
+            .sessions
+            .iter()
+            .filter(|(_, live)| live.expired(now, &self.policy))
+            .map(|(hash, _)| *hash)
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        for hash in &expired {
+            self.forget(hash);
+        }
+        self.store.remove_sessions(&expired)?;
+        tracing::debug!(removed = expired.len(), "swept expired sessions");
+        Ok(())
+    }
+
+    pub(super) fn list(&self, uid: u64, now: u64) -> Vec<SessionSummary> {
+        self.by_uid
+            .get(&uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|hash| Some((hash, self.sessions.get(hash)?)))
+            .filter(|(_, live)| !live.expired(now, &self.policy))
+            .map(|(hash, live)| SessionSummary {
+                id: session_id(hash),
+                created_at: live.record.created_at,
+                last_seen: live.last_seen,
+                expires_at: live.expires_at(&self.policy),
+            })
+            .collect()
+    }
+
+    pub(super) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
+        for hash in self.by_uid.get(&uid).into_iter().flatten() {
+            if let Some(live) = self.sessions.get_mut(hash)
+                && live.record.unionid.as_deref() != Some(unionid)
+            {
+                live.record.unionid = Some(unionid.to_owned());
+                self.store.put_session(hash, &live.record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists every last use that was only held in memory (at a clean stop).
+    pub(super) fn write_back_last_seen(&mut self) -> Result<(), Error> {
+        for (hash, live) in &mut self.sessions {
+            if live.last_seen > live.record.last_seen {
+                live.record.last_seen = live.last_seen;
+                self.store.put_session(hash, &live.record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a session to the table and its user's index.
+    fn remember(&mut self, hash: TokenHash, record: SessionRecord) {
+        self.by_uid.entry(record.uid).or_default().push(hash);
+        let last_seen = record.last_seen;
+        self.sessions.insert(hash, Live { record, last_seen });
+        self.metrics.live_sessions.set(self.sessions.len() as i64);
+    }
+
+    /// Removes a session from the table and its user's index (not from the store).
+    fn forget(&mut self, hash: &TokenHash) -> Option<Live> {
+        let live = self.sessions.remove(hash)?;
+        self.metrics.live_sessions.set(self.sessions.len() as i64);
+        if let Some(hashes) = self.by_uid.get_mut(&live.record.uid) {
+            hashes.retain(|h| h != hash);
+            if hashes.is_empty() {
+                self.by_uid.remove(&live.record.uid);
+            }
+        }
+        Some(live)
+    }
+}
+
+impl Live {
+    fn expires_at(&self, policy: &SessionPolicy) -> u64 {
+        policy.deadline(self.last_seen, self.record.expires_at)
+    }
+
+    fn expired(&self, now: u64, policy: &SessionPolicy) -> bool {
+        now >= self.expires_at(policy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::new_token;
+
+    fn table(dir: &tempfile::TempDir) -> SledSessions {
+        let store = Store::open(dir.path(), 8).unwrap();
+        let commit = GroupCommit::start(store.db().clone(), Default::default());
+        let policy = SessionPolicy {
+            idle_ttl: 1000,
+            max_ttl: 5000,
+        };
+        SledSessions::load(store, commit, policy, Default::default())
+    }
+
+    fn issue(table: &mut SledSessions, uid: u64, openid: &str, now: u64) -> TokenHash {
+        let token = new_token().unwrap();
+        let issued = table.issue(token, uid, openid.into(), None, now).unwrap();
+        token_hash(&issued.token)
+    }
+
+    fn stored_last_seen(table: &SledSessions, hash: &TokenHash) -> u64 {
+        let stored = table
+            .store
+            .sessions()
+            .map(Result::unwrap)
+            .find(|(h, _)| h == hash);
+        stored.unwrap().1.last_seen
+    }
+
+    #[tokio::test]
+    async fn checks_write_the_last_use_only_when_it_moved_a_tenth_of_the_idle_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = table(&dir);
+        let hash = issue(&mut table, 1, "o", 10_000);
+
+        assert_eq!(
+            table.check(&hash, 10_099).unwrap().expires_at,
+            10_099 + 1000
+        );
+        assert_eq!(
+            stored_last_seen(&table, &hash),
+            10_000,
+            "under a tenth: memory only"
+        );
+
+        table.check(&hash, 10_100).unwrap();
+        assert_eq!(
+            stored_last_seen(&table, &hash),
+            10_100,
+            "a tenth: written back"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_session_is_refused_and_forgotten_before_any_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = table(&dir);
+        let hash = issue(&mut table, 1, "o", 10_000);
+        assert_eq!(table.check(&hash, 11_000), Err(Error::InvalidSession));
+        assert_eq!(table.store.sessions().count(), 0);
+        assert!(table.sessions.is_empty() && table.by_uid.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_cap_evicts_the_oldest_session_whatever_the_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = table(&dir);
+        let mut hashes = Vec::new();
+        for i in 0..MAX_SESSIONS_PER_USER as u64 {
+            hashes.push(issue(&mut table, 1, "o1", 10_000 + i));
+        }
+        // After a restart the index is in key order, not age order.
+        table.by_uid.get_mut(&1).unwrap().reverse();
+        issue(&mut table, 1, "o1", 10_100);
+        assert_eq!(table.check(&hashes[0], 10_100), Err(Error::InvalidSession));
+        assert!(
+            table
+                .check(&hashes[MAX_SESSIONS_PER_USER - 1], 10_100)
+                .is_ok()
+        );
+        assert_eq!(table.store.sessions().count(), MAX_SESSIONS_PER_USER);
+    }
+}

@@ -151,12 +151,12 @@ impl Backend {
         }
     }
 
-    /// Where used login codes are remembered across brokers (only a shared store needs it: one
-    /// broker remembers them in its WeChatExchanger).
-    pub fn code_claims(&self) -> Option<RedisStore> {
+    /// Where login codes are booked across brokers (only a shared store needs it: one broker
+    /// remembers them in its WeChatExchanger).
+    pub fn code_claims(&self) -> Option<CodeBook> {
         match self {
             Backend::Sled { .. } => None,
-            Backend::Redis(redis) => Some(redis.clone()),
+            Backend::Redis(redis) => Some(CodeBook(redis.clone())),
         }
     }
 
@@ -166,6 +166,38 @@ impl Backend {
             Backend::Sled { store, .. } => StoreHealth::Sled(store.clone()),
             Backend::Redis(redis) => StoreHealth::Redis(redis.clone()),
         }
+    }
+}
+
+/// What booking a login code across brokers found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Booking {
+    /// This broker booked it: exchange it.
+    Booked,
+    /// Another broker is exchanging it right now: the client may retry in a moment.
+    InFlight,
+    /// Some broker exchanged it already.
+    Used,
+}
+
+/// Login codes booked across brokers (`SET NX` semantics, for a code's 5-minute life).
+#[derive(Clone)]
+pub struct CodeBook(RedisStore);
+
+impl CodeBook {
+    /// Books `code` for this broker, unless another broker holds or has used it.
+    pub async fn book(&self, code: &str) -> Result<Booking, Error> {
+        self.0.book_code(code).await
+    }
+
+    /// The booked code was exchanged.
+    pub async fn done(&self, code: &str) -> Result<(), Error> {
+        self.0.code_done(code).await
+    }
+
+    /// The booked code's exchange failed: another try may reach WeChat.
+    pub async fn release(&self, code: &str) -> Result<(), Error> {
+        self.0.release_code(code).await
     }
 }
 

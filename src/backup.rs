@@ -56,40 +56,58 @@ fn open_offline(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
 /// What [`migrate_to_redis`] moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Migrated {
-    /// Users, with their uids, session_keys, profiles and phones.
+    /// Users written, with their uids, session_keys, profiles and phones.
     pub users: u64,
-    /// Sessions still live at `now` (dead ones are left behind).
+    /// Users left as they were, because Redis had them already.
+    pub users_kept: u64,
+    /// Sessions written (those dead at `now`, or already in Redis, are left out).
     pub sessions: u64,
 }
 
 /// Copies every user of a stopped broker's sled `store` into `redis`, keeping uids (the uid
 /// counter moves past the largest) and session_keys, and every session live at `now`, keeping its
-/// expiry under `policy`, so that clients stay logged in. Running it again copies the same data
-/// again, harmlessly.
+/// expiry under `policy`, so that clients stay logged in. What Redis holds already is kept.
+///
+/// Refused if a migration into `redis` finished before, unless `force`: once brokers serve on
+/// Redis, copying the sled sessions again would bring back those revoked since.
 pub async fn migrate_to_redis(
     store: &Store,
     redis: &RedisStore,
     policy: SessionPolicy,
     now: u64,
+    force: bool,
 ) -> Result<Migrated, Error> {
+    if let Some(at) = redis.migrated_at().await?
+        && !force
+    {
+        return Err(Error::InvalidRequest(format!(
+            "this Redis already holds a migration (finished at unix time {at}); running it again \
+             would bring back sessions revoked since. Add --force to copy what is missing anyway"
+        )));
+    }
     let mut moved = Migrated {
         users: 0,
+        users_kept: 0,
         sessions: 0,
     };
     for user in store.users() {
-        redis.import_user(&user?).wait().await?;
-        moved.users += 1;
+        if redis.import_user(&user?).wait().await? {
+            moved.users += 1;
+        } else {
+            moved.users_kept += 1;
+        }
     }
     for session in store.sessions() {
         let (hash, record) = session?;
-        if policy.deadline(record.last_seen, record.expires_at) > now {
-            redis
-                .put_session(policy, &hash, &record, now)
-                .wait()
-                .await?;
+        if redis
+            .import_session(policy, &hash, &record, now)
+            .wait()
+            .await?
+        {
             moved.sessions += 1;
         }
     }
+    redis.mark_migrated(now).await?;
     Ok(moved)
 }
 

@@ -90,7 +90,7 @@ pub struct Config {
 
     /// Where users and sessions live when several brokers share them: `redis://host:port/db`.
     /// Without it, in sled in the data dir (one broker).
-    #[arg(long, env = "WXBROKER_STORE")]
+    #[arg(long, env = "WXBROKER_STORE", hide_env_values = true)]
     pub store: Option<Secret>,
 
     /// Seconds a session stays valid without use; every use slides it.

@@ -78,9 +78,15 @@ enum Command {
         #[arg(long, value_name = "sled:DIR")]
         from: String,
 
-        /// Where to: `redis://host:port/db`
+        /// Where to: `redis://host:port/db` [default: the broker's --store, from the flag before
+        /// the command, WXBROKER_STORE or the config file; keeps a password off the command line]
         #[arg(long, value_name = "URL")]
-        to: Secret,
+        to: Option<Secret>,
+
+        /// Copy again into a Redis that already holds a migration (sessions revoked there since
+        /// would come back)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -100,7 +106,7 @@ async fn main() -> ExitCode {
         None => serve(config).await,
         Some(Command::Export { data_dir, output }) => export(&config, data_dir, output),
         Some(Command::Import { data_dir, input }) => import(&config, data_dir, input),
-        Some(Command::Migrate { from, to }) => migrate(&config, &from, &to).await,
+        Some(Command::Migrate { from, to, force }) => migrate(&config, &from, to, force).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,11 +226,19 @@ fn import(
 }
 
 /// `wxbroker migrate --from sled:DIR --to redis://...`.
-async fn migrate(config: &Config, from: &str, to: &Secret) -> anyhow::Result<()> {
+async fn migrate(
+    config: &Config,
+    from: &str,
+    to: Option<Secret>,
+    force: bool,
+) -> anyhow::Result<()> {
     let dir = from
         .strip_prefix("sled:")
         .map(PathBuf::from)
         .context("--from must be sled:DIR, the data dir of a stopped broker")?;
+    let to = to
+        .or_else(|| config.store.clone())
+        .context("say where to: --to redis://host:port/db, or WXBROKER_STORE")?;
     let checked = Config {
         store: Some(to.clone()),
         ..Config::default()
@@ -236,11 +250,12 @@ async fn migrate(config: &Config, from: &str, to: &Secret) -> anyhow::Result<()>
         idle_ttl: config.session_idle_ttl,
         max_ttl: config.session_max_ttl,
     };
-    let moved = backup::migrate_to_redis(&store, &redis, policy, config.clock.now())
+    let moved = backup::migrate_to_redis(&store, &redis, policy, config.clock.now(), force)
         .await
         .with_context(|| format!("migrate from {}", dir.display()))?;
     tracing::info!(
         users = moved.users,
+        users_kept = moved.users_kept,
         sessions = moved.sessions,
         from = %dir.display(),
         "migrated to Redis"

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::backend::redis::RedisStore;
+use crate::backend::{Booking, CodeBook};
 use crate::upstream::{Code2Session, Upstream};
 use crate::{Error, Metrics};
 
@@ -29,7 +29,7 @@ pub struct WeChatExchangerArgs {
     /// The WeChat client.
     pub upstream: Upstream,
     /// Where codes are booked across brokers (a shared store), if anywhere.
-    pub claims: Option<RedisStore>,
+    pub claims: Option<CodeBook>,
     /// Exchanges in flight at once; beyond it a login gets `UpstreamBusy` immediately.
     pub max_inflight: usize,
     /// Where the in-flight gauge is kept.
@@ -40,7 +40,7 @@ pub struct WeChatExchangerArgs {
 pub struct WeChatExchangerState {
     metrics: Arc<Metrics>,
     upstream: Upstream,
-    claims: Option<RedisStore>,
+    claims: Option<CodeBook>,
     max_inflight: usize,
     /// Code -> everyone waiting for its exchange (the first caller and any duplicates).
     inflight: HashMap<String, Vec<RpcReplyPort<Result<Code2Session, Error>>>>,
@@ -159,24 +159,30 @@ impl WeChatExchangerState {
     }
 }
 
-/// Exchanges `code` with WeChat, booking it first in the shared store if there is one. A failed
-/// exchange gives the booking back, so a retry of a code WeChat did not take may reach WeChat.
+/// Exchanges `code` with WeChat, booking it first in the shared store if there is one. A code
+/// another broker is exchanging right now is "busy" (its client may retry and see the outcome);
+/// one exchanged already is "used". A failed exchange gives the booking back, so a retry of a code
+/// WeChat did not take may reach WeChat.
 async fn exchange_once(
     upstream: &Upstream,
-    claims: Option<&RedisStore>,
+    claims: Option<&CodeBook>,
     code: &str,
 ) -> Result<Code2Session, Error> {
     let Some(claims) = claims else {
         return upstream.code2session(code).await;
     };
-    if !claims.claim_code(code).await? {
-        return Err(Error::CodeUsed);
+    match claims.book(code).await? {
+        Booking::Booked => {}
+        Booking::InFlight => return Err(Error::UpstreamBusy),
+        Booking::Used => return Err(Error::CodeUsed),
     }
     let outcome = upstream.code2session(code).await;
-    if outcome.is_err()
-        && let Err(e) = claims.release_code(code).await
-    {
-        tracing::warn!(error = %e, "could not release a login code booking");
+    let settled = match &outcome {
+        Ok(_) => claims.done(code).await,
+        Err(_) => claims.release(code).await,
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "could not settle a login code booking");
     }
     outcome
 }

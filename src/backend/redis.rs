@@ -28,7 +28,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 use sha2::{Digest, Sha256};
 
-use super::{Pending, SessionPolicy};
+use super::{Booking, Pending, SessionPolicy};
 use crate::Error;
 use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
 use crate::actors::user_registry::Registration;
@@ -58,9 +58,35 @@ impl RedisStore {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
-        let con = ConnectionManager::new_with_config(client, config)
+        let mut con = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| Error::Config(format!("cannot reach Redis at {shown}: {e}")))?;
+        let cluster: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| Error::Config(format!("Redis at {shown} does not answer INFO: {e}")))?;
+        if cluster.contains("cluster_enabled:1") {
+            return Err(Error::Config(format!(
+                "Redis at {shown} is a Redis Cluster node, which wxbroker does not support: point \
+                 WXBROKER_STORE at a single Redis server (or a proxy presenting one)"
+            )));
+        }
+        // Managed Redis services may refuse CONFIG; then there is nothing to check.
+        let eviction: Result<(String, String), _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut con)
+            .await;
+        if let Ok((_, policy)) = eviction
+            && policy.starts_with("allkeys")
+        {
+            tracing::warn!(
+                policy,
+                "Redis may evict any key under memory pressure: users and the uid counter could \
+                 be lost and uids handed out twice; set maxmemory-policy noeviction"
+            );
+        }
         Ok(RedisStore { con })
     }
 
@@ -74,19 +100,56 @@ impl RedisStore {
             .map_err(storage)
     }
 
-    /// Books `code` as being exchanged by this broker; `false` if some broker already did.
-    pub async fn claim_code(&self, code: &str) -> Result<bool, Error> {
+    /// When a migration into this Redis finished (unix seconds), if one did.
+    pub async fn migrated_at(&self) -> Result<Option<u64>, Error> {
         let mut con = self.con.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(code_key(code))
-            .arg(1)
-            .arg("NX")
-            .arg("EX")
-            .arg(CODE_LIFETIME_SECS)
+        redis::cmd("GET")
+            .arg(format!("{PREFIX}migrated_at"))
             .query_async(&mut con)
             .await
+            .map_err(storage)
+    }
+
+    /// Records that a migration into this Redis finished at `now`.
+    pub async fn mark_migrated(&self, now: u64) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::cmd("SET")
+            .arg(format!("{PREFIX}migrated_at"))
+            .arg(now)
+            .query_async::<String>(&mut con)
+            .await
+            .map(drop)
+            .map_err(storage)
+    }
+
+    /// Books `code` as being exchanged by this broker, unless some broker already booked it.
+    pub async fn book_code(&self, code: &str) -> Result<Booking, Error> {
+        let mut con = self.con.clone();
+        let booked: Option<String> = BOOK_CODE
+            .key(code_key(code))
+            .arg(CODE_LIFETIME_SECS)
+            .invoke_async(&mut con)
+            .await
             .map_err(storage)?;
-        Ok(set.is_some())
+        Ok(match booked.as_deref() {
+            None => Booking::Booked,
+            Some("done") => Booking::Used,
+            Some(_) => Booking::InFlight,
+        })
+    }
+
+    /// Marks a booked code as exchanged: a replay anywhere is `code_used` from now on.
+    pub async fn code_done(&self, code: &str) -> Result<(), Error> {
+        let mut con = self.con.clone();
+        redis::cmd("SET")
+            .arg(code_key(code))
+            .arg("done")
+            .arg("XX")
+            .arg("KEEPTTL")
+            .query_async::<Option<String>>(&mut con)
+            .await
+            .map(drop)
+            .map_err(storage)
     }
 
     /// Gives up the booking of a code whose exchange failed, so that a retry may reach WeChat.
@@ -233,9 +296,9 @@ impl RedisStore {
         }))
     }
 
-    /// Writes a user as exported from another store, keeping its uid (see
-    /// [`crate::store::Store::import_user`]: the same rules).
-    pub fn import_user(&self, user: &UserRecord) -> Pending<()> {
+    /// Writes a user from another store, keeping its uid (the uid counter moves past it); a user
+    /// already here is kept as it is. Returns whether the user was written.
+    pub fn import_user(&self, user: &UserRecord) -> Pending<bool> {
         let json = |value: Option<String>| value.unwrap_or_default();
         let args = vec![
             user.uid.to_string(),
@@ -255,7 +318,7 @@ impl RedisStore {
                     .map(|p| serde_json::to_string(p).expect("serializes")),
             ),
         ];
-        self.run(&IMPORT_USER, args, |_: i64| Ok(()))
+        self.run(&IMPORT_USER, args, |imported: i64| Ok(imported == 1))
     }
 
     // Sessions.
@@ -292,18 +355,41 @@ impl RedisStore {
         }))
     }
 
-    /// Stores a session record as it is (a fresh one, or one moved from another store); one
-    /// already dead at `now` is not stored.
-    pub fn put_session(
+    /// Stores a fresh session record.
+    fn put_session(
         &self,
         policy: SessionPolicy,
         hash: &TokenHash,
         record: &SessionRecord,
         now: u64,
     ) -> Pending<()> {
+        self.write_session(policy, hash, record, now, false)
+            .map(drop)
+    }
+
+    /// Stores a session moved from another store, unless one with its id is here already or it
+    /// is dead at `now`. Returns whether it was written.
+    pub fn import_session(
+        &self,
+        policy: SessionPolicy,
+        hash: &TokenHash,
+        record: &SessionRecord,
+        now: u64,
+    ) -> Pending<bool> {
+        self.write_session(policy, hash, record, now, true)
+    }
+
+    fn write_session(
+        &self,
+        policy: SessionPolicy,
+        hash: &TokenHash,
+        record: &SessionRecord,
+        now: u64,
+        only_new: bool,
+    ) -> Pending<bool> {
         let deadline = policy.deadline(record.last_seen, record.expires_at);
         if deadline <= now {
-            return Pending::Ready(Ok(()));
+            return Pending::Ready(Ok(false));
         }
         let args = vec![
             session_id(hash),
@@ -314,10 +400,11 @@ impl RedisStore {
             record.last_seen.to_string(),
             record.expires_at.to_string(),
             ((deadline - now) * 1000).to_string(),
-            (policy.max_ttl * 1000).to_string(),
+            (record.expires_at.saturating_sub(now) * 1000).to_string(),
             MAX_SESSIONS_PER_USER.to_string(),
+            if only_new { "new" } else { "" }.to_owned(),
         ];
-        self.run(&PUT_SESSION, args, |_: i64| Ok(()))
+        self.run(&PUT_SESSION, args, |written: i64| Ok(written == 1))
     }
 
     pub(super) fn check_session(
@@ -422,7 +509,7 @@ impl RedisStore {
         let mut con = self.con.clone();
         Pending::Later(Box::pin(async move {
             let mut cursor = 0u64;
-            let mut count = 0;
+            let mut seen = std::collections::HashSet::new();
             loop {
                 let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                     .arg(cursor)
@@ -433,9 +520,10 @@ impl RedisStore {
                     .query_async(&mut con)
                     .await
                     .map_err(storage)?;
-                count += keys.len();
+                // SCAN may return a key more than once.
+                seen.extend(keys);
                 if next == 0 {
-                    return Ok(count);
+                    return Ok(seen.len());
                 }
                 cursor = next;
             }
@@ -460,13 +548,14 @@ fn code_key(code: &str) -> String {
     format!("{PREFIX}code:{}", hex(&Sha256::digest(code.as_bytes())))
 }
 
-/// `url` without its password, for messages.
+/// `url` without its password (nor a query, where `redis+unix` URLs may carry one), for messages.
 fn redacted(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("[redacted]"));
+                let _ = parsed.set_password(Some("REDACTED"));
             }
+            parsed.set_query(None);
             parsed.to_string()
         }
         Err(_) => "(unparsable URL)".into(),
@@ -509,7 +598,20 @@ fn user_record(fields: Vec<String>) -> Result<UserRecord, Error> {
     })
 }
 
-// The scripts. ARGV[1] is always the key prefix.
+/// KEYS: the code's key. ARGV: lifetime in seconds. Books the code (`pending`) and returns nil, or
+/// returns the booking another broker holds (`pending` or `done`).
+static BOOK_CODE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1])
+return false
+"#,
+    )
+});
+
+// The other scripts. ARGV[1] is always the key prefix.
 
 /// ARGV: openid, session_key, unionid ('' for none), now. Returns {is_new, uid, unionid or ''}.
 static UPSERT_USER: LazyLock<Script> = LazyLock::new(|| {
@@ -585,6 +687,7 @@ return fields
 });
 
 /// ARGV: uid, openid, unionid, session_key, created_at, updated_at, profile, phone ('' for none).
+/// A user already in Redis is kept as it is (it may have logged in there since): returns 0.
 static IMPORT_USER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -594,15 +697,8 @@ if owner and owner ~= openid then
   return redis.error_reply('uid ' .. uid .. ' already belongs to another openid')
 end
 local ukey = p .. 'user:' .. openid
-local old_uid = redis.call('HGET', ukey, 'uid')
-if not old_uid then
-  redis.call('INCR', p .. 'user_count')
-elseif old_uid ~= uid then
-  redis.call('DEL', p .. 'uid:' .. old_uid)
-end
-local old_union = redis.call('HGET', ukey, 'unionid')
-if old_union and old_union ~= unionid then redis.call('DEL', p .. 'unionid:' .. old_union) end
-redis.call('DEL', ukey)
+if redis.call('EXISTS', ukey) == 1 then return 0 end
+redis.call('INCR', p .. 'user_count')
 redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'session_key', ARGV[5],
   'created_at', ARGV[6], 'updated_at', ARGV[7])
 if unionid ~= '' then
@@ -619,14 +715,19 @@ return 1
     )
 });
 
-/// ARGV: id, uid, openid, unionid, created_at, last_seen, expires_at, ttl_ms, max_ttl_ms,
-/// max_per_user. Ends the user's oldest sessions beyond the cap first.
+/// ARGV: id, uid, openid, unionid, created_at, last_seen, expires_at, ttl_ms (to the idle
+/// deadline), life_ms (to the absolute one), max_per_user, 'new' to keep an existing session.
+/// Ends the user's oldest sessions beyond the cap first. The user's index lives as long as its
+/// longest-lived session (its TTL only ever grows). Returns 1 if written.
 static PUT_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local p, id, uid, openid, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local max = tonumber(ARGV[11])
+local skey = p .. 'session:' .. id
+if ARGV[12] == 'new' and redis.call('EXISTS', skey) == 1 then return 0 end
 local zkey = p .. 'sessions:' .. uid
+redis.call('ZREM', zkey, id)
 if redis.call('ZCARD', zkey) >= max then
   for _, other in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
     if redis.call('EXISTS', p .. 'session:' .. other) == 0 then redis.call('ZREM', zkey, other) end
@@ -636,13 +737,12 @@ if redis.call('ZCARD', zkey) >= max then
     redis.call('DEL', p .. 'session:' .. oldest[1])
   end
 end
-local skey = p .. 'session:' .. id
 redis.call('DEL', skey)
 redis.call('HSET', skey, 'uid', uid, 'openid', openid, 'created_at', ARGV[6],
   'last_seen', ARGV[7], 'expires_at', ARGV[8])
 redis.call('PEXPIRE', skey, ARGV[9])
 redis.call('ZADD', zkey, ARGV[6], id)
-redis.call('PEXPIRE', zkey, ARGV[10])
+if redis.call('PTTL', zkey) < tonumber(ARGV[10]) then redis.call('PEXPIRE', zkey, ARGV[10]) end
 if unionid ~= '' then redis.call('HSET', skey, 'unionid', unionid) end
 return 1
 "#,

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
 use wxbroker::{Clock, SANDBOX_APPID, Sandbox, SandboxOptions};
 
 use crate::binary::{Process, command};
-use crate::support::{RedisServer, TestBroker, assert_error, client, parts};
+use crate::support::{RedisServer, T0, TestBroker, assert_error, client, parts};
 
 async fn sandbox() -> Arc<Sandbox> {
     Arc::new(Sandbox::start(SandboxOptions::default()).await.unwrap())
@@ -189,38 +190,48 @@ async fn three_broker_processes_share_users_and_sessions() {
         tokens.push(body["thirdSession"].as_str().unwrap().to_owned());
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicU64::new(0));
+    let c_killed = Arc::new(AtomicBool::new(false));
+    let after_kill = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    for url in [a.url.clone(), b.url.clone()] {
+    for (i, url) in urls.iter().enumerate() {
+        let survivor = i < 2;
         for token in tokens.clone() {
-            let (http, url, stop, answered) =
-                (http.clone(), url.clone(), stop.clone(), answered.clone());
+            let (http, url) = (http.clone(), url.clone());
+            let (stop, c_killed, after_kill) = (stop.clone(), c_killed.clone(), after_kill.clone());
             workers.push(tokio::spawn(async move {
-                let mut sent = 0;
-                while !stop.load(Ordering::Relaxed) && sent < 5_000 {
-                    let response = http
+                while !stop.load(Ordering::Relaxed) {
+                    let killed = c_killed.load(Ordering::Relaxed);
+                    let sent = http
                         .get(format!("{url}/v1/session"))
                         .bearer_auth(&token)
                         .send()
-                        .await
-                        .expect("A and B keep answering");
-                    assert_eq!(response.status(), StatusCode::OK);
-                    answered.fetch_add(1, Ordering::Relaxed);
-                    sent += 1;
+                        .await;
+                    if survivor {
+                        let response = sent.expect("A and B keep answering");
+                        assert_eq!(response.status(), StatusCode::OK);
+                        if killed {
+                            after_kill.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else if sent.is_err() {
+                        // C is gone; its clients would go to A or B.
+                        return;
+                    }
                 }
             }));
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.kill9().await;
-    let at_kill = answered.load(Ordering::Relaxed);
+    c_killed.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.await.unwrap();
     }
-    let after_kill = answered.load(Ordering::Relaxed) - at_kill;
-    assert!(after_kill > 0, "no request answered after C died");
+    assert!(
+        after_kill.load(Ordering::Relaxed) > 0,
+        "no request answered after C died"
+    );
     // C's session is good on the survivors.
     let (status, _) = parts(check(&a.url, &tokens[2]).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
@@ -275,6 +286,33 @@ async fn migrate_moves_a_sled_deployment_to_redis_without_logging_anyone_out() {
     let (_, next) = parts(tb.login("ivo.1").await).await;
     assert_eq!(next["uid"], 3, "uids go on after the migrated ones");
 
+    // Again: refused, since brokers may have revoked sessions on Redis meanwhile; with --force,
+    // what Redis holds already is kept.
+    let migrate = |force: bool| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxbroker"));
+        command
+            .arg("migrate")
+            .arg("--from")
+            .arg(format!("sled:{}", data_dir.display()))
+            .env("WXBROKER_STORE", &redis.url);
+        if force {
+            command.arg("--force");
+        }
+        command
+    };
+    let again = migrate(false).output().await.unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let forced = migrate(true).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(forced.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("users=0") && stderr.contains("users_kept=2"),
+        "{stderr}"
+    );
+    let (_, kept) = parts(tb.login("gil.2").await).await;
+    assert_eq!(kept["uid"], 1);
+
     let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxbroker"))
         .args(["migrate", "--from", "/nowhere", "--to", &redis.url])
         .output()
@@ -282,4 +320,163 @@ async fn migrate_moves_a_sled_deployment_to_redis_without_logging_anyone_out() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sled:DIR"));
+}
+
+/// The Redis key of the session of `token`.
+fn session_key(token: &str) -> String {
+    let id: String = Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("wxb:session:{id}")
+}
+
+async fn redis_connection(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+#[tokio::test]
+async fn checks_write_the_last_use_only_every_tenth_of_the_idle_ttl() {
+    let tb = TestBroker::start_backend(crate::support::StoreKind::Redis, |c| {
+        c.session_idle_ttl = 1000;
+        c.session_max_ttl = 100_000;
+    })
+    .await;
+    let token = tb.token("jo.1").await;
+    let key = session_key(&token);
+    let mut con = redis_connection(tb.redis.as_ref().unwrap()).await;
+    let last_seen = |con: &mut redis::aio::MultiplexedConnection| {
+        let mut con = con.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg(&key)
+                .arg("last_seen")
+                .query_async::<u64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        (990_000..=1_000_000).contains(&ttl_ms),
+        "the idle TTL: {ttl_ms} ms"
+    );
+
+    tb.clock.advance(99);
+    let (_, info) = parts(tb.session(&token).await).await;
+    assert_eq!(info["expiresAt"], T0 + 1000, "not slid yet: under a tenth");
+    assert_eq!(
+        last_seen(&mut con).await,
+        T0,
+        "no write under a tenth of the idle TTL"
+    );
+
+    tb.clock.advance(1);
+    let (_, info) = parts(tb.session(&token).await).await;
+    assert_eq!(info["expiresAt"], T0 + 100 + 1000);
+    assert_eq!(
+        last_seen(&mut con).await,
+        T0 + 100,
+        "written once a tenth had passed"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_session_is_expired_by_redis_itself() {
+    let tb = TestBroker::start_backend(crate::support::StoreKind::Redis, |c| {
+        c.clock = Clock::system();
+        c.session_idle_ttl = 3;
+    })
+    .await;
+    let token = tb.token("kay.1").await;
+    let mut con = redis_connection(tb.redis.as_ref().unwrap()).await;
+    let key = session_key(&token);
+    let exists = |con: &mut redis::aio::MultiplexedConnection| {
+        let mut con = con.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<i64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(exists(&mut con).await, 1);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(exists(&mut con).await, 0, "gone without any sweep or check");
+    assert_error(
+        tb.session(&token).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_session",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_password_in_the_store_url_is_never_shown() {
+    let url = "redis://:sekrit-password@127.0.0.1:1/0";
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxbroker"))
+        .arg("--help")
+        .env("WXBROKER_STORE", url)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("WXBROKER_STORE") && !text.contains("sekrit"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut start = command(dir.path());
+    start.env("WXBROKER_STORE", url);
+    let output = start.output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        all.contains("cannot reach Redis at redis://:REDACTED@127.0.0.1:1/0"),
+        "{all}"
+    );
+    assert!(!all.contains("sekrit"), "{all}");
+}
+
+#[tokio::test]
+async fn a_code_another_broker_is_exchanging_is_busy_then_used() {
+    let redis = Arc::new(RedisServer::start().await);
+    let wechat = Arc::new(
+        Sandbox::start(SandboxOptions {
+            latency: Duration::from_millis(500),
+            ..SandboxOptions::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let a =
+        Arc::new(TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), |_| {}).await);
+    let b = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), |_| {}).await;
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { a.token("lu.1").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_error(
+        b.login("lu.1").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream_busy",
+    )
+    .await;
+    first.await.unwrap();
+    assert_error(b.login("lu.1").await, StatusCode::UNAUTHORIZED, "code_used").await;
+    assert_eq!(wechat.exchanges(), 1);
 }

@@ -163,8 +163,10 @@ async fn under_load_every_request_is_answered_while_each_actor_restarts() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    // Logins as other users: the checked token's user must stay under the
+                    // session cap, which would end its oldest session.
                     let response = if i % 4 == 0 {
-                        tb.login(&format!("load{w}.n{i}")).await
+                        tb.login(&format!("new{w}_{i}")).await
                     } else {
                         tb.session(&token).await
                     };

@@ -112,14 +112,22 @@ impl Store {
                     dir.display()
                 ))
             })?;
-        Ok(Store {
+        let store = Store {
             users: db.open_tree("users")?,
             uids: db.open_tree("uids")?,
             meta: db.open_tree("meta")?,
             unionids: db.open_tree("unionids")?,
             sessions: db.open_tree("sessions")?,
             db,
-        })
+        };
+        // A crash during a registration can leave the counter behind the uid index.
+        if let Some((largest, _)) = store.uids.last()? {
+            let largest = decode_u64(&largest)?;
+            if store.next_uid()? <= largest {
+                store.meta.insert(NEXT_UID, &(largest + 1).to_be_bytes())?;
+            }
+        }
+        Ok(store)
     }
 
     /// The underlying database, for flushing.
@@ -127,11 +135,14 @@ impl Store {
         &self.db
     }
 
-    /// Registers `openid` or refreshes its session_key, atomically; returns the user and whether
-    /// it is new.
+    /// Registers `openid` or refreshes its session_key; returns the user and whether it is new.
     ///
-    /// A new user gets the next uid from a counter written in the same transaction, so a uid is
-    /// never handed out twice. A `unionid` reported now is kept; `None` never erases one.
+    /// Without sled transactions, which cost a log write of their own each: every write to a
+    /// user comes from the one UserRegistry, one at a time, so nothing interleaves. A new user is
+    /// written key by key in an order that a crash may cut anywhere without a uid ever being
+    /// handed out twice: the uid index first, then the user, then the counter (which
+    /// [`Store::open`] moves past the largest uid in the index). A `unionid` reported now is kept;
+    /// `None` never erases one.
     pub fn upsert_user(
         &self,
         openid: &str,
@@ -139,27 +150,9 @@ impl Store {
         unionid: Option<&str>,
         now: u64,
     ) -> Result<(UserRecord, bool), Error> {
-        let trees = (&self.users, &self.uids, &self.meta, &self.unionids);
-        let result = trees.transaction(|(users, uids, meta, unionids)| {
-            if let Some(bytes) = users.get(openid)? {
-                let old: UserRecord =
-                    decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                let mut user = old.clone();
-                user.session_key = session_key.to_owned();
-                if let Some(unionid) = unionid {
-                    user.unionid = Some(unionid.to_owned());
-                }
-                user.updated_at = now;
-                write_user(users, unionids, Some(&old), &user)?;
-                return Ok((user, false));
-            }
-            let uid = match meta.get(NEXT_UID)? {
-                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
-                None => 1,
-            };
-            meta.insert(NEXT_UID, &(uid + 1).to_be_bytes())?;
+        let Some(bytes) = self.users.get(openid)? else {
             let user = UserRecord {
-                uid,
+                uid: self.next_uid()?,
                 openid: openid.to_owned(),
                 unionid: unionid.map(str::to_owned),
                 session_key: session_key.to_owned(),
@@ -168,11 +161,43 @@ impl Store {
                 profile: None,
                 phone: None,
             };
-            uids.insert(&uid.to_be_bytes(), openid.as_bytes())?;
-            write_user(users, unionids, None, &user)?;
-            Ok((user, true))
-        });
-        result.map_err(abort_or_storage)
+            self.uids
+                .insert(user.uid.to_be_bytes(), openid.as_bytes())?;
+            if let Some(unionid) = unionid {
+                self.unionids
+                    .insert(unionid.as_bytes(), &user.uid.to_be_bytes())?;
+            }
+            self.users.insert(openid.as_bytes(), encode(&user))?;
+            self.meta.insert(NEXT_UID, &(user.uid + 1).to_be_bytes())?;
+            return Ok((user, true));
+        };
+        let old: UserRecord = decode(&bytes)?;
+        let mut user = old.clone();
+        user.session_key = session_key.to_owned();
+        if let Some(unionid) = unionid {
+            user.unionid = Some(unionid.to_owned());
+        }
+        user.updated_at = now;
+        if user.unionid == old.unionid {
+            self.users.insert(openid.as_bytes(), encode(&user))?;
+        } else {
+            let trees = (&self.users, &self.unionids);
+            trees
+                .transaction(|(users, unionids)| {
+                    write_user(users, unionids, Some(&old), &user)?;
+                    Ok::<_, ConflictableTransactionError<Error>>(())
+                })
+                .map_err(abort_or_storage)?;
+        }
+        Ok((user, false))
+    }
+
+    /// The uid the next new user gets.
+    fn next_uid(&self) -> Result<u64, Error> {
+        match self.meta.get(NEXT_UID)? {
+            Some(bytes) => decode_u64(&bytes),
+            None => Ok(1),
+        }
     }
 
     /// Stores a decrypted profile on the user; its unionId, if any, becomes the user's unionid.
@@ -386,6 +411,23 @@ mod tests {
 
     fn store(dir: &tempfile::TempDir) -> Store {
         Store::open(dir.path(), 8).unwrap()
+    }
+
+    #[test]
+    fn a_registration_cut_short_by_a_crash_never_hands_its_uid_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = store(&dir);
+            store.upsert_user("o-a", "k", None, 100).unwrap();
+            // As if the process died after the index and the user, before the counter.
+            store.uids.insert(2u64.to_be_bytes(), "o-b").unwrap();
+            store.meta.insert(NEXT_UID, &2u64.to_be_bytes()).unwrap();
+            store.db().flush().unwrap();
+        }
+        let store = store(&dir);
+        let (next, new) = store.upsert_user("o-c", "k", None, 200).unwrap();
+        assert!(new);
+        assert_eq!(next.uid, 3);
     }
 
     #[test]

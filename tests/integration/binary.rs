@@ -214,6 +214,11 @@ async fn acknowledged_writes_survive_kill_9() {
         }
     }
     let acked = acked.lock().unwrap();
+    let mut uids: Vec<u64> = acked.registrations.values().copied().collect();
+    let registered = uids.len();
+    uids.sort_unstable();
+    uids.dedup();
+    assert_eq!(uids.len(), registered, "a uid was handed out twice");
     eprintln!(
         "crash test: {ROUNDS} kill -9 rounds, {} acknowledged registrations and {} acknowledged \
          logouts; {checked_registrations} registration checks and {checked_logouts} logout checks \

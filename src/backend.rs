@@ -30,7 +30,7 @@ use crate::user::{Phone, Profile, User};
 use crate::{Config, Error, Metrics};
 
 use self::redis::RedisStore;
-use self::sled_sessions::SledSessions;
+use self::sled_sessions::{SessionTable, SledSessions};
 use self::sled_users::SledUsers;
 
 /// The outcome of a store operation: known now, or once a future completes.
@@ -385,6 +385,14 @@ impl Sessions {
         match self {
             Sessions::Sled(sessions) => Pending::Ready(Ok(sessions.len())),
             Sessions::Redis(redis, _) => redis.session_count(),
+        }
+    }
+
+    /// The in-memory table that checks may read directly (sled only).
+    pub fn table(&self) -> Option<Arc<SessionTable>> {
+        match self {
+            Sessions::Sled(sessions) => Some(sessions.table()),
+            Sessions::Redis(..) => None,
         }
     }
 

@@ -12,13 +12,14 @@ use tokio::sync::watch;
 use crate::actors::access_token_keeper::{AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use crate::actors::decryptor::{DecryptorArgs, DecryptorMsg};
 use crate::actors::session_keeper::{
-    SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary,
+    SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary, TableSlot,
 };
 use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
+use crate::backend::sled_sessions::FastCheck;
 use crate::backend::{Backend, SessionPolicy, StoreHealth};
-use crate::crypto::{is_token_shaped, parse_session_id, token_hash};
+use crate::crypto::{TokenHash, is_token_shaped, parse_session_id, token_hash};
 use crate::store::UserKey;
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User};
@@ -66,6 +67,8 @@ struct Inner {
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
     supervisor_alive: watch::Receiver<bool>,
     store: StoreHealth,
+    /// The SessionKeeper's table, for checks that need no change (sled only).
+    session_table: Arc<TableSlot>,
     /// For the server APIs, called from the request's own task.
     upstream: Upstream,
     call_timeout: Duration,
@@ -100,6 +103,7 @@ impl Broker {
         // from stable_token to cgi-bin/token.
         let token_timeout = upstream.worst_case() * 4 + config.call_timeout();
         let children = Arc::new(Children::default());
+        let session_table = Arc::new(TableSlot::default());
         let args = SupervisorArgs {
             children: children.clone(),
             wechat_exchanger: WeChatExchangerArgs {
@@ -121,6 +125,7 @@ impl Broker {
                 },
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
                 metrics: metrics.clone(),
+                table: session_table.clone(),
             },
             decryptor: DecryptorArgs { appid },
             access_token_keeper: AccessTokenKeeperArgs {
@@ -145,6 +150,7 @@ impl Broker {
                 supervisor,
                 supervisor_alive,
                 store: backend.health(),
+                session_table,
                 upstream,
                 call_timeout: config.call_timeout(),
                 exchange_timeout,
@@ -193,8 +199,13 @@ impl Broker {
     pub async fn check_session(&self, token: &str) -> Result<SessionInfo, Error> {
         let outcome = if is_token_shaped(token) {
             let hash = token_hash(token);
-            self.keeper(|reply| SessionKeeperMsg::Check(hash, reply))
-                .await
+            match self.check_in_table(&hash) {
+                Some(outcome) => outcome,
+                None => {
+                    self.keeper(|reply| SessionKeeperMsg::Check(hash, reply))
+                        .await
+                }
+            }
         } else {
             Err(Error::InvalidSession)
         };
@@ -204,6 +215,18 @@ impl Broker {
             Err(e) => metrics.session_checks.with_label_values(&[e.code()]).inc(),
         }
         outcome
+    }
+
+    /// A check straight from the keeper's table, when it needs no change; `None` when the keeper
+    /// must answer (it expired, its last use is due to be written, or no table is published).
+    fn check_in_table(&self, hash: &TokenHash) -> Option<Result<SessionInfo, Error>> {
+        let slot = self.inner.session_table.read().ok()?;
+        let table = slot.as_ref()?;
+        match table.check(hash, self.inner.config.clock.now()) {
+            FastCheck::Valid(info) => Some(Ok(info)),
+            FastCheck::Unknown => Some(Err(Error::InvalidSession)),
+            FastCheck::NeedsKeeper => None,
+        }
     }
 
     /// Ends the session of `token`; once this returns, the logout survives a crash.

@@ -5,12 +5,13 @@
 //! over sled, or Redis). Operations that wait for I/O finish in a task of their own, so the keeper
 //! goes on with its next message.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 
+use crate::backend::sled_sessions::SessionTable;
 use crate::backend::{Backend, SessionPolicy, Sessions};
 use crate::crypto::TokenHash;
 use crate::{Clock, Error, Metrics};
@@ -35,13 +36,20 @@ pub struct SessionKeeperArgs {
     pub sweep_interval: Duration,
     /// Where the live-session gauge is kept.
     pub metrics: Arc<Metrics>,
+    /// Where the keeper publishes its table for checks that read it directly (sled only); empty
+    /// while no keeper runs, so that nobody reads a dead keeper's table.
+    pub table: Arc<TableSlot>,
 }
+
+/// The current keeper's session table, if it has one.
+pub type TableSlot = RwLock<Option<Arc<SessionTable>>>;
 
 /// The sessions and the sweep timer.
 pub struct SessionKeeperState {
     clock: Clock,
     sessions: Sessions,
     sweeper: JoinHandle<()>,
+    table: Arc<TableSlot>,
 }
 
 /// A freshly issued session token.
@@ -132,10 +140,13 @@ impl Actor for SessionKeeper {
         args: SessionKeeperArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let sweeper = myself.send_interval(args.sweep_interval, || SessionKeeperMsg::Sweep);
+        let sessions = args.backend.sessions(args.policy, args.metrics);
+        *args.table.write().unwrap_or_else(|p| p.into_inner()) = sessions.table();
         Ok(SessionKeeperState {
-            sessions: args.backend.sessions(args.policy, args.metrics),
+            sessions,
             clock: args.clock,
             sweeper,
+            table: args.table,
         })
     }
 
@@ -145,6 +156,7 @@ impl Actor for SessionKeeper {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.sweeper.abort();
+        *state.table.write().unwrap_or_else(|p| p.into_inner()) = None;
         state.sessions.persist()?;
         Ok(())
     }

@@ -222,6 +222,11 @@ impl Actor for Supervisor {
             return Ok(());
         };
         children.clear(kind);
+        if kind == ActorKind::SessionKeeper {
+            // Its table must not answer checks: the next keeper loads its own.
+            let slot = &state.args.session_keeper.table;
+            *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         if state.stopping {
             return Ok(());
         }

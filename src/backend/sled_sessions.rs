@@ -2,9 +2,14 @@
 //! hash lookup and no disk access. Sliding expiry is tracked in memory too and written back only
 //! when the last use moved by a tenth of the idle TTL: a check does not write on every call, and a
 //! crash can at worst make a session expire that tenth earlier.
+//!
+//! The table is shared ([`SessionTable`]): the SessionKeeper makes every change under its write
+//! lock, and a check that needs no change (the session is live and its last use moves less than
+//! the write-back step) reads it directly, without a trip through the keeper's mailbox.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use super::{Pending, SessionPolicy};
 use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
@@ -17,17 +22,61 @@ use crate::{Error, Metrics};
 pub struct SledSessions {
     store: Store,
     commit: GroupCommit,
-    policy: SessionPolicy,
     metrics: Arc<Metrics>,
-    sessions: HashMap<TokenHash, Live>,
+    table: Arc<SessionTable>,
     /// uid -> the hashes of that user's sessions, to update or end them all at once.
     by_uid: HashMap<u64, Vec<TokenHash>>,
+}
+
+/// The session table as checks read it.
+pub struct SessionTable {
+    policy: SessionPolicy,
+    sessions: RwLock<HashMap<TokenHash, Live>>,
 }
 
 /// A session in memory: the stored record plus the last use not yet written back.
 struct Live {
     record: SessionRecord,
-    last_seen: u64,
+    /// Moved forward by checks, also by those that only hold the read lock.
+    last_seen: AtomicU64,
+}
+
+/// What a check straight from the table found.
+pub enum FastCheck {
+    /// Live; its last use is recorded in memory.
+    Valid(SessionInfo),
+    /// No such session.
+    Unknown,
+    /// Something must change (it expired, or its last use is due to be written back): ask the
+    /// keeper.
+    NeedsKeeper,
+}
+
+impl SessionTable {
+    /// Checks `hash` at `now` without changing anything but the last use in memory.
+    pub fn check(&self, hash: &TokenHash, now: u64) -> FastCheck {
+        let Ok(sessions) = self.sessions.read() else {
+            return FastCheck::NeedsKeeper;
+        };
+        let Some(live) = sessions.get(hash) else {
+            return FastCheck::Unknown;
+        };
+        let policy = &self.policy;
+        if live.expired(now, policy)
+            || now.saturating_sub(live.record.last_seen) >= policy.write_back_step()
+        {
+            return FastCheck::NeedsKeeper;
+        }
+        live.last_seen.fetch_max(now, Ordering::Relaxed);
+        FastCheck::Valid(live.info(policy))
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<TokenHash, Live>> {
+        // A keeper that panicked holding the lock is replaced by one with a fresh table.
+        self.sessions
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl SledSessions {
@@ -42,9 +91,11 @@ impl SledSessions {
         let mut table = SledSessions {
             store,
             commit,
-            policy,
             metrics,
-            sessions: HashMap::new(),
+            table: Arc::new(SessionTable {
+                policy,
+                sessions: RwLock::new(HashMap::new()),
+            }),
             by_uid: HashMap::new(),
         };
         let store = table.store.clone();
@@ -54,18 +105,27 @@ impl SledSessions {
                 Err(e) => tracing::warn!(error = %e, "skipping an unreadable session record"),
             }
         }
-        tracing::info!(sessions = table.sessions.len(), "session table loaded");
+        tracing::info!(sessions = table.len(), "session table loaded");
         table
+    }
+
+    /// The table, for checks that read it directly.
+    pub fn table(&self) -> Arc<SessionTable> {
+        self.table.clone()
     }
 
     /// Sessions held, expired ones not yet swept included.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.table.write().len()
     }
 
     /// Whether no session is held.
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.len() == 0
+    }
+
+    fn policy(&self) -> SessionPolicy {
+        self.table.policy
     }
 
     pub(super) fn issue(
@@ -83,19 +143,21 @@ impl SledSessions {
             unionid,
             created_at: now,
             last_seen: now,
-            expires_at: now.saturating_add(self.policy.max_ttl),
+            expires_at: now.saturating_add(self.policy().max_ttl),
         };
         // Order in the index is not age after a restart (it is rebuilt in key order).
-        let oldest = self
-            .by_uid
-            .get(&uid)
-            .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
-            .and_then(|hashes| {
-                hashes
-                    .iter()
-                    .min_by_key(|hash| self.sessions.get(*hash).map(|live| live.record.created_at))
-                    .copied()
-            });
+        let oldest = {
+            let sessions = self.table.write();
+            self.by_uid
+                .get(&uid)
+                .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
+                .and_then(|hashes| {
+                    hashes
+                        .iter()
+                        .min_by_key(|hash| sessions.get(*hash).map(|live| live.record.created_at))
+                        .copied()
+                })
+        };
         if let Some(oldest) = oldest {
             self.forget(&oldest);
             self.store.remove_session(&oldest)?;
@@ -109,36 +171,36 @@ impl SledSessions {
         }
         Ok(Issued {
             token,
-            expires_in: self.policy.expires_in(),
+            expires_in: self.policy().expires_in(),
         })
     }
 
     pub(super) fn check(&mut self, hash: &TokenHash, now: u64) -> Result<SessionInfo, Error> {
-        let policy = self.policy;
-        let live = self.sessions.get_mut(hash).ok_or(Error::InvalidSession)?;
+        let policy = self.policy();
+        let table = self.table.clone();
+        let mut sessions = table.write();
+        let live = sessions.get_mut(hash).ok_or(Error::InvalidSession)?;
         if live.expired(now, &policy) {
+            drop(sessions);
             self.forget(hash);
             self.store.remove_session(hash)?;
             return Err(Error::InvalidSession);
         }
-        live.last_seen = live.last_seen.max(now);
-        if live.last_seen - live.record.last_seen >= policy.write_back_step() {
-            live.record.last_seen = live.last_seen;
+        let last_seen = live.last_seen.get_mut();
+        *last_seen = (*last_seen).max(now);
+        if *last_seen - live.record.last_seen >= policy.write_back_step() {
+            live.record.last_seen = *last_seen;
             self.store.put_session(hash, &live.record)?;
         }
-        Ok(SessionInfo {
-            uid: live.record.uid,
-            openid: live.record.openid.clone(),
-            unionid: live.record.unionid.clone(),
-            expires_at: live.expires_at(&policy),
-        })
+        Ok(live.info(&policy))
     }
 
     pub(super) fn revoke(&mut self, hash: &TokenHash, now: u64) -> Pending<()> {
+        let policy = self.policy();
         let revoked = (|| {
             let live = self.forget(hash).ok_or(Error::InvalidSession)?;
             self.store.remove_session(hash)?;
-            if live.expired(now, &self.policy) {
+            if live.expired(now, &policy) {
                 return Err(Error::InvalidSession);
             }
             Ok(())
@@ -147,13 +209,11 @@ impl SledSessions {
     }
 
     pub(super) fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
+        let policy = self.policy();
         let hashes = self.by_uid.get(&uid).cloned().unwrap_or_default();
         let mut live = 0;
         for hash in &hashes {
-            if self
-                .forget(hash)
-                .is_some_and(|s| !s.expired(now, &self.policy))
-            {
+            if self.forget(hash).is_some_and(|s| !s.expired(now, &policy)) {
                 live += 1;
             }
         }
@@ -175,10 +235,12 @@ impl SledSessions {
     }
 
     pub(super) fn sweep(&mut self, now: u64) -> Result<(), Error> {
+        let policy = self.policy();
         let expired: Vec<TokenHash> = self
-            .sessions
+            .table
+            .write()
             .iter()
-            .filter(|(_, live)| live.expired(now, &self.policy))
+            .filter(|(_, live)| live.expired(now, &policy))
             .map(|(hash, _)| *hash)
             .collect();
         if expired.is_empty() {
@@ -193,24 +255,27 @@ impl SledSessions {
     }
 
     pub(super) fn list(&self, uid: u64, now: u64) -> Vec<SessionSummary> {
+        let policy = self.policy();
+        let sessions = self.table.write();
         self.by_uid
             .get(&uid)
             .into_iter()
             .flatten()
-            .filter_map(|hash| Some((hash, self.sessions.get(hash)?)))
-            .filter(|(_, live)| !live.expired(now, &self.policy))
+            .filter_map(|hash| Some((hash, sessions.get(hash)?)))
+            .filter(|(_, live)| !live.expired(now, &policy))
             .map(|(hash, live)| SessionSummary {
                 id: session_id(hash),
                 created_at: live.record.created_at,
-                last_seen: live.last_seen,
-                expires_at: live.expires_at(&self.policy),
+                last_seen: live.last_seen.load(Ordering::Relaxed),
+                expires_at: live.expires_at(&policy),
             })
             .collect()
     }
 
     pub(super) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
+        let mut sessions = self.table.write();
         for hash in self.by_uid.get(&uid).into_iter().flatten() {
-            if let Some(live) = self.sessions.get_mut(hash)
+            if let Some(live) = sessions.get_mut(hash)
                 && live.record.unionid.as_deref() != Some(unionid)
             {
                 live.record.unionid = Some(unionid.to_owned());
@@ -222,9 +287,11 @@ impl SledSessions {
 
     /// Persists every last use that was only held in memory (at a clean stop).
     pub(super) fn write_back_last_seen(&mut self) -> Result<(), Error> {
-        for (hash, live) in &mut self.sessions {
-            if live.last_seen > live.record.last_seen {
-                live.record.last_seen = live.last_seen;
+        let mut sessions = self.table.write();
+        for (hash, live) in sessions.iter_mut() {
+            let last_seen = *live.last_seen.get_mut();
+            if last_seen > live.record.last_seen {
+                live.record.last_seen = last_seen;
                 self.store.put_session(hash, &live.record)?;
             }
         }
@@ -234,15 +301,20 @@ impl SledSessions {
     /// Adds a session to the table and its user's index.
     fn remember(&mut self, hash: TokenHash, record: SessionRecord) {
         self.by_uid.entry(record.uid).or_default().push(hash);
-        let last_seen = record.last_seen;
-        self.sessions.insert(hash, Live { record, last_seen });
-        self.metrics.live_sessions.set(self.sessions.len() as i64);
+        let last_seen = AtomicU64::new(record.last_seen);
+        let mut sessions = self.table.write();
+        sessions.insert(hash, Live { record, last_seen });
+        self.metrics.live_sessions.set(sessions.len() as i64);
     }
 
     /// Removes a session from the table and its user's index (not from the store).
     fn forget(&mut self, hash: &TokenHash) -> Option<Live> {
-        let live = self.sessions.remove(hash)?;
-        self.metrics.live_sessions.set(self.sessions.len() as i64);
+        let live = {
+            let mut sessions = self.table.write();
+            let live = sessions.remove(hash)?;
+            self.metrics.live_sessions.set(sessions.len() as i64);
+            live
+        };
         if let Some(hashes) = self.by_uid.get_mut(&live.record.uid) {
             hashes.retain(|h| h != hash);
             if hashes.is_empty() {
@@ -255,11 +327,23 @@ impl SledSessions {
 
 impl Live {
     fn expires_at(&self, policy: &SessionPolicy) -> u64 {
-        policy.deadline(self.last_seen, self.record.expires_at)
+        policy.deadline(
+            self.last_seen.load(Ordering::Relaxed),
+            self.record.expires_at,
+        )
     }
 
     fn expired(&self, now: u64, policy: &SessionPolicy) -> bool {
         now >= self.expires_at(policy)
+    }
+
+    fn info(&self, policy: &SessionPolicy) -> SessionInfo {
+        SessionInfo {
+            uid: self.record.uid,
+            openid: self.record.openid.clone(),
+            unionid: self.record.unionid.clone(),
+            expires_at: self.expires_at(policy),
+        }
     }
 }
 
@@ -318,13 +402,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_table_answers_checks_that_change_nothing_and_sends_the_rest_to_the_keeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = table(&dir);
+        let hash = issue(&mut table, 1, "o", 10_000);
+        let shared = table.table();
+        let valid = |check| match check {
+            FastCheck::Valid(info) => info.expires_at,
+            _ => panic!("not answered from the table"),
+        };
+        assert_eq!(valid(shared.check(&hash, 10_050)), 10_050 + 1000);
+        assert_eq!(stored_last_seen(&table, &hash), 10_000, "memory only");
+        assert!(matches!(shared.check(&[7; 32], 10_050), FastCheck::Unknown));
+        // A write-back is due: the keeper must do it.
+        assert!(matches!(
+            shared.check(&hash, 10_100),
+            FastCheck::NeedsKeeper
+        ));
+        table.check(&hash, 10_100).unwrap();
+        assert_eq!(stored_last_seen(&table, &hash), 10_100);
+        // Expired: the keeper must forget it.
+        assert!(matches!(
+            shared.check(&hash, 11_100),
+            FastCheck::NeedsKeeper
+        ));
+        // Revoked: gone from the table at once.
+        let other = issue(&mut table, 1, "o", 10_200);
+        table.revoke(&other, 10_200).wait().await.unwrap();
+        assert!(matches!(shared.check(&other, 10_200), FastCheck::Unknown));
+    }
+
+    #[tokio::test]
     async fn an_expired_session_is_refused_and_forgotten_before_any_sweep() {
         let dir = tempfile::tempdir().unwrap();
         let mut table = table(&dir);
         let hash = issue(&mut table, 1, "o", 10_000);
         assert_eq!(table.check(&hash, 11_000), Err(Error::InvalidSession));
         assert_eq!(table.store.sessions().count(), 0);
-        assert!(table.sessions.is_empty() && table.by_uid.is_empty());
+        assert!(table.is_empty() && table.by_uid.is_empty());
     }
 
     #[tokio::test]

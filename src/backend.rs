@@ -163,7 +163,7 @@ impl Backend {
     /// What the broker itself needs of the store.
     pub fn health(&self) -> StoreHealth {
         match self {
-            Backend::Sled { store, .. } => StoreHealth::Sled(store.clone()),
+            Backend::Sled { store, commit } => StoreHealth::Sled(store.clone(), commit.ended()),
             Backend::Redis(redis) => StoreHealth::Redis(redis.clone()),
         }
     }
@@ -206,8 +206,8 @@ impl CodeBook {
 /// the actors, so that a stopped broker's data dir can be opened again at once.
 #[derive(Clone)]
 pub enum StoreHealth {
-    /// sled.
-    Sled(Store),
+    /// sled, and the end of its group commit task.
+    Sled(Store, tokio::sync::watch::Receiver<bool>),
     /// Redis.
     Redis(RedisStore),
 }
@@ -216,16 +216,24 @@ impl StoreHealth {
     /// Whether the store answers a read.
     pub async fn answers(&self) -> bool {
         match self {
-            StoreHealth::Sled(store) => store.db().contains_key(b"readyz").is_ok(),
+            StoreHealth::Sled(store, _) => store.db().contains_key(b"readyz").is_ok(),
             StoreHealth::Redis(redis) => redis.ping().await.is_ok(),
         }
     }
 
-    /// Makes every write so far durable (at shutdown); Redis persists on its own terms.
+    /// Makes every write so far durable (at shutdown, once the actors have stopped), and waits
+    /// (briefly) for the group commit task to let go of the database, so that it can be opened
+    /// again at once. Redis persists on its own terms.
     pub async fn flush(&self) -> Result<(), Error> {
         match self {
-            StoreHealth::Sled(store) => {
+            StoreHealth::Sled(store, commit_ended) => {
                 store.db().flush_async().await?;
+                let mut ended = commit_ended.clone();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    ended.wait_for(|ended| *ended),
+                )
+                .await;
                 Ok(())
             }
             StoreHealth::Redis(_) => Ok(()),

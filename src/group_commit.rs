@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{Error, Metrics};
 
@@ -15,12 +15,15 @@ use crate::{Error, Metrics};
 #[derive(Clone)]
 pub struct GroupCommit {
     waiters: mpsc::UnboundedSender<oneshot::Sender<Result<(), Error>>>,
+    /// Turns `true` when the flushing task has ended (and let go of the database).
+    ended: watch::Receiver<bool>,
 }
 
 impl GroupCommit {
     /// Starts the flushing task for `db`. It ends when the last handle is dropped.
     pub fn start(db: sled::Db, metrics: Arc<Metrics>) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), Error>>>();
+        let (ended_tx, ended) = watch::channel(false);
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while rx.recv_many(&mut batch, usize::MAX).await > 0 {
@@ -34,8 +37,16 @@ impl GroupCommit {
                     let _ = waiter.send(result.clone());
                 }
             }
+            drop(db);
+            let _ = ended_tx.send(true);
         });
-        GroupCommit { waiters: tx }
+        GroupCommit { waiters: tx, ended }
+    }
+
+    /// Turns `true` once the flushing task has ended, which it does when every handle is gone:
+    /// from then on it no longer holds the database open.
+    pub fn ended(&self) -> watch::Receiver<bool> {
+        self.ended.clone()
     }
 
     /// Calls `then` with the outcome once every write made before this call is on disk, without

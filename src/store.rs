@@ -120,13 +120,7 @@ impl Store {
             sessions: db.open_tree("sessions")?,
             db,
         };
-        // A crash during a registration can leave the counter behind the uid index.
-        if let Some((largest, _)) = store.uids.last()? {
-            let largest = decode_u64(&largest)?;
-            if store.next_uid()? <= largest {
-                store.meta.insert(NEXT_UID, &(largest + 1).to_be_bytes())?;
-            }
-        }
+        store.drop_unfinished_registration()?;
         Ok(store)
     }
 
@@ -192,12 +186,42 @@ impl Store {
         Ok((user, false))
     }
 
-    /// The uid the next new user gets.
+    /// The uid the next new user gets: past the counter and past every uid in the index (a
+    /// registration cut short by a crash may have written its index entry only).
     fn next_uid(&self) -> Result<u64, Error> {
-        match self.meta.get(NEXT_UID)? {
-            Some(bytes) => decode_u64(&bytes),
-            None => Ok(1),
+        let counter = match self.meta.get(NEXT_UID)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 1,
+        };
+        let past_index = match self.uids.last()? {
+            Some((largest, _)) => decode_u64(&largest)? + 1,
+            None => 1,
+        };
+        Ok(counter.max(past_index))
+    }
+
+    /// Removes what a registration cut short by a crash left: index entries at or past the
+    /// counter whose user is missing or has another uid. Their uids stay spent.
+    fn drop_unfinished_registration(&self) -> Result<(), Error> {
+        let counter = match self.meta.get(NEXT_UID)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 1,
+        };
+        let next = self.next_uid()?;
+        for entry in self.uids.range(counter.to_be_bytes()..) {
+            let (uid, openid) = entry?;
+            let finished = match self.users.get(&openid)? {
+                Some(bytes) => decode::<UserRecord>(&bytes)?.uid.to_be_bytes() == *uid,
+                None => false,
+            };
+            if !finished {
+                self.uids.remove(&uid)?;
+            }
         }
+        if next > counter {
+            self.meta.insert(NEXT_UID, &next.to_be_bytes())?;
+        }
+        Ok(())
     }
 
     /// Stores a decrypted profile on the user; its unionId, if any, becomes the user's unionid.
@@ -259,18 +283,20 @@ impl Store {
 
     /// Finds a user by uid, openid or unionid.
     pub fn find_user(&self, key: &UserKey) -> Result<Option<UserRecord>, Error> {
-        let openid = match key {
-            UserKey::Openid(openid) => Some(sled::IVec::from(openid.as_bytes())),
-            UserKey::Uid(uid) => self.uids.get(uid.to_be_bytes())?,
+        let (openid, uid) = match key {
+            UserKey::Openid(openid) => (Some(sled::IVec::from(openid.as_bytes())), None),
+            UserKey::Uid(uid) => (self.uids.get(uid.to_be_bytes())?, Some(*uid)),
             UserKey::Unionid(unionid) => match self.unionids.get(unionid)? {
-                Some(uid) => self.uids.get(uid)?,
-                None => None,
+                Some(uid) => (self.uids.get(&uid)?, Some(decode_u64(&uid)?)),
+                None => (None, None),
             },
         };
-        match openid {
-            Some(openid) => self.users.get(openid)?.map(|b| decode(&b)).transpose(),
-            None => Ok(None),
-        }
+        let Some(openid) = openid else {
+            return Ok(None);
+        };
+        let user: Option<UserRecord> = self.users.get(openid)?.map(|b| decode(&b)).transpose()?;
+        // An index entry left by an unfinished registration names a user with another uid.
+        Ok(user.filter(|user| uid.is_none_or(|uid| user.uid == uid)))
     }
 
     /// Every user, in openid order (for export).
@@ -419,15 +445,24 @@ mod tests {
         {
             let store = store(&dir);
             store.upsert_user("o-a", "k", None, 100).unwrap();
-            // As if the process died after the index and the user, before the counter.
+            // As if the process died after the index entry of o-b's registration, the first of
+            // its writes: no user, no counter.
             store.uids.insert(2u64.to_be_bytes(), "o-b").unwrap();
-            store.meta.insert(NEXT_UID, &2u64.to_be_bytes()).unwrap();
             store.db().flush().unwrap();
         }
         let store = store(&dir);
-        let (next, new) = store.upsert_user("o-c", "k", None, 200).unwrap();
+        assert_eq!(store.find_user(&UserKey::Uid(2)).unwrap(), None);
+        // o-b logs in again: a new uid, and uid 2 never names it nor anyone else.
+        let (b, new) = store.upsert_user("o-b", "k", None, 200).unwrap();
         assert!(new);
-        assert_eq!(next.uid, 3);
+        assert_eq!(b.uid, 3);
+        assert_eq!(store.find_user(&UserKey::Uid(2)).unwrap(), None);
+        assert_eq!(
+            store.find_user(&UserKey::Uid(3)).unwrap().unwrap().openid,
+            "o-b"
+        );
+        let (c, _) = store.upsert_user("o-c", "k", None, 300).unwrap();
+        assert_eq!(c.uid, 4);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{Pending, SessionPolicy};
 use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
@@ -55,7 +55,9 @@ pub enum FastCheck {
 impl SessionTable {
     /// Checks `hash` at `now` without changing anything but the last use in memory.
     pub fn check(&self, hash: &TokenHash, now: u64) -> FastCheck {
-        let Ok(sessions) = self.sessions.read() else {
+        // Never wait for the keeper: while it holds the lock, the check goes through its
+        // mailbox, where a call has a timeout.
+        let Ok(sessions) = self.sessions.try_read() else {
             return FastCheck::NeedsKeeper;
         };
         let Some(live) = sessions.get(hash) else {
@@ -75,6 +77,12 @@ impl SessionTable {
         // A keeper that panicked holding the lock is replaced by one with a fresh table.
         self.sessions
             .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<TokenHash, Live>> {
+        self.sessions
+            .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -116,7 +124,7 @@ impl SledSessions {
 
     /// Sessions held, expired ones not yet swept included.
     pub fn len(&self) -> usize {
-        self.table.write().len()
+        self.table.read().len()
     }
 
     /// Whether no session is held.
@@ -147,7 +155,7 @@ impl SledSessions {
         };
         // Order in the index is not age after a restart (it is rebuilt in key order).
         let oldest = {
-            let sessions = self.table.write();
+            let sessions = self.table.read();
             self.by_uid
                 .get(&uid)
                 .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
@@ -188,11 +196,17 @@ impl SledSessions {
         }
         let last_seen = live.last_seen.get_mut();
         *last_seen = (*last_seen).max(now);
-        if *last_seen - live.record.last_seen >= policy.write_back_step() {
+        let due = *last_seen - live.record.last_seen >= policy.write_back_step();
+        if due {
             live.record.last_seen = *last_seen;
-            self.store.put_session(hash, &live.record)?;
         }
-        Ok(live.info(&policy))
+        let (info, record) = (live.info(&policy), live.record.clone());
+        // The disk write happens outside the lock: checks must never wait for the disk.
+        drop(sessions);
+        if due {
+            self.store.put_session(hash, &record)?;
+        }
+        Ok(info)
     }
 
     pub(super) fn revoke(&mut self, hash: &TokenHash, now: u64) -> Pending<()> {
@@ -238,7 +252,7 @@ impl SledSessions {
         let policy = self.policy();
         let expired: Vec<TokenHash> = self
             .table
-            .write()
+            .read()
             .iter()
             .filter(|(_, live)| live.expired(now, &policy))
             .map(|(hash, _)| *hash)
@@ -256,7 +270,7 @@ impl SledSessions {
 
     pub(super) fn list(&self, uid: u64, now: u64) -> Vec<SessionSummary> {
         let policy = self.policy();
-        let sessions = self.table.write();
+        let sessions = self.table.read();
         self.by_uid
             .get(&uid)
             .into_iter()
@@ -273,14 +287,21 @@ impl SledSessions {
     }
 
     pub(super) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
-        let mut sessions = self.table.write();
-        for hash in self.by_uid.get(&uid).into_iter().flatten() {
-            if let Some(live) = sessions.get_mut(hash)
-                && live.record.unionid.as_deref() != Some(unionid)
-            {
-                live.record.unionid = Some(unionid.to_owned());
-                self.store.put_session(hash, &live.record)?;
+        let mut changed = Vec::new();
+        {
+            let mut sessions = self.table.write();
+            for hash in self.by_uid.get(&uid).into_iter().flatten() {
+                if let Some(live) = sessions.get_mut(hash)
+                    && live.record.unionid.as_deref() != Some(unionid)
+                {
+                    live.record.unionid = Some(unionid.to_owned());
+                    changed.push((*hash, live.record.clone()));
+                }
             }
+        }
+        // Outside the lock: checks must never wait for the disk.
+        for (hash, record) in &changed {
+            self.store.put_session(hash, record)?;
         }
         Ok(())
     }

@@ -47,10 +47,10 @@ impl Conn {
     /// next call.
     pub async fn send(&mut self, call: &Call<'_>) -> anyhow::Result<(u16, Bytes)> {
         let outcome = self.try_send(call).await;
-        if outcome.is_err() {
-            if let Ok(fresh) = Conn::open(self.addr).await {
-                *self = fresh;
-            }
+        if outcome.is_err()
+            && let Ok(fresh) = Conn::open(self.addr).await
+        {
+            *self = fresh;
         }
         outcome
     }

@@ -24,7 +24,7 @@ use crate::actors::session_keeper::{Issued, SessionInfo, SessionSummary};
 use crate::actors::user_registry::Registration;
 use crate::crypto::{TokenHash, new_token};
 use crate::group_commit::GroupCommit;
-use crate::store::{Store, UserKey};
+use crate::store::{SessionRecord, Store, UserKey};
 use crate::upstream::Code2Session;
 use crate::user::{Phone, Profile, User};
 use crate::{Config, Error, Metrics};
@@ -83,6 +83,24 @@ pub struct SessionPolicy {
 }
 
 impl SessionPolicy {
+    /// The record of a session issued at `now`.
+    pub fn fresh_record(
+        &self,
+        uid: u64,
+        openid: String,
+        unionid: Option<String>,
+        now: u64,
+    ) -> SessionRecord {
+        SessionRecord {
+            uid,
+            openid,
+            unionid,
+            created_at: now,
+            last_seen: now,
+            expires_at: now.saturating_add(self.max_ttl),
+        }
+    }
+
     /// What a login tells the client about its token's lifetime.
     pub fn expires_in(&self) -> u64 {
         self.idle_ttl.min(self.max_ttl)

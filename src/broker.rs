@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::actors::access_token_keeper::{AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use crate::actors::decryptor::{DecryptorArgs, DecryptorMsg};
 use crate::actors::session_keeper::{
-    SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary, TableSlot,
+    SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary,
 };
 use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
@@ -67,8 +67,6 @@ struct Inner {
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
     supervisor_alive: watch::Receiver<bool>,
     store: StoreHealth,
-    /// The SessionKeeper's table, for checks that need no change (sled only).
-    session_table: Arc<TableSlot>,
     /// For the server APIs, called from the request's own task.
     upstream: Upstream,
     call_timeout: Duration,
@@ -103,7 +101,6 @@ impl Broker {
         // from stable_token to cgi-bin/token.
         let token_timeout = upstream.worst_case() * 4 + config.call_timeout();
         let children = Arc::new(Children::default());
-        let session_table = Arc::new(TableSlot::default());
         let args = SupervisorArgs {
             children: children.clone(),
             wechat_exchanger: WeChatExchangerArgs {
@@ -125,7 +122,7 @@ impl Broker {
                 },
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
                 metrics: metrics.clone(),
-                table: session_table.clone(),
+                table: children.session_table.clone(),
             },
             decryptor: DecryptorArgs { appid },
             access_token_keeper: AccessTokenKeeperArgs {
@@ -150,7 +147,6 @@ impl Broker {
                 supervisor,
                 supervisor_alive,
                 store: backend.health(),
-                session_table,
                 upstream,
                 call_timeout: config.call_timeout(),
                 exchange_timeout,
@@ -220,7 +216,7 @@ impl Broker {
     /// A check straight from the keeper's table, when it needs no change; `None` when the keeper
     /// must answer (it expired, its last use is due to be written, or no table is published).
     fn check_in_table(&self, hash: &TokenHash) -> Option<Result<SessionInfo, Error>> {
-        let slot = self.inner.session_table.read().ok()?;
+        let slot = self.inner.children.session_table.read().ok()?;
         let table = slot.as_ref()?;
         match table.check(hash, self.inner.config.clock.now()) {
             FastCheck::Valid(info) => Some(Ok(info)),

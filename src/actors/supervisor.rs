@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::access_token_keeper::{AccessTokenKeeper, AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use super::decryptor::{Decryptor, DecryptorArgs, DecryptorMsg};
-use super::session_keeper::{SessionKeeper, SessionKeeperArgs, SessionKeeperMsg};
+use super::session_keeper::{SessionKeeper, SessionKeeperArgs, SessionKeeperMsg, TableSlot};
 use super::user_registry::{UserRegistry, UserRegistryArgs, UserRegistryMsg};
 use super::wechat_exchanger::{WeChatExchanger, WeChatExchangerArgs, WeChatExchangerMsg};
 
@@ -77,6 +77,9 @@ pub struct Children {
     pub decryptor: RwLock<Option<ActorRef<DecryptorMsg>>>,
     /// The current AccessTokenKeeper.
     pub access_token_keeper: RwLock<Option<ActorRef<AccessTokenKeeperMsg>>>,
+    /// The current SessionKeeper's table (sled only), which it publishes itself; emptied with
+    /// its slot, so that nobody reads a dead keeper's table.
+    pub session_table: Arc<TableSlot>,
 }
 
 impl Children {
@@ -104,7 +107,13 @@ impl Children {
         match kind {
             ActorKind::WeChatExchanger => *self.wechat_exchanger.write().expect("slot lock") = None,
             ActorKind::UserRegistry => *self.user_registry.write().expect("slot lock") = None,
-            ActorKind::SessionKeeper => *self.session_keeper.write().expect("slot lock") = None,
+            ActorKind::SessionKeeper => {
+                *self.session_keeper.write().expect("slot lock") = None;
+                *self
+                    .session_table
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+            }
             ActorKind::Decryptor => *self.decryptor.write().expect("slot lock") = None,
             ActorKind::AccessTokenKeeper => {
                 *self.access_token_keeper.write().expect("slot lock") = None
@@ -222,11 +231,6 @@ impl Actor for Supervisor {
             return Ok(());
         };
         children.clear(kind);
-        if kind == ActorKind::SessionKeeper {
-            // Its table must not answer checks: the next keeper loads its own.
-            let slot = &state.args.session_keeper.table;
-            *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
-        }
         if state.stopping {
             return Ok(());
         }

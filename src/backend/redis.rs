@@ -270,8 +270,8 @@ impl RedisStore {
         self.find_record(key).map(|record| record.map(User::from))
     }
 
-    /// The whole stored user, session_key included (for the store's own tools).
-    pub fn find_record(&self, key: UserKey) -> Pending<Option<UserRecord>> {
+    /// The whole stored user, session_key included.
+    fn find_record(&self, key: UserKey) -> Pending<Option<UserRecord>> {
         let (kind, value) = match key {
             UserKey::Uid(uid) => ("uid", uid.to_string()),
             UserKey::Openid(openid) => ("openid", openid),
@@ -332,14 +332,7 @@ impl RedisStore {
         unionid: Option<String>,
         now: u64,
     ) -> Pending<Issued> {
-        let record = SessionRecord {
-            uid,
-            openid,
-            unionid,
-            created_at: now,
-            last_seen: now,
-            expires_at: now.saturating_add(policy.max_ttl),
-        };
+        let record = policy.fresh_record(uid, openid, unionid, now);
         let put = self.put_session(policy, &token_hash(&token), &record, now);
         // A unionid WeChat reports now also belongs on the user's older sessions.
         let spread = record

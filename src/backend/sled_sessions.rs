@@ -145,14 +145,7 @@ impl SledSessions {
         now: u64,
     ) -> Result<Issued, Error> {
         let hash = token_hash(&token);
-        let record = SessionRecord {
-            uid,
-            openid,
-            unionid,
-            created_at: now,
-            last_seen: now,
-            expires_at: now.saturating_add(self.policy().max_ttl),
-        };
+        let record = self.policy().fresh_record(uid, openid, unionid, now);
         // Order in the index is not age after a restart (it is rebuilt in key order).
         let oldest = {
             let sessions = self.table.read();

@@ -14,6 +14,11 @@ use wxbroker::backend::SessionPolicy;
 use wxbroker::backend::redis::RedisStore;
 use wxbroker::{Config, Secret, backup};
 
+// Many small allocations freed on other threads: glibc's arenas lock against each other there
+// (a quarter of a login's CPU under load); mimalloc's per-thread heaps do not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The command line: the broker's settings, and an optional offline command.
 #[derive(Parser)]
 #[command(

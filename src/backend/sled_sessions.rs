@@ -24,7 +24,8 @@ pub struct SledSessions {
     commit: GroupCommit,
     metrics: Arc<Metrics>,
     table: Arc<SessionTable>,
-    /// uid -> the hashes of that user's sessions, to update or end them all at once.
+    /// uid -> the hashes of that user's sessions, oldest first, to update or end them all at once
+    /// and to find the one the cap evicts without looking each up.
     by_uid: HashMap<u64, Vec<TokenHash>>,
 }
 
@@ -113,6 +114,12 @@ impl SledSessions {
                 Err(e) => tracing::warn!(error = %e, "skipping an unreadable session record"),
             }
         }
+        // The store hands sessions over in key order; the index keeps them in age order.
+        let sessions = table.table.read();
+        for hashes in table.by_uid.values_mut() {
+            hashes.sort_by_key(|hash| sessions.get(hash).map(|live| live.record.created_at));
+        }
+        drop(sessions);
         tracing::info!(sessions = table.len(), "session table loaded");
         table
     }
@@ -146,19 +153,11 @@ impl SledSessions {
     ) -> Result<Issued, Error> {
         let hash = token_hash(&token);
         let record = self.policy().fresh_record(uid, openid, unionid, now);
-        // Order in the index is not age after a restart (it is rebuilt in key order).
-        let oldest = {
-            let sessions = self.table.read();
-            self.by_uid
-                .get(&uid)
-                .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
-                .and_then(|hashes| {
-                    hashes
-                        .iter()
-                        .min_by_key(|hash| sessions.get(*hash).map(|live| live.record.created_at))
-                        .copied()
-                })
-        };
+        let oldest = self
+            .by_uid
+            .get(&uid)
+            .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
+            .map(|hashes| hashes[0]);
         if let Some(oldest) = oldest {
             self.forget(&oldest);
             self.store.remove_session(&oldest)?;
@@ -457,22 +456,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_cap_evicts_the_oldest_session_whatever_the_index_order() {
+    async fn the_cap_evicts_the_oldest_session_also_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut table = table(&dir);
         let mut hashes = Vec::new();
         for i in 0..MAX_SESSIONS_PER_USER as u64 {
             hashes.push(issue(&mut table, 1, "o1", 10_000 + i));
         }
-        // After a restart the index is in key order, not age order.
-        table.by_uid.get_mut(&1).unwrap().reverse();
-        issue(&mut table, 1, "o1", 10_100);
-        assert_eq!(table.check(&hashes[0], 10_100), Err(Error::InvalidSession));
-        assert!(
-            table
-                .check(&hashes[MAX_SESSIONS_PER_USER - 1], 10_100)
-                .is_ok()
-        );
+        // A restart reads the sessions back in key order, which is not their age.
+        let (store, commit, policy) = (table.store.clone(), table.commit.clone(), table.policy());
+        let mut table = SledSessions::load(store, commit, policy, Default::default());
+        for (i, oldest) in hashes.iter().enumerate() {
+            let now = 10_100 + i as u64;
+            issue(&mut table, 1, "o1", now);
+            assert_eq!(table.check(oldest, now), Err(Error::InvalidSession));
+            if let Some(next) = hashes.get(i + 1) {
+                assert!(
+                    table.check(next, now).is_ok(),
+                    "session {} evicted early",
+                    i + 1
+                );
+            }
+        }
         assert_eq!(table.store.sessions().count(), MAX_SESSIONS_PER_USER);
     }
 }

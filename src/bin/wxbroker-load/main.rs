@@ -34,6 +34,10 @@ use report::RunReport;
 use scenario::Scenario;
 use target::Launch;
 
+// The generator's allocator as the broker's (see src/main.rs), so neither starves the other.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for wxbroker.
 ///
 /// Loads running brokers given by --url or --targets, or starts its own (--instances, sharing

@@ -140,7 +140,7 @@ impl Backend {
             Some(url) => Ok(Backend::Redis(RedisStore::connect(url.expose()).await?)),
             None => {
                 let store = Store::open(&config.data_dir, config.cache_mb)?;
-                let commit = GroupCommit::start(store.db().clone(), metrics.clone());
+                let commit = GroupCommit::start(store.clone(), metrics.clone());
                 Ok(Backend::Sled { store, commit })
             }
         }
@@ -245,7 +245,7 @@ impl StoreHealth {
     pub async fn flush(&self) -> Result<(), Error> {
         match self {
             StoreHealth::Sled(store, commit_ended) => {
-                store.db().flush_async().await?;
+                store.flush_async().await?;
                 let mut ended = commit_ended.clone();
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(5),

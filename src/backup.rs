@@ -97,8 +97,7 @@ pub async fn migrate_to_redis(
             moved.users_kept += 1;
         }
     }
-    for session in store.sessions() {
-        let (hash, record) = session?;
+    for (hash, record) in store.sessions()? {
         if redis
             .import_session(policy, &hash, &record, now)
             .wait()
@@ -138,7 +137,7 @@ pub fn import(store: &Store, input: impl BufRead) -> Result<u64, Error> {
     let mut count = 0;
     let result = import_lines(store, input, &mut count);
     // Even after a bad line: what was imported before it is acknowledged by the error message.
-    store.db().flush()?;
+    store.flush()?;
     result.map(|()| count)
 }
 

@@ -58,6 +58,7 @@ mod metrics;
 mod sandbox;
 mod server;
 pub mod server_api;
+mod session_log;
 pub mod store;
 pub mod upstream;
 mod user;

@@ -1,13 +1,18 @@
-//! Users and sessions in sled trees. Synchronous and actor-free, so it is tested directly.
+//! Users in sled trees, sessions in their own log. Synchronous and actor-free, so it is tested
+//! directly.
 //!
 //! Trees:
 //! - `users`: openid -> [`UserRecord`] (JSON)
 //! - `uids`: uid (big-endian u64) -> openid, the index for finding a user by uid
 //! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
 //! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
-//! - `sessions`: SHA-256 of a token -> [`SessionRecord`] (JSON); the token itself is never stored
+//!
+//! Sessions: `sessions.log` ([`crate::session_log`]), SHA-256 of a token -> [`SessionRecord`]; the
+//! token itself is never stored. Versions before it kept them in a `sessions` tree, which
+//! [`Store::open`] moves into the log.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,6 +23,7 @@ use sled::transaction::{
 
 use crate::Error;
 use crate::crypto::TokenHash;
+use crate::session_log::SessionLog;
 use crate::user::{Phone, Profile, User};
 
 const NEXT_UID: &[u8] = b"next_uid";
@@ -95,7 +101,7 @@ pub struct Store {
     uids: sled::Tree,
     meta: sled::Tree,
     unionids: sled::Tree,
-    sessions: sled::Tree,
+    sessions: Arc<SessionLog>,
 }
 
 impl Store {
@@ -117,16 +123,64 @@ impl Store {
             uids: db.open_tree("uids")?,
             meta: db.open_tree("meta")?,
             unionids: db.open_tree("unionids")?,
-            sessions: db.open_tree("sessions")?,
+            sessions: Arc::new(SessionLog::open(dir)?),
             db,
         };
         store.drop_unfinished_registration()?;
+        store.move_sessions_out_of_sled()?;
         Ok(store)
     }
 
-    /// The underlying database, for flushing.
+    /// The underlying database, for what only touches users.
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// Puts every write made so far on disk: users and sessions.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.sessions.flush()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// [`Store::flush`] without blocking the runtime; the group commit's one disk sync.
+    pub async fn flush_async(&self) -> Result<(), Error> {
+        let (sessions, db) = tokio::join!(self.flush_sessions(), self.db.flush_async());
+        sessions?;
+        db?;
+        Ok(())
+    }
+
+    /// Puts the sessions written so far on disk, without blocking the runtime.
+    pub async fn flush_sessions(&self) -> Result<(), Error> {
+        let sessions = self.sessions.clone();
+        tokio::task::spawn_blocking(move || sessions.flush())
+            .await
+            .map_err(|e| Error::Storage(format!("writing the session log failed: {e}")))?
+    }
+
+    /// Moves the sessions a version before the log kept in a sled tree into the log (once: the
+    /// tree is dropped after the log is synced; a crash in between moves the same records again).
+    fn move_sessions_out_of_sled(&self) -> Result<(), Error> {
+        if !self.db.tree_names().iter().any(|name| name == b"sessions") {
+            return Ok(());
+        }
+        let tree = self.db.open_tree("sessions")?;
+        let mut moved = 0;
+        for entry in tree.iter() {
+            let (key, value) = entry?;
+            match (<TokenHash>::try_from(key.as_ref()), decode(&value)) {
+                (Ok(hash), Ok(record)) => {
+                    self.sessions.put(&hash, &record)?;
+                    moved += 1;
+                }
+                _ => tracing::warn!("skipping an unreadable session record"),
+            }
+        }
+        self.sessions.flush()?;
+        self.db.drop_tree("sessions")?;
+        tracing::info!(sessions = moved, "moved the sessions into the session log");
+        Ok(())
     }
 
     /// Registers `openid` or refreshes its session_key; returns the user and whether it is new.
@@ -354,40 +408,37 @@ impl Store {
 
     /// Writes (or overwrites) a session. Not flushed: the caller decides what must be durable.
     pub fn put_session(&self, hash: &TokenHash, session: &SessionRecord) -> Result<(), Error> {
-        self.sessions.insert(hash, encode(session))?;
-        Ok(())
+        self.sessions.put(hash, session)
     }
 
-    /// Deletes a session; returns whether it existed.
-    pub fn remove_session(&self, hash: &TokenHash) -> Result<bool, Error> {
-        Ok(self.sessions.remove(hash)?.is_some())
-    }
-
-    /// Deletes many sessions in one batch (the sweep).
-    pub fn remove_sessions<'a>(
-        &self,
-        hashes: impl IntoIterator<Item = &'a TokenHash>,
-    ) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for hash in hashes {
-            batch.remove(hash.as_slice());
-        }
-        self.sessions.apply_batch(batch)?;
-        Ok(())
+    /// Deletes sessions. Not flushed either.
+    pub fn remove_sessions<'a>(&self, hashes: impl IntoIterator<Item = &'a TokenHash>) {
+        self.sessions.remove(hashes);
     }
 
     /// Every stored session, for rebuilding the SessionKeeper's table at start.
-    pub fn sessions(&self) -> impl Iterator<Item = Result<(TokenHash, SessionRecord), Error>> + '_ {
-        self.sessions.iter().map(|entry| {
-            let (key, value) = entry?;
-            let hash: TokenHash = key
-                .as_ref()
-                .try_into()
-                .map_err(|_| Error::Storage("a session key is not 32 bytes".into()))?;
-            Ok((hash, decode(&value)?))
-        })
+    pub fn sessions(&self) -> Result<impl Iterator<Item = (TokenHash, SessionRecord)>, Error> {
+        Ok(self.sessions.sessions()?.into_iter())
+    }
+
+    /// Whether the session log holds so many superseded records beside the `live` ones that it is
+    /// worth rewriting ([`Store::compact_sessions`]): at most a quarter of the file is live.
+    pub fn sessions_need_compacting(&self, live: usize) -> bool {
+        self.sessions.frames() > 4 * live as u64 + COMPACT_SLACK
+    }
+
+    /// Rewrites the session log with `live`, which must be every stored session.
+    pub fn compact_sessions<'a>(
+        &self,
+        live: impl IntoIterator<Item = (&'a TokenHash, &'a SessionRecord)>,
+    ) -> Result<(), Error> {
+        self.sessions.compact(live)
     }
 }
+
+/// Superseded records tolerated whatever the number of live sessions, so that a small table is
+/// not rewritten over and over.
+const COMPACT_SLACK: u64 = 100_000;
 
 /// Writes a user and keeps the unionid index in step with it.
 fn write_user(
@@ -433,6 +484,8 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn store(dir: &tempfile::TempDir) -> Store {
@@ -566,29 +619,56 @@ mod tests {
         assert_eq!((old.uid, new), (1, false));
     }
 
-    #[test]
-    fn sessions_round_trip_and_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store(&dir);
-        let record = SessionRecord {
-            uid: 7,
-            openid: "o".into(),
+    fn session(uid: u64) -> SessionRecord {
+        SessionRecord {
+            uid,
+            openid: format!("o{uid}"),
             unionid: None,
             created_at: 1,
             last_seen: 2,
             expires_at: 3,
-        };
-        store.put_session(&[1; 32], &record).unwrap();
-        store.put_session(&[2; 32], &record).unwrap();
-        store.put_session(&[3; 32], &record).unwrap();
-        let all: Vec<_> = store.sessions().collect::<Result<_, _>>().unwrap();
-        assert_eq!(all.len(), 3);
-        assert_eq!(all[0], ([1; 32], record));
+        }
+    }
 
-        assert!(store.remove_session(&[1; 32]).unwrap());
-        assert!(!store.remove_session(&[1; 32]).unwrap());
-        store.remove_sessions(&[[2; 32], [3; 32]]).unwrap();
-        assert_eq!(store.sessions().count(), 0);
+    #[test]
+    fn sessions_round_trip_are_removed_and_survive_a_reopen_once_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        store.put_session(&[1; 32], &session(1)).unwrap();
+        store.put_session(&[2; 32], &session(2)).unwrap();
+        store.put_session(&[3; 32], &session(3)).unwrap();
+        let all: HashMap<_, _> = store.sessions().unwrap().collect();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[&[1; 32]], session(1));
+
+        store.remove_sessions(&[[2; 32], [3; 32]]);
+        store.flush().unwrap();
+        drop(store);
+        let store = self::store(&dir);
+        let all: Vec<_> = store.sessions().unwrap().collect();
+        assert_eq!(all, [([1; 32], session(1))]);
+    }
+
+    #[test]
+    fn sessions_kept_in_a_sled_tree_by_earlier_versions_move_into_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("sessions").unwrap();
+            tree.insert([1; 32], encode(&session(1))).unwrap();
+            tree.insert([2; 32], encode(&session(2))).unwrap();
+            tree.insert(b"not a hash", encode(&session(3))).unwrap();
+            db.flush().unwrap();
+        }
+        let store = store(&dir);
+        let moved: HashMap<_, _> = store.sessions().unwrap().collect();
+        assert_eq!(moved.len(), 2);
+        assert_eq!(moved[&[2; 32]], session(2));
+        assert!(!store.db().tree_names().contains(&"sessions".into()));
+        drop(store);
+
+        let store = self::store(&dir);
+        assert_eq!(store.sessions().unwrap().collect::<HashMap<_, _>>(), moved);
     }
 
     #[test]

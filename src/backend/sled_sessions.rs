@@ -108,13 +108,18 @@ impl SledSessions {
             by_uid: HashMap::new(),
         };
         let store = table.store.clone();
-        for entry in store.sessions() {
-            match entry {
-                Ok((hash, record)) => table.remember(hash, record),
-                Err(e) => tracing::warn!(error = %e, "skipping an unreadable session record"),
+        match store.sessions() {
+            Ok(sessions) => {
+                for (hash, record) in sessions {
+                    table.remember(hash, record);
+                }
+            }
+            // Sessions can always be given up (their users log in again); the broker cannot.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the stored sessions; starting without")
             }
         }
-        // The store hands sessions over in key order; the index keeps them in age order.
+        // The store hands sessions over in no particular order; the index keeps them by age.
         let sessions = table.table.read();
         for hashes in table.by_uid.values_mut() {
             hashes.sort_by_key(|hash| sessions.get(hash).map(|live| live.record.created_at));
@@ -160,7 +165,7 @@ impl SledSessions {
             .map(|hashes| hashes[0]);
         if let Some(oldest) = oldest {
             self.forget(&oldest);
-            self.store.remove_session(&oldest)?;
+            self.store.remove_sessions([&oldest]);
         }
         let unionid = record.unionid.clone();
         self.store.put_session(&hash, &record)?;
@@ -183,7 +188,7 @@ impl SledSessions {
         if live.expired(now, &policy) {
             drop(sessions);
             self.forget(hash);
-            self.store.remove_session(hash)?;
+            self.store.remove_sessions([hash]);
             return Err(Error::InvalidSession);
         }
         let last_seen = live.last_seen.get_mut();
@@ -205,7 +210,7 @@ impl SledSessions {
         let policy = self.policy();
         let revoked = (|| {
             let live = self.forget(hash).ok_or(Error::InvalidSession)?;
-            self.store.remove_session(hash)?;
+            self.store.remove_sessions([hash]);
             if live.expired(now, &policy) {
                 return Err(Error::InvalidSession);
             }
@@ -223,8 +228,8 @@ impl SledSessions {
                 live += 1;
             }
         }
-        let removed = self.store.remove_sessions(&hashes).map(|()| live);
-        self.durable(removed)
+        self.store.remove_sessions(&hashes);
+        self.durable(Ok(live))
     }
 
     /// `outcome` once it is on disk (through the group commit), or its error at once.
@@ -249,14 +254,31 @@ impl SledSessions {
             .filter(|(_, live)| live.expired(now, &policy))
             .map(|(hash, _)| *hash)
             .collect();
-        if expired.is_empty() {
+        if !expired.is_empty() {
+            for hash in &expired {
+                self.forget(hash);
+            }
+            self.store.remove_sessions(&expired);
+            tracing::debug!(removed = expired.len(), "swept expired sessions");
+        }
+        self.compact_if_worth_it()
+    }
+
+    /// Rewrites the session log with the table once superseded records make up most of it. The
+    /// keeper waits meanwhile (checks do not: they read the table, which stays readable).
+    fn compact_if_worth_it(&self) -> Result<(), Error> {
+        let sessions = self.table.read();
+        if !self.store.sessions_need_compacting(sessions.len()) {
             return Ok(());
         }
-        for hash in &expired {
-            self.forget(hash);
-        }
-        self.store.remove_sessions(&expired)?;
-        tracing::debug!(removed = expired.len(), "swept expired sessions");
+        let started = std::time::Instant::now();
+        let live = sessions.iter().map(|(hash, live)| (hash, &live.record));
+        self.store.compact_sessions(live)?;
+        tracing::info!(
+            sessions = sessions.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "rewrote the session log with the live sessions"
+        );
         Ok(())
     }
 
@@ -367,7 +389,7 @@ mod tests {
 
     fn table(dir: &tempfile::TempDir) -> SledSessions {
         let store = Store::open(dir.path(), 8).unwrap();
-        let commit = GroupCommit::start(store.db().clone(), Default::default());
+        let commit = GroupCommit::start(store.clone(), Default::default());
         let policy = SessionPolicy {
             idle_ttl: 1000,
             max_ttl: 5000,
@@ -382,11 +404,7 @@ mod tests {
     }
 
     fn stored_last_seen(table: &SledSessions, hash: &TokenHash) -> u64 {
-        let stored = table
-            .store
-            .sessions()
-            .map(Result::unwrap)
-            .find(|(h, _)| h == hash);
+        let stored = table.store.sessions().unwrap().find(|(h, _)| h == hash);
         stored.unwrap().1.last_seen
     }
 
@@ -451,7 +469,7 @@ mod tests {
         let mut table = table(&dir);
         let hash = issue(&mut table, 1, "o", 10_000);
         assert_eq!(table.check(&hash, 11_000), Err(Error::InvalidSession));
-        assert_eq!(table.store.sessions().count(), 0);
+        assert_eq!(table.store.sessions().unwrap().count(), 0);
         assert!(table.is_empty() && table.by_uid.is_empty());
     }
 
@@ -478,6 +496,9 @@ mod tests {
                 );
             }
         }
-        assert_eq!(table.store.sessions().count(), MAX_SESSIONS_PER_USER);
+        assert_eq!(
+            table.store.sessions().unwrap().count(),
+            MAX_SESSIONS_PER_USER
+        );
     }
 }

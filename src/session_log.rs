@@ -1,0 +1,458 @@
+//! The sessions on disk: an append-only log beside the sled database.
+//!
+//! The SessionKeeper holds every live session in memory; the disk only has to let it rebuild that
+//! table after a restart. A B-tree does more than that needs, and under load each sled insert of a
+//! session (a random key into a large tree) cost more CPU than all the other storage work of a
+//! login. Here a write encodes a frame into a buffer; a flush (the group commit's) appends the
+//! buffer to the file and syncs it; reading replays the file; once most of the file is superseded,
+//! the keeper has it rewritten with only what is live ([`SessionLog::compact`]).
+//!
+//! The file is a run of frames `[body length: u32 LE][CRC-32 of the body: u32 LE][body]`, a body
+//! being `1, hash, record` (a put) or `0, hash` (a removal). A crash can leave the last frame torn:
+//! opening stops at the first frame that is short or fails its CRC and cuts the file there, so that
+//! later frames follow whole ones.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::Error;
+use crate::crypto::TokenHash;
+use crate::store::SessionRecord;
+
+/// The log's file name inside the data directory.
+pub const FILE_NAME: &str = "sessions.log";
+
+const HEADER: usize = 8;
+/// No body comes near this (the strings in a record are WeChat ids); a larger length is damage.
+const MAX_BODY: usize = 16 * 1024;
+const PUT: u8 = 1;
+const REMOVE: u8 = 0;
+const NO_STRING: u16 = u16::MAX;
+
+/// The session log of one data directory.
+pub struct SessionLog {
+    path: PathBuf,
+    /// Taken before `buffer` by whoever writes the file, so flushes and compactions never
+    /// interleave; appends take only `buffer`, and never wait for the disk.
+    file: Mutex<LogFile>,
+    buffer: Mutex<Buffer>,
+}
+
+struct LogFile {
+    file: File,
+    /// Bytes of whole frames in the file: where a failed write is cut back to.
+    len: u64,
+}
+
+/// Frames not yet written to the file.
+#[derive(Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    /// Frames in the file and the buffer together: the log's length, for deciding to compact.
+    frames: u64,
+}
+
+impl SessionLog {
+    /// Opens (or creates) the log in `dir`, cutting off a torn or damaged tail.
+    pub fn open(dir: &Path) -> Result<SessionLog, Error> {
+        let path = dir.join(FILE_NAME);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| storage(&path, "open", e))?;
+        let read = |e| storage(&path, "read", e);
+        let (frames, whole) = scan(&mut file, |_| {}).map_err(read)?;
+        let len = file.metadata().map_err(read)?.len();
+        if whole < len {
+            tracing::warn!(
+                file = %path.display(),
+                kept_bytes = whole,
+                dropped_bytes = len - whole,
+                "the session log ends in a torn or damaged frame (a crash while writing?); \
+                 cutting it there: the sessions after it log in again"
+            );
+            file.set_len(whole)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| storage(&path, "truncate", e))?;
+        }
+        Ok(SessionLog {
+            path,
+            file: Mutex::new(LogFile { file, len: whole }),
+            buffer: Mutex::new(Buffer {
+                bytes: Vec::new(),
+                frames,
+            }),
+        })
+    }
+
+    /// Records `record` as the session of `hash`, replacing any earlier one.
+    pub fn put(&self, hash: &TokenHash, record: &SessionRecord) -> Result<(), Error> {
+        let body = encode_put(hash, record)?;
+        let mut buffer = self.buffer();
+        push_frame(&mut buffer.bytes, &body);
+        buffer.frames += 1;
+        Ok(())
+    }
+
+    /// Records that the sessions of `hashes` have ended.
+    pub fn remove<'a>(&self, hashes: impl IntoIterator<Item = &'a TokenHash>) {
+        let mut buffer = self.buffer();
+        for hash in hashes {
+            let mut body = [0u8; 33];
+            body[0] = REMOVE;
+            body[1..].copy_from_slice(hash);
+            push_frame(&mut buffer.bytes, &body);
+            buffer.frames += 1;
+        }
+    }
+
+    /// Writes what was recorded so far to the file and syncs it. After a failure the file is cut
+    /// back and the frames stay buffered for the next flush, so no later frame follows a torn one.
+    pub fn flush(&self) -> Result<(), Error> {
+        let mut log = self.file();
+        let bytes = std::mem::take(&mut self.buffer().bytes);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let written = log
+            .file
+            .write_all(&bytes)
+            .and_then(|()| log.file.sync_data());
+        match written {
+            Ok(()) => {
+                log.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = log.file.set_len(log.len);
+                let mut buffer = self.buffer();
+                let later = std::mem::replace(&mut buffer.bytes, bytes);
+                buffer.bytes.extend_from_slice(&later);
+                Err(storage(&self.path, "write", e))
+            }
+        }
+    }
+
+    /// Frames in the log, superseded ones included.
+    pub fn frames(&self) -> u64 {
+        self.buffer().frames
+    }
+
+    /// The sessions recorded and not removed, written or not.
+    pub fn sessions(&self) -> Result<HashMap<TokenHash, SessionRecord>, Error> {
+        let mut log = self.file();
+        // Copied under the file's lock, so no flush moves frames between the two meanwhile.
+        let buffered = self.buffer().bytes.clone();
+        let read = |e| storage(&self.path, "read", e);
+        log.file.seek(SeekFrom::Start(0)).map_err(read)?;
+        let mut sessions = HashMap::new();
+        let mut undecodable = 0;
+        let input = (&mut log.file).chain(buffered.as_slice());
+        scan(input, |body| match decode(body) {
+            Some(Frame::Put(hash, record)) => {
+                sessions.insert(hash, record);
+            }
+            Some(Frame::Remove(hash)) => {
+                sessions.remove(&hash);
+            }
+            None => undecodable += 1,
+        })
+        .map_err(read)?;
+        if undecodable > 0 {
+            // Whole frames (their CRC holds) of a kind this version does not know: skipped, as a
+            // session can always be given up (its user logs in again).
+            tracing::warn!(
+                frames = undecodable,
+                "skipping session log frames that do not decode"
+            );
+        }
+        Ok(sessions)
+    }
+
+    /// Replaces the log with one put per session of `live`, which must be every session still
+    /// recorded (the caller's table): what was recorded before is dropped. The new file is synced
+    /// and renamed over the old one, so a crash leaves one or the other whole.
+    pub fn compact<'a>(
+        &self,
+        live: impl IntoIterator<Item = (&'a TokenHash, &'a SessionRecord)>,
+    ) -> Result<(), Error> {
+        let mut log = self.file();
+        let mut buffer = self.buffer();
+        let tmp = self.path.with_extension("log.tmp");
+        let fail = |e| storage(&tmp, "write", e);
+        let mut out = BufWriter::new(File::create(&tmp).map_err(fail)?);
+        let (mut frames, mut len) = (0, 0);
+        let mut frame = Vec::new();
+        for (hash, record) in live {
+            frame.clear();
+            push_frame(&mut frame, &encode_put(hash, record)?);
+            out.write_all(&frame).map_err(fail)?;
+            frames += 1;
+            len += frame.len() as u64;
+        }
+        let written = out.into_inner().map_err(|e| fail(e.into_error()))?;
+        written.sync_all().map_err(fail)?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| storage(&self.path, "replace", e))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| storage(dir, "sync", e))?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| storage(&self.path, "open", e))?;
+        *log = LogFile { file, len };
+        *buffer = Buffer {
+            bytes: Vec::new(),
+            frames,
+        };
+        Ok(())
+    }
+
+    fn file(&self) -> MutexGuard<'_, LogFile> {
+        self.file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn buffer(&self) -> MutexGuard<'_, Buffer> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+enum Frame {
+    Put(TokenHash, SessionRecord),
+    Remove(TokenHash),
+}
+
+/// Reads `input` frame by frame, calling `each` with the body of every whole one; returns how many
+/// there were and where they end (a short or damaged frame ends the reading).
+fn scan(input: impl Read, mut each: impl FnMut(&[u8])) -> std::io::Result<(u64, u64)> {
+    let mut input = BufReader::with_capacity(1 << 16, input);
+    let (mut frames, mut end) = (0, 0);
+    let (mut header, mut body) = ([0u8; HEADER], Vec::new());
+    loop {
+        if !read_whole(&mut input, &mut header)? {
+            break;
+        }
+        let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
+        if len > MAX_BODY {
+            break;
+        }
+        body.resize(len, 0);
+        if !read_whole(&mut input, &mut body)? || crc32fast::hash(&body) != crc {
+            break;
+        }
+        each(&body);
+        frames += 1;
+        end += (HEADER + len) as u64;
+    }
+    Ok((frames, end))
+}
+
+/// Fills `buf`; `false` when the input ends first.
+fn read_whole(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    match input.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn push_frame(out: &mut Vec<u8>, body: &[u8]) {
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+fn encode_put(hash: &TokenHash, record: &SessionRecord) -> Result<Vec<u8>, Error> {
+    let mut body = Vec::with_capacity(1 + 32 + 32 + 4 + record.openid.len() + 32);
+    body.push(PUT);
+    body.extend_from_slice(hash);
+    for n in [
+        record.uid,
+        record.created_at,
+        record.last_seen,
+        record.expires_at,
+    ] {
+        body.extend_from_slice(&n.to_le_bytes());
+    }
+    push_str(&mut body, Some(&record.openid))?;
+    push_str(&mut body, record.unionid.as_deref())?;
+    Ok(body)
+}
+
+fn push_str(body: &mut Vec<u8>, s: Option<&str>) -> Result<(), Error> {
+    let Some(s) = s else {
+        body.extend_from_slice(&NO_STRING.to_le_bytes());
+        return Ok(());
+    };
+    let len = u16::try_from(s.len())
+        .ok()
+        .filter(|&len| (len as usize) < MAX_BODY / 4)
+        .ok_or_else(|| Error::Storage(format!("an id of {} bytes is too long", s.len())))?;
+    body.extend_from_slice(&len.to_le_bytes());
+    body.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn decode(body: &[u8]) -> Option<Frame> {
+    let mut r = Reader(body);
+    let kind = r.take(1)?[0];
+    let hash: TokenHash = r.take(32)?.try_into().ok()?;
+    match kind {
+        REMOVE => Some(Frame::Remove(hash)),
+        PUT => Some(Frame::Put(
+            hash,
+            SessionRecord {
+                uid: r.u64()?,
+                created_at: r.u64()?,
+                last_seen: r.u64()?,
+                expires_at: r.u64()?,
+                openid: r.string()??,
+                unionid: r.string()?,
+            },
+        )),
+        _ => None,
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let head = self.0.get(..n)?;
+        self.0 = &self.0[n..];
+        Some(head)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    /// `Some(None)` for an absent string, `None` for a body that ends too soon.
+    fn string(&mut self) -> Option<Option<String>> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?);
+        if len == NO_STRING {
+            return Some(None);
+        }
+        let bytes = self.take(len as usize)?;
+        Some(Some(String::from_utf8(bytes.to_vec()).ok()?))
+    }
+}
+
+fn storage(path: &Path, what: &str, e: std::io::Error) -> Error {
+    Error::Storage(format!("cannot {what} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(uid: u64, unionid: Option<&str>) -> SessionRecord {
+        SessionRecord {
+            uid,
+            openid: format!("o{uid}"),
+            unionid: unionid.map(str::to_owned),
+            created_at: 10,
+            last_seen: 20,
+            expires_at: 30,
+        }
+    }
+
+    #[test]
+    fn puts_and_removals_survive_a_reopen_once_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        log.put(&[1; 32], &record(1, None)).unwrap();
+        log.put(&[2; 32], &record(2, Some("u2"))).unwrap();
+        log.put(&[1; 32], &record(3, None)).unwrap();
+        log.remove(&[[2; 32]]);
+        log.put(&[4; 32], &record(4, Some("u4"))).unwrap();
+        log.flush().unwrap();
+        log.put(&[5; 32], &record(5, None)).unwrap();
+        let before = log.sessions().unwrap();
+        assert_eq!(before.len(), 3, "unflushed puts are read too");
+        drop(log);
+
+        let log = SessionLog::open(dir.path()).unwrap();
+        let after = log.sessions().unwrap();
+        assert_eq!(after.len(), 2, "the unflushed put is gone");
+        assert_eq!(after[&[1; 32]], record(3, None));
+        assert_eq!(after[&[4; 32]], record(4, Some("u4")));
+        assert_eq!(log.frames(), 5);
+    }
+
+    #[test]
+    fn a_torn_or_damaged_tail_is_cut_and_the_log_goes_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        log.put(&[1; 32], &record(1, None)).unwrap();
+        log.put(&[2; 32], &record(2, None)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let path = dir.path().join(FILE_NAME);
+        let whole = std::fs::read(&path).unwrap();
+
+        // The last frame torn halfway, as a crash during a write leaves it.
+        std::fs::write(&path, &whole[..whole.len() - 10]).unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        assert_eq!(log.sessions().unwrap().len(), 1);
+        log.put(&[3; 32], &record(3, None)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let log = SessionLog::open(dir.path()).unwrap();
+        let sessions = log.sessions().unwrap();
+        assert!(sessions.contains_key(&[1; 32]) && sessions.contains_key(&[3; 32]));
+        drop(log);
+
+        // A flipped bit in the first frame: nothing from there on is trusted.
+        let mut damaged = whole.clone();
+        damaged[HEADER + 5] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        assert!(log.sessions().unwrap().is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_live_sessions_and_shrinks_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        for round in 0..50 {
+            for uid in 0..20u8 {
+                log.put(&[uid; 32], &record(u64::from(uid) + round, None))
+                    .unwrap();
+            }
+        }
+        log.remove(&[[0; 32]]);
+        let live = log.sessions().unwrap();
+        assert_eq!(live.len(), 19);
+        log.flush().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let before = std::fs::metadata(&path).unwrap().len();
+
+        log.compact(&live).unwrap();
+        log.put(&[30; 32], &record(30, None)).unwrap();
+        log.flush().unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() < before / 40);
+        assert_eq!(log.frames(), 20);
+        drop(log);
+        let mut expected = live;
+        expected.insert([30; 32], record(30, None));
+        assert_eq!(
+            SessionLog::open(dir.path()).unwrap().sessions().unwrap(),
+            expected
+        );
+    }
+}

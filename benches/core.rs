@@ -1,4 +1,5 @@
-//! The pure parts on their own: decrypting a profile, parsing WeChat's answer, writing users.
+//! The pure parts on their own: decrypting a profile, parsing WeChat's answer, writing users and
+//! sessions.
 //!
 //! `cargo bench --bench core`
 
@@ -8,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wxbroker::crypto::{decrypt_encrypted_data, encrypt_for_client, raw_data_signature};
-use wxbroker::store::Store;
+use wxbroker::store::{SessionRecord, Store};
 use wxbroker::upstream::parse_code2session;
 use wxbroker::{EncryptedData, open_profile};
 
@@ -77,5 +78,45 @@ fn upsert(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decrypt, parse, upsert);
+fn session_log(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64).unwrap();
+    let record = |uid: u64| SessionRecord {
+        uid,
+        openid: OPENID.to_owned(),
+        unionid: None,
+        created_at: 1,
+        last_seen: 1,
+        expires_at: 2,
+    };
+    let hash = |n: u64| {
+        let mut hash = [0u8; 32];
+        hash[..8].copy_from_slice(&n.to_le_bytes());
+        hash
+    };
+    let mut n = 0u64;
+    c.bench_function("session_put", |b| {
+        b.iter(|| {
+            n += 1;
+            store.put_session(&hash(n), &record(n)).unwrap();
+            // Now and then what the keeper's sweep does, so that memory and disk stay bounded.
+            if n.is_multiple_of(100_000) {
+                store.compact_sessions([]).unwrap();
+            }
+        })
+    });
+    // The keeper's pause when it rewrites the log: per 100,000 live sessions.
+    let live: Vec<_> = (0..100_000).map(|n| (hash(n), record(n))).collect();
+    let mut group = c.benchmark_group("session_log");
+    group.sample_size(10);
+    group.bench_function("compact_100k_sessions", |b| {
+        b.iter(|| {
+            let live = live.iter().map(|(hash, record)| (hash, record));
+            store.compact_sessions(live).unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decrypt, parse, upsert, session_log);
 criterion_main!(benches);

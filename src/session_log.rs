@@ -14,7 +14,8 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -26,6 +27,9 @@ use crate::store::SessionRecord;
 pub const FILE_NAME: &str = "sessions.log";
 
 const HEADER: usize = 8;
+/// The smallest body, a removal: an empty or shorter one is damage (zeros after a power loss
+/// would otherwise pass, as the CRC of nothing is 0).
+const MIN_BODY: usize = 33;
 /// No body comes near this (the strings in a record are WeChat ids); a larger length is damage.
 const MAX_BODY: usize = 16 * 1024;
 const PUT: u8 = 1;
@@ -42,9 +46,14 @@ pub struct SessionLog {
 }
 
 struct LogFile {
+    /// Written at explicit offsets, so that a retry after a failed write overwrites what that
+    /// write may have left instead of following it.
     file: File,
-    /// Bytes of whole frames in the file: where a failed write is cut back to.
+    /// Bytes of whole frames in the file: where the next write goes.
     len: u64,
+    /// A compaction renamed a new file in, and the directory is not yet synced: until it is, the
+    /// rename (and so everything written since) may not survive a crash, so no flush succeeds.
+    dir_unsynced: bool,
 }
 
 /// Frames not yet written to the file.
@@ -59,12 +68,19 @@ impl SessionLog {
     /// Opens (or creates) the log in `dir`, cutting off a torn or damaged tail.
     pub fn open(dir: &Path) -> Result<SessionLog, Error> {
         let path = dir.join(FILE_NAME);
+        // A compaction cut short leaves its file behind; the log itself is whole.
+        let _ = std::fs::remove_file(temp_path(&path));
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(&path)
             .map_err(|e| storage(&path, "open", e))?;
+        if created {
+            sync_dir(&path).map_err(|e| storage(&path, "create", e))?;
+        }
         let read = |e| storage(&path, "read", e);
         let (frames, whole) = scan(&mut file, |_| {}).map_err(read)?;
         let len = file.metadata().map_err(read)?.len();
@@ -82,7 +98,11 @@ impl SessionLog {
         }
         Ok(SessionLog {
             path,
-            file: Mutex::new(LogFile { file, len: whole }),
+            file: Mutex::new(LogFile {
+                file,
+                len: whole,
+                dir_unsynced: false,
+            }),
             buffer: Mutex::new(Buffer {
                 bytes: Vec::new(),
                 frames,
@@ -111,25 +131,29 @@ impl SessionLog {
         }
     }
 
-    /// Writes what was recorded so far to the file and syncs it. After a failure the file is cut
-    /// back and the frames stay buffered for the next flush, so no later frame follows a torn one.
+    /// Writes what was recorded so far to the file and syncs it. After a failure the frames stay
+    /// buffered, ahead of later ones, and the next flush writes them again at the same place.
     pub fn flush(&self) -> Result<(), Error> {
         let mut log = self.file();
         let bytes = std::mem::take(&mut self.buffer().bytes);
-        if bytes.is_empty() {
+        if bytes.is_empty() && !log.dir_unsynced {
             return Ok(());
         }
         let written = log
             .file
-            .write_all(&bytes)
-            .and_then(|()| log.file.sync_data());
+            .write_all_at(&bytes, log.len)
+            .and_then(|()| log.file.sync_data())
+            .and_then(|()| match log.dir_unsynced {
+                true => sync_dir(&self.path),
+                false => Ok(()),
+            });
         match written {
             Ok(()) => {
                 log.len += bytes.len() as u64;
+                log.dir_unsynced = false;
                 Ok(())
             }
             Err(e) => {
-                let _ = log.file.set_len(log.len);
                 let mut buffer = self.buffer();
                 let later = std::mem::replace(&mut buffer.bytes, bytes);
                 buffer.bytes.extend_from_slice(&later);
@@ -143,16 +167,19 @@ impl SessionLog {
         self.buffer().frames
     }
 
-    /// The sessions recorded and not removed, written or not.
+    /// The sessions recorded and not removed, written or not. Reads the file without holding it:
+    /// flushes go on meanwhile.
     pub fn sessions(&self) -> Result<HashMap<TokenHash, SessionRecord>, Error> {
-        let mut log = self.file();
-        // Copied under the file's lock, so no flush moves frames between the two meanwhile.
-        let buffered = self.buffer().bytes.clone();
         let read = |e| storage(&self.path, "read", e);
-        log.file.seek(SeekFrom::Start(0)).map_err(read)?;
+        // Taken together under the file's lock, so no flush or compaction comes between them.
+        let (file, len, buffered) = {
+            let log = self.file();
+            let file = File::open(&self.path).map_err(read)?;
+            (file, log.len, self.buffer().bytes.clone())
+        };
         let mut sessions = HashMap::new();
         let mut undecodable = 0;
-        let input = (&mut log.file).chain(buffered.as_slice());
+        let input = file.take(len).chain(buffered.as_slice());
         scan(input, |body| match decode(body) {
             Some(Frame::Put(hash, record)) => {
                 sessions.insert(hash, record);
@@ -174,45 +201,48 @@ impl SessionLog {
         Ok(sessions)
     }
 
-    /// Replaces the log with one put per session of `live`, which must be every session still
-    /// recorded (the caller's table): what was recorded before is dropped. The new file is synced
-    /// and renamed over the old one, so a crash leaves one or the other whole.
+    /// Replaces the log with one put per session of `live`, which must be every session recorded
+    /// (the caller's table), with nothing written meanwhile (the caller is the one writer): what
+    /// was recorded before is dropped. The new file is written and synced beside the log without
+    /// holding it (flushes go on), then renamed over it, so a crash leaves one or the other whole.
+    /// Should a session be written meanwhile after all, the new file is thrown away.
     pub fn compact<'a>(
         &self,
         live: impl IntoIterator<Item = (&'a TokenHash, &'a SessionRecord)>,
     ) -> Result<(), Error> {
+        let recorded = self.buffer().frames;
+        let tmp = temp_path(&self.path);
+        let (file, frames, len) = write_frames(&tmp, live).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
         let mut log = self.file();
         let mut buffer = self.buffer();
-        let tmp = self.path.with_extension("log.tmp");
-        let fail = |e| storage(&tmp, "write", e);
-        let mut out = BufWriter::new(File::create(&tmp).map_err(fail)?);
-        let (mut frames, mut len) = (0, 0);
-        let mut frame = Vec::new();
-        for (hash, record) in live {
-            frame.clear();
-            push_frame(&mut frame, &encode_put(hash, record)?);
-            out.write_all(&frame).map_err(fail)?;
-            frames += 1;
-            len += frame.len() as u64;
+        if buffer.frames != recorded {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!("a session was written during the log's compaction; not compacted");
+            return Ok(());
         }
-        let written = out.into_inner().map_err(|e| fail(e.into_error()))?;
-        written.sync_all().map_err(fail)?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| storage(&self.path, "replace", e))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| storage(dir, "sync", e))?;
+        if let Err(e) = std::fs::rename(&tmp, &self.path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(storage(&self.path, "replace", e));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| storage(&self.path, "open", e))?;
-        *log = LogFile { file, len };
+        // From here on the new file is the log, whatever else fails.
+        *log = LogFile {
+            file,
+            len,
+            dir_unsynced: true,
+        };
         *buffer = Buffer {
             bytes: Vec::new(),
             frames,
         };
+        drop(buffer);
+        match sync_dir(&self.path) {
+            Ok(()) => log.dir_unsynced = false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sync the data dir; the next flush retries")
+            }
+        }
         Ok(())
     }
 
@@ -226,6 +256,40 @@ impl SessionLog {
         self.buffer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Writes one put per session of `live` to a new file at `path` and syncs it; returns the file,
+/// the frames and the bytes written.
+fn write_frames<'a>(
+    path: &Path,
+    live: impl IntoIterator<Item = (&'a TokenHash, &'a SessionRecord)>,
+) -> Result<(File, u64, u64), Error> {
+    let fail = |e| storage(path, "write", e);
+    let mut out = BufWriter::new(File::create(path).map_err(fail)?);
+    let (mut frames, mut len) = (0, 0);
+    let mut frame = Vec::new();
+    for (hash, record) in live {
+        frame.clear();
+        push_frame(&mut frame, &encode_put(hash, record)?);
+        out.write_all(&frame).map_err(fail)?;
+        frames += 1;
+        len += frame.len() as u64;
+    }
+    let file = out.into_inner().map_err(|e| fail(e.into_error()))?;
+    file.sync_all().map_err(fail)?;
+    Ok((file, frames, len))
+}
+
+fn temp_path(log: &Path) -> PathBuf {
+    log.with_extension("log.tmp")
+}
+
+/// Syncs the directory holding `path`, which makes a file created or renamed there durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 
@@ -246,7 +310,7 @@ fn scan(input: impl Read, mut each: impl FnMut(&[u8])) -> std::io::Result<(u64, 
         }
         let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
-        if len > MAX_BODY {
+        if !(MIN_BODY..=MAX_BODY).contains(&len) {
             break;
         }
         body.resize(len, 0);
@@ -416,6 +480,15 @@ mod tests {
         assert!(sessions.contains_key(&[1; 32]) && sessions.contains_key(&[3; 32]));
         drop(log);
 
+        // Zeros where frames were being written, as a power loss can leave them.
+        let mut zeroed = whole.clone();
+        zeroed.extend_from_slice(&[0; 4096]);
+        std::fs::write(&path, &zeroed).unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        assert_eq!(log.frames(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64);
+        drop(log);
+
         // A flipped bit in the first frame: nothing from there on is trusted.
         let mut damaged = whole.clone();
         damaged[HEADER + 5] ^= 1;
@@ -423,6 +496,44 @@ mod tests {
         let log = SessionLog::open(dir.path()).unwrap();
         assert!(log.sessions().unwrap().is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn removals_before_and_after_a_compaction_stay_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        for uid in 1..=3u8 {
+            log.put(&[uid; 32], &record(uid.into(), None)).unwrap();
+        }
+        log.flush().unwrap();
+        // Removed and not yet flushed when the table is written out without it.
+        log.remove(&[[1; 32]]);
+        let mut live = log.sessions().unwrap();
+        log.compact(&live).unwrap();
+        // Removed after the compaction, into the new file.
+        log.remove(&[[2; 32]]);
+        log.flush().unwrap();
+        drop(log);
+
+        live.remove(&[2; 32]);
+        let log = SessionLog::open(dir.path()).unwrap();
+        assert_eq!(log.sessions().unwrap(), live);
+        assert_eq!(live.keys().collect::<Vec<_>>(), [&[3; 32]]);
+    }
+
+    #[test]
+    fn a_compaction_cut_short_leaves_the_log_whole_and_its_file_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        log.put(&[1; 32], &record(1, None)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let tmp = temp_path(&dir.path().join(FILE_NAME));
+        std::fs::write(&tmp, b"half a compaction").unwrap();
+
+        let log = SessionLog::open(dir.path()).unwrap();
+        assert_eq!(log.sessions().unwrap().len(), 1);
+        assert!(!tmp.exists());
     }
 
     #[test]

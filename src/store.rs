@@ -168,17 +168,22 @@ impl Store {
         let tree = self.db.open_tree("sessions")?;
         let mut moved = 0;
         for entry in tree.iter() {
-            let (key, value) = entry?;
-            match (<TokenHash>::try_from(key.as_ref()), decode(&value)) {
-                (Ok(hash), Ok(record)) => {
-                    self.sessions.put(&hash, &record)?;
-                    moved += 1;
-                }
-                _ => tracing::warn!("skipping an unreadable session record"),
+            let moved_one = entry.map_err(Error::from).and_then(|(key, value)| {
+                let hash = <TokenHash>::try_from(key.as_ref())
+                    .map_err(|_| Error::Storage("a session key is not 32 bytes".into()))?;
+                self.sessions.put(&hash, &decode(&value)?)
+            });
+            match moved_one {
+                Ok(()) => moved += 1,
+                // A session can always be given up (its user logs in again); the broker cannot.
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable session record"),
             }
         }
         self.sessions.flush()?;
         self.db.drop_tree("sessions")?;
+        // Made durable before anything else is written: a tree coming back would be moved again,
+        // over removals written since.
+        self.db.flush()?;
         tracing::info!(sessions = moved, "moved the sessions into the session log");
         Ok(())
     }

@@ -163,12 +163,12 @@ impl SledSessions {
             .get(&uid)
             .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
             .map(|hashes| hashes[0]);
+        let unionid = record.unionid.clone();
+        self.store.put_session(&hash, &record)?;
         if let Some(oldest) = oldest {
             self.forget(&oldest);
             self.store.remove_sessions([&oldest]);
         }
-        let unionid = record.unionid.clone();
-        self.store.put_session(&hash, &record)?;
         self.remember(hash, record);
         // A unionid WeChat reports now also belongs on the user's older sessions.
         if let Some(unionid) = unionid {

@@ -123,7 +123,7 @@ impl SessionLog {
     pub fn remove<'a>(&self, hashes: impl IntoIterator<Item = &'a TokenHash>) {
         let mut buffer = self.buffer();
         for hash in hashes {
-            let mut body = [0u8; 33];
+            let mut body = [0u8; MIN_BODY];
             body[0] = REMOVE;
             body[1..].copy_from_slice(hash);
             push_frame(&mut buffer.bytes, &body);

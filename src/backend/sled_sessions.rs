@@ -481,7 +481,7 @@ mod tests {
         for i in 0..MAX_SESSIONS_PER_USER as u64 {
             hashes.push(issue(&mut table, 1, "o1", 10_000 + i));
         }
-        // A restart reads the sessions back in key order, which is not their age.
+        // A restart reads the sessions back in no particular order, not by age.
         let (store, commit, policy) = (table.store.clone(), table.commit.clone(), table.policy());
         let mut table = SledSessions::load(store, commit, policy, Default::default());
         for (i, oldest) in hashes.iter().enumerate() {

@@ -104,7 +104,12 @@ mod tests {
             let (store, commit) = (store.clone(), commit.clone());
             tasks.push(tokio::spawn(async move {
                 store.upsert_user(&format!("o{i}"), "k", None, 1).unwrap();
-                store.put_session(&[i; 32], &session(i)).unwrap();
+                store
+                    .put_session(
+                        &[i; 32],
+                        &crate::store::SessionRecord::sample(i.into(), None),
+                    )
+                    .unwrap();
                 commit.durable().await
             }));
         }
@@ -126,22 +131,13 @@ mod tests {
         let store = Store::open(dir.path(), 8).unwrap();
         let _commit = GroupCommit::start(store.clone(), Arc::default());
         let log = dir.path().join(crate::session_log::FILE_NAME);
-        store.put_session(&[1; 32], &session(1)).unwrap();
+        store
+            .put_session(&[1; 32], &crate::store::SessionRecord::sample(1, None))
+            .unwrap();
         let deadline = std::time::Instant::now() + SESSION_LOG_EVERY * 20;
         while std::fs::metadata(&log).unwrap().len() == 0 {
             assert!(std::time::Instant::now() < deadline, "never written");
             tokio::time::sleep(SESSION_LOG_EVERY / 5).await;
-        }
-    }
-
-    fn session(i: u8) -> crate::store::SessionRecord {
-        crate::store::SessionRecord {
-            uid: u64::from(i),
-            openid: format!("o{i}"),
-            unionid: None,
-            created_at: 1,
-            last_seen: 1,
-            expires_at: 2,
         }
     }
 }

@@ -423,28 +423,19 @@ fn storage(path: &Path, what: &str, e: std::io::Error) -> Error {
 mod tests {
     use super::*;
 
-    fn record(uid: u64, unionid: Option<&str>) -> SessionRecord {
-        SessionRecord {
-            uid,
-            openid: format!("o{uid}"),
-            unionid: unionid.map(str::to_owned),
-            created_at: 10,
-            last_seen: 20,
-            expires_at: 30,
-        }
-    }
-
     #[test]
     fn puts_and_removals_survive_a_reopen_once_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
-        log.put(&[1; 32], &record(1, None)).unwrap();
-        log.put(&[2; 32], &record(2, Some("u2"))).unwrap();
-        log.put(&[1; 32], &record(3, None)).unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(1, None)).unwrap();
+        log.put(&[2; 32], &SessionRecord::sample(2, Some("u2")))
+            .unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(3, None)).unwrap();
         log.remove(&[[2; 32]]);
-        log.put(&[4; 32], &record(4, Some("u4"))).unwrap();
+        log.put(&[4; 32], &SessionRecord::sample(4, Some("u4")))
+            .unwrap();
         log.flush().unwrap();
-        log.put(&[5; 32], &record(5, None)).unwrap();
+        log.put(&[5; 32], &SessionRecord::sample(5, None)).unwrap();
         let before = log.sessions().unwrap();
         assert_eq!(before.len(), 3, "unflushed puts are read too");
         drop(log);
@@ -452,8 +443,8 @@ mod tests {
         let log = SessionLog::open(dir.path()).unwrap();
         let after = log.sessions().unwrap();
         assert_eq!(after.len(), 2, "the unflushed put is gone");
-        assert_eq!(after[&[1; 32]], record(3, None));
-        assert_eq!(after[&[4; 32]], record(4, Some("u4")));
+        assert_eq!(after[&[1; 32]], SessionRecord::sample(3, None));
+        assert_eq!(after[&[4; 32]], SessionRecord::sample(4, Some("u4")));
         assert_eq!(log.frames(), 5);
     }
 
@@ -461,8 +452,8 @@ mod tests {
     fn a_torn_or_damaged_tail_is_cut_and_the_log_goes_on_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
-        log.put(&[1; 32], &record(1, None)).unwrap();
-        log.put(&[2; 32], &record(2, None)).unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(1, None)).unwrap();
+        log.put(&[2; 32], &SessionRecord::sample(2, None)).unwrap();
         log.flush().unwrap();
         drop(log);
         let path = dir.path().join(FILE_NAME);
@@ -472,7 +463,7 @@ mod tests {
         std::fs::write(&path, &whole[..whole.len() - 10]).unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
         assert_eq!(log.sessions().unwrap().len(), 1);
-        log.put(&[3; 32], &record(3, None)).unwrap();
+        log.put(&[3; 32], &SessionRecord::sample(3, None)).unwrap();
         log.flush().unwrap();
         drop(log);
         let log = SessionLog::open(dir.path()).unwrap();
@@ -503,7 +494,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
         for uid in 1..=3u8 {
-            log.put(&[uid; 32], &record(uid.into(), None)).unwrap();
+            log.put(&[uid; 32], &SessionRecord::sample(uid.into(), None))
+                .unwrap();
         }
         log.flush().unwrap();
         // Removed and not yet flushed when the table is written out without it.
@@ -525,7 +517,7 @@ mod tests {
     fn a_compaction_cut_short_leaves_the_log_whole_and_its_file_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
-        log.put(&[1; 32], &record(1, None)).unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(1, None)).unwrap();
         log.flush().unwrap();
         drop(log);
         let tmp = temp_path(&dir.path().join(FILE_NAME));
@@ -542,8 +534,11 @@ mod tests {
         let log = SessionLog::open(dir.path()).unwrap();
         for round in 0..50 {
             for uid in 0..20u8 {
-                log.put(&[uid; 32], &record(u64::from(uid) + round, None))
-                    .unwrap();
+                log.put(
+                    &[uid; 32],
+                    &SessionRecord::sample(u64::from(uid) + round, None),
+                )
+                .unwrap();
             }
         }
         log.remove(&[[0; 32]]);
@@ -554,13 +549,14 @@ mod tests {
         let before = std::fs::metadata(&path).unwrap().len();
 
         log.compact(&live).unwrap();
-        log.put(&[30; 32], &record(30, None)).unwrap();
+        log.put(&[30; 32], &SessionRecord::sample(30, None))
+            .unwrap();
         log.flush().unwrap();
         assert!(std::fs::metadata(&path).unwrap().len() < before / 40);
         assert_eq!(log.frames(), 20);
         drop(log);
         let mut expected = live;
-        expected.insert([30; 32], record(30, None));
+        expected.insert([30; 32], SessionRecord::sample(30, None));
         assert_eq!(
             SessionLog::open(dir.path()).unwrap().sessions().unwrap(),
             expected

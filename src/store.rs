@@ -93,6 +93,21 @@ pub struct SessionRecord {
     pub expires_at: u64,
 }
 
+#[cfg(test)]
+impl SessionRecord {
+    /// A session of user `uid` (openid `o{uid}`), for the store's tests.
+    pub(crate) fn sample(uid: u64, unionid: Option<&str>) -> SessionRecord {
+        SessionRecord {
+            uid,
+            openid: format!("o{uid}"),
+            unionid: unionid.map(str::to_owned),
+            created_at: 10,
+            last_seen: 20,
+            expires_at: 30,
+        }
+    }
+}
+
 /// The broker's embedded database.
 #[derive(Clone)]
 pub struct Store {
@@ -624,34 +639,29 @@ mod tests {
         assert_eq!((old.uid, new), (1, false));
     }
 
-    fn session(uid: u64) -> SessionRecord {
-        SessionRecord {
-            uid,
-            openid: format!("o{uid}"),
-            unionid: None,
-            created_at: 1,
-            last_seen: 2,
-            expires_at: 3,
-        }
-    }
-
     #[test]
     fn sessions_round_trip_are_removed_and_survive_a_reopen_once_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir);
-        store.put_session(&[1; 32], &session(1)).unwrap();
-        store.put_session(&[2; 32], &session(2)).unwrap();
-        store.put_session(&[3; 32], &session(3)).unwrap();
+        store
+            .put_session(&[1; 32], &SessionRecord::sample(1, None))
+            .unwrap();
+        store
+            .put_session(&[2; 32], &SessionRecord::sample(2, None))
+            .unwrap();
+        store
+            .put_session(&[3; 32], &SessionRecord::sample(3, None))
+            .unwrap();
         let all: HashMap<_, _> = store.sessions().unwrap().collect();
         assert_eq!(all.len(), 3);
-        assert_eq!(all[&[1; 32]], session(1));
+        assert_eq!(all[&[1; 32]], SessionRecord::sample(1, None));
 
         store.remove_sessions(&[[2; 32], [3; 32]]);
         store.flush().unwrap();
         drop(store);
         let store = self::store(&dir);
         let all: Vec<_> = store.sessions().unwrap().collect();
-        assert_eq!(all, [([1; 32], session(1))]);
+        assert_eq!(all, [([1; 32], SessionRecord::sample(1, None))]);
     }
 
     #[test]
@@ -660,15 +670,18 @@ mod tests {
         {
             let db = sled::open(dir.path()).unwrap();
             let tree = db.open_tree("sessions").unwrap();
-            tree.insert([1; 32], encode(&session(1))).unwrap();
-            tree.insert([2; 32], encode(&session(2))).unwrap();
-            tree.insert(b"not a hash", encode(&session(3))).unwrap();
+            tree.insert([1; 32], encode(&SessionRecord::sample(1, None)))
+                .unwrap();
+            tree.insert([2; 32], encode(&SessionRecord::sample(2, None)))
+                .unwrap();
+            tree.insert(b"not a hash", encode(&SessionRecord::sample(3, None)))
+                .unwrap();
             db.flush().unwrap();
         }
         let store = store(&dir);
         let moved: HashMap<_, _> = store.sessions().unwrap().collect();
         assert_eq!(moved.len(), 2);
-        assert_eq!(moved[&[2; 32]], session(2));
+        assert_eq!(moved[&[2; 32]], SessionRecord::sample(2, None));
         assert!(!store.db().tree_names().contains(&"sessions".into()));
         drop(store);
 

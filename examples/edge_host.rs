@@ -32,8 +32,7 @@ async fn main() -> Result<(), wxbroker::Error> {
     let mut config = Config::default();
     sandbox.configure(&mut config);
     let broker = Broker::start(&config).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:8080")
-        .await
+    let listener = wxbroker::bind(([127, 0, 0, 1], 8080).into())
         .map_err(|e| wxbroker::Error::Config(e.to_string()))?;
     warp::serve(app(broker.clone()))
         .incoming(listener)

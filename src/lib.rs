@@ -8,8 +8,9 @@
 //! # Layout
 //!
 //! - [`run`]: the whole server (the binary's body): sandbox fallback, broker, HTTP front end,
-//!   graceful shutdown. Takes an already bound listener and a shutdown future. [`serve`] does the
-//!   same for a broker started by the caller.
+//!   graceful shutdown. Takes an already bound listener (see [`bind`] for one with a backlog
+//!   that survives a burst of connections) and a shutdown future. [`serve`] does the same for a
+//!   broker started by the caller.
 //! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,
@@ -81,7 +82,7 @@ pub use fault::Fault;
 pub use http::{recover, require_session, routes};
 pub use metrics::Metrics;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
-pub use server::PeerAddr;
+pub use server::{LISTEN_BACKLOG, PeerAddr, bind};
 pub use store::UserKey;
 pub use user::{EncryptedData, Phone, Profile, User};
 

@@ -151,8 +151,7 @@ fn init_logging(json: bool, serving: bool) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = wxbroker::bind(config.listen)
         .with_context(|| format!("cannot listen on {} (WXBROKER_LISTEN)", config.listen))?;
     wxbroker::run(listener, config, shutdown_signal()).await?;
     Ok(())

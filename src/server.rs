@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tower_service::Service;
 use tracing::Instrument;
@@ -31,6 +31,26 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The client's socket address, put into every request's extensions for the filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// Connections the kernel queues for `accept`. The usual default of 128 is overrun by a burst of
+/// clients connecting at once (a mini program opened by many users after a push; the broker's own
+/// burst of exchanges against the sandbox): the kernel then drops their SYNs, and each of those
+/// clients waits a 1 s retransmit. The kernel lowers it to `net.core.somaxconn` if that is smaller.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`crate::run`] or [`crate::serve`] with a backlog of
+/// [`LISTEN_BACKLOG`] (`TcpListener::bind` gives 128).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted broker can take its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Connection limits of the server.
 #[derive(Clone, Copy, Debug)]

@@ -61,6 +61,9 @@ pub struct Upstream {
     pub(crate) config: UpstreamConfig,
     /// The base URL with a trailing slash, so that `join` appends to it.
     base: Url,
+    /// `sns/jscode2session` with appid, secret and grant_type already in the query: a login
+    /// only appends its code, instead of joining and encoding the same parts every time.
+    code2session: Url,
 }
 
 /// The first wait before retrying a busy WeChat; doubles with each retry.
@@ -87,16 +90,30 @@ impl Upstream {
             .timeout(config.timeout)
             // The secret is in the query: it must never follow a redirect elsewhere.
             .redirect(reqwest::redirect::Policy::none())
+            // Retries are ours (`retrying`, for errcode -1): a login code is single-use, so
+            // nothing below may send a request twice on its own.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         let mut base = config.base.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        let upstream = Upstream { http, config, base };
-        // Fail at start, not at the first login, if the base cannot take a path.
-        upstream.url("sns/jscode2session")?;
-        Ok(upstream)
+        // Fails at start, not at the first login, if the base cannot take a path.
+        let mut code2session = base
+            .join("sns/jscode2session")
+            .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))?;
+        code2session
+            .query_pairs_mut()
+            .append_pair("appid", &config.appid)
+            .append_pair("secret", config.secret.expose())
+            .append_pair("grant_type", "authorization_code");
+        Ok(Upstream {
+            http,
+            config,
+            base,
+            code2session,
+        })
     }
 
     /// The URL of WeChat's API at `path` (relative to the base).
@@ -115,12 +132,8 @@ impl Upstream {
 
     /// Exchanges a login code for the user's openid and session_key.
     pub async fn code2session(&self, code: &str) -> Result<Code2Session, Error> {
-        let mut url = self.url("sns/jscode2session")?;
-        url.query_pairs_mut()
-            .append_pair("appid", &self.config.appid)
-            .append_pair("secret", self.config.secret.expose())
-            .append_pair("js_code", code)
-            .append_pair("grant_type", "authorization_code");
+        let mut url = self.code2session.clone();
+        url.query_pairs_mut().append_pair("js_code", code);
         self.retrying(|| self.attempt(self.http.get(url.clone()), parse_code2session))
             .await
     }

@@ -83,3 +83,30 @@ async fn run_refuses_half_a_set_of_credentials() {
         .unwrap_err();
     assert!(matches!(err, wxbroker::Error::Config(_)), "{err}");
 }
+
+/// A burst of clients connecting at once must not overflow the accept queue: with the usual
+/// backlog of 128 the kernel drops the SYNs beyond it, and each of those clients waits a 1 s
+/// retransmit before it even reaches the broker. Nothing accepts here, so every connection that
+/// completes was queued by the kernel, and one that found the queue full never completes.
+#[tokio::test]
+async fn bind_queues_a_burst_of_connections_without_dropping_any() {
+    const BURST: usize = 600;
+    let _ = rlimit::increase_nofile_limit(8192);
+    let listener = wxbroker::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..BURST {
+        connects.spawn(tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::net::TcpStream::connect(addr),
+        ));
+    }
+    let mut streams = Vec::new();
+    while let Some(outcome) = connects.join_next().await {
+        if let Ok(Ok(stream)) = outcome.unwrap() {
+            streams.push(stream);
+        }
+    }
+    let connected = streams.len();
+    assert_eq!(connected, BURST, "connections the kernel queued in time");
+}

@@ -220,7 +220,8 @@ impl Sandbox {
 
 /// Serves the sandbox on `listener`. `code2Session`, the call every login makes, is answered by
 /// hyper directly: the sandbox shares the broker's cores in load runs, and a stand-in for WeChat
-/// should cost them as little as it can. Every other route goes through `others` (warp).
+/// should cost them as little as it can. Every other request goes through `others` (warp), which
+/// answers a wrong method or path as it always did.
 async fn serve<S>(listener: tokio::net::TcpListener, state: Arc<SandboxState>, others: S)
 where
     S: tower_service::Service<
@@ -247,16 +248,17 @@ where
         let handler = hyper::service::service_fn(move |request: hyper::Request<_>| {
             let (state, mut others) = (state.clone(), others.clone());
             async move {
-                if request.uri().path() != "/sns/jscode2session" {
+                let path = request.uri().path();
+                let code2session = request.method() == hyper::Method::GET
+                    && matches!(path, "/sns/jscode2session" | "/sns/jscode2session/");
+                if !code2session {
                     return others.call(request).await;
                 }
                 // Even a zero sleep waits for the timer's next millisecond tick.
                 if !state.latency.is_zero() {
                     tokio::time::sleep(state.latency).await;
                 }
-                if request.method() != hyper::Method::GET {
-                    return Ok(StatusCode::METHOD_NOT_ALLOWED.into_response());
-                }
+                // As warp's query filter: lenient decoding, so this parse cannot fail.
                 let query = serde_urlencoded::from_str::<HashMap<String, String>>(
                     request.uri().query().unwrap_or(""),
                 )

@@ -40,13 +40,19 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds a listener for [`crate::run`] or [`crate::serve`] with a backlog of
 /// [`LISTEN_BACKLOG`] (`TcpListener::bind` gives 128).
+///
+/// # Panics
+///
+/// Outside a Tokio runtime, as `TcpSocket::listen` does.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    // As `TcpListener::bind` does: a restarted broker can take its port back at once.
+    // As `TcpListener::bind` does: a restarted broker can take its port back at once. Not on
+    // Windows, where it would let another socket take over the port.
+    #[cfg(not(windows))]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)

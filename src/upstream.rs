@@ -90,8 +90,9 @@ impl Upstream {
             .timeout(config.timeout)
             // The secret is in the query: it must never follow a redirect elsewhere.
             .redirect(reqwest::redirect::Policy::none())
-            // Retries are ours (`retrying`, for errcode -1): a login code is single-use, so
-            // nothing below may send a request twice on its own.
+            // Retries are ours (`retrying`, for errcode -1). reqwest's own only resends HTTP/2
+            // and HTTP/3 refusals, which cannot happen here; off, it no longer copies every
+            // request in case it has to.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;

@@ -157,14 +157,24 @@ impl Backend {
     }
 
     /// The SessionKeeper's view; with sled, the table is loaded from disk here.
-    pub fn sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
+    pub async fn sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
         match self {
-            Backend::Sled { store, commit } => Sessions::Sled(SledSessions::load(
-                store.clone(),
-                commit.clone(),
-                policy,
-                metrics,
-            )),
+            Backend::Sled { store, commit } => {
+                let (store, commit) = (store.clone(), commit.clone());
+                // Reading a million sessions takes seconds: on a runtime worker it would stall
+                // the tasks queued there, and a keeper restarted by its supervisor loads while
+                // the broker serves.
+                let loaded = tokio::task::spawn_blocking(move || {
+                    SledSessions::load(store, commit, policy, metrics)
+                })
+                .await;
+                match loaded {
+                    Ok(sessions) => Sessions::Sled(sessions),
+                    // As if it had panicked here: the keeper fails to start and is restarted.
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => panic!("loading the sessions was cancelled: {e}"),
+                }
+            }
             Backend::Redis(redis) => Sessions::Redis(redis.clone(), policy),
         }
     }

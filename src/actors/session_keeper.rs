@@ -140,7 +140,7 @@ impl Actor for SessionKeeper {
         args: SessionKeeperArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let sweeper = myself.send_interval(args.sweep_interval, || SessionKeeperMsg::Sweep);
-        let sessions = args.backend.sessions(args.policy, args.metrics);
+        let sessions = args.backend.sessions(args.policy, args.metrics).await;
         *args.table.write().unwrap_or_else(|p| p.into_inner()) = sessions.table();
         Ok(SessionKeeperState {
             sessions,

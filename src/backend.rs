@@ -168,12 +168,9 @@ impl Backend {
                     SledSessions::load(store, commit, policy, metrics)
                 })
                 .await;
-                match loaded {
-                    Ok(sessions) => Sessions::Sled(sessions),
-                    // As if it had panicked here: the keeper fails to start and is restarted.
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(e) => panic!("loading the sessions was cancelled: {e}"),
-                }
+                // A panic while loading panics here, as before: the keeper fails to start and is
+                // restarted. (Cancelled only as the runtime shuts down; `into_panic` panics then.)
+                Sessions::Sled(loaded.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
             }
             Backend::Redis(redis) => Sessions::Redis(redis.clone(), policy),
         }

@@ -103,15 +103,32 @@ impl Sandbox {
             exchanges: AtomicU64::new(0),
             server_api: Default::default(),
         });
+        // A login burst opens a connection per exchange at once: see `crate::bind`.
         let listener = crate::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .map_err(|e| Error::Config(format!("cannot bind the sandbox WeChat: {e}")))?;
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Config(format!("cannot bind the sandbox WeChat: {e}")))?;
-        let routes = server_api::routes(state.clone())
+        let route_state = state.clone();
+        let code2session = warp::path!("sns" / "jscode2session")
+            .and(warp::get())
+            .and(warp::query::<HashMap<String, String>>())
+            .then(move |query: HashMap<String, String>| {
+                let state = route_state.clone();
+                async move {
+                    // Even a zero sleep waits for the timer's next millisecond tick.
+                    if !state.latency.is_zero() {
+                        tokio::time::sleep(state.latency).await;
+                    }
+                    text_json(&state.code2session(&query))
+                }
+            });
+        let routes = code2session
+            .or(server_api::routes(state.clone()))
+            .unify()
             .or(client_routes(state.clone()))
             .unify();
-        let server = tokio::spawn(serve(listener, state.clone(), warp::service(routes)));
+        let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
         Ok(Sandbox {
             addr,
             state,
@@ -215,62 +232,6 @@ impl Sandbox {
     /// The session_key of the latest exchange for `openid`, as WeChat's client would hold it.
     pub fn session_key(&self, openid: &str) -> Option<String> {
         self.state.login_of(openid).map(|login| login.session_key)
-    }
-}
-
-/// Serves the sandbox on `listener`. `code2Session`, the call every login makes, is answered by
-/// hyper directly: the sandbox shares the broker's cores in load runs, and a stand-in for WeChat
-/// should cost them as little as it can. Every other request goes through `others` (warp), which
-/// answers a wrong method or path as it always did.
-async fn serve<S>(listener: tokio::net::TcpListener, state: Arc<SandboxState>, others: S)
-where
-    S: tower_service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    let http = Arc::new(hyper::server::conn::http1::Builder::new());
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "the sandbox WeChat could not accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (state, others, http) = (state.clone(), others.clone(), http.clone());
-        let handler = hyper::service::service_fn(move |request: hyper::Request<_>| {
-            let (state, mut others) = (state.clone(), others.clone());
-            async move {
-                let path = request.uri().path();
-                let code2session = request.method() == hyper::Method::GET
-                    && matches!(path, "/sns/jscode2session" | "/sns/jscode2session/");
-                if !code2session {
-                    return others.call(request).await;
-                }
-                // Even a zero sleep waits for the timer's next millisecond tick.
-                if !state.latency.is_zero() {
-                    tokio::time::sleep(state.latency).await;
-                }
-                // As warp's query filter: lenient decoding, so this parse cannot fail.
-                let query = serde_urlencoded::from_str::<HashMap<String, String>>(
-                    request.uri().query().unwrap_or(""),
-                )
-                .unwrap_or_default();
-                Ok(text_json(&state.code2session(&query)))
-            }
-        });
-        tokio::spawn(async move {
-            let _ = http
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
-                .await;
-        });
     }
 }
 

@@ -101,9 +101,7 @@ impl Upstream {
             base.set_path(&format!("{}/", base.path()));
         }
         // Fails at start, not at the first login, if the base cannot take a path.
-        let mut code2session = base
-            .join("sns/jscode2session")
-            .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))?;
+        let mut code2session = api_url(&base, "sns/jscode2session")?;
         code2session
             .query_pairs_mut()
             .append_pair("appid", &config.appid)
@@ -119,9 +117,7 @@ impl Upstream {
 
     /// The URL of WeChat's API at `path` (relative to the base).
     pub(crate) fn url(&self, path: &str) -> Result<Url, Error> {
-        self.base
-            .join(path)
-            .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))
+        api_url(&self.base, path)
     }
 
     /// The longest one API call can take: every attempt timing out, plus backoffs.
@@ -206,6 +202,12 @@ impl Upstream {
             other => other,
         })
     }
+}
+
+/// `path` under `base` (which ends in a slash).
+fn api_url(base: &Url, path: &str) -> Result<Url, Error> {
+    base.join(path)
+        .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))
 }
 
 /// `detail` with every one of `secrets` replaced by `[redacted]`.

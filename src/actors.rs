@@ -13,3 +13,17 @@ pub mod session_keeper;
 pub mod supervisor;
 pub mod user_registry;
 pub mod wechat_exchanger;
+
+use ractor::RpcReplyPort;
+
+use crate::Error;
+use crate::storage::Pending;
+
+/// Answers `reply` with a storage outcome, from a task of its own when it is not known yet: the
+/// actor goes on with its next message meanwhile.
+fn answer<T: Send + 'static>(pending: Pending<T>, reply: RpcReplyPort<Result<T, Error>>) {
+    pending.then(move |outcome| {
+        // The caller may have given up (its timeout); nothing else is owed to it.
+        let _ = reply.send(outcome);
+    });
+}

@@ -14,15 +14,16 @@
 use std::io::{BufRead, Write};
 use std::path::Path;
 
-use crate::backend::SessionPolicy;
-use crate::backend::redis::RedisStore;
-use crate::store::{Store, UserKey, UserRecord};
+use crate::session::SessionPolicy;
+use crate::storage::redis::Redis;
+use crate::storage::sled::DataDir;
+use crate::user::{UserKey, UserRecord};
 use crate::{Error, User};
 
 /// Opens the data dir of a stopped broker to export from it.
 ///
 /// The directory must already hold a database: a mistyped path must not give an empty backup.
-pub fn open_for_export(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
+pub fn open_for_export(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
     // sled keeps its log in the file `db`; a directory without one never held a broker's data.
     if !dir.join("db").is_file() {
         return Err(Error::Storage(format!(
@@ -35,12 +36,12 @@ pub fn open_for_export(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
 }
 
 /// Opens (or creates) the data dir of a stopped broker to import into it.
-pub fn open_for_import(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
+pub fn open_for_import(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
     open_offline(dir, cache_mb)
 }
 
-fn open_offline(dir: &Path, cache_mb: u64) -> Result<Store, Error> {
-    Store::open(dir, cache_mb).map_err(|err| match err {
+fn open_offline(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
+    DataDir::open(dir, cache_mb).map_err(|err| match err {
         // sled's message for a directory that another process (or this one) holds open.
         Error::Storage(message) if message.contains("could not acquire lock") => {
             Error::Storage(format!(
@@ -64,15 +65,15 @@ pub struct Migrated {
     pub sessions: u64,
 }
 
-/// Copies every user of a stopped broker's sled `store` into `redis`, keeping uids (the uid
+/// Copies every user of a stopped broker's sled data dir `data` into `redis`, keeping uids (the uid
 /// counter moves past the largest) and session_keys, and every session live at `now`, keeping its
 /// expiry under `policy`, so that clients stay logged in. What Redis holds already is kept.
 ///
 /// Refused if a migration into `redis` finished before, unless `force`: once brokers serve on
 /// Redis, copying the sled sessions again would bring back those revoked since.
 pub async fn migrate_to_redis(
-    store: &Store,
-    redis: &RedisStore,
+    data: &DataDir,
+    redis: &Redis,
     policy: SessionPolicy,
     now: u64,
     force: bool,
@@ -90,14 +91,14 @@ pub async fn migrate_to_redis(
         users_kept: 0,
         sessions: 0,
     };
-    for user in store.users() {
+    for user in data.users().iter() {
         if redis.import_user(&user?).wait().await? {
             moved.users += 1;
         } else {
             moved.users_kept += 1;
         }
     }
-    for (hash, record) in store.sessions()? {
+    for (hash, record) in data.session_log().replay()? {
         if redis
             .import_session(policy, &hash, &record, now)
             .wait()
@@ -110,12 +111,12 @@ pub async fn migrate_to_redis(
     Ok(moved)
 }
 
-/// Writes every user of `store` to `out`, one [`User`] JSON object per line, in openid
+/// Writes every user of `data` to `out`, one [`User`] JSON object per line, in openid
 /// order, then flushes `out`. Returns how many users were written.
-pub fn export(store: &Store, out: &mut impl Write) -> Result<u64, Error> {
+pub fn export(data: &DataDir, out: &mut impl Write) -> Result<u64, Error> {
     let write_failed = |e: std::io::Error| Error::Storage(format!("cannot write the export: {e}"));
     let mut count = 0;
-    for record in store.users() {
+    for record in data.users().iter() {
         let line = serde_json::to_string(&User::from(record?))
             .map_err(|e| Error::Storage(format!("cannot encode a user: {e}")))?;
         writeln!(out, "{line}").map_err(write_failed)?;
@@ -125,23 +126,23 @@ pub fn export(store: &Store, out: &mut impl Write) -> Result<u64, Error> {
     Ok(count)
 }
 
-/// Reads lines written by [`export`] into `store`, keeping each user's uid (the uid counter moves
-/// past the largest, so no uid is handed out twice), then flushes the store. Returns how many
+/// Reads lines written by [`export`] into `data`, keeping each user's uid (the uid counter moves
+/// past the largest, so no uid is handed out twice), then flushes the data dir. Returns how many
 /// users were imported.
 ///
-/// A user whose openid is already in the store is replaced, keeping the stored session_key (the
+/// A user whose openid is already in the data dir is replaced, keeping the stored session_key (the
 /// one WeChat last gave); a new one gets an empty session_key until its next login. Blank lines
 /// are skipped. A bad line is an error naming its number; the lines before it stay imported
 /// and are flushed, and importing the same file again after fixing it is harmless.
-pub fn import(store: &Store, input: impl BufRead) -> Result<u64, Error> {
+pub fn import(data: &DataDir, input: impl BufRead) -> Result<u64, Error> {
     let mut count = 0;
-    let result = import_lines(store, input, &mut count);
+    let result = import_lines(data, input, &mut count);
     // Even after a bad line: what was imported before it is acknowledged by the error message.
-    store.flush()?;
+    data.flush()?;
     result.map(|()| count)
 }
 
-fn import_lines(store: &Store, input: impl BufRead, count: &mut u64) -> Result<(), Error> {
+fn import_lines(data: &DataDir, input: impl BufRead, count: &mut u64) -> Result<(), Error> {
     for (index, line) in input.lines().enumerate() {
         let number = index + 1;
         let at_line = |what: String| {
@@ -159,8 +160,9 @@ fn import_lines(store: &Store, input: impl BufRead, count: &mut u64) -> Result<(
                 "uid must be at least 1 and openid must not be empty".into(),
             ));
         }
-        let session_key = store
-            .find_user(&UserKey::Openid(user.openid.clone()))?
+        let session_key = data
+            .users()
+            .find(&UserKey::Openid(user.openid.clone()))?
             .map(|stored| stored.session_key)
             .unwrap_or_default();
         let record = UserRecord {
@@ -173,7 +175,7 @@ fn import_lines(store: &Store, input: impl BufRead, count: &mut u64) -> Result<(
             profile: user.profile,
             phone: user.phone,
         };
-        store.import_user(&record).map_err(|err| match err {
+        data.users().import(&record).map_err(|err| match err {
             Error::InvalidRequest(what) | Error::Storage(what) => at_line(what),
             other => other,
         })?;
@@ -207,9 +209,9 @@ mod tests {
         let store = open_for_import(dir.path(), 8).unwrap();
         let input = format!("{}\n\n{}\n", line(7, "o-a"), line(3, "o-b"));
         assert_eq!(import(&store, input.as_bytes()).unwrap(), 2);
-        let b = store.find_user(&UserKey::Uid(3)).unwrap().unwrap();
+        let b = store.users().find(&UserKey::Uid(3)).unwrap().unwrap();
         assert_eq!((b.openid.as_str(), b.session_key.as_str()), ("o-b", ""));
-        let (new, is_new) = store.upsert_user("o-new", "k", None, 5).unwrap();
+        let (new, is_new) = store.users().upsert("o-new", "k", None, 5).unwrap();
         assert_eq!((new.uid, is_new), (8, true));
     }
 
@@ -217,9 +219,9 @@ mod tests {
     fn a_user_already_stored_keeps_its_session_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = open_for_import(dir.path(), 8).unwrap();
-        let (user, _) = store.upsert_user("o-a", "key-a", None, 1).unwrap();
+        let (user, _) = store.users().upsert("o-a", "key-a", None, 1).unwrap();
         import(&store, line(user.uid, "o-a").as_bytes()).unwrap();
-        let stored = store.find_user(&UserKey::Openid("o-a".into())).unwrap();
+        let stored = store.users().find(&UserKey::Openid("o-a".into())).unwrap();
         assert_eq!(stored.unwrap().session_key, "key-a");
     }
 
@@ -253,7 +255,7 @@ mod tests {
                 matches!(&err, Error::InvalidRequest(m) if m.contains("line 3: ") && m.contains(expected)),
                 "{bad}: {err}"
             );
-            assert_eq!(store.user_count(), 2, "{bad}");
+            assert_eq!(store.users().count(), 2, "{bad}");
         }
     }
 

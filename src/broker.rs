@@ -2,7 +2,7 @@
 //! embedders use. Every call into an actor has a timeout; a dead or slow actor becomes
 //! [`Error::Unavailable`], never a hang.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
@@ -11,18 +11,15 @@ use tokio::sync::watch;
 
 use crate::actors::access_token_keeper::{AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use crate::actors::decryptor::{DecryptorArgs, DecryptorMsg};
-use crate::actors::session_keeper::{
-    SessionInfo, SessionKeeperArgs, SessionKeeperMsg, SessionSummary,
-};
-use crate::actors::supervisor::{Children, Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::actors::session_keeper::{SessionKeeperArgs, SessionKeeperMsg};
+use crate::actors::supervisor::{Children, Slot, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
-use crate::backend::sled_sessions::FastCheck;
-use crate::backend::{Backend, SessionPolicy, StoreHealth};
 use crate::crypto::{TokenHash, is_token_shaped, parse_session_id, token_hash};
-use crate::store::UserKey;
+use crate::session::{SessionInfo, SessionSummary};
+use crate::storage::{FastCheck, Health, Storage};
 use crate::upstream::{Upstream, UpstreamConfig};
-use crate::user::{EncryptedData, Phone, Profile, User};
+use crate::user::{EncryptedData, Phone, Profile, User, UserKey};
 use crate::{Config, Error, Metrics, Secret};
 
 /// Extra time a call gets when it waits for a disk flush.
@@ -66,10 +63,13 @@ struct Inner {
     supervisor: ActorRef<SupervisorMsg>,
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
     supervisor_alive: watch::Receiver<bool>,
-    store: StoreHealth,
+    storage: Health,
     /// For the server APIs, called from the request's own task.
     upstream: Upstream,
     call_timeout: Duration,
+    /// A call that may wait for a disk flush: a slow disk must not turn a write that will succeed
+    /// into a 503 (a login's code would be spent for nothing).
+    durable_timeout: Duration,
     /// Exchanges wait for WeChat, retries included, so they get a longer timeout.
     exchange_timeout: Duration,
     /// A token fetch may try both token endpoints, each with retries, and once more forced.
@@ -77,7 +77,7 @@ struct Inner {
 }
 
 impl Broker {
-    /// Opens the store and starts the supervised actors.
+    /// Opens the storage and starts the supervised actors.
     ///
     /// Needs WeChat credentials in `config` (see [`crate::Sandbox`] to try it without WeChat).
     pub async fn start(config: &Config) -> Result<Broker, Error> {
@@ -86,7 +86,7 @@ impl Broker {
             Error::Config("Broker::start needs WECHAT_APPID and WECHAT_SECRET".into())
         })?;
         let metrics = Arc::new(Metrics::new());
-        let backend = Backend::open(config, &metrics).await?;
+        let storage = Storage::open(config, &metrics).await?;
         let upstream = Upstream::new(UpstreamConfig {
             base: config.api_base.clone(),
             appid: appid.clone(),
@@ -105,24 +105,21 @@ impl Broker {
             children: children.clone(),
             wechat_exchanger: WeChatExchangerArgs {
                 upstream: upstream.clone(),
-                claims: backend.code_claims(),
+                claims: storage.code_book(),
                 max_inflight: config.max_inflight,
                 metrics: metrics.clone(),
             },
             user_registry: UserRegistryArgs {
-                backend: backend.clone(),
+                storage: storage.clone(),
                 clock: config.clock.clone(),
             },
             session_keeper: SessionKeeperArgs {
-                backend: backend.clone(),
+                storage: storage.clone(),
                 clock: config.clock.clone(),
-                policy: SessionPolicy {
-                    idle_ttl: config.session_idle_ttl,
-                    max_ttl: config.session_max_ttl,
-                },
+                policy: config.session_policy(),
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
                 metrics: metrics.clone(),
-                table: children.session_table.clone(),
+                reader: children.session_reader.clone(),
             },
             decryptor: DecryptorArgs { appid },
             access_token_keeper: AccessTokenKeeperArgs {
@@ -146,9 +143,10 @@ impl Broker {
                 children,
                 supervisor,
                 supervisor_alive,
-                store: backend.health(),
+                storage: storage.health(),
                 upstream,
                 call_timeout: config.call_timeout(),
+                durable_timeout: config.call_timeout() + FLUSH_ALLOWANCE,
                 exchange_timeout,
                 token_timeout,
             }),
@@ -170,18 +168,30 @@ impl Broker {
     async fn login_inner(&self, code: &str) -> Result<Login, Error> {
         check_code(code)?;
         let wechat = self
-            .exchanger(|reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply))
+            .ask(
+                &self.inner.children.wechat_exchanger,
+                self.inner.exchange_timeout,
+                |reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply),
+            )
             .await?;
         let user = self
-            .durable_registry(|reply| UserRegistryMsg::Upsert(wechat, reply))
+            .ask(
+                &self.inner.children.user_registry,
+                self.inner.durable_timeout,
+                |reply| UserRegistryMsg::Upsert(wechat, reply),
+            )
             .await?;
         let issued = self
-            .keeper(|reply| SessionKeeperMsg::Issue {
-                uid: user.uid,
-                openid: user.openid,
-                unionid: user.unionid,
-                reply,
-            })
+            .ask(
+                &self.inner.children.session_keeper,
+                self.inner.call_timeout,
+                |reply| SessionKeeperMsg::Issue {
+                    uid: user.uid,
+                    openid: user.openid,
+                    unionid: user.unionid,
+                    reply,
+                },
+            )
             .await?;
         Ok(Login {
             token: issued.token,
@@ -198,8 +208,12 @@ impl Broker {
             match self.check_in_table(&hash) {
                 Some(outcome) => outcome,
                 None => {
-                    self.keeper(|reply| SessionKeeperMsg::Check(hash, reply))
-                        .await
+                    self.ask(
+                        &self.inner.children.session_keeper,
+                        self.inner.call_timeout,
+                        |reply| SessionKeeperMsg::Check(hash, reply),
+                    )
+                    .await
                 }
             }
         } else {
@@ -216,9 +230,9 @@ impl Broker {
     /// A check straight from the keeper's table, when it needs no change; `None` when the keeper
     /// must answer (it expired, its last use is due to be written, or no table is published).
     fn check_in_table(&self, hash: &TokenHash) -> Option<Result<SessionInfo, Error>> {
-        let slot = self.inner.children.session_table.read().ok()?;
-        let table = slot.as_ref()?;
-        match table.check(hash, self.inner.config.clock.now()) {
+        let slot = self.inner.children.session_reader.read().ok()?;
+        let reader = slot.as_ref()?;
+        match reader.check(hash, self.inner.config.clock.now()) {
             FastCheck::Valid(info) => Some(Ok(info)),
             FastCheck::Unknown => Some(Err(Error::InvalidSession)),
             FastCheck::NeedsKeeper => None,
@@ -231,8 +245,12 @@ impl Broker {
             return Err(Error::InvalidSession);
         }
         let hash = token_hash(token);
-        self.keeper(|reply| SessionKeeperMsg::Revoke(hash, reply))
-            .await
+        self.ask(
+            &self.inner.children.session_keeper,
+            self.inner.call_timeout,
+            |reply| SessionKeeperMsg::Revoke(hash, reply),
+        )
+        .await
     }
 
     /// Decrypts the profile the session's user sent, stores it (durably) and returns it.
@@ -242,26 +260,38 @@ impl Broker {
         let session = self.check_session(token).await?;
         let session_key = self.session_key(&session.openid).await?;
         let profile = self
-            .decryptor(|reply| DecryptorMsg::Profile {
-                session_key,
-                openid: session.openid.clone(),
-                data,
-                reply,
-            })
+            .ask(
+                &self.inner.children.decryptor,
+                self.inner.call_timeout,
+                |reply| DecryptorMsg::Profile {
+                    session_key,
+                    openid: session.openid.clone(),
+                    data,
+                    reply,
+                },
+            )
             .await?;
         // Sent even when this session already shows it: the user's other sessions may not.
         if let Some(unionid) = profile.union_id.clone() {
             // Before the profile is saved, so that the profile's flush covers it too.
-            self.keeper(|reply| SessionKeeperMsg::SetUnionid {
-                uid: session.uid,
-                unionid,
-                reply,
-            })
+            self.ask(
+                &self.inner.children.session_keeper,
+                self.inner.call_timeout,
+                |reply| SessionKeeperMsg::SetUnionid {
+                    uid: session.uid,
+                    unionid,
+                    reply,
+                },
+            )
             .await?;
         }
         let saved = profile.clone();
-        self.durable_registry(|reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply))
-            .await?;
+        self.ask(
+            &self.inner.children.user_registry,
+            self.inner.durable_timeout,
+            |reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply),
+        )
+        .await?;
         Ok(profile)
     }
 
@@ -270,15 +300,23 @@ impl Broker {
         let session = self.check_session(token).await?;
         let session_key = self.session_key(&session.openid).await?;
         let phone = self
-            .decryptor(|reply| DecryptorMsg::Phone {
-                session_key,
-                data,
-                reply,
-            })
+            .ask(
+                &self.inner.children.decryptor,
+                self.inner.call_timeout,
+                |reply| DecryptorMsg::Phone {
+                    session_key,
+                    data,
+                    reply,
+                },
+            )
             .await?;
         let saved = phone.clone();
-        self.durable_registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
-            .await?;
+        self.ask(
+            &self.inner.children.user_registry,
+            self.inner.durable_timeout,
+            |reply| UserRegistryMsg::SavePhone(session.openid, saved, reply),
+        )
+        .await?;
         Ok(phone)
     }
 
@@ -295,8 +333,12 @@ impl Broker {
             })
             .await?;
         let saved = phone.clone();
-        self.durable_registry(|reply| UserRegistryMsg::SavePhone(session.openid, saved, reply))
-            .await?;
+        self.ask(
+            &self.inner.children.user_registry,
+            self.inner.durable_timeout,
+            |reply| UserRegistryMsg::SavePhone(session.openid, saved, reply),
+        )
+        .await?;
         Ok(phone)
     }
 
@@ -329,12 +371,16 @@ impl Broker {
             })
             .await?;
         // A login meanwhile stored a newer key than the one reset: that one stays.
-        self.durable_registry(|reply| UserRegistryMsg::ReplaceSessionKey {
-            openid: user.openid.clone(),
-            old: session_key.clone(),
-            new: new_key,
-            reply,
-        })
+        self.ask(
+            &self.inner.children.user_registry,
+            self.inner.durable_timeout,
+            |reply| UserRegistryMsg::ReplaceSessionKey {
+                openid: user.openid.clone(),
+                old: session_key.clone(),
+                new: new_key,
+                reply,
+            },
+        )
         .await?;
         Ok(true)
     }
@@ -346,11 +392,21 @@ impl Broker {
         F: Fn(Secret) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
-        let token = self.token_keeper(AccessTokenKeeperMsg::Get).await?;
+        let token = self
+            .ask(
+                &self.inner.children.access_token_keeper,
+                self.inner.token_timeout,
+                AccessTokenKeeperMsg::Get,
+            )
+            .await?;
         match call(token.clone()).await {
             Err(Error::AccessTokenStale(_)) => {
                 let fresh = self
-                    .token_keeper(|reply| AccessTokenKeeperMsg::Stale(token, reply))
+                    .ask(
+                        &self.inner.children.access_token_keeper,
+                        self.inner.token_timeout,
+                        |reply| AccessTokenKeeperMsg::Stale(token, reply),
+                    )
                     .await?;
                 call(fresh).await
             }
@@ -368,16 +424,12 @@ impl Broker {
 
     /// Finds a user by uid, openid or unionid (for business backends; not exposed over HTTP).
     pub async fn find_user(&self, key: UserKey) -> Result<Option<User>, Error> {
-        self.registry(|reply| UserRegistryMsg::Find(key, reply))
-            .await
-    }
-
-    /// A warp filter that extracts the caller's session from its Bearer token, or rejects with
-    /// the same 401 JSON as `/v1/session` (finish the route with `.recover(wxbroker::recover)`).
-    pub fn require_session(
-        &self,
-    ) -> impl warp::Filter<Extract = (SessionInfo,), Error = warp::Rejection> + Clone + use<> {
-        crate::http::require_session(self.clone())
+        self.ask(
+            &self.inner.children.user_registry,
+            self.inner.call_timeout,
+            |reply| UserRegistryMsg::Find(key, reply),
+        )
+        .await
     }
 
     /// The broker's metrics (rendered at `/metrics`).
@@ -392,34 +444,57 @@ impl Broker {
 
     /// The live sessions of user `uid`.
     pub async fn user_sessions(&self, uid: u64) -> Result<Vec<SessionSummary>, Error> {
-        self.keeper(|reply| SessionKeeperMsg::Sessions(uid, reply))
-            .await
+        self.ask(
+            &self.inner.children.session_keeper,
+            self.inner.call_timeout,
+            |reply| SessionKeeperMsg::List(uid, reply),
+        )
+        .await
     }
 
     /// Ends the session whose id (the hex SHA-256 of its token) is `id`, durably.
     pub async fn revoke_session(&self, id: &str) -> Result<(), Error> {
         let hash = parse_session_id(id).ok_or(Error::InvalidSession)?;
-        self.keeper(|reply| SessionKeeperMsg::Revoke(hash, reply))
-            .await
+        self.ask(
+            &self.inner.children.session_keeper,
+            self.inner.call_timeout,
+            |reply| SessionKeeperMsg::Revoke(hash, reply),
+        )
+        .await
     }
 
     /// Ends every session of user `uid`, durably; returns how many were live.
     pub async fn revoke_user_sessions(&self, uid: u64) -> Result<usize, Error> {
-        self.keeper(|reply| SessionKeeperMsg::RevokeUser(uid, reply))
-            .await
+        self.ask(
+            &self.inner.children.session_keeper,
+            self.inner.call_timeout,
+            |reply| SessionKeeperMsg::RevokeUser(uid, reply),
+        )
+        .await
     }
 
     /// Registered users and held sessions.
     pub async fn stats(&self) -> Result<Stats, Error> {
         Ok(Stats {
-            users: self.registry(UserRegistryMsg::Count).await?,
+            users: self
+                .ask(
+                    &self.inner.children.user_registry,
+                    self.inner.call_timeout,
+                    UserRegistryMsg::Count,
+                )
+                .await?,
             live_sessions: self.session_count().await?,
         })
     }
 
     /// Sessions held, expired ones not yet swept included.
     pub async fn session_count(&self) -> Result<usize, Error> {
-        self.keeper(SessionKeeperMsg::Count).await
+        self.ask(
+            &self.inner.children.session_keeper,
+            self.inner.call_timeout,
+            SessionKeeperMsg::Count,
+        )
+        .await
     }
 
     /// Whether every actor runs and the supervisor has not given up.
@@ -427,9 +502,9 @@ impl Broker {
         *self.inner.supervisor_alive.borrow() && self.inner.children.all_running()
     }
 
-    /// Whether the store (sled or Redis) answers a read.
+    /// Whether the storage (sled or Redis) answers a read.
     pub async fn store_answers(&self) -> bool {
-        self.inner.store.answers().await
+        self.inner.storage.answers().await
     }
 
     /// Resolves when the supervisor has stopped: after [`Broker::shutdown`], or when actors
@@ -439,7 +514,7 @@ impl Broker {
         let _ = alive.wait_for(|alive| !alive).await;
     }
 
-    /// Stops the actors (each persists what it holds) and flushes the store.
+    /// Stops the actors (each persists what it holds) and flushes the storage.
     pub async fn shutdown(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let _ = inner
@@ -448,7 +523,7 @@ impl Broker {
             .await;
         inner.supervisor.stop(Some("broker shutdown".into()));
         self.stopped().await;
-        inner.store.flush().await?;
+        inner.storage.flush().await?;
         Ok(())
     }
 
@@ -461,102 +536,57 @@ impl Broker {
     pub fn inject(&self, kind: crate::ActorKind, fault: crate::Fault) {
         use crate::ActorKind;
         fn cast<M: ractor::Message>(slot: &Slot<M>, message: M) -> bool {
-            let actor = slot.read().expect("slot lock").clone();
-            actor.is_some_and(|actor| actor.cast(message).is_ok())
+            slot.get().is_some_and(|actor| actor.cast(message).is_ok())
         }
-        let children = &self.inner.children;
+        let c = &self.inner.children;
         let sent = match kind {
-            ActorKind::WeChatExchanger => cast(
-                &children.wechat_exchanger,
-                WeChatExchangerMsg::Inject(fault),
-            ),
-            ActorKind::UserRegistry => {
-                cast(&children.user_registry, UserRegistryMsg::Inject(fault))
+            ActorKind::WeChatExchanger => {
+                cast(&c.wechat_exchanger, WeChatExchangerMsg::Inject(fault))
             }
-            ActorKind::SessionKeeper => {
-                cast(&children.session_keeper, SessionKeeperMsg::Inject(fault))
+            ActorKind::UserRegistry => cast(&c.user_registry, UserRegistryMsg::Inject(fault)),
+            ActorKind::SessionKeeper => cast(&c.session_keeper, SessionKeeperMsg::Inject(fault)),
+            ActorKind::Decryptor => cast(&c.decryptor, DecryptorMsg::Inject(fault)),
+            ActorKind::AccessTokenKeeper => {
+                cast(&c.access_token_keeper, AccessTokenKeeperMsg::Inject(fault))
             }
-            ActorKind::Decryptor => cast(&children.decryptor, DecryptorMsg::Inject(fault)),
-            ActorKind::AccessTokenKeeper => cast(
-                &children.access_token_keeper,
-                AccessTokenKeeperMsg::Inject(fault),
-            ),
         };
         assert!(sent, "{kind:?} is not running");
     }
 
     async fn session_key(&self, openid: &str) -> Result<String, Error> {
-        self.registry(|reply| UserRegistryMsg::SessionKey(openid.to_owned(), reply))
-            .await
-    }
-
-    async fn exchanger<T: Send + 'static>(
-        &self,
-        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> WeChatExchangerMsg,
-    ) -> Result<T, Error> {
-        let inner = &self.inner;
-        let slot = &inner.children.wechat_exchanger;
-        ask(
-            slot,
-            "the WeChat exchanger",
-            inner.exchange_timeout,
-            message,
+        self.ask(
+            &self.inner.children.user_registry,
+            self.inner.call_timeout,
+            |reply| UserRegistryMsg::SessionKey(openid.to_owned(), reply),
         )
         .await
     }
 
-    async fn registry<T: Send + 'static>(
+    /// Calls the child in `slot` with a timeout, mapping every way the call can fail
+    /// (restarting, dead, too slow) to `Unavailable`.
+    async fn ask<M, T>(
         &self,
-        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> UserRegistryMsg,
-    ) -> Result<T, Error> {
-        let inner = &self.inner;
-        let slot = &inner.children.user_registry;
-        ask(slot, "the user registry", inner.call_timeout, message).await
-    }
-
-    /// A registry call that may wait for a disk flush: a slow disk must not turn a write that
-    /// will succeed into a 503 (the login's code would be spent for nothing).
-    async fn durable_registry<T: Send + 'static>(
-        &self,
-        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> UserRegistryMsg,
-    ) -> Result<T, Error> {
-        let inner = &self.inner;
-        let slot = &inner.children.user_registry;
-        let timeout = inner.call_timeout + FLUSH_ALLOWANCE;
-        ask(slot, "the user registry", timeout, message).await
-    }
-
-    async fn keeper<T: Send + 'static>(
-        &self,
-        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> SessionKeeperMsg,
-    ) -> Result<T, Error> {
-        let inner = &self.inner;
-        let slot = &inner.children.session_keeper;
-        ask(slot, "the session keeper", inner.call_timeout, message).await
-    }
-
-    async fn token_keeper<T: Send + 'static>(
-        &self,
-        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> AccessTokenKeeperMsg,
-    ) -> Result<T, Error> {
-        let inner = &self.inner;
-        let slot = &inner.children.access_token_keeper;
-        ask(
-            slot,
-            "the access_token keeper",
-            inner.token_timeout,
-            message,
-        )
-        .await
-    }
-
-    async fn decryptor<T: Send + 'static>(
-        &self,
-        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> DecryptorMsg,
-    ) -> Result<T, Error> {
-        let inner = &self.inner;
-        let slot = &inner.children.decryptor;
-        ask(slot, "the decryptor", inner.call_timeout, message).await
+        slot: &Slot<M>,
+        timeout: Duration,
+        message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> M,
+    ) -> Result<T, Error>
+    where
+        M: ractor::Message,
+        T: Send + 'static,
+    {
+        let what = slot.kind().name();
+        let actor: ActorRef<M> = slot
+            .get()
+            .ok_or_else(|| Error::Unavailable(format!("the {what} is restarting")))?;
+        match actor.call(message, Some(timeout)).await {
+            Ok(CallResult::Success(result)) => result,
+            Ok(CallResult::Timeout) => Err(Error::Unavailable(format!(
+                "the {what} did not answer in time"
+            ))),
+            Ok(CallResult::SenderError) | Err(_) => {
+                Err(Error::Unavailable(format!("the {what} stopped")))
+            }
+        }
     }
 }
 
@@ -576,35 +606,6 @@ fn check_code(code: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
-}
-
-/// Where the supervisor publishes a child's current reference.
-type Slot<M> = RwLock<Option<ActorRef<M>>>;
-
-/// Calls the child in `slot` with a timeout, mapping every way the call can fail (restarting,
-/// dead, too slow) to `Unavailable`.
-async fn ask<M, T>(
-    slot: &Slot<M>,
-    what: &str,
-    timeout: Duration,
-    message: impl FnOnce(RpcReplyPort<Result<T, Error>>) -> M,
-) -> Result<T, Error>
-where
-    M: ractor::Message,
-    T: Send + 'static,
-{
-    let actor = slot
-        .read()
-        .expect("slot lock")
-        .clone()
-        .ok_or_else(|| Error::Unavailable(format!("{what} is restarting")))?;
-    match actor.call(message, Some(timeout)).await {
-        Ok(CallResult::Success(result)) => result,
-        Ok(CallResult::Timeout) => {
-            Err(Error::Unavailable(format!("{what} did not answer in time")))
-        }
-        Ok(CallResult::SenderError) | Err(_) => Err(Error::Unavailable(format!("{what} stopped"))),
-    }
 }
 
 #[cfg(test)]

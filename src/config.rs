@@ -348,9 +348,12 @@ impl Config {
         Ok(())
     }
 
-    /// Seconds a new session is valid if it is never used: the smaller of the two TTLs.
-    pub fn session_lifetime(&self) -> u64 {
-        self.session_idle_ttl.min(self.session_max_ttl)
+    /// How long sessions live, from the two TTLs.
+    pub fn session_policy(&self) -> crate::SessionPolicy {
+        crate::SessionPolicy {
+            idle_ttl: self.session_idle_ttl,
+            max_ttl: self.session_max_ttl,
+        }
     }
 
     pub(crate) fn call_timeout(&self) -> Duration {
@@ -578,7 +581,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.session_idle_ttl, 60);
         assert_eq!(config.listen.port(), 0);
-        assert_eq!(config.session_lifetime(), 60);
+        assert_eq!(config.session_policy().expires_in(), 60);
     }
 
     /// A config file holding `text`.

@@ -1,6 +1,6 @@
 //! The warp front end: turns HTTP requests into broker calls and broker results into JSON.
 //!
-//! - `filters`: one function per route, and [`routes`] that joins them.
+//! - `filters`: one function per public route; [`routes`] joins them and the admin's.
 //! - `handlers`: the async handlers and the JSON bodies they answer.
 //! - `problem`: the one mapping from errors and rejections to a status and a JSON error body.
 //! - `rate_limit`: the per-client-IP login limit.
@@ -12,5 +12,18 @@ mod handlers;
 mod problem;
 mod rate_limit;
 
-pub use filters::{require_session, routes};
+use std::convert::Infallible;
+
+use warp::{Filter, Reply};
+
+use crate::Broker;
+
+pub use filters::require_session;
 pub use problem::recover;
+
+/// Every route of the broker, with errors turned into JSON.
+pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    filters::public(broker.clone())
+        .or(admin::routes(broker))
+        .recover(problem::recover)
+}

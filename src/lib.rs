@@ -12,18 +12,24 @@
 //!   that survives a burst of connections) and a shutdown future. [`serve`] does the same for a
 //!   broker started by the caller.
 //! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
+//! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,
-//!   `access_token_keeper`.
+//!   `access_token_keeper`. They see [`storage`]'s interface, never sled or Redis.
+//! - The domain's words, which every layer speaks and which depend on no layer: `user.rs`
+//!   ([`User`], [`UserRecord`], [`UserKey`], [`Registration`], [`Profile`], [`Phone`],
+//!   [`EncryptedData`]) and `session.rs` ([`SessionInfo`], [`SessionSummary`], [`Issued`],
+//!   [`SessionRecord`], [`SessionPolicy`], [`MAX_SESSIONS_PER_USER`]).
+//! - [`storage`]: where users and sessions live. `storage.rs` is the one interface;
+//!   `storage/sled.rs` and `storage/sled/` the data dir (users in sled trees, sessions in memory
+//!   over their own log, the group commit); `storage/redis.rs` and its Lua scripts, the store
+//!   several brokers share.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
-//! - `store.rs`: users and sessions in sled trees, synchronous; `group_commit.rs`: shared flushes.
 //! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
-//! - `crypto.rs`: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
-//! - `user.rs`: [`User`], [`Profile`], [`Phone`], [`EncryptedData`].
-//! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
+//! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
-//! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`).
+//! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`].
 //!
 //! # Embedding
 //!
@@ -43,7 +49,6 @@
 #![warn(missing_docs)]
 
 mod actors;
-pub mod backend;
 pub mod backup;
 mod broker;
 mod client;
@@ -53,14 +58,13 @@ pub mod crypto;
 mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
-mod group_commit;
 mod http;
 mod metrics;
 mod sandbox;
 mod server;
 pub mod server_api;
-mod session_log;
-pub mod store;
+mod session;
+pub mod storage;
 pub mod upstream;
 mod user;
 
@@ -70,7 +74,6 @@ use tokio::net::TcpListener;
 use warp::{Filter, Reply};
 
 pub use actors::decryptor::{open_phone, open_profile};
-pub use actors::session_keeper::{MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
 pub use actors::supervisor::ActorKind;
 pub use broker::{Broker, Login, MAX_CODE_LEN, Stats};
 pub use client::BrokerClient;
@@ -83,8 +86,10 @@ pub use http::{recover, require_session, routes};
 pub use metrics::Metrics;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
 pub use server::{LISTEN_BACKLOG, PeerAddr, bind};
-pub use store::UserKey;
-pub use user::{EncryptedData, Phone, Profile, User};
+pub use session::{
+    Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
+};
+pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserRecord};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///

@@ -10,8 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
-use wxbroker::backend::SessionPolicy;
-use wxbroker::backend::redis::RedisStore;
+use wxbroker::storage::redis::Redis;
 use wxbroker::{Config, Secret, backup};
 
 // Many small allocations freed on other threads: glibc's arenas lock against each other there
@@ -179,7 +178,7 @@ fn export(
 
 /// Writes the export beside `path` and renames it into place once complete and on disk, so a
 /// failed export never replaces a good backup with half of one.
-fn export_to_file(store: &wxbroker::store::Store, path: &Path) -> anyhow::Result<u64> {
+fn export_to_file(store: &wxbroker::storage::sled::DataDir, path: &Path) -> anyhow::Result<u64> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
@@ -249,11 +248,8 @@ async fn migrate(
     };
     checked.validate_store()?;
     let store = backup::open_for_export(&dir, config.cache_mb)?;
-    let redis = RedisStore::connect(to.expose()).await?;
-    let policy = SessionPolicy {
-        idle_ttl: config.session_idle_ttl,
-        max_ttl: config.session_max_ttl,
-    };
+    let redis = Redis::connect(to.expose()).await?;
+    let policy = config.session_policy();
     let moved = backup::migrate_to_redis(&store, &redis, policy, config.clock.now(), force)
         .await
         .with_context(|| format!("migrate from {}", dir.display()))?;

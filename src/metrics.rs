@@ -29,6 +29,11 @@ pub struct Metrics {
     pub access_token_fetches: IntCounterVec,
     /// Time of each shared sled flush (group commit).
     pub flush_seconds: Histogram,
+    /// Time of each rewrite of the session log, which runs beside the SessionKeeper; its count
+    /// is `wxbroker_session_log_compaction_seconds_count`.
+    pub compaction_seconds: Histogram,
+    /// Rewrites of the session log finished (sled only).
+    pub compactions: IntCounter,
 }
 
 impl Metrics {
@@ -96,6 +101,22 @@ impl Metrics {
                 "Time of each shared sled flush",
                 latency,
             ),
+            compaction_seconds: histogram(
+                "wxbroker_session_log_compaction_seconds",
+                "Time of each rewrite of the session log",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            compactions: {
+                let metric = IntCounter::new(
+                    "wxbroker_session_log_compactions_total",
+                    "Rewrites of the session log finished",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                metric
+            },
             registry,
         }
     }

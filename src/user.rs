@@ -1,4 +1,6 @@
-//! What the broker knows about a user, as embedders and the HTTP API see it.
+//! The domain's words for people: a user as embedders and the HTTP API see it ([`User`]), as it
+//! is stored ([`UserRecord`]), how to find one ([`UserKey`]) and what a login did to it
+//! ([`Registration`]). Both stores and the actors speak them; they depend on nothing of ours.
 //!
 //! The field names of [`Profile`], [`Phone`] and [`EncryptedData`] are WeChat's own, so the same
 //! shapes serve for decrypting, storing and answering.
@@ -24,6 +26,67 @@ pub struct User {
     pub created_at: u64,
     /// Unix seconds of the last login or update.
     pub updated_at: u64,
+}
+
+/// A registered user as stored: [`User`] plus the session_key, which never leaves the process.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Our own stable id for the user: handed out once, never reused.
+    pub uid: u64,
+    /// The user's id within this mini program.
+    pub openid: String,
+    /// The user's id across the company's WeChat apps, once WeChat reveals it.
+    pub unionid: Option<String>,
+    /// The current session_key (base64, as WeChat sent it). Never leaves the process.
+    pub session_key: String,
+    /// Unix seconds of the first login.
+    pub created_at: u64,
+    /// Unix seconds of the last change (login or profile update).
+    pub updated_at: u64,
+    /// The latest decrypted profile.
+    #[serde(default)]
+    pub profile: Option<Profile>,
+    /// The latest decrypted phone number.
+    #[serde(default)]
+    pub phone: Option<Phone>,
+}
+
+impl From<UserRecord> for User {
+    fn from(record: UserRecord) -> User {
+        User {
+            uid: record.uid,
+            openid: record.openid,
+            unionid: record.unionid,
+            profile: record.profile,
+            phone: record.phone,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        }
+    }
+}
+
+/// How to find a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserKey {
+    /// By our uid.
+    Uid(u64),
+    /// By openid.
+    Openid(String),
+    /// By unionid.
+    Unionid(String),
+}
+
+/// The outcome of a login for the user's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// The user's stable id.
+    pub uid: u64,
+    /// The user's openid.
+    pub openid: String,
+    /// The unionid, if WeChat ever reported one.
+    pub unionid: Option<String>,
+    /// Whether this login created the user.
+    pub is_new: bool,
 }
 
 /// A user's profile as `wx.getUserInfo` / `getUserProfile` deliver it (decrypted, no watermark).

@@ -1,9 +1,9 @@
 //! SessionKeeper: issues session tokens, checks them, slides their idle expiry, sweeps the dead.
 //!
-//! What a session is and how long it lives is decided here and in [`SessionPolicy`]; where the
-//! sessions are kept is the backend's business ([`crate::backend::Sessions`]: an in-memory table
-//! over sled, or Redis). Operations that wait for I/O finish in a task of their own, so the keeper
-//! goes on with its next message.
+//! What a session is and how long it lives is decided in [`crate::session`]; where the sessions
+//! are kept is the storage's business ([`crate::storage::Sessions`]: an in-memory table over the
+//! session log, or Redis). Operations that wait for I/O finish in a task of their own, so the
+//! keeper goes on with its next message.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -11,14 +11,11 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 
-use crate::backend::sled_sessions::SessionTable;
-use crate::backend::{Backend, SessionPolicy, Sessions};
+use super::answer;
 use crate::crypto::TokenHash;
+use crate::session::{Issued, SessionInfo, SessionPolicy, SessionSummary};
+use crate::storage::{SessionReader, Sessions, Storage};
 use crate::{Clock, Error, Metrics};
-
-/// Live sessions one user may hold; a login beyond it ends the user's oldest session. It bounds
-/// the per-user index (and what one account logging in in a loop can cost).
-pub const MAX_SESSIONS_PER_USER: usize = 64;
 
 /// The actor. Configuration comes in [`SessionKeeperArgs`].
 pub struct SessionKeeper;
@@ -27,7 +24,7 @@ pub struct SessionKeeper;
 #[derive(Clone)]
 pub struct SessionKeeperArgs {
     /// Where sessions are kept.
-    pub backend: Backend,
+    pub storage: Storage,
     /// Source of "now" for every expiry decision.
     pub clock: Clock,
     /// How long sessions live.
@@ -36,58 +33,20 @@ pub struct SessionKeeperArgs {
     pub sweep_interval: Duration,
     /// Where the live-session gauge is kept.
     pub metrics: Arc<Metrics>,
-    /// Where the keeper publishes its table for checks that read it directly (sled only); empty
-    /// while no keeper runs, so that nobody reads a dead keeper's table.
-    pub table: Arc<TableSlot>,
+    /// Where the keeper publishes the reader of its table for checks that read it directly
+    /// (sled only); empty while no keeper runs, so that nobody reads a dead keeper's table.
+    pub reader: Arc<ReaderSlot>,
 }
 
-/// The current keeper's session table, if it has one.
-pub type TableSlot = RwLock<Option<Arc<SessionTable>>>;
+/// The current keeper's reader, if it has one.
+pub type ReaderSlot = RwLock<Option<SessionReader>>;
 
 /// The sessions and the sweep timer.
 pub struct SessionKeeperState {
     clock: Clock,
     sessions: Sessions,
     sweeper: JoinHandle<()>,
-    table: Arc<TableSlot>,
-}
-
-/// A freshly issued session token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Issued {
-    /// The token for the client (the "3rd session"); only its hash is kept.
-    pub token: String,
-    /// Seconds the token stays valid if it is not used.
-    pub expires_in: u64,
-}
-
-/// Who a valid session token belongs to. Its JSON form (camelCase) is the `/v1/session` answer.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionInfo {
-    /// The user's stable id.
-    pub uid: u64,
-    /// The user's openid.
-    pub openid: String,
-    /// The user's unionid, if known.
-    pub unionid: Option<String>,
-    /// Unix seconds at which the session expires unless used again.
-    pub expires_at: u64,
-}
-
-/// A session as the admin sees it: its id is the token's hash, never the token. Its JSON form
-/// (camelCase) is an entry of the admin's session list.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionSummary {
-    /// Lowercase hex of the token's SHA-256: names the session without letting anyone use it.
-    pub id: String,
-    /// Unix seconds of the login.
-    pub created_at: u64,
-    /// Unix seconds of the last use.
-    pub last_seen: u64,
-    /// Unix seconds at which it expires unless used again.
-    pub expires_at: u64,
+    reader: Arc<ReaderSlot>,
 }
 
 /// Messages of the keeper.
@@ -117,7 +76,7 @@ pub enum SessionKeeperMsg {
         reply: RpcReplyPort<Result<(), Error>>,
     },
     /// The live sessions of a user (for the admin).
-    Sessions(u64, RpcReplyPort<Result<Vec<SessionSummary>, Error>>),
+    List(u64, RpcReplyPort<Result<Vec<SessionSummary>, Error>>),
     /// End every session of a user, durably; answers how many ended.
     RevokeUser(u64, RpcReplyPort<Result<usize, Error>>),
     /// How many sessions are held (expired ones not yet swept included).
@@ -140,13 +99,13 @@ impl Actor for SessionKeeper {
         args: SessionKeeperArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let sweeper = myself.send_interval(args.sweep_interval, || SessionKeeperMsg::Sweep);
-        let sessions = args.backend.sessions(args.policy, args.metrics).await;
-        *args.table.write().unwrap_or_else(|p| p.into_inner()) = sessions.table();
+        let sessions = args.storage.load_sessions(args.policy, args.metrics).await;
+        *args.reader.write().unwrap_or_else(|p| p.into_inner()) = sessions.reader();
         Ok(SessionKeeperState {
             sessions,
             clock: args.clock,
             sweeper,
-            table: args.table,
+            reader: args.reader,
         })
     }
 
@@ -156,7 +115,7 @@ impl Actor for SessionKeeper {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.sweeper.abort();
-        *state.table.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *state.reader.write().unwrap_or_else(|p| p.into_inner()) = None;
         state.sessions.persist()?;
         Ok(())
     }
@@ -175,24 +134,20 @@ impl Actor for SessionKeeper {
                 openid,
                 unionid,
                 reply,
-            } => sessions.issue(uid, openid, unionid, now).answer(reply),
-            SessionKeeperMsg::Check(hash, reply) => sessions.check(hash, now).answer(reply),
-            SessionKeeperMsg::Revoke(hash, reply) => sessions.revoke(hash, now).answer(reply),
+            } => answer(sessions.issue(uid, openid, unionid, now), reply),
+            SessionKeeperMsg::Check(hash, reply) => answer(sessions.check(hash, now), reply),
+            SessionKeeperMsg::Revoke(hash, reply) => answer(sessions.revoke(hash, now), reply),
             SessionKeeperMsg::SetUnionid {
                 uid,
                 unionid,
                 reply,
-            } => sessions.set_unionid(uid, unionid).answer(reply),
-            SessionKeeperMsg::Sessions(uid, reply) => sessions.list(uid, now).answer(reply),
+            } => answer(sessions.set_unionid(uid, unionid), reply),
+            SessionKeeperMsg::List(uid, reply) => answer(sessions.list(uid, now), reply),
             SessionKeeperMsg::RevokeUser(uid, reply) => {
-                sessions.revoke_user(uid, now).answer(reply)
+                answer(sessions.revoke_user(uid, now), reply)
             }
-            SessionKeeperMsg::Count(reply) => sessions.count().answer(reply),
-            SessionKeeperMsg::Sweep => {
-                if let Err(e) = sessions.sweep(now) {
-                    tracing::error!(error = %e, "sweeping expired sessions failed; retrying at the next sweep");
-                }
-            }
+            SessionKeeperMsg::Count(reply) => answer(sessions.count(), reply),
+            SessionKeeperMsg::Sweep => sessions.sweep(now),
             #[cfg(feature = "fault-injection")]
             SessionKeeperMsg::Inject(fault) => fault.strike("SessionKeeper").await,
         }

@@ -9,12 +9,15 @@ use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Message, RpcReplyPort,
+    SupervisionEvent,
+};
 use tokio::time::Instant;
 
 use super::access_token_keeper::{AccessTokenKeeper, AccessTokenKeeperArgs, AccessTokenKeeperMsg};
 use super::decryptor::{Decryptor, DecryptorArgs, DecryptorMsg};
-use super::session_keeper::{SessionKeeper, SessionKeeperArgs, SessionKeeperMsg, TableSlot};
+use super::session_keeper::{ReaderSlot, SessionKeeper, SessionKeeperArgs, SessionKeeperMsg};
 use super::user_registry::{UserRegistry, UserRegistryArgs, UserRegistryMsg};
 use super::wechat_exchanger::{WeChatExchanger, WeChatExchangerArgs, WeChatExchangerMsg};
 
@@ -64,22 +67,84 @@ impl ActorKind {
     ];
 }
 
-/// The current reference to each child; `None` while it is dead or restarting.
-#[derive(Default)]
+/// Where the supervisor publishes one child's current reference; `None` while it is dead or
+/// restarting.
+pub struct Slot<M> {
+    kind: ActorKind,
+    actor: RwLock<Option<ActorRef<M>>>,
+}
+
+impl<M: Message> Slot<M> {
+    fn new(kind: ActorKind) -> Slot<M> {
+        Slot {
+            kind,
+            actor: RwLock::new(None),
+        }
+    }
+
+    /// Which child this is.
+    pub fn kind(&self) -> ActorKind {
+        self.kind
+    }
+
+    /// The child, if it runs.
+    pub fn get(&self) -> Option<ActorRef<M>> {
+        self.actor.read().expect("slot lock").clone()
+    }
+
+    fn set(&self, actor: ActorRef<M>) {
+        *self.actor.write().expect("slot lock") = Some(actor);
+    }
+}
+
+/// What the supervisor does with a slot whatever its message type.
+trait AnySlot {
+    fn id(&self) -> Option<ActorId>;
+    fn clear(&self);
+}
+
+impl<M: Message> AnySlot for Slot<M> {
+    fn id(&self) -> Option<ActorId> {
+        self.actor
+            .read()
+            .expect("slot lock")
+            .as_ref()
+            .map(|a| a.get_id())
+    }
+
+    fn clear(&self) {
+        *self.actor.write().expect("slot lock") = None;
+    }
+}
+
+/// The current reference to each child.
 pub struct Children {
     /// The current WeChatExchanger.
-    pub wechat_exchanger: RwLock<Option<ActorRef<WeChatExchangerMsg>>>,
+    pub wechat_exchanger: Slot<WeChatExchangerMsg>,
     /// The current UserRegistry.
-    pub user_registry: RwLock<Option<ActorRef<UserRegistryMsg>>>,
+    pub user_registry: Slot<UserRegistryMsg>,
     /// The current SessionKeeper.
-    pub session_keeper: RwLock<Option<ActorRef<SessionKeeperMsg>>>,
+    pub session_keeper: Slot<SessionKeeperMsg>,
     /// The current Decryptor.
-    pub decryptor: RwLock<Option<ActorRef<DecryptorMsg>>>,
+    pub decryptor: Slot<DecryptorMsg>,
     /// The current AccessTokenKeeper.
-    pub access_token_keeper: RwLock<Option<ActorRef<AccessTokenKeeperMsg>>>,
-    /// The current SessionKeeper's table (sled only), which it publishes itself; emptied with
+    pub access_token_keeper: Slot<AccessTokenKeeperMsg>,
+    /// The current SessionKeeper's reader (sled only), which it publishes itself; emptied with
     /// its slot, so that nobody reads a dead keeper's table.
-    pub session_table: Arc<TableSlot>,
+    pub session_reader: Arc<ReaderSlot>,
+}
+
+impl Default for Children {
+    fn default() -> Children {
+        Children {
+            wechat_exchanger: Slot::new(ActorKind::WeChatExchanger),
+            user_registry: Slot::new(ActorKind::UserRegistry),
+            session_keeper: Slot::new(ActorKind::SessionKeeper),
+            decryptor: Slot::new(ActorKind::Decryptor),
+            access_token_keeper: Slot::new(ActorKind::AccessTokenKeeper),
+            session_reader: Arc::default(),
+        }
+    }
 }
 
 impl Children {
@@ -87,37 +152,26 @@ impl Children {
     pub fn all_running(&self) -> bool {
         ActorKind::ALL
             .iter()
-            .all(|kind| self.id_of(*kind).is_some())
+            .all(|kind| self.slot(*kind).id().is_some())
     }
 
-    fn id_of(&self, kind: ActorKind) -> Option<ractor::ActorId> {
-        fn id<M: ractor::Message>(slot: &RwLock<Option<ActorRef<M>>>) -> Option<ractor::ActorId> {
-            slot.read().expect("slot lock").as_ref().map(|a| a.get_id())
-        }
+    fn slot(&self, kind: ActorKind) -> &dyn AnySlot {
         match kind {
-            ActorKind::WeChatExchanger => id(&self.wechat_exchanger),
-            ActorKind::UserRegistry => id(&self.user_registry),
-            ActorKind::SessionKeeper => id(&self.session_keeper),
-            ActorKind::Decryptor => id(&self.decryptor),
-            ActorKind::AccessTokenKeeper => id(&self.access_token_keeper),
+            ActorKind::WeChatExchanger => &self.wechat_exchanger,
+            ActorKind::UserRegistry => &self.user_registry,
+            ActorKind::SessionKeeper => &self.session_keeper,
+            ActorKind::Decryptor => &self.decryptor,
+            ActorKind::AccessTokenKeeper => &self.access_token_keeper,
         }
     }
 
     fn clear(&self, kind: ActorKind) {
-        match kind {
-            ActorKind::WeChatExchanger => *self.wechat_exchanger.write().expect("slot lock") = None,
-            ActorKind::UserRegistry => *self.user_registry.write().expect("slot lock") = None,
-            ActorKind::SessionKeeper => {
-                *self.session_keeper.write().expect("slot lock") = None;
-                *self
-                    .session_table
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
-            }
-            ActorKind::Decryptor => *self.decryptor.write().expect("slot lock") = None,
-            ActorKind::AccessTokenKeeper => {
-                *self.access_token_keeper.write().expect("slot lock") = None
-            }
+        self.slot(kind).clear();
+        if kind == ActorKind::SessionKeeper {
+            *self
+                .session_reader
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
 }
@@ -226,7 +280,7 @@ impl Actor for Supervisor {
         let children = &state.args.children;
         let Some(kind) = ActorKind::ALL
             .into_iter()
-            .find(|kind| children.id_of(*kind) == Some(cell.get_id()))
+            .find(|kind| children.slot(*kind).id() == Some(cell.get_id()))
         else {
             return Ok(());
         };
@@ -253,47 +307,29 @@ impl SupervisorState {
         kind: ActorKind,
     ) -> Result<(), ActorProcessingErr> {
         let cell = myself.get_cell();
-        let args = &self.args;
+        let (args, children) = (&self.args, &self.args.children);
         match kind {
             ActorKind::WeChatExchanger => {
-                let (actor, _) =
-                    Actor::spawn_linked(None, WeChatExchanger, args.wechat_exchanger.clone(), cell)
-                        .await?;
-                *args.children.wechat_exchanger.write().expect("slot lock") = Some(actor);
+                let args = args.wechat_exchanger.clone();
+                spawn_into(&children.wechat_exchanger, WeChatExchanger, args, cell).await
             }
             ActorKind::UserRegistry => {
-                let (actor, _) =
-                    Actor::spawn_linked(None, UserRegistry, args.user_registry.clone(), cell)
-                        .await?;
-                *args.children.user_registry.write().expect("slot lock") = Some(actor);
+                let args = args.user_registry.clone();
+                spawn_into(&children.user_registry, UserRegistry, args, cell).await
             }
             ActorKind::SessionKeeper => {
-                let (actor, _) =
-                    Actor::spawn_linked(None, SessionKeeper, args.session_keeper.clone(), cell)
-                        .await?;
-                *args.children.session_keeper.write().expect("slot lock") = Some(actor);
+                let args = args.session_keeper.clone();
+                spawn_into(&children.session_keeper, SessionKeeper, args, cell).await
             }
             ActorKind::Decryptor => {
-                let (actor, _) =
-                    Actor::spawn_linked(None, Decryptor, args.decryptor.clone(), cell).await?;
-                *args.children.decryptor.write().expect("slot lock") = Some(actor);
+                let args = args.decryptor.clone();
+                spawn_into(&children.decryptor, Decryptor, args, cell).await
             }
             ActorKind::AccessTokenKeeper => {
-                let (actor, _) = Actor::spawn_linked(
-                    None,
-                    AccessTokenKeeper,
-                    args.access_token_keeper.clone(),
-                    cell,
-                )
-                .await?;
-                *args
-                    .children
-                    .access_token_keeper
-                    .write()
-                    .expect("slot lock") = Some(actor);
+                let args = args.access_token_keeper.clone();
+                spawn_into(&children.access_token_keeper, AccessTokenKeeper, args, cell).await
             }
         }
-        Ok(())
     }
 
     /// Books a restart of `kind` after a backoff, or stops the supervisor past the cap.
@@ -321,4 +357,16 @@ impl SupervisorState {
         let backoff = (FIRST_BACKOFF * 2u32.pow(exponent)).min(MAX_BACKOFF);
         myself.send_after(backoff, move || SupervisorMsg::Respawn(kind));
     }
+}
+
+/// Spawns `actor` linked to the supervisor and publishes it in `slot`.
+async fn spawn_into<A: Actor>(
+    slot: &Slot<A::Msg>,
+    actor: A,
+    args: A::Arguments,
+    supervisor: ActorCell,
+) -> Result<(), ActorProcessingErr> {
+    let (actor, _) = Actor::spawn_linked(None, actor, args, supervisor).await?;
+    slot.set(actor);
+    Ok(())
 }

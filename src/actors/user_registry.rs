@@ -3,15 +3,15 @@
 //! Writes start one message at a time, so the upsert of one openid never races another on this
 //! broker (and the backend's upsert is atomic, so neither across brokers). New registrations and
 //! profile or phone updates are answered only once durable; that wait happens in a spawned task,
-//! so the actor goes on with the next message. Where users are kept is the backend's business
-//! ([`crate::backend::Users`]).
+//! so the actor goes on with the next message. Where users are kept is the storage's business
+//! ([`crate::storage::Users`]).
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::backend::{Backend, Users};
-use crate::store::UserKey;
+use super::answer;
+use crate::storage::{Storage, Users};
 use crate::upstream::Code2Session;
-use crate::user::{Phone, Profile, User};
+use crate::user::{Phone, Profile, Registration, User, UserKey};
 use crate::{Clock, Error};
 
 /// The actor. Configuration comes in [`UserRegistryArgs`].
@@ -21,7 +21,7 @@ pub struct UserRegistry;
 #[derive(Clone)]
 pub struct UserRegistryArgs {
     /// Where users are kept.
-    pub backend: Backend,
+    pub storage: Storage,
     /// Source of created/updated times.
     pub clock: Clock,
 }
@@ -30,19 +30,6 @@ pub struct UserRegistryArgs {
 pub struct UserRegistryState {
     users: Users,
     clock: Clock,
-}
-
-/// The outcome of a login for the user's record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Registration {
-    /// The user's stable id.
-    pub uid: u64,
-    /// The user's openid.
-    pub openid: String,
-    /// The unionid, if WeChat ever reported one.
-    pub unionid: Option<String>,
-    /// Whether this login created the user.
-    pub is_new: bool,
 }
 
 /// Messages of the registry.
@@ -87,7 +74,7 @@ impl Actor for UserRegistry {
         args: UserRegistryArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(UserRegistryState {
-            users: args.backend.users(),
+            users: args.storage.users(),
             clock: args.clock,
         })
     }
@@ -101,24 +88,22 @@ impl Actor for UserRegistry {
         let now = state.clock.now();
         let users = &mut state.users;
         match message {
-            UserRegistryMsg::Upsert(login, reply) => users.upsert(login, now).answer(reply),
-            UserRegistryMsg::SessionKey(openid, reply) => users.session_key(openid).answer(reply),
+            UserRegistryMsg::Upsert(login, reply) => answer(users.upsert(login, now), reply),
+            UserRegistryMsg::SessionKey(openid, reply) => answer(users.session_key(openid), reply),
             UserRegistryMsg::SaveProfile(openid, profile, reply) => {
-                users.save_profile(openid, profile, now).answer(reply)
+                answer(users.save_profile(openid, profile, now), reply)
             }
             UserRegistryMsg::SavePhone(openid, phone, reply) => {
-                users.save_phone(openid, phone, now).answer(reply)
+                answer(users.save_phone(openid, phone, now), reply)
             }
             UserRegistryMsg::ReplaceSessionKey {
                 openid,
                 old,
                 new,
                 reply,
-            } => users
-                .replace_session_key(openid, old, new, now)
-                .answer(reply),
-            UserRegistryMsg::Find(key, reply) => users.find(key).answer(reply),
-            UserRegistryMsg::Count(reply) => users.count().answer(reply),
+            } => answer(users.replace_session_key(openid, old, new, now), reply),
+            UserRegistryMsg::Find(key, reply) => answer(users.find(key), reply),
+            UserRegistryMsg::Count(reply) => answer(users.count(), reply),
             #[cfg(feature = "fault-injection")]
             UserRegistryMsg::Inject(fault) => fault.strike("UserRegistry").await,
         }

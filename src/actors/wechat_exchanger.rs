@@ -13,7 +13,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::backend::{Booking, CodeBook};
+use crate::storage::{Booking, CodeBook};
 use crate::upstream::{Code2Session, Upstream};
 use crate::{Error, Metrics};
 

@@ -9,9 +9,9 @@ use warp::{Filter, Rejection, Reply};
 
 use std::sync::Arc;
 
-use super::problem::{self, Problem};
+use super::handlers;
+use super::problem::Problem;
 use super::rate_limit::{LoginLimiter, login_limit};
-use super::{admin, handlers};
 use crate::{Broker, Error};
 
 /// Largest request body accepted; a login body is a few dozen bytes.
@@ -19,8 +19,10 @@ pub const BODY_LIMIT: u64 = 64 * 1024;
 /// Time a client has to send the whole body once its headers are in.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Every route of the broker, with errors turned into JSON.
-pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+/// The broker's public routes (every one but the admin's).
+pub(super) fn public(
+    broker: Broker,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let config = broker.config();
     let limiter = Arc::new(LoginLimiter::new(
         config.login_rate_per_min,
@@ -34,10 +36,19 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = In
         .or(me(broker.clone()))
         .or(healthz(broker.clone()))
         .or(readyz(broker.clone()))
-        .or(metrics(broker.clone()))
+        .or(metrics(broker))
         .or(openapi())
-        .or(admin::routes(broker))
-        .recover(problem::recover)
+}
+
+// Defined here rather than in `broker.rs`: the broker knows nothing of HTTP.
+impl Broker {
+    /// A warp filter that extracts the caller's session from its Bearer token, or rejects with
+    /// the same 401 JSON as `/v1/session` (finish the route with `.recover(wxbroker::recover)`).
+    pub fn require_session(
+        &self,
+    ) -> impl Filter<Extract = (crate::SessionInfo,), Error = Rejection> + Clone + use<> {
+        require_session(self.clone())
+    }
 }
 
 /// The caller's session, from its Bearer token; rejects like `/v1/session` (401 JSON, once the

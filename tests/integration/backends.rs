@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use wxbroker::backend::Backend;
-use wxbroker::store::UserKey;
+use wxbroker::UserKey;
+use wxbroker::storage::Storage;
 use wxbroker::upstream::Code2Session;
 use wxbroker::{MAX_SESSIONS_PER_USER, Sandbox, Secret};
 
@@ -358,15 +358,15 @@ async fn a_session_key_replaced_meanwhile_is_kept(kind: StoreKind) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = tb.config.clone();
     config.data_dir = dir.path().to_owned();
-    let backend = Backend::open(&config, &Default::default()).await.unwrap();
-    let mut users = backend.users();
+    let storage = Storage::open(&config, &Default::default()).await.unwrap();
+    let mut users = storage.users();
     let login = |key: &str| Code2Session {
         openid: "o-key".into(),
         session_key: key.into(),
         unionid: None,
     };
     users.upsert(login("k1"), T0).wait().await.unwrap();
-    let key = |users: &wxbroker::backend::Users| users.session_key("o-key".into()).wait();
+    let key = |users: &wxbroker::storage::Users| users.session_key("o-key".into()).wait();
     users
         .replace_session_key("o-key".into(), "k0".into(), "k2".into(), T0)
         .wait()

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use wxbroker::backup;
-use wxbroker::store::Store;
+use wxbroker::storage::sled::DataDir;
 use wxbroker::{Config, Sandbox};
 
 use crate::support::{TestBroker, client, me, parts, post};
@@ -31,8 +31,8 @@ const FIELDS: [&str; 7] = [
 /// shutdown) to let go of sled's lock.
 async fn open_released(
     dir: &Path,
-    open: fn(&Path, u64) -> Result<Store, wxbroker::Error>,
-) -> Store {
+    open: fn(&Path, u64) -> Result<DataDir, wxbroker::Error>,
+) -> DataDir {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match open(dir, 8) {
@@ -126,7 +126,7 @@ async fn export_then_import_keeps_every_user_and_uid_and_nothing_secret() {
     {
         let store = backup::open_for_import(restored.path(), 8).unwrap();
         assert_eq!(backup::import(&store, exported.as_bytes()).unwrap(), 3);
-        assert_eq!(store.user_count(), 3);
+        assert_eq!(store.users().count(), 3);
     }
     assert_eq!(export_dir(restored.path()).await, exported);
 

@@ -10,6 +10,8 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use wxbroker::storage::sled::session_log::SessionLog;
+
 use crate::support::client;
 
 /// A `wxbroker` process (in sandbox mode unless told otherwise) on a free loopback port.
@@ -152,54 +154,9 @@ async fn acknowledged_writes_survive_kill_9() {
     for round in 0..=ROUNDS {
         // The database opens every time, and what was acknowledged before is all there.
         let process = Process::start(dir.path()).await;
-        let http = client();
-        let (registrations, logouts) = {
-            let acked = acked.lock().unwrap();
-            // Every round checks what the last kill interrupted; the last round checks everything.
-            let checked = |r: usize| round == ROUNDS || r + 1 == round;
-            let names: Vec<(String, u64)> = acked
-                .registrations
-                .iter()
-                .filter(|(name, _)| checked(round_of(name)))
-                .map(|(n, u)| (n.clone(), *u))
-                .collect();
-            let tokens: Vec<String> = acked
-                .logouts
-                .iter()
-                .filter(|(r, _)| checked(*r))
-                .map(|(_, t)| t.clone())
-                .collect();
-            (names, tokens)
-        };
-        for (name, uid) in &registrations {
-            let response = http
-                .post(format!("{}/v1/login", process.url))
-                .form(&[("code", format!("{name}.check{round}"))])
-                .send()
-                .await
-                .unwrap();
-            let body: serde_json::Value = response.json().await.unwrap();
-            assert_eq!(
-                (body["uid"].as_u64(), body["isNew"].as_bool()),
-                (Some(*uid), Some(false)),
-                "{name}: {body}"
-            );
-            checked_registrations += 1;
-        }
-        for token in &logouts {
-            let response = http
-                .get(format!("{}/v1/session", process.url))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                response.status(),
-                StatusCode::UNAUTHORIZED,
-                "a logout came back"
-            );
-            checked_logouts += 1;
-        }
+        let (registrations, logouts) = check_acknowledged(&process, &acked, round, ROUNDS).await;
+        checked_registrations += registrations;
+        checked_logouts += logouts;
         if round == ROUNDS {
             break;
         }
@@ -231,6 +188,161 @@ async fn acknowledged_writes_survive_kill_9() {
         "the load did register users"
     );
     assert!(!acked.logouts.is_empty(), "the load did log out");
+}
+
+/// Checks, on a broker restarted after round `round - 1` was killed, what was acknowledged in that
+/// round (everything at the `last` round): registrations keep their uids, logouts stay out.
+/// Returns how many registrations and logouts it checked.
+async fn check_acknowledged(
+    process: &Process,
+    acked: &Mutex<Acknowledged>,
+    round: usize,
+    last: usize,
+) -> (usize, usize) {
+    let http = client();
+    let (registrations, logouts) = {
+        let acked = acked.lock().unwrap();
+        let checked = |r: usize| round == last || r + 1 == round;
+        let names: Vec<(String, u64)> = acked
+            .registrations
+            .iter()
+            .filter(|(name, _)| checked(round_of(name)))
+            .map(|(n, u)| (n.clone(), *u))
+            .collect();
+        let tokens: Vec<String> = acked
+            .logouts
+            .iter()
+            .filter(|(r, _)| checked(*r))
+            .map(|(_, t)| t.clone())
+            .collect();
+        (names, tokens)
+    };
+    for (name, uid) in &registrations {
+        let response = http
+            .post(format!("{}/v1/login", process.url))
+            .form(&[("code", format!("{name}.check{round}"))])
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            (body["uid"].as_u64(), body["isNew"].as_bool()),
+            (Some(*uid), Some(false)),
+            "{name}: {body}"
+        );
+    }
+    for token in &logouts {
+        let response = http
+            .get(format!("{}/v1/session", process.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "a logout came back"
+        );
+    }
+    (registrations.len(), logouts.len())
+}
+
+const COMPACTION_ROUNDS: usize = 6;
+/// Sessions that came and went, appended to the log while no broker runs (two frames each): far
+/// more superseded frames than live ones, so the first sweep has the log rewritten.
+const ENDED_SESSIONS: u64 = 100_000;
+
+/// kill -9 at a random moment of a rewrite of the session log, with logins and logouts going on:
+/// what was acknowledged before the kill is all there after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9_during_compactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = Arc::new(Mutex::new(Acknowledged::default()));
+    let (mut checked_registrations, mut checked_logouts) = (0, 0);
+    let (mut cut_short, mut finished) = (0, 0);
+    for round in 0..=COMPACTION_ROUNDS {
+        if round < COMPACTION_ROUNDS {
+            append_ended_sessions(dir.path(), round as u64);
+        }
+        let mut command = command(dir.path());
+        command.args(["--sweep-interval-secs", "1"]);
+        let process = Process::spawn(command).await;
+        let (registrations, logouts) =
+            check_acknowledged(&process, &acked, round, COMPACTION_ROUNDS).await;
+        checked_registrations += registrations;
+        checked_logouts += logouts;
+        if round == COMPACTION_ROUNDS {
+            break;
+        }
+
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|worker| tokio::spawn(drive(process.url.clone(), round, worker, acked.clone())))
+            .collect();
+        // The first sweep starts the rewrite; its file shows that it is writing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while compaction_file(dir.path()).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no compaction started: {}",
+                process.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
+        let log = process.log.clone();
+        process.kill9().await;
+        if compaction_file(dir.path()).is_some() {
+            cut_short += 1;
+        } else if log.lock().unwrap().contains("rewrote the session log") {
+            finished += 1;
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    }
+    let acked = acked.lock().unwrap();
+    eprintln!(
+        "crash test during compactions: {COMPACTION_ROUNDS} kill -9 rounds ({cut_short} while \
+         the new log was being written, {finished} after it replaced the old one), {} \
+         acknowledged registrations and {} acknowledged logouts; {checked_registrations} \
+         registration checks and {checked_logouts} logout checks after restarts; lost: 0",
+        acked.registrations.len(),
+        acked.logouts.len()
+    );
+    assert!(cut_short > 0, "no kill landed during a compaction");
+    assert!(!acked.logouts.is_empty(), "the load did log out");
+}
+
+/// Appends sessions that were issued and ended to the data dir's log (no broker may run on it).
+fn append_ended_sessions(dir: &Path, round: u64) {
+    let log = SessionLog::open(dir).unwrap();
+    for n in 0..ENDED_SESSIONS {
+        let mut hash = [0xee; 32];
+        hash[..8].copy_from_slice(&(round * ENDED_SESSIONS + n).to_le_bytes());
+        let record = wxbroker::SessionRecord {
+            uid: u64::MAX - n,
+            openid: "o-ended".into(),
+            unionid: None,
+            created_at: 1,
+            last_seen: 1,
+            expires_at: 2,
+        };
+        log.put(&hash, &record).unwrap();
+        log.remove([&hash]);
+    }
+    log.flush().unwrap();
+}
+
+/// The file of a compaction in progress, if there is one.
+fn compaction_file(dir: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("sessions.log.compact")
+        })
 }
 
 /// The round a user name was registered in (`r{round}w{worker}u{i}`).

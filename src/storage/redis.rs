@@ -17,7 +17,8 @@
 //! - `code:{hex SHA-256 of the code}`: a login code exchanged (or being exchanged) by some broker,
 //!   for the code's 5-minute life
 //!
-//! The scripts compute some of the keys they touch, so Redis Cluster is not supported: one
+//! The scripts are the `.lua` files beside this one, included at build time. They compute some of
+//! the keys they touch, so Redis Cluster is not supported: one
 //! server (with replicas or Sentinel in front, through a `redis://` URL that reaches the primary).
 
 use std::collections::HashMap;
@@ -28,14 +29,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 use sha2::{Digest, Sha256};
 
-use super::{Booking, Pending, SessionPolicy};
+use super::{Booking, Pending};
 use crate::Error;
-use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
-use crate::actors::user_registry::Registration;
 use crate::crypto::{TokenHash, hex, session_id, token_hash};
-use crate::store::{SessionRecord, UserKey, UserRecord};
+use crate::session::{
+    Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
+};
 use crate::upstream::Code2Session;
-use crate::user::{Phone, Profile, User};
+use crate::user::{Phone, Profile, Registration, User, UserKey, UserRecord};
 
 /// Every key of wxbroker starts with this.
 const PREFIX: &str = "wxb:";
@@ -44,13 +45,13 @@ const CODE_LIFETIME_SECS: u64 = 300;
 
 /// A connection to the shared Redis (multiplexed, reconnecting). Cheap to clone.
 #[derive(Clone)]
-pub struct RedisStore {
+pub struct Redis {
     con: ConnectionManager,
 }
 
-impl RedisStore {
+impl Redis {
     /// Connects to the Redis at `url` (`redis://[user:password@]host:port/db`).
-    pub async fn connect(url: &str) -> Result<RedisStore, Error> {
+    pub async fn connect(url: &str) -> Result<Redis, Error> {
         let shown = redacted(url);
         let client = redis::Client::open(url)
             .map_err(|e| Error::Config(format!("bad WXBROKER_STORE {shown}: {e}")))?;
@@ -87,7 +88,7 @@ impl RedisStore {
                  be lost and uids handed out twice; set maxmemory-policy noeviction"
             );
         }
-        Ok(RedisStore { con })
+        Ok(Redis { con })
     }
 
     /// Whether the server answers.
@@ -188,7 +189,7 @@ impl RedisStore {
 
     // Users.
 
-    pub(super) fn upsert_user(&self, login: Code2Session, now: u64) -> Pending<Registration> {
+    pub(crate) fn upsert_user(&self, login: Code2Session, now: u64) -> Pending<Registration> {
         let args = vec![
             login.openid.clone(),
             login.session_key,
@@ -210,7 +211,7 @@ impl RedisStore {
         )
     }
 
-    pub(super) fn session_key(&self, openid: String) -> Pending<String> {
+    pub(crate) fn session_key(&self, openid: String) -> Pending<String> {
         let mut con = self.con.clone();
         Pending::Later(Box::pin(async move {
             let key: Option<String> = redis::cmd("HGET")
@@ -223,18 +224,18 @@ impl RedisStore {
         }))
     }
 
-    pub(super) fn save_profile(&self, openid: String, profile: Profile, now: u64) -> Pending<User> {
+    pub(crate) fn save_profile(&self, openid: String, profile: Profile, now: u64) -> Pending<User> {
         let unionid = profile.union_id.clone().unwrap_or_default();
         let json = serde_json::to_string(&profile).expect("a profile serializes");
         self.update_user(openid, now, unionid, ("profile", json), None)
     }
 
-    pub(super) fn save_phone(&self, openid: String, phone: Phone, now: u64) -> Pending<User> {
+    pub(crate) fn save_phone(&self, openid: String, phone: Phone, now: u64) -> Pending<User> {
         let json = serde_json::to_string(&phone).expect("a phone serializes");
         self.update_user(openid, now, String::new(), ("phone", json), None)
     }
 
-    pub(super) fn replace_session_key(
+    pub(crate) fn replace_session_key(
         &self,
         openid: String,
         old: String,
@@ -266,7 +267,7 @@ impl RedisStore {
         })
     }
 
-    pub(super) fn find_user(&self, key: UserKey) -> Pending<Option<User>> {
+    pub(crate) fn find_user(&self, key: UserKey) -> Pending<Option<User>> {
         self.find_record(key).map(|record| record.map(User::from))
     }
 
@@ -284,7 +285,7 @@ impl RedisStore {
         )
     }
 
-    pub(super) fn user_count(&self) -> Pending<usize> {
+    pub(crate) fn user_count(&self) -> Pending<usize> {
         let mut con = self.con.clone();
         Pending::Later(Box::pin(async move {
             let count: Option<usize> = redis::cmd("GET")
@@ -323,7 +324,7 @@ impl RedisStore {
 
     // Sessions.
 
-    pub(super) fn issue_session(
+    pub(crate) fn issue_session(
         &self,
         policy: SessionPolicy,
         token: String,
@@ -400,7 +401,7 @@ impl RedisStore {
         self.run(&PUT_SESSION, args, |written: i64| Ok(written == 1))
     }
 
-    pub(super) fn check_session(
+    pub(crate) fn check_session(
         &self,
         policy: SessionPolicy,
         hash: TokenHash,
@@ -427,7 +428,7 @@ impl RedisStore {
         )
     }
 
-    pub(super) fn revoke_session(
+    pub(crate) fn revoke_session(
         &self,
         policy: SessionPolicy,
         hash: TokenHash,
@@ -447,7 +448,7 @@ impl RedisStore {
         })
     }
 
-    pub(super) fn revoke_user_sessions(
+    pub(crate) fn revoke_user_sessions(
         &self,
         policy: SessionPolicy,
         uid: u64,
@@ -461,7 +462,7 @@ impl RedisStore {
         self.run(&REVOKE_USER, args, |live: usize| Ok(live))
     }
 
-    pub(super) fn set_session_unionid(&self, uid: u64, unionid: String) -> Pending<()> {
+    pub(crate) fn set_session_unionid(&self, uid: u64, unionid: String) -> Pending<()> {
         self.run(
             &SET_UNIONID,
             vec![uid.to_string(), unionid],
@@ -469,7 +470,7 @@ impl RedisStore {
         )
     }
 
-    pub(super) fn list_sessions(
+    pub(crate) fn list_sessions(
         &self,
         policy: SessionPolicy,
         uid: u64,
@@ -498,7 +499,7 @@ impl RedisStore {
     }
 
     /// Sessions stored. Walks the keyspace (SCAN): for the admin's stats, not per request.
-    pub(super) fn session_count(&self) -> Pending<usize> {
+    pub fn session_count(&self) -> Pending<usize> {
         let mut con = self.con.clone();
         Pending::Later(Box::pin(async move {
             let mut cursor = 0u64;
@@ -593,250 +594,66 @@ fn user_record(fields: Vec<String>) -> Result<UserRecord, Error> {
 
 /// KEYS: the code's key. ARGV: lifetime in seconds. Books the code (`pending`) and returns nil, or
 /// returns the booking another broker holds (`pending` or `done`).
-static BOOK_CODE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local held = redis.call('GET', KEYS[1])
-if held then return held end
-redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1])
-return false
-"#,
-    )
-});
+static BOOK_CODE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/book_code.lua")));
 
 // The other scripts. ARGV[1] is always the key prefix.
 
 /// ARGV: openid, session_key, unionid ('' for none), now. Returns {is_new, uid, unionid or ''}.
 static UPSERT_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, openid, key, unionid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ukey = p .. 'user:' .. openid
-local uid = redis.call('HGET', ukey, 'uid')
-local is_new = 0
-if not uid then
-  uid = redis.call('INCR', p .. 'next_uid')
-  redis.call('INCR', p .. 'user_count')
-  redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'created_at', now)
-  redis.call('SET', p .. 'uid:' .. uid, openid)
-  is_new = 1
-end
-redis.call('HSET', ukey, 'session_key', key, 'updated_at', now)
-if unionid ~= '' then
-  local old = redis.call('HGET', ukey, 'unionid')
-  if old and old ~= unionid then redis.call('DEL', p .. 'unionid:' .. old) end
-  redis.call('HSET', ukey, 'unionid', unionid)
-  redis.call('SET', p .. 'unionid:' .. unionid, uid)
-end
-return {is_new, tonumber(uid), redis.call('HGET', ukey, 'unionid') or ''}
-"#,
-    )
+    Script::new(concat!(
+        include_str!("redis/bind_unionid.lua"),
+        include_str!("redis/upsert_user.lua")
+    ))
 });
 
 /// ARGV: openid, now, unionid ('' for none), field, value[, expected current value of the field:
 /// if it holds another, it is kept]. Returns the user's fields, or nil.
 static UPDATE_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, openid, now, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local ukey = p .. 'user:' .. openid
-local uid = redis.call('HGET', ukey, 'uid')
-if not uid then return false end
-if unionid ~= '' then
-  local old = redis.call('HGET', ukey, 'unionid')
-  if old and old ~= unionid then redis.call('DEL', p .. 'unionid:' .. old) end
-  redis.call('HSET', ukey, 'unionid', unionid)
-  redis.call('SET', p .. 'unionid:' .. unionid, uid)
-end
-if not ARGV[7] or redis.call('HGET', ukey, ARGV[5]) == ARGV[7] then
-  redis.call('HSET', ukey, ARGV[5], ARGV[6])
-end
-redis.call('HSET', ukey, 'updated_at', now)
-return redis.call('HGETALL', ukey)
-"#,
-    )
+    Script::new(concat!(
+        include_str!("redis/bind_unionid.lua"),
+        include_str!("redis/update_user.lua")
+    ))
 });
 
 /// ARGV: 'uid' | 'openid' | 'unionid', value. Returns the user's fields, or nil.
-static FIND_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, kind, value = ARGV[1], ARGV[2], ARGV[3]
-local openid = false
-if kind == 'openid' then
-  openid = value
-elseif kind == 'uid' then
-  openid = redis.call('GET', p .. 'uid:' .. value)
-else
-  local uid = redis.call('GET', p .. 'unionid:' .. value)
-  if uid then openid = redis.call('GET', p .. 'uid:' .. uid) end
-end
-if not openid then return false end
-local fields = redis.call('HGETALL', p .. 'user:' .. openid)
-if #fields == 0 then return false end
-return fields
-"#,
-    )
-});
+static FIND_USER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/find_user.lua")));
 
 /// ARGV: uid, openid, unionid, session_key, created_at, updated_at, profile, phone ('' for none).
 /// A user already in Redis is kept as it is (it may have logged in there since): returns 0.
 static IMPORT_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, uid, openid, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local owner = redis.call('GET', p .. 'uid:' .. uid)
-if owner and owner ~= openid then
-  return redis.error_reply('uid ' .. uid .. ' already belongs to another openid')
-end
-local ukey = p .. 'user:' .. openid
-if redis.call('EXISTS', ukey) == 1 then return 0 end
-redis.call('INCR', p .. 'user_count')
-redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'session_key', ARGV[5],
-  'created_at', ARGV[6], 'updated_at', ARGV[7])
-if unionid ~= '' then
-  redis.call('HSET', ukey, 'unionid', unionid)
-  redis.call('SET', p .. 'unionid:' .. unionid, uid)
-end
-if ARGV[8] ~= '' then redis.call('HSET', ukey, 'profile', ARGV[8]) end
-if ARGV[9] ~= '' then redis.call('HSET', ukey, 'phone', ARGV[9]) end
-redis.call('SET', p .. 'uid:' .. uid, openid)
-local last = tonumber(redis.call('GET', p .. 'next_uid') or '0')
-if tonumber(uid) > last then redis.call('SET', p .. 'next_uid', uid) end
-return 1
-"#,
-    )
+    Script::new(concat!(
+        include_str!("redis/bind_unionid.lua"),
+        include_str!("redis/import_user.lua")
+    ))
 });
 
 /// ARGV: id, uid, openid, unionid, created_at, last_seen, expires_at, ttl_ms (to the idle
 /// deadline), life_ms (to the absolute one), max_per_user, 'new' to keep an existing session.
 /// Ends the user's oldest sessions beyond the cap first. The user's index lives as long as its
 /// longest-lived session (its TTL only ever grows). Returns 1 if written.
-static PUT_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, id, uid, openid, unionid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local max = tonumber(ARGV[11])
-local skey = p .. 'session:' .. id
-if ARGV[12] == 'new' and redis.call('EXISTS', skey) == 1 then return 0 end
-local zkey = p .. 'sessions:' .. uid
-redis.call('ZREM', zkey, id)
-if redis.call('ZCARD', zkey) >= max then
-  for _, other in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
-    if redis.call('EXISTS', p .. 'session:' .. other) == 0 then redis.call('ZREM', zkey, other) end
-  end
-  while redis.call('ZCARD', zkey) >= max do
-    local oldest = redis.call('ZPOPMIN', zkey)
-    redis.call('DEL', p .. 'session:' .. oldest[1])
-  end
-end
-redis.call('DEL', skey)
-redis.call('HSET', skey, 'uid', uid, 'openid', openid, 'created_at', ARGV[6],
-  'last_seen', ARGV[7], 'expires_at', ARGV[8])
-redis.call('PEXPIRE', skey, ARGV[9])
-redis.call('ZADD', zkey, ARGV[6], id)
-if redis.call('PTTL', zkey) < tonumber(ARGV[10]) then redis.call('PEXPIRE', zkey, ARGV[10]) end
-if unionid ~= '' then redis.call('HSET', skey, 'unionid', unionid) end
-return 1
-"#,
-    )
-});
+static PUT_SESSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/put_session.lua")));
 
 /// ARGV: id, now, idle_ttl, step. Returns {uid, openid, unionid or '', deadline}, or nil when the
 /// session is unknown or dead (then it is deleted).
-static CHECK_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, id = ARGV[1], ARGV[2]
-local now, idle, step = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local skey = p .. 'session:' .. id
-local s = redis.call('HMGET', skey, 'uid', 'openid', 'unionid', 'last_seen', 'expires_at')
-if not s[1] then return false end
-local last_seen, expires_at = tonumber(s[4]), tonumber(s[5])
-local deadline = math.min(last_seen + idle, expires_at)
-if now >= deadline then
-  redis.call('DEL', skey)
-  redis.call('ZREM', p .. 'sessions:' .. s[1], id)
-  return false
-end
-if now - last_seen >= step then
-  deadline = math.min(now + idle, expires_at)
-  redis.call('HSET', skey, 'last_seen', now)
-  redis.call('PEXPIRE', skey, (deadline - now) * 1000)
-end
-return {s[1], s[2], s[3] or '', deadline}
-"#,
-    )
-});
+static CHECK_SESSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/check_session.lua")));
 
 /// ARGV: id, now, idle_ttl. Returns 1 if a live session ended, 0 if it was dead, -1 if unknown.
-static REVOKE_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, id, now, idle = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local skey = p .. 'session:' .. id
-local s = redis.call('HMGET', skey, 'uid', 'last_seen', 'expires_at')
-if not s[1] then return -1 end
-redis.call('DEL', skey)
-redis.call('ZREM', p .. 'sessions:' .. s[1], id)
-if now >= math.min(tonumber(s[2]) + idle, tonumber(s[3])) then return 0 end
-return 1
-"#,
-    )
-});
+static REVOKE_SESSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/revoke_session.lua")));
 
 /// ARGV: uid, now, idle_ttl. Ends every session of the user; returns how many were live.
-static REVOKE_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, uid, now, idle = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local zkey = p .. 'sessions:' .. uid
-local live = 0
-for _, id in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
-  local skey = p .. 'session:' .. id
-  local s = redis.call('HMGET', skey, 'last_seen', 'expires_at')
-  if s[1] then
-    if now < math.min(tonumber(s[1]) + idle, tonumber(s[2])) then live = live + 1 end
-    redis.call('DEL', skey)
-  end
-end
-redis.call('DEL', zkey)
-return live
-"#,
-    )
-});
+static REVOKE_USER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/revoke_user.lua")));
 
 /// ARGV: uid, unionid. Puts the unionid on every session of the user.
-static SET_UNIONID: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, uid, unionid = ARGV[1], ARGV[2], ARGV[3]
-for _, id in ipairs(redis.call('ZRANGE', p .. 'sessions:' .. uid, 0, -1)) do
-  local skey = p .. 'session:' .. id
-  if redis.call('EXISTS', skey) == 1 then redis.call('HSET', skey, 'unionid', unionid) end
-end
-return 1
-"#,
-    )
-});
+static SET_UNIONID: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/set_unionid.lua")));
 
 /// ARGV: uid, now, idle_ttl. Returns {{id, created_at, last_seen, deadline}, ...} of the live
 /// sessions of the user, oldest first.
-static LIST_SESSIONS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local p, uid, now, idle = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local rows = {}
-for _, id in ipairs(redis.call('ZRANGE', p .. 'sessions:' .. uid, 0, -1)) do
-  local s = redis.call('HMGET', p .. 'session:' .. id, 'created_at', 'last_seen', 'expires_at')
-  if s[1] then
-    local deadline = math.min(tonumber(s[2]) + idle, tonumber(s[3]))
-    if now < deadline then
-      table.insert(rows, {id, tonumber(s[1]), tonumber(s[2]), deadline})
-    end
-  end
-end
-return rows
-"#,
-    )
-});
+static LIST_SESSIONS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("redis/list_sessions.lua")));

@@ -1,4 +1,4 @@
-//! Group commit: many writers that need their writes on disk share one flush of the store.
+//! Group commit: many writers that need their writes on disk share one flush of the data dir.
 //!
 //! A flush costs a disk sync whether it covers one write or a thousand. Writers enqueue a waiter
 //! after writing; a background task takes every waiter queued so far, flushes once and answers all
@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::Store;
+use super::DataDir;
+use crate::storage::Pending;
 use crate::{Error, Metrics};
 
 /// How often the session log is written when no flush was asked for (sled's own interval).
@@ -29,8 +30,8 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the flushing task for `store`. It ends when the last handle is dropped.
-    pub fn start(store: Store, metrics: Arc<Metrics>) -> GroupCommit {
+    /// Starts the flushing task for `data`. It ends when the last handle is dropped.
+    pub fn start(data: DataDir, metrics: Arc<Metrics>) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), Error>>>();
         let (ended_tx, ended) = watch::channel(false);
         tokio::spawn(async move {
@@ -41,7 +42,7 @@ impl GroupCommit {
                 let received = tokio::select! {
                     received = rx.recv_many(&mut batch, usize::MAX) => received,
                     _ = tick.tick() => {
-                        if let Err(e) = store.flush_sessions().await {
+                        if let Err(e) = flush_sessions(&data).await {
                             tracing::error!(error = %e, "writing the session log failed");
                         }
                         continue;
@@ -51,7 +52,7 @@ impl GroupCommit {
                     break;
                 }
                 let timer = metrics.flush_seconds.start_timer();
-                let result = store.flush_async().await;
+                let result = flush(&data).await;
                 timer.observe_duration();
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "flushing the database failed");
@@ -60,7 +61,7 @@ impl GroupCommit {
                     let _ = waiter.send(result.clone());
                 }
             }
-            drop(store);
+            drop(data);
             let _ = ended_tx.send(true);
         });
         GroupCommit { waiters: tx, ended }
@@ -72,11 +73,18 @@ impl GroupCommit {
         self.ended.clone()
     }
 
-    /// Calls `then` with the outcome once every write made before this call is on disk, without
-    /// making the caller wait: an actor hands over its reply and goes on with its next message.
-    pub fn then(&self, then: impl FnOnce(Result<(), Error>) + Send + 'static) {
-        let commit = self.clone();
-        tokio::spawn(async move { then(commit.durable().await) });
+    /// `outcome` once every write made before this call is on disk, or its error at once: an
+    /// actor hands the wait to a task of its own and goes on with its next message.
+    pub fn after<T: Send + 'static>(&self, outcome: Result<T, Error>) -> Pending<T> {
+        match outcome {
+            Ok(value) => {
+                let commit = self.clone();
+                Pending::Later(Box::pin(
+                    async move { commit.durable().await.map(|()| value) },
+                ))
+            }
+            Err(e) => Pending::Ready(Err(e)),
+        }
     }
 
     /// Returns once every write made before this call is on disk.
@@ -90,25 +98,41 @@ impl GroupCommit {
     }
 }
 
+/// The users and the session log flushed side by side: one disk wait for both.
+async fn flush(data: &DataDir) -> Result<(), Error> {
+    let (sessions, users) = tokio::join!(flush_sessions(data), data.flush_users());
+    sessions?;
+    users
+}
+
+/// The session log flushed on tokio's blocking pool (its sync blocks).
+async fn flush_sessions(data: &DataDir) -> Result<(), Error> {
+    let log = data.session_log().clone();
+    tokio::task::spawn_blocking(move || log.flush())
+        .await
+        .map_err(|e| Error::Storage(format!("writing the session log failed: {e}")))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::SessionRecord;
+    use crate::storage::sled::session_log::FILE_NAME;
 
     #[tokio::test]
-    async fn concurrent_waiters_all_complete_and_see_their_writes_on_disk() {
+    async fn concurrent_waiters_share_flushes_and_see_their_writes_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8).unwrap();
-        let commit = GroupCommit::start(store.clone(), Arc::default());
+        let data = DataDir::open(dir.path(), 8).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let commit = GroupCommit::start(data.clone(), metrics.clone());
         let mut tasks = Vec::new();
-        for i in 0u8..200 {
-            let (store, commit) = (store.clone(), commit.clone());
+        const WRITERS: u8 = 200;
+        for i in 0..WRITERS {
+            let (data, commit) = (data.clone(), commit.clone());
             tasks.push(tokio::spawn(async move {
-                store.upsert_user(&format!("o{i}"), "k", None, 1).unwrap();
-                store
-                    .put_session(
-                        &[i; 32],
-                        &crate::store::SessionRecord::sample(i.into(), None),
-                    )
+                data.users().upsert(&format!("o{i}"), "k", None, 1).unwrap();
+                data.session_log()
+                    .put(&[i; 32], &SessionRecord::sample(i.into(), None))
                     .unwrap();
                 commit.durable().await
             }));
@@ -116,23 +140,29 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
+        // The point of it: one flush answers many writers.
+        let flushes = metrics.flush_seconds.get_sample_count();
+        assert!(
+            (1..u64::from(WRITERS) / 4).contains(&flushes),
+            "{WRITERS} writers took {flushes} flushes"
+        );
         // Nothing is left dirty: a flush now has nothing to write.
-        assert_eq!(store.db().flush().unwrap(), 0);
-        let log = std::fs::metadata(dir.path().join(crate::session_log::FILE_NAME)).unwrap();
-        store.flush().unwrap();
-        let after = std::fs::metadata(dir.path().join(crate::session_log::FILE_NAME)).unwrap();
+        assert_eq!(data.db.flush().unwrap(), 0);
+        let log = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap();
+        data.flush().unwrap();
+        let after = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap();
         assert_eq!(log.len(), after.len());
-        assert_eq!(store.sessions().unwrap().count(), 200);
+        assert_eq!(data.session_log().replay().unwrap().len(), 200);
     }
 
     #[tokio::test]
     async fn the_session_log_is_written_without_anyone_asking() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8).unwrap();
-        let _commit = GroupCommit::start(store.clone(), Arc::default());
-        let log = dir.path().join(crate::session_log::FILE_NAME);
-        store
-            .put_session(&[1; 32], &crate::store::SessionRecord::sample(1, None))
+        let data = DataDir::open(dir.path(), 8).unwrap();
+        let _commit = GroupCommit::start(data.clone(), Arc::default());
+        let log = dir.path().join(FILE_NAME);
+        data.session_log()
+            .put(&[1; 32], &SessionRecord::sample(1, None))
             .unwrap();
         let deadline = std::time::Instant::now() + SESSION_LOG_EVERY * 20;
         while std::fs::metadata(&log).unwrap().len() == 0 {

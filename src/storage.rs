@@ -1,39 +1,35 @@
-//! Where users and sessions live: the one interface the UserRegistry and the SessionKeeper use,
-//! so that neither knows which backend it runs on.
+//! Where users and sessions live: the one interface the UserRegistry, the SessionKeeper, the
+//! WeChatExchanger and the broker use, so that none of them knows which store it runs on.
 //!
-//! - sled (the default, one machine): users in sled trees with group commit
-//!   ([`sled_users`]); sessions in an in-memory table written back to sled ([`sled_sessions`]).
-//! - Redis (`WXBROKER_STORE=redis://...`, several brokers sharing users and sessions): every
-//!   operation is one atomic script or command on the server, with no per-instance cache
-//!   ([`redis`]).
+//! - sled (the default, one machine, [`sled`]): users in sled trees, sessions in an in-memory
+//!   table rebuilt from their own log, both made durable by one group commit.
+//! - Redis (`WXBROKER_STORE=redis://...`, several brokers sharing users and sessions, [`redis`]):
+//!   every operation is one atomic script or command on the server, with no per-broker cache.
 //!
 //! Each operation returns a [`Pending`]: done at once (sled's in-memory work), or a future that
-//! the actor hands to a task of its own (a flush to wait for, a Redis round trip), so that an
-//! actor never waits for I/O between two messages.
+//! the caller hands to a task of its own (a flush to wait for, a Redis round trip), so that an
+//! actor never waits for I/O between two messages. Nothing here knows of actors or HTTP.
 
 pub mod redis;
-pub mod sled_sessions;
-pub mod sled_users;
+pub mod sled;
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use ractor::RpcReplyPort;
 
-use crate::actors::session_keeper::{Issued, SessionInfo, SessionSummary};
-use crate::actors::user_registry::Registration;
+use self::redis::Redis;
+use self::sled::DataDir;
+use self::sled::group_commit::GroupCommit;
+pub use self::sled::sessions::FastCheck;
+use self::sled::sessions::{SessionTable, SledSessions};
+use self::sled::users::SledUsers;
 use crate::crypto::{TokenHash, new_token};
-use crate::group_commit::GroupCommit;
-use crate::store::{SessionRecord, Store, UserKey};
+use crate::session::{Issued, SessionInfo, SessionPolicy, SessionSummary};
 use crate::upstream::Code2Session;
-use crate::user::{Phone, Profile, User};
+use crate::user::{Phone, Profile, Registration, User, UserKey};
 use crate::{Config, Error, Metrics};
 
-use self::redis::RedisStore;
-use self::sled_sessions::{SessionTable, SledSessions};
-use self::sled_users::SledUsers;
-
-/// The outcome of a store operation: known now, or once a future completes.
+/// The outcome of a storage operation: known now, or once a future completes.
 pub enum Pending<T> {
     /// Already done.
     Ready(Result<T, Error>),
@@ -42,16 +38,13 @@ pub enum Pending<T> {
 }
 
 impl<T: Send + 'static> Pending<T> {
-    /// Answers `reply` now if the outcome is known, else from a spawned task.
-    pub fn answer(self, reply: RpcReplyPort<Result<T, Error>>) {
+    /// Calls `then` with the outcome: now if it is known, else from a spawned task, so that the
+    /// caller never waits.
+    pub fn then(self, then: impl FnOnce(Result<T, Error>) + Send + 'static) {
         match self {
-            Pending::Ready(outcome) => {
-                let _ = reply.send(outcome);
-            }
+            Pending::Ready(outcome) => then(outcome),
             Pending::Later(future) => {
-                tokio::spawn(async move {
-                    let _ = reply.send(future.await);
-                });
+                tokio::spawn(async move { then(future.await) });
             }
         }
     }
@@ -73,75 +66,30 @@ impl<T: Send + 'static> Pending<T> {
     }
 }
 
-/// How long sessions live, in seconds.
-#[derive(Clone, Copy, Debug)]
-pub struct SessionPolicy {
-    /// Without use.
-    pub idle_ttl: u64,
-    /// At most, whatever the use.
-    pub max_ttl: u64,
-}
-
-impl SessionPolicy {
-    /// The record of a session issued at `now`.
-    pub fn fresh_record(
-        &self,
-        uid: u64,
-        openid: String,
-        unionid: Option<String>,
-        now: u64,
-    ) -> SessionRecord {
-        SessionRecord {
-            uid,
-            openid,
-            unionid,
-            created_at: now,
-            last_seen: now,
-            expires_at: now.saturating_add(self.max_ttl),
-        }
-    }
-
-    /// What a login tells the client about its token's lifetime.
-    pub fn expires_in(&self) -> u64 {
-        self.idle_ttl.min(self.max_ttl)
-    }
-
-    /// When a session used last at `last_seen` and dead at `expires_at` whatever its use dies.
-    pub fn deadline(&self, last_seen: u64, expires_at: u64) -> u64 {
-        last_seen.saturating_add(self.idle_ttl).min(expires_at)
-    }
-
-    /// How far the last use must move before it is written (a tenth of the idle TTL): a check
-    /// does not write on every call.
-    pub fn write_back_step(&self) -> u64 {
-        (self.idle_ttl / 10).max(1)
-    }
-}
-
-/// The chosen backend, as opened once per broker; the actors build their views from it at every
-/// (re)start. Cheap to clone.
+/// The storage a broker runs on, as opened once per broker; the actors build their views from it
+/// at every (re)start. Cheap to clone.
 #[derive(Clone)]
-pub enum Backend {
-    /// sled in the data dir, with its group commit.
+pub enum Storage {
+    /// The data dir, with its group commit.
     Sled {
-        /// The database.
-        store: Store,
+        /// Users and the session log.
+        data: DataDir,
         /// Shared flushes.
         commit: GroupCommit,
     },
     /// A Redis server.
-    Redis(RedisStore),
+    Redis(Redis),
 }
 
-impl Backend {
-    /// Opens what `config` names: Redis when `store` is set, else sled in `data_dir`.
-    pub async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Backend, Error> {
+impl Storage {
+    /// Opens what `config` names: Redis when `WXBROKER_STORE` is set, else the data dir.
+    pub async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Storage, Error> {
         match &config.store {
-            Some(url) => Ok(Backend::Redis(RedisStore::connect(url.expose()).await?)),
+            Some(url) => Ok(Storage::Redis(Redis::connect(url.expose()).await?)),
             None => {
-                let store = Store::open(&config.data_dir, config.cache_mb)?;
-                let commit = GroupCommit::start(store.clone(), metrics.clone());
-                Ok(Backend::Sled { store, commit })
+                let data = DataDir::open(&config.data_dir, config.cache_mb)?;
+                let commit = GroupCommit::start(data.clone(), metrics.clone());
+                Ok(Storage::Sled { data, commit })
             }
         }
     }
@@ -149,47 +97,47 @@ impl Backend {
     /// The UserRegistry's view.
     pub fn users(&self) -> Users {
         match self {
-            Backend::Sled { store, commit } => {
-                Users::Sled(SledUsers::new(store.clone(), commit.clone()))
+            Storage::Sled { data, commit } => {
+                Users::Sled(SledUsers::new(data.users().clone(), commit.clone()))
             }
-            Backend::Redis(redis) => Users::Redis(redis.clone()),
+            Storage::Redis(redis) => Users::Redis(redis.clone()),
         }
     }
 
-    /// The SessionKeeper's view; with sled, the table is loaded from disk here.
-    pub async fn sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
+    /// The SessionKeeper's view; with sled, the table is read from the session log here.
+    pub async fn load_sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
         match self {
-            Backend::Sled { store, commit } => {
-                let (store, commit) = (store.clone(), commit.clone());
+            Storage::Sled { data, commit } => {
+                let (log, commit) = (data.session_log().clone(), commit.clone());
                 // Reading a million sessions takes seconds: on a runtime worker it would stall
                 // the tasks queued there, and a keeper restarted by its supervisor loads while
                 // the broker serves.
                 let loaded = tokio::task::spawn_blocking(move || {
-                    SledSessions::load(store, commit, policy, metrics)
+                    SledSessions::load(log, commit, policy, metrics)
                 })
                 .await;
                 // A panic while loading panics here, as before: the keeper fails to start and is
                 // restarted. (Cancelled only as the runtime shuts down; `into_panic` panics then.)
                 Sessions::Sled(loaded.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
             }
-            Backend::Redis(redis) => Sessions::Redis(redis.clone(), policy),
+            Storage::Redis(redis) => Sessions::Redis(redis.clone(), policy),
         }
     }
 
     /// Where login codes are booked across brokers (only a shared store needs it: one broker
     /// remembers them in its WeChatExchanger).
-    pub fn code_claims(&self) -> Option<CodeBook> {
+    pub fn code_book(&self) -> Option<CodeBook> {
         match self {
-            Backend::Sled { .. } => None,
-            Backend::Redis(redis) => Some(CodeBook(redis.clone())),
+            Storage::Sled { .. } => None,
+            Storage::Redis(redis) => Some(CodeBook(redis.clone())),
         }
     }
 
-    /// What the broker itself needs of the store.
-    pub fn health(&self) -> StoreHealth {
+    /// What the broker itself needs of the storage.
+    pub fn health(&self) -> Health {
         match self {
-            Backend::Sled { store, commit } => StoreHealth::Sled(store.clone(), commit.ended()),
-            Backend::Redis(redis) => StoreHealth::Redis(redis.clone()),
+            Storage::Sled { data, commit } => Health::Sled(data.clone(), commit.ended()),
+            Storage::Redis(redis) => Health::Redis(redis.clone()),
         }
     }
 }
@@ -207,7 +155,7 @@ pub enum Booking {
 
 /// Login codes booked across brokers (`SET NX` semantics, for a code's 5-minute life).
 #[derive(Clone)]
-pub struct CodeBook(RedisStore);
+pub struct CodeBook(Redis);
 
 impl CodeBook {
     /// Books `code` for this broker, unless another broker holds or has used it.
@@ -226,33 +174,41 @@ impl CodeBook {
     }
 }
 
-/// The part of the backend the broker itself uses: whether the store answers, and the flush at
-/// shutdown. It holds no group commit, whose task (and its handle on the database) must end with
-/// the actors, so that a stopped broker's data dir can be opened again at once.
+/// The part of the storage the broker itself uses: whether it answers, and the flush at shutdown.
+/// It holds no group commit, whose task (and its handle on the database) must end with the
+/// actors, so that a stopped broker's data dir can be opened again at once.
 #[derive(Clone)]
-pub enum StoreHealth {
-    /// sled, and the end of its group commit task.
-    Sled(Store, tokio::sync::watch::Receiver<bool>),
+pub enum Health {
+    /// The data dir, and the end of its group commit task.
+    Sled(DataDir, tokio::sync::watch::Receiver<bool>),
     /// Redis.
-    Redis(RedisStore),
+    Redis(Redis),
 }
 
-impl StoreHealth {
-    /// Whether the store answers a read.
+impl Health {
+    /// Whether the storage answers a read.
     pub async fn answers(&self) -> bool {
         match self {
-            StoreHealth::Sled(store, _) => store.db().contains_key(b"readyz").is_ok(),
-            StoreHealth::Redis(redis) => redis.ping().await.is_ok(),
+            Health::Sled(data, _) => data.answers(),
+            Health::Redis(redis) => redis.ping().await.is_ok(),
         }
     }
 
-    /// Makes every write so far durable (at shutdown, once the actors have stopped), and waits
-    /// (briefly) for the group commit task to let go of the database, so that it can be opened
-    /// again at once. Redis persists on its own terms.
+    /// Makes every write so far durable (at shutdown, once the actors have stopped), stops any
+    /// compaction from replacing the session log, and waits (briefly) for the group commit task
+    /// to let go of the database, so that it can be opened again at once. Redis persists on its
+    /// own terms.
     pub async fn flush(&self) -> Result<(), Error> {
         match self {
-            StoreHealth::Sled(store, commit_ended) => {
-                store.flush_async().await?;
+            Health::Sled(data, commit_ended) => {
+                let flushed = data.clone();
+                tokio::task::spawn_blocking(move || {
+                    flushed.flush()?;
+                    flushed.session_log().close();
+                    Ok::<_, Error>(())
+                })
+                .await
+                .map_err(|e| Error::Storage(format!("the final flush failed: {e}")))??;
                 let mut ended = commit_ended.clone();
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(5),
@@ -261,8 +217,20 @@ impl StoreHealth {
                 .await;
                 Ok(())
             }
-            StoreHealth::Redis(_) => Ok(()),
+            Health::Redis(_) => Ok(()),
         }
+    }
+}
+
+/// The fast path of session checks: the keeper's table, read without a trip through its mailbox
+/// (sled only; with Redis every check is a script on the server).
+#[derive(Clone)]
+pub struct SessionReader(Arc<SessionTable>);
+
+impl SessionReader {
+    /// Checks the session of `hash` at `now`, changing nothing but its last use in memory.
+    pub fn check(&self, hash: &TokenHash, now: u64) -> FastCheck {
+        self.0.check(hash, now)
     }
 }
 
@@ -271,7 +239,7 @@ pub enum Users {
     /// In sled, on this machine.
     Sled(SledUsers),
     /// In a Redis server shared by every broker.
-    Redis(RedisStore),
+    Redis(Redis),
 }
 
 impl Users {
@@ -341,10 +309,10 @@ impl Users {
 
 /// The live sessions.
 pub enum Sessions {
-    /// In memory, written back to sled.
+    /// In memory, written to the session log.
     Sled(SledSessions),
     /// In a Redis server shared by every broker; expiry is Redis's own TTL.
-    Redis(RedisStore, SessionPolicy),
+    Redis(Redis, SessionPolicy),
 }
 
 impl Sessions {
@@ -421,19 +389,20 @@ impl Sessions {
         }
     }
 
-    /// The in-memory table that checks may read directly (sled only).
-    pub fn table(&self) -> Option<Arc<SessionTable>> {
+    /// The fast path for checks (sled only).
+    pub fn reader(&self) -> Option<SessionReader> {
         match self {
-            Sessions::Sled(sessions) => Some(sessions.table()),
+            Sessions::Sled(sessions) => Some(SessionReader(sessions.table())),
             Sessions::Redis(..) => None,
         }
     }
 
-    /// Deletes expired sessions (Redis expires them itself).
-    pub fn sweep(&mut self, now: u64) -> Result<(), Error> {
+    /// Deletes expired sessions (Redis expires them itself); with sled, has the session log
+    /// rewritten beside the caller when it is worth it.
+    pub fn sweep(&mut self, now: u64) {
         match self {
             Sessions::Sled(sessions) => sessions.sweep(now),
-            Sessions::Redis(..) => Ok(()),
+            Sessions::Redis(..) => {}
         }
     }
 

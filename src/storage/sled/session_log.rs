@@ -5,7 +5,8 @@
 //! session (a random key into a large tree) cost more CPU than all the other storage work of a
 //! login. Here a write encodes a frame into a buffer; a flush (the group commit's) appends the
 //! buffer to the file and syncs it; reading replays the file; once most of the file is superseded,
-//! the keeper has it rewritten with only what is live ([`SessionLog::compact`]).
+//! it is rewritten with only what is live, on a thread of its own while writers go on
+//! ([`SessionLog::compact`]).
 //!
 //! The file is a run of frames `[body length: u32 LE][CRC-32 of the body: u32 LE][body]`, a body
 //! being `1, hash, record` (a put) or `0, hash` (a removal). A crash can leave the last frame torn:
@@ -14,14 +15,15 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::Error;
 use crate::crypto::TokenHash;
-use crate::store::SessionRecord;
+use crate::session::SessionRecord;
 
 /// The log's file name inside the data directory.
 pub const FILE_NAME: &str = "sessions.log";
@@ -35,14 +37,24 @@ const MAX_BODY: usize = 16 * 1024;
 const PUT: u8 = 1;
 const REMOVE: u8 = 0;
 const NO_STRING: u16 = u16::MAX;
+/// A compaction's file is the log's name, then this, then a name of its own.
+const COMPACTION_EXT: &str = "compact";
 
 /// The session log of one data directory.
 pub struct SessionLog {
     path: PathBuf,
-    /// Taken before `buffer` by whoever writes the file, so flushes and compactions never
-    /// interleave; appends take only `buffer`, and never wait for the disk.
+    /// Taken before `buffer` by whoever writes the file, so flushes and a compaction's switch
+    /// never interleave; appends take only `buffer`, and never wait for the disk.
     file: Mutex<LogFile>,
-    buffer: Mutex<Buffer>,
+    /// Frames not yet written to the file.
+    buffer: Mutex<Vec<u8>>,
+    /// Frames in the file and the buffer together: the log's length, for deciding to compact.
+    frames: AtomicU64,
+    /// Set while a compaction runs, so that only one does.
+    compacting: AtomicBool,
+    /// Set at shutdown: a compaction still running must not replace the file any more (a broker
+    /// started next in the same process may have opened it).
+    closed: AtomicBool,
 }
 
 struct LogFile {
@@ -56,20 +68,22 @@ struct LogFile {
     dir_unsynced: bool,
 }
 
-/// Frames not yet written to the file.
-#[derive(Default)]
-struct Buffer {
-    bytes: Vec<u8>,
-    /// Frames in the file and the buffer together: the log's length, for deciding to compact.
-    frames: u64,
+/// What a compaction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compacted {
+    /// Frames read from the file as it was when the compaction started.
+    pub read: u64,
+    /// Of those, the frames kept: one per session live at that point.
+    pub kept: u64,
+    /// Bytes flushed meanwhile, copied over behind them before the switch.
+    pub tail_bytes: u64,
 }
 
 impl SessionLog {
     /// Opens (or creates) the log in `dir`, cutting off a torn or damaged tail.
     pub fn open(dir: &Path) -> Result<SessionLog, Error> {
         let path = dir.join(FILE_NAME);
-        // A compaction cut short leaves its file behind; the log itself is whole.
-        let _ = std::fs::remove_file(temp_path(&path));
+        remove_compaction_leftovers(dir);
         let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
@@ -82,7 +96,7 @@ impl SessionLog {
             sync_dir(&path).map_err(|e| storage(&path, "create", e))?;
         }
         let read = |e| storage(&path, "read", e);
-        let (frames, whole) = scan(&mut file, |_| {}).map_err(read)?;
+        let (frames, whole) = scan(&mut file, |_, _| {}).map_err(read)?;
         let len = file.metadata().map_err(read)?.len();
         if whole < len {
             tracing::warn!(
@@ -103,19 +117,18 @@ impl SessionLog {
                 len: whole,
                 dir_unsynced: false,
             }),
-            buffer: Mutex::new(Buffer {
-                bytes: Vec::new(),
-                frames,
-            }),
+            buffer: Mutex::new(Vec::new()),
+            frames: AtomicU64::new(frames),
+            compacting: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
     /// Records `record` as the session of `hash`, replacing any earlier one.
     pub fn put(&self, hash: &TokenHash, record: &SessionRecord) -> Result<(), Error> {
         let body = encode_put(hash, record)?;
-        let mut buffer = self.buffer();
-        push_frame(&mut buffer.bytes, &body);
-        buffer.frames += 1;
+        push_frame(&mut self.buffer(), &body);
+        self.frames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -126,8 +139,8 @@ impl SessionLog {
             let mut body = [0u8; MIN_BODY];
             body[0] = REMOVE;
             body[1..].copy_from_slice(hash);
-            push_frame(&mut buffer.bytes, &body);
-            buffer.frames += 1;
+            push_frame(&mut buffer, &body);
+            self.frames.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -135,7 +148,7 @@ impl SessionLog {
     /// buffered, ahead of later ones, and the next flush writes them again at the same place.
     pub fn flush(&self) -> Result<(), Error> {
         let mut log = self.file();
-        let bytes = std::mem::take(&mut self.buffer().bytes);
+        let bytes = std::mem::take(&mut *self.buffer());
         if bytes.is_empty() && !log.dir_unsynced {
             return Ok(());
         }
@@ -155,8 +168,8 @@ impl SessionLog {
             }
             Err(e) => {
                 let mut buffer = self.buffer();
-                let later = std::mem::replace(&mut buffer.bytes, bytes);
-                buffer.bytes.extend_from_slice(&later);
+                let later = std::mem::replace(&mut *buffer, bytes);
+                buffer.extend_from_slice(&later);
                 Err(storage(&self.path, "write", e))
             }
         }
@@ -164,23 +177,29 @@ impl SessionLog {
 
     /// Frames in the log, superseded ones included.
     pub fn frames(&self) -> u64 {
-        self.buffer().frames
+        self.frames.load(Ordering::Relaxed)
     }
 
-    /// The sessions recorded and not removed, written or not. Reads the file without holding it:
-    /// flushes go on meanwhile.
-    pub fn sessions(&self) -> Result<HashMap<TokenHash, SessionRecord>, Error> {
+    /// Whether the log holds so many superseded records beside the `live` sessions that it is
+    /// worth compacting: at most a quarter of it is live. `false` while a compaction runs.
+    pub fn needs_compacting(&self, live: usize) -> bool {
+        !self.compacting.load(Ordering::Relaxed) && self.frames() > 4 * live as u64 + COMPACT_SLACK
+    }
+
+    /// The sessions recorded and not removed, written or not: what a restart finds, but for what
+    /// is still buffered. Reads the file without holding it: flushes go on meanwhile.
+    pub fn replay(&self) -> Result<HashMap<TokenHash, SessionRecord>, Error> {
         let read = |e| storage(&self.path, "read", e);
         // Taken together under the file's lock, so no flush or compaction comes between them.
         let (file, len, buffered) = {
             let log = self.file();
             let file = File::open(&self.path).map_err(read)?;
-            (file, log.len, self.buffer().bytes.clone())
+            (file, log.len, self.buffer().clone())
         };
         let mut sessions = HashMap::new();
         let mut undecodable = 0;
         let input = file.take(len).chain(buffered.as_slice());
-        scan(input, |body| match decode(body) {
+        scan(input, |_, body| match decode(body) {
             Some(Frame::Put(hash, record)) => {
                 sessions.insert(hash, record);
             }
@@ -201,49 +220,138 @@ impl SessionLog {
         Ok(sessions)
     }
 
-    /// Replaces the log with one put per session of `live`, which must be every session recorded
-    /// (the caller's table), with nothing written meanwhile (the caller is the one writer): what
-    /// was recorded before is dropped. The new file is written and synced beside the log without
-    /// holding it (flushes go on), then renamed over it, so a crash leaves one or the other whole.
-    /// Should a session be written meanwhile after all, the new file is thrown away.
-    pub fn compact<'a>(
-        &self,
-        live: impl IntoIterator<Item = (&'a TokenHash, &'a SessionRecord)>,
-    ) -> Result<(), Error> {
-        let recorded = self.buffer().frames;
-        let tmp = temp_path(&self.path);
-        let (file, frames, len) = write_frames(&tmp, live).inspect_err(|_| {
+    /// Rewrites the log with only its live records, beside the writers: nobody waits for it but
+    /// for the switch at its end. Blocks for as long as it takes (run it on a thread of its own);
+    /// `None` if another compaction is running or the log is closed.
+    ///
+    /// It reads the file as it was when it started, up to that length, and writes a new file
+    /// beside it with the last put of every session not removed since. Frames appended meanwhile
+    /// follow that length in the old file; under the file's lock they are copied behind the
+    /// others, the new file is synced and renamed over the log. Replaying the new file so gives
+    /// what replaying the old one gives, and a crash at any moment leaves one or the other whole.
+    pub fn compact(&self) -> Result<Option<Compacted>, Error> {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let tmp = compaction_path(&self.path);
+        let outcome = self
+            .prepare_compaction(&tmp)
+            .and_then(|prepared| self.switch(prepared));
+        if !matches!(outcome, Ok(Some(_))) {
             let _ = std::fs::remove_file(&tmp);
-        })?;
+        }
+        self.compacting.store(false, Ordering::Release);
+        outcome
+    }
+
+    /// The long part of a compaction, which holds no lock: the live records of the file as it is
+    /// now, written to `tmp` and synced.
+    fn prepare_compaction(&self, tmp: &Path) -> Result<Prepared, Error> {
+        let read = |e| storage(&self.path, "read", e);
+        let write = |e| storage(tmp, "write", e);
+        let (mut old, start) = {
+            let log = self.file();
+            (File::open(&self.path).map_err(read)?, log.len)
+        };
+        // Where the last put of each session not removed since starts.
+        let mut latest: HashMap<TokenHash, u64> = HashMap::new();
+        let (read_frames, _) = scan((&old).take(start), |offset, body| {
+            let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) else {
+                return;
+            };
+            match body[0] {
+                PUT => drop(latest.insert(hash, offset)),
+                REMOVE => drop(latest.remove(&hash)),
+                // Unknown kinds are skipped, as replaying skips them.
+                _ => {}
+            }
+        })
+        .map_err(read)?;
+        let mut keep: Vec<u64> = latest.into_values().collect();
+        keep.sort_unstable();
+
+        let mut out = BufWriter::with_capacity(1 << 16, create_new(tmp).map_err(write)?);
+        let (mut next, mut written, mut failed) = (keep.iter().peekable(), 0u64, None);
+        old.seek(SeekFrom::Start(0)).map_err(read)?;
+        let mut frame = Vec::new();
+        scan((&old).take(start), |offset, body| {
+            if failed.is_some() || next.peek() != Some(&&offset) {
+                return;
+            }
+            next.next();
+            frame.clear();
+            push_frame(&mut frame, body);
+            match out.write_all(&frame) {
+                Ok(()) => written += frame.len() as u64,
+                Err(e) => failed = Some(e),
+            }
+        })
+        .map_err(read)?;
+        if let Some(e) = failed {
+            return Err(write(e));
+        }
+        let file = out.into_inner().map_err(|e| write(e.into_error()))?;
+        // The bulk is synced here, outside the lock: the switch only syncs the tail.
+        file.sync_data().map_err(write)?;
+        Ok(Prepared {
+            file,
+            tmp: tmp.to_owned(),
+            start,
+            read: read_frames,
+            kept: keep.len() as u64,
+            written,
+        })
+    }
+
+    /// The short part, under the file's lock: the frames flushed since `prepared` read the file
+    /// copied behind its own, synced, and the new file renamed over the log. `None` if the log
+    /// was closed meanwhile.
+    fn switch(&self, prepared: Prepared) -> Result<Option<Compacted>, Error> {
+        let Prepared {
+            file,
+            tmp,
+            start,
+            read,
+            kept,
+            written,
+        } = prepared;
         let mut log = self.file();
-        let mut buffer = self.buffer();
-        if buffer.frames != recorded {
-            let _ = std::fs::remove_file(&tmp);
-            tracing::warn!("a session was written during the log's compaction; not compacted");
-            return Ok(());
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(None);
         }
-        if let Err(e) = std::fs::rename(&tmp, &self.path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(storage(&self.path, "replace", e));
-        }
+        let mut tail = vec![0; (log.len - start) as usize];
+        log.file
+            .read_exact_at(&mut tail, start)
+            .map_err(|e| storage(&self.path, "read", e))?;
+        file.write_all_at(&tail, written)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| storage(&tmp, "write", e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| storage(&self.path, "replace", e))?;
         // From here on the new file is the log, whatever else fails.
         *log = LogFile {
             file,
-            len,
+            len: written + tail.len() as u64,
             dir_unsynced: true,
         };
-        *buffer = Buffer {
-            bytes: Vec::new(),
-            frames,
-        };
-        drop(buffer);
+        self.frames.fetch_sub(read - kept, Ordering::Relaxed);
         match sync_dir(&self.path) {
             Ok(()) => log.dir_unsynced = false,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot sync the data dir; the next flush retries")
             }
         }
-        Ok(())
+        Ok(Some(Compacted {
+            read,
+            kept,
+            tail_bytes: tail.len() as u64,
+        }))
+    }
+
+    /// Stops any compaction from replacing the file from now on (at shutdown, after the last
+    /// flush): the data dir may be opened again at once, by a broker that must find its log.
+    pub fn close(&self) {
+        let _log = self.file();
+        self.closed.store(true, Ordering::Release);
     }
 
     fn file(&self) -> MutexGuard<'_, LogFile> {
@@ -252,37 +360,61 @@ impl SessionLog {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn buffer(&self) -> MutexGuard<'_, Buffer> {
+    fn buffer(&self) -> MutexGuard<'_, Vec<u8>> {
         self.buffer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// Writes one put per session of `live` to a new file at `path` and syncs it; returns the file,
-/// the frames and the bytes written.
-fn write_frames<'a>(
-    path: &Path,
-    live: impl IntoIterator<Item = (&'a TokenHash, &'a SessionRecord)>,
-) -> Result<(File, u64, u64), Error> {
-    let fail = |e| storage(path, "write", e);
-    let mut out = BufWriter::new(File::create(path).map_err(fail)?);
-    let (mut frames, mut len) = (0, 0);
-    let mut frame = Vec::new();
-    for (hash, record) in live {
-        frame.clear();
-        push_frame(&mut frame, &encode_put(hash, record)?);
-        out.write_all(&frame).map_err(fail)?;
-        frames += 1;
-        len += frame.len() as u64;
-    }
-    let file = out.into_inner().map_err(|e| fail(e.into_error()))?;
-    file.sync_all().map_err(fail)?;
-    Ok((file, frames, len))
+/// A compaction's new file, written and synced, waiting for its switch.
+struct Prepared {
+    file: File,
+    tmp: PathBuf,
+    /// The length of the log that was read: what follows it is the tail.
+    start: u64,
+    /// Frames read.
+    read: u64,
+    /// Frames kept.
+    kept: u64,
+    /// Bytes written.
+    written: u64,
 }
 
-fn temp_path(log: &Path) -> PathBuf {
-    log.with_extension("log.tmp")
+/// Superseded records tolerated whatever the number of live sessions, so that a small log is
+/// not rewritten over and over.
+const COMPACT_SLACK: u64 = 100_000;
+
+/// Where a compaction writes: a name of its own, so that one abandoned by a broker that stopped
+/// never touches the file of the next.
+fn compaction_path(log: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    log.with_extension(format!("log.{COMPACTION_EXT}{}-{n}", std::process::id()))
+}
+
+/// A compaction cut short (by a crash) leaves its file behind; the log itself is whole.
+fn remove_compaction_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{FILE_NAME}.{COMPACTION_EXT}");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // `.tmp`: where versions before background compaction wrote.
+        if name.starts_with(&prefix) || name == format!("{FILE_NAME}.tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn create_new(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// Syncs the directory holding `path`, which makes a file created or renamed there durable.
@@ -298,9 +430,9 @@ enum Frame {
     Remove(TokenHash),
 }
 
-/// Reads `input` frame by frame, calling `each` with the body of every whole one; returns how many
-/// there were and where they end (a short or damaged frame ends the reading).
-fn scan(input: impl Read, mut each: impl FnMut(&[u8])) -> std::io::Result<(u64, u64)> {
+/// Reads `input` frame by frame, calling `each` with the offset and body of every whole one;
+/// returns how many there were and where they end (a short or damaged frame ends the reading).
+fn scan(input: impl Read, mut each: impl FnMut(u64, &[u8])) -> std::io::Result<(u64, u64)> {
     let mut input = BufReader::with_capacity(1 << 16, input);
     let (mut frames, mut end) = (0, 0);
     let (mut header, mut body) = ([0u8; HEADER], Vec::new());
@@ -317,7 +449,7 @@ fn scan(input: impl Read, mut each: impl FnMut(&[u8])) -> std::io::Result<(u64, 
         if !read_whole(&mut input, &mut body)? || crc32fast::hash(&body) != crc {
             break;
         }
-        each(&body);
+        each(end, &body);
         frames += 1;
         end += (HEADER + len) as u64;
     }
@@ -436,12 +568,12 @@ mod tests {
             .unwrap();
         log.flush().unwrap();
         log.put(&[5; 32], &SessionRecord::sample(5, None)).unwrap();
-        let before = log.sessions().unwrap();
+        let before = log.replay().unwrap();
         assert_eq!(before.len(), 3, "unflushed puts are read too");
         drop(log);
 
         let log = SessionLog::open(dir.path()).unwrap();
-        let after = log.sessions().unwrap();
+        let after = log.replay().unwrap();
         assert_eq!(after.len(), 2, "the unflushed put is gone");
         assert_eq!(after[&[1; 32]], SessionRecord::sample(3, None));
         assert_eq!(after[&[4; 32]], SessionRecord::sample(4, Some("u4")));
@@ -462,12 +594,12 @@ mod tests {
         // The last frame torn halfway, as a crash during a write leaves it.
         std::fs::write(&path, &whole[..whole.len() - 10]).unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
-        assert_eq!(log.sessions().unwrap().len(), 1);
+        assert_eq!(log.replay().unwrap().len(), 1);
         log.put(&[3; 32], &SessionRecord::sample(3, None)).unwrap();
         log.flush().unwrap();
         drop(log);
         let log = SessionLog::open(dir.path()).unwrap();
-        let sessions = log.sessions().unwrap();
+        let sessions = log.replay().unwrap();
         assert!(sessions.contains_key(&[1; 32]) && sessions.contains_key(&[3; 32]));
         drop(log);
 
@@ -485,7 +617,7 @@ mod tests {
         damaged[HEADER + 5] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
-        assert!(log.sessions().unwrap().is_empty());
+        assert!(log.replay().unwrap().is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
@@ -498,19 +630,70 @@ mod tests {
                 .unwrap();
         }
         log.flush().unwrap();
-        // Removed and not yet flushed when the table is written out without it.
+        // Removed and not yet flushed when the compaction reads the file.
         log.remove(&[[1; 32]]);
-        let mut live = log.sessions().unwrap();
-        log.compact(&live).unwrap();
+        assert!(log.compact().unwrap().is_some());
         // Removed after the compaction, into the new file.
         log.remove(&[[2; 32]]);
         log.flush().unwrap();
         drop(log);
 
-        live.remove(&[2; 32]);
         let log = SessionLog::open(dir.path()).unwrap();
-        assert_eq!(log.sessions().unwrap(), live);
+        let live = log.replay().unwrap();
         assert_eq!(live.keys().collect::<Vec<_>>(), [&[3; 32]]);
+    }
+
+    #[test]
+    fn what_is_flushed_during_a_compaction_is_copied_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        for round in 0..10 {
+            for uid in 1..=4u8 {
+                log.put(&[uid; 32], &SessionRecord::sample(round, None))
+                    .unwrap();
+            }
+        }
+        log.flush().unwrap();
+        let tmp = compaction_path(&log.path);
+        let prepared = log.prepare_compaction(&tmp).unwrap();
+        // Meanwhile: a logout, a new session and a slid one, all flushed into the old file.
+        log.remove(&[[1; 32]]);
+        log.put(&[5; 32], &SessionRecord::sample(50, None)).unwrap();
+        log.put(&[2; 32], &SessionRecord::sample(20, None)).unwrap();
+        log.flush().unwrap();
+        // And one still buffered at the switch.
+        log.remove(&[[3; 32]]);
+        let before = log.replay().unwrap();
+
+        let compacted = log.switch(prepared).unwrap().unwrap();
+        assert_eq!((compacted.read, compacted.kept), (40, 4));
+        assert!(compacted.tail_bytes > 0);
+        assert_eq!(log.frames(), 4 + 3 + 1);
+        assert_eq!(log.replay().unwrap(), before);
+        log.flush().unwrap();
+        drop(log);
+        let log = SessionLog::open(dir.path()).unwrap();
+        let after = log.replay().unwrap();
+        assert_eq!(after, before);
+        let mut uids: Vec<_> = after.values().map(|r| r.uid).collect();
+        uids.sort();
+        assert_eq!(uids, [9, 20, 50]);
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_closed_log_is_never_replaced_by_a_compaction_still_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(1, None)).unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(2, None)).unwrap();
+        log.flush().unwrap();
+        let tmp = compaction_path(&log.path);
+        let prepared = log.prepare_compaction(&tmp).unwrap();
+        log.close();
+        assert_eq!(log.switch(prepared).unwrap(), None);
+        assert_eq!(log.compact().unwrap(), None);
+        assert_eq!(log.frames(), 2);
     }
 
     #[test]
@@ -519,13 +702,20 @@ mod tests {
         let log = SessionLog::open(dir.path()).unwrap();
         log.put(&[1; 32], &SessionRecord::sample(1, None)).unwrap();
         log.flush().unwrap();
+        let leftovers = [
+            compaction_path(&log.path),
+            dir.path().join(format!("{FILE_NAME}.tmp")),
+        ];
         drop(log);
-        let tmp = temp_path(&dir.path().join(FILE_NAME));
-        std::fs::write(&tmp, b"half a compaction").unwrap();
+        for leftover in &leftovers {
+            std::fs::write(leftover, b"half a compaction").unwrap();
+        }
 
         let log = SessionLog::open(dir.path()).unwrap();
-        assert_eq!(log.sessions().unwrap().len(), 1);
-        assert!(!tmp.exists());
+        assert_eq!(log.replay().unwrap().len(), 1);
+        for leftover in &leftovers {
+            assert!(!leftover.exists(), "{}", leftover.display());
+        }
     }
 
     #[test]
@@ -542,13 +732,14 @@ mod tests {
             }
         }
         log.remove(&[[0; 32]]);
-        let live = log.sessions().unwrap();
+        let live = log.replay().unwrap();
         assert_eq!(live.len(), 19);
         log.flush().unwrap();
         let path = dir.path().join(FILE_NAME);
         let before = std::fs::metadata(&path).unwrap().len();
+        assert!(!log.needs_compacting(19), "under the slack");
 
-        log.compact(&live).unwrap();
+        log.compact().unwrap();
         log.put(&[30; 32], &SessionRecord::sample(30, None))
             .unwrap();
         log.flush().unwrap();
@@ -558,7 +749,7 @@ mod tests {
         let mut expected = live;
         expected.insert([30; 32], SessionRecord::sample(30, None));
         assert_eq!(
-            SessionLog::open(dir.path()).unwrap().sessions().unwrap(),
+            SessionLog::open(dir.path()).unwrap().replay().unwrap(),
             expected
         );
     }

@@ -1,5 +1,5 @@
-//! Sessions on one machine: a table in memory (rebuilt from sled at start), so a check costs a
-//! hash lookup and no disk access. Sliding expiry is tracked in memory too and written back only
+//! Sessions on one machine: a table in memory (rebuilt from the session log at start), so a check
+//! costs a hash lookup and no disk access. Sliding expiry is tracked in memory too and written back only
 //! when the last use moved by a tenth of the idle TTL: a check does not write on every call, and a
 //! crash can at worst make a session expire that tenth earlier.
 //!
@@ -11,16 +11,18 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{Pending, SessionPolicy};
-use crate::actors::session_keeper::{Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionSummary};
+use super::group_commit::GroupCommit;
+use super::session_log::SessionLog;
 use crate::crypto::{TokenHash, session_id, token_hash};
-use crate::group_commit::GroupCommit;
-use crate::store::{SessionRecord, Store};
+use crate::session::{
+    Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
+};
+use crate::storage::Pending;
 use crate::{Error, Metrics};
 
 /// The live sessions and the handles needed to persist them.
 pub struct SledSessions {
-    store: Store,
+    log: Arc<SessionLog>,
     commit: GroupCommit,
     metrics: Arc<Metrics>,
     table: Arc<SessionTable>,
@@ -89,16 +91,16 @@ impl SessionTable {
 }
 
 impl SledSessions {
-    /// The table, loaded from `store`. An unreadable record is skipped: a session can always be
-    /// given up (its user logs in again); the broker cannot.
+    /// The table, loaded from `log`. Blocks for as long as reading the log takes (seconds for a
+    /// million sessions).
     pub fn load(
-        store: Store,
+        log: Arc<SessionLog>,
         commit: GroupCommit,
         policy: SessionPolicy,
         metrics: Arc<Metrics>,
     ) -> SledSessions {
         let mut table = SledSessions {
-            store,
+            log,
             commit,
             metrics,
             table: Arc::new(SessionTable {
@@ -107,8 +109,7 @@ impl SledSessions {
             }),
             by_uid: HashMap::new(),
         };
-        let store = table.store.clone();
-        match store.sessions() {
+        match table.log.replay() {
             Ok(sessions) => {
                 for (hash, record) in sessions {
                     table.remember(hash, record);
@@ -119,7 +120,7 @@ impl SledSessions {
                 tracing::error!(error = %e, "cannot read the stored sessions; starting without")
             }
         }
-        // The store hands sessions over in no particular order; the index keeps them by age.
+        // The log hands sessions over in no particular order; the index keeps them by age.
         let sessions = table.table.read();
         for hashes in table.by_uid.values_mut() {
             hashes.sort_by_key(|hash| sessions.get(hash).map(|live| live.record.created_at));
@@ -148,7 +149,7 @@ impl SledSessions {
         self.table.policy
     }
 
-    pub(super) fn issue(
+    pub(crate) fn issue(
         &mut self,
         token: String,
         uid: u64,
@@ -164,10 +165,10 @@ impl SledSessions {
             .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
             .map(|hashes| hashes[0]);
         let unionid = record.unionid.clone();
-        self.store.put_session(&hash, &record)?;
+        self.log.put(&hash, &record)?;
         if let Some(oldest) = oldest {
             self.forget(&oldest);
-            self.store.remove_sessions([&oldest]);
+            self.log.remove([&oldest]);
         }
         self.remember(hash, record);
         // A unionid WeChat reports now also belongs on the user's older sessions.
@@ -180,7 +181,7 @@ impl SledSessions {
         })
     }
 
-    pub(super) fn check(&mut self, hash: &TokenHash, now: u64) -> Result<SessionInfo, Error> {
+    pub(crate) fn check(&mut self, hash: &TokenHash, now: u64) -> Result<SessionInfo, Error> {
         let policy = self.policy();
         let table = self.table.clone();
         let mut sessions = table.write();
@@ -188,7 +189,7 @@ impl SledSessions {
         if live.expired(now, &policy) {
             drop(sessions);
             self.forget(hash);
-            self.store.remove_sessions([hash]);
+            self.log.remove([hash]);
             return Err(Error::InvalidSession);
         }
         let last_seen = live.last_seen.get_mut();
@@ -201,25 +202,25 @@ impl SledSessions {
         // The disk write happens outside the lock: checks must never wait for the disk.
         drop(sessions);
         if due {
-            self.store.put_session(hash, &record)?;
+            self.log.put(hash, &record)?;
         }
         Ok(info)
     }
 
-    pub(super) fn revoke(&mut self, hash: &TokenHash, now: u64) -> Pending<()> {
+    pub(crate) fn revoke(&mut self, hash: &TokenHash, now: u64) -> Pending<()> {
         let policy = self.policy();
         let revoked = (|| {
             let live = self.forget(hash).ok_or(Error::InvalidSession)?;
-            self.store.remove_sessions([hash]);
+            self.log.remove([hash]);
             if live.expired(now, &policy) {
                 return Err(Error::InvalidSession);
             }
             Ok(())
         })();
-        self.durable(revoked)
+        self.commit.after(revoked)
     }
 
-    pub(super) fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
+    pub(crate) fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
         let policy = self.policy();
         let hashes = self.by_uid.get(&uid).cloned().unwrap_or_default();
         let mut live = 0;
@@ -228,24 +229,12 @@ impl SledSessions {
                 live += 1;
             }
         }
-        self.store.remove_sessions(&hashes);
-        self.durable(Ok(live))
+        self.log.remove(&hashes);
+        self.commit.after(Ok(live))
     }
 
-    /// `outcome` once it is on disk (through the group commit), or its error at once.
-    fn durable<T: Send + 'static>(&self, outcome: Result<T, Error>) -> Pending<T> {
-        match outcome {
-            Ok(value) => {
-                let commit = self.commit.clone();
-                Pending::Later(Box::pin(
-                    async move { commit.durable().await.map(|()| value) },
-                ))
-            }
-            Err(e) => Pending::Ready(Err(e)),
-        }
-    }
-
-    pub(super) fn sweep(&mut self, now: u64) -> Result<(), Error> {
+    /// Forgets expired sessions, and has the log rewritten when it is worth it.
+    pub fn sweep(&mut self, now: u64) {
         let policy = self.policy();
         let expired: Vec<TokenHash> = self
             .table
@@ -258,31 +247,48 @@ impl SledSessions {
             for hash in &expired {
                 self.forget(hash);
             }
-            self.store.remove_sessions(&expired);
+            self.log.remove(&expired);
             tracing::debug!(removed = expired.len(), "swept expired sessions");
         }
-        self.compact_if_worth_it()
+        self.compact_if_worth_it();
     }
 
-    /// Rewrites the session log with the table once superseded records make up most of it. The
-    /// keeper waits meanwhile (checks do not: they read the table, which stays readable).
-    fn compact_if_worth_it(&self) -> Result<(), Error> {
-        let sessions = self.table.read();
-        if !self.store.sessions_need_compacting(sessions.len()) {
-            return Ok(());
+    /// Has the session log rewritten on a thread of its own once superseded records make up most
+    /// of it. Nobody waits for it: the keeper goes on with its next message at once.
+    fn compact_if_worth_it(&self) {
+        if !self.log.needs_compacting(self.len()) {
+            return;
         }
-        let started = std::time::Instant::now();
-        let live = sessions.iter().map(|(hash, live)| (hash, &live.record));
-        self.store.compact_sessions(live)?;
-        tracing::info!(
-            sessions = sessions.len(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "rewrote the session log with the live sessions"
-        );
-        Ok(())
+        let (log, metrics) = (self.log.clone(), self.metrics.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wxbroker-compaction".into())
+            .spawn(move || {
+                let timer = metrics.compaction_seconds.start_timer();
+                match log.compact() {
+                    Ok(Some(done)) => {
+                        let took_ms = (timer.stop_and_record() * 1000.0) as u64;
+                        metrics.compactions.inc();
+                        tracing::info!(
+                            read = done.read,
+                            kept = done.kept,
+                            tail_bytes = done.tail_bytes,
+                            took_ms,
+                            "rewrote the session log with the live sessions"
+                        );
+                    }
+                    Ok(None) => drop(timer.stop_and_discard()),
+                    Err(e) => {
+                        let _ = timer.stop_and_discard();
+                        tracing::error!(error = %e, "rewriting the session log failed; retrying at a later sweep");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread to rewrite the session log");
+        }
     }
 
-    pub(super) fn list(&self, uid: u64, now: u64) -> Vec<SessionSummary> {
+    pub(crate) fn list(&self, uid: u64, now: u64) -> Vec<SessionSummary> {
         let policy = self.policy();
         let sessions = self.table.read();
         self.by_uid
@@ -300,7 +306,7 @@ impl SledSessions {
             .collect()
     }
 
-    pub(super) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
+    pub(crate) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
         let mut changed = Vec::new();
         {
             let mut sessions = self.table.write();
@@ -315,19 +321,19 @@ impl SledSessions {
         }
         // Outside the lock: checks must never wait for the disk.
         for (hash, record) in &changed {
-            self.store.put_session(hash, record)?;
+            self.log.put(hash, record)?;
         }
         Ok(())
     }
 
     /// Persists every last use that was only held in memory (at a clean stop).
-    pub(super) fn write_back_last_seen(&mut self) -> Result<(), Error> {
+    pub fn write_back_last_seen(&mut self) -> Result<(), Error> {
         let mut sessions = self.table.write();
         for (hash, live) in sessions.iter_mut() {
             let last_seen = *live.last_seen.get_mut();
             if last_seen > live.record.last_seen {
                 live.record.last_seen = last_seen;
-                self.store.put_session(hash, &live.record)?;
+                self.log.put(hash, &live.record)?;
             }
         }
         Ok(())
@@ -386,15 +392,21 @@ impl Live {
 mod tests {
     use super::*;
     use crate::crypto::new_token;
+    use crate::storage::sled::DataDir;
 
     fn table(dir: &tempfile::TempDir) -> SledSessions {
-        let store = Store::open(dir.path(), 8).unwrap();
-        let commit = GroupCommit::start(store.clone(), Default::default());
+        let data = DataDir::open(dir.path(), 8).unwrap();
+        let commit = GroupCommit::start(data.clone(), Default::default());
         let policy = SessionPolicy {
             idle_ttl: 1000,
             max_ttl: 5000,
         };
-        SledSessions::load(store, commit, policy, Default::default())
+        SledSessions::load(
+            data.session_log().clone(),
+            commit,
+            policy,
+            Default::default(),
+        )
     }
 
     fn issue(table: &mut SledSessions, uid: u64, openid: &str, now: u64) -> TokenHash {
@@ -404,8 +416,7 @@ mod tests {
     }
 
     fn stored_last_seen(table: &SledSessions, hash: &TokenHash) -> u64 {
-        let stored = table.store.sessions().unwrap().find(|(h, _)| h == hash);
-        stored.unwrap().1.last_seen
+        table.log.replay().unwrap()[hash].last_seen
     }
 
     #[tokio::test]
@@ -469,7 +480,7 @@ mod tests {
         let mut table = table(&dir);
         let hash = issue(&mut table, 1, "o", 10_000);
         assert_eq!(table.check(&hash, 11_000), Err(Error::InvalidSession));
-        assert_eq!(table.store.sessions().unwrap().count(), 0);
+        assert_eq!(table.log.replay().unwrap().len(), 0);
         assert!(table.is_empty() && table.by_uid.is_empty());
     }
 
@@ -482,8 +493,8 @@ mod tests {
             hashes.push(issue(&mut table, 1, "o1", 10_000 + i));
         }
         // A restart reads the sessions back in no particular order, not by age.
-        let (store, commit, policy) = (table.store.clone(), table.commit.clone(), table.policy());
-        let mut table = SledSessions::load(store, commit, policy, Default::default());
+        let (log, commit, policy) = (table.log.clone(), table.commit.clone(), table.policy());
+        let mut table = SledSessions::load(log, commit, policy, Default::default());
         for (i, oldest) in hashes.iter().enumerate() {
             let now = 10_100 + i as u64;
             issue(&mut table, 1, "o1", now);
@@ -496,9 +507,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(
-            table.store.sessions().unwrap().count(),
-            MAX_SESSIONS_PER_USER
-        );
+        assert_eq!(table.log.replay().unwrap().len(), MAX_SESSIONS_PER_USER);
     }
 }

@@ -1,0 +1,544 @@
+//! Users on one machine: sled trees ([`UserDb`], synchronous, tested directly) and the
+//! UserRegistry's view of them ([`SledUsers`]), which answers writes once the group commit has
+//! made them durable.
+//!
+//! Trees:
+//! - `users`: openid -> [`UserRecord`] (JSON)
+//! - `uids`: uid (big-endian u64) -> openid, the index for finding a user by uid
+//! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
+//! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ::sled::Transactional;
+use ::sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+
+use super::group_commit::GroupCommit;
+use super::{decode, encode};
+use crate::Error;
+use crate::storage::Pending;
+use crate::upstream::Code2Session;
+use crate::user::{Phone, Profile, Registration, User, UserKey, UserRecord};
+
+const NEXT_UID: &[u8] = b"next_uid";
+
+/// The users' trees in the data dir's database. Cheap to clone.
+#[derive(Clone)]
+pub struct UserDb {
+    users: ::sled::Tree,
+    uids: ::sled::Tree,
+    meta: ::sled::Tree,
+    unionids: ::sled::Tree,
+}
+
+impl UserDb {
+    /// Opens the trees in `db`, dropping what a registration cut short by a crash left.
+    pub fn open(db: &::sled::Db) -> Result<UserDb, Error> {
+        let users = UserDb {
+            users: db.open_tree("users")?,
+            uids: db.open_tree("uids")?,
+            meta: db.open_tree("meta")?,
+            unionids: db.open_tree("unionids")?,
+        };
+        users.drop_unfinished_registration()?;
+        Ok(users)
+    }
+
+    /// Registers `openid` or refreshes its session_key; returns the user and whether it is new.
+    ///
+    /// Without sled transactions, which cost a log write of their own each: every write to a
+    /// user comes from the one UserRegistry, one at a time, so nothing interleaves. A new user is
+    /// written key by key in an order that a crash may cut anywhere without a uid ever being
+    /// handed out twice: the uid index first, then the user, then the counter (which
+    /// [`UserDb::open`] moves past the largest uid in the index). A `unionid` reported now is kept;
+    /// `None` never erases one.
+    pub fn upsert(
+        &self,
+        openid: &str,
+        session_key: &str,
+        unionid: Option<&str>,
+        now: u64,
+    ) -> Result<(UserRecord, bool), Error> {
+        let Some(bytes) = self.users.get(openid)? else {
+            let user = UserRecord {
+                uid: self.next_uid()?,
+                openid: openid.to_owned(),
+                unionid: unionid.map(str::to_owned),
+                session_key: session_key.to_owned(),
+                created_at: now,
+                updated_at: now,
+                profile: None,
+                phone: None,
+            };
+            self.uids
+                .insert(user.uid.to_be_bytes(), openid.as_bytes())?;
+            if let Some(unionid) = unionid {
+                self.unionids
+                    .insert(unionid.as_bytes(), &user.uid.to_be_bytes())?;
+            }
+            self.users.insert(openid.as_bytes(), encode(&user))?;
+            self.meta.insert(NEXT_UID, &(user.uid + 1).to_be_bytes())?;
+            return Ok((user, true));
+        };
+        let old: UserRecord = decode(&bytes)?;
+        let mut user = old.clone();
+        user.session_key = session_key.to_owned();
+        if let Some(unionid) = unionid {
+            user.unionid = Some(unionid.to_owned());
+        }
+        user.updated_at = now;
+        if user.unionid == old.unionid {
+            self.users.insert(openid.as_bytes(), encode(&user))?;
+        } else {
+            let trees = (&self.users, &self.unionids);
+            trees
+                .transaction(|(users, unionids)| {
+                    write_user(users, unionids, Some(&old), &user)?;
+                    Ok::<_, ConflictableTransactionError<Error>>(())
+                })
+                .map_err(abort_or_storage)?;
+        }
+        Ok((user, false))
+    }
+
+    /// The uid the next new user gets: past the counter and past every uid in the index (a
+    /// registration cut short by a crash may have written its index entry only).
+    fn next_uid(&self) -> Result<u64, Error> {
+        let counter = match self.meta.get(NEXT_UID)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 1,
+        };
+        let past_index = match self.uids.last()? {
+            Some((largest, _)) => decode_u64(&largest)? + 1,
+            None => 1,
+        };
+        Ok(counter.max(past_index))
+    }
+
+    /// Removes what a registration cut short by a crash left: index entries at or past the
+    /// counter whose user is missing or has another uid. Their uids stay spent.
+    fn drop_unfinished_registration(&self) -> Result<(), Error> {
+        let counter = match self.meta.get(NEXT_UID)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 1,
+        };
+        let next = self.next_uid()?;
+        for entry in self.uids.range(counter.to_be_bytes()..) {
+            let (uid, openid) = entry?;
+            let finished = match self.users.get(&openid)? {
+                Some(bytes) => decode::<UserRecord>(&bytes)?.uid.to_be_bytes() == *uid,
+                None => false,
+            };
+            if !finished {
+                self.uids.remove(&uid)?;
+            }
+        }
+        if next > counter {
+            self.meta.insert(NEXT_UID, &next.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Stores a decrypted profile on the user; its unionId, if any, becomes the user's unionid.
+    pub fn save_profile(
+        &self,
+        openid: &str,
+        profile: &Profile,
+        now: u64,
+    ) -> Result<UserRecord, Error> {
+        self.update_user(openid, now, |user| {
+            if let Some(unionid) = &profile.union_id {
+                user.unionid = Some(unionid.clone());
+            }
+            user.profile = Some(profile.clone());
+        })
+    }
+
+    /// Stores a decrypted phone number on the user.
+    pub fn save_phone(&self, openid: &str, phone: &Phone, now: u64) -> Result<UserRecord, Error> {
+        self.update_user(openid, now, |user| user.phone = Some(phone.clone()))
+    }
+
+    /// Replaces the user's session_key `old` by `new` (after WeChat reset it); a key that
+    /// changed meanwhile (a login stored a newer one) is kept.
+    pub fn replace_session_key(
+        &self,
+        openid: &str,
+        old: &str,
+        new: &str,
+        now: u64,
+    ) -> Result<UserRecord, Error> {
+        self.update_user(openid, now, |user| {
+            if user.session_key == old {
+                user.session_key = new.to_owned();
+            }
+        })
+    }
+
+    fn update_user(
+        &self,
+        openid: &str,
+        now: u64,
+        change: impl Fn(&mut UserRecord),
+    ) -> Result<UserRecord, Error> {
+        let trees = (&self.users, &self.unionids);
+        let result = trees.transaction(|(users, unionids)| {
+            let bytes = users.get(openid)?.ok_or_else(|| {
+                ConflictableTransactionError::Abort(Error::Storage(format!("no user {openid}")))
+            })?;
+            let old: UserRecord = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+            let mut user = old.clone();
+            change(&mut user);
+            user.updated_at = now;
+            write_user(users, unionids, Some(&old), &user)?;
+            Ok(user)
+        });
+        result.map_err(abort_or_storage)
+    }
+
+    /// Finds a user by uid, openid or unionid.
+    pub fn find(&self, key: &UserKey) -> Result<Option<UserRecord>, Error> {
+        let (openid, uid) = match key {
+            UserKey::Openid(openid) => (Some(sled::IVec::from(openid.as_bytes())), None),
+            UserKey::Uid(uid) => (self.uids.get(uid.to_be_bytes())?, Some(*uid)),
+            UserKey::Unionid(unionid) => match self.unionids.get(unionid)? {
+                Some(uid) => (self.uids.get(&uid)?, Some(decode_u64(&uid)?)),
+                None => (None, None),
+            },
+        };
+        let Some(openid) = openid else {
+            return Ok(None);
+        };
+        let user: Option<UserRecord> = self.users.get(openid)?.map(|b| decode(&b)).transpose()?;
+        // An index entry left by an unfinished registration names a user with another uid.
+        Ok(user.filter(|user| uid.is_none_or(|uid| user.uid == uid)))
+    }
+
+    /// Every user, in openid order (for export).
+    pub fn iter(&self) -> impl Iterator<Item = Result<UserRecord, Error>> + '_ {
+        self.users.iter().map(|entry| decode(&entry?.1))
+    }
+
+    /// How many users are registered. sled counts by walking the tree: for the admin's stats,
+    /// not for anything per request.
+    pub fn count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Writes a user as it was exported, keeping its uid; the uid counter moves past it so that
+    /// the uid is never handed out again. Replaces a user with the same openid.
+    pub fn import(&self, user: &UserRecord) -> Result<(), Error> {
+        let trees = (&self.users, &self.uids, &self.meta, &self.unionids);
+        let result = trees.transaction(|(users, uids, meta, unionids)| {
+            if let Some(owner) = uids.get(user.uid.to_be_bytes())?
+                && owner != user.openid.as_bytes()
+            {
+                return Err(ConflictableTransactionError::Abort(Error::InvalidRequest(
+                    format!("uid {} already belongs to another openid", user.uid),
+                )));
+            }
+            let old = match users.get(user.openid.as_bytes())? {
+                Some(bytes) => Some(
+                    decode::<UserRecord>(&bytes).map_err(ConflictableTransactionError::Abort)?,
+                ),
+                None => None,
+            };
+            if let Some(old) = &old
+                && old.uid != user.uid
+            {
+                uids.remove(&old.uid.to_be_bytes())?;
+            }
+            let next = match meta.get(NEXT_UID)? {
+                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
+                None => 1,
+            };
+            if user.uid >= next {
+                let after = user.uid.checked_add(1).ok_or_else(|| {
+                    ConflictableTransactionError::Abort(Error::InvalidRequest(
+                        "uid is too large to leave room for new users".into(),
+                    ))
+                })?;
+                meta.insert(NEXT_UID, &after.to_be_bytes())?;
+            }
+            uids.insert(&user.uid.to_be_bytes(), user.openid.as_bytes())?;
+            write_user(users, unionids, old.as_ref(), user)?;
+            Ok(())
+        });
+        result.map_err(abort_or_storage)
+    }
+}
+
+/// Writes a user and keeps the unionid index in step with it.
+fn write_user(
+    users: &TransactionalTree,
+    unionids: &TransactionalTree,
+    old: Option<&UserRecord>,
+    user: &UserRecord,
+) -> Result<(), UnabortableTransactionError> {
+    let old_unionid = old.and_then(|old| old.unionid.as_deref());
+    if old_unionid != user.unionid.as_deref() {
+        if let Some(old_unionid) = old_unionid {
+            unionids.remove(old_unionid.as_bytes())?;
+        }
+        if let Some(unionid) = &user.unionid {
+            unionids.insert(unionid.as_bytes(), &user.uid.to_be_bytes())?;
+        }
+    }
+    users.insert(user.openid.as_bytes(), encode(user))?;
+    Ok(())
+}
+
+fn abort_or_storage(err: TransactionError<Error>) -> Error {
+    match err {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| Error::Storage("corrupt uid counter".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+/// The users in sled, and the registrations written but not yet on disk.
+pub struct SledUsers {
+    users: UserDb,
+    commit: GroupCommit,
+    /// Openids whose registration waits for its flush. A second login of such a user must wait
+    /// for it too: answering it earlier would acknowledge a uid a crash could still take back.
+    pending: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl SledUsers {
+    /// The users in `users`, made durable by `commit`.
+    pub fn new(users: UserDb, commit: GroupCommit) -> SledUsers {
+        SledUsers {
+            users,
+            commit,
+            pending: Arc::default(),
+        }
+    }
+
+    pub(crate) fn upsert(&mut self, login: Code2Session, now: u64) -> Pending<Registration> {
+        let upserted = self.users.upsert(
+            &login.openid,
+            &login.session_key,
+            login.unionid.as_deref(),
+            now,
+        );
+        let (user, is_new) = match upserted {
+            Ok(upserted) => upserted,
+            Err(e) => return Pending::Ready(Err(e)),
+        };
+        let registration = Registration {
+            uid: user.uid,
+            openid: user.openid,
+            unionid: user.unionid,
+            is_new,
+        };
+        let openid = registration.openid.clone();
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            if !is_new && !pending.contains_key(&openid) {
+                return Pending::Ready(Ok(registration));
+            }
+            *pending.entry(openid.clone()).or_default() += 1;
+        }
+        let (commit, pending) = (self.commit.clone(), self.pending.clone());
+        Pending::Later(Box::pin(async move {
+            let durable = commit.durable().await;
+            let mut pending = pending.lock().expect("pending lock");
+            if let Some(waiting) = pending.get_mut(&openid) {
+                *waiting -= 1;
+                if *waiting == 0 {
+                    pending.remove(&openid);
+                }
+            }
+            durable.map(|()| registration)
+        }))
+    }
+
+    pub(crate) fn session_key(&self, openid: &str) -> Pending<String> {
+        let found = self.users.find(&UserKey::Openid(openid.to_owned()));
+        Pending::Ready(found.and_then(|user| {
+            user.map(|user| user.session_key)
+                .ok_or(Error::InvalidSession)
+        }))
+    }
+
+    pub(crate) fn save_profile(
+        &mut self,
+        openid: &str,
+        profile: &Profile,
+        now: u64,
+    ) -> Pending<User> {
+        self.commit.after(
+            self.users
+                .save_profile(openid, profile, now)
+                .map(User::from),
+        )
+    }
+
+    pub(crate) fn save_phone(&mut self, openid: &str, phone: &Phone, now: u64) -> Pending<User> {
+        self.commit
+            .after(self.users.save_phone(openid, phone, now).map(User::from))
+    }
+
+    pub(crate) fn replace_session_key(
+        &mut self,
+        openid: &str,
+        old: &str,
+        new: &str,
+        now: u64,
+    ) -> Pending<User> {
+        self.commit.after(
+            self.users
+                .replace_session_key(openid, old, new, now)
+                .map(User::from),
+        )
+    }
+
+    pub(crate) fn find(&self, key: &UserKey) -> Pending<Option<User>> {
+        Pending::Ready(self.users.find(key).map(|user| user.map(User::from)))
+    }
+
+    pub(crate) fn count(&self) -> Pending<usize> {
+        Pending::Ready(Ok(self.users.count()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &tempfile::TempDir) -> (::sled::Db, UserDb) {
+        let db = ::sled::open(dir.path()).unwrap();
+        let users = UserDb::open(&db).unwrap();
+        (db, users)
+    }
+
+    #[test]
+    fn a_registration_cut_short_by_a_crash_never_hands_its_uid_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (db, users) = open(&dir);
+            users.upsert("o-a", "k", None, 100).unwrap();
+            // As if the process died after the index entry of o-b's registration, the first of
+            // its writes: no user, no counter.
+            users.uids.insert(2u64.to_be_bytes(), "o-b").unwrap();
+            db.flush().unwrap();
+        }
+        let (_db, users) = open(&dir);
+        assert_eq!(users.find(&UserKey::Uid(2)).unwrap(), None);
+        // o-b logs in again: a new uid, and uid 2 never names it nor anyone else.
+        let (b, new) = users.upsert("o-b", "k", None, 200).unwrap();
+        assert!(new);
+        assert_eq!(b.uid, 3);
+        assert_eq!(users.find(&UserKey::Uid(2)).unwrap(), None);
+        assert_eq!(users.find(&UserKey::Uid(3)).unwrap().unwrap().openid, "o-b");
+        let (c, _) = users.upsert("o-c", "k", None, 300).unwrap();
+        assert_eq!(c.uid, 4);
+    }
+
+    #[test]
+    fn new_users_get_increasing_uids_and_known_ones_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, users) = open(&dir);
+        let (alice, new) = users.upsert("o-alice", "k1", None, 100).unwrap();
+        assert!(new);
+        assert_eq!(alice.uid, 1);
+        let (bob, new) = users.upsert("o-bob", "k2", None, 101).unwrap();
+        assert!(new);
+        assert_eq!(bob.uid, 2);
+
+        let (again, new) = users.upsert("o-alice", "k3", Some("u-alice"), 200).unwrap();
+        assert!(!new);
+        assert_eq!(again.uid, 1);
+        assert_eq!(again.session_key, "k3");
+        assert_eq!(again.unionid.as_deref(), Some("u-alice"));
+        assert_eq!((again.created_at, again.updated_at), (100, 200));
+
+        // A later login without unionid does not erase it.
+        let (later, _) = users.upsert("o-alice", "k4", None, 300).unwrap();
+        assert_eq!(later.unionid.as_deref(), Some("u-alice"));
+        assert_eq!(users.find(&UserKey::Uid(1)).unwrap().unwrap(), later);
+        assert_eq!(
+            users
+                .find(&UserKey::Unionid("u-alice".into()))
+                .unwrap()
+                .unwrap(),
+            later
+        );
+        assert_eq!(
+            users
+                .find(&UserKey::Openid("o-bob".into()))
+                .unwrap()
+                .unwrap()
+                .uid,
+            2
+        );
+        assert_eq!(users.find(&UserKey::Uid(3)).unwrap(), None);
+        assert_eq!(
+            users.find(&UserKey::Unionid("u-nobody".into())).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn profiles_and_phones_are_stored_and_index_the_unionid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, users) = open(&dir);
+        users.upsert("o-eve", "k", None, 1).unwrap();
+        let profile = Profile {
+            open_id: Some("o-eve".into()),
+            union_id: Some("u-eve".into()),
+            nick_name: Some("Eve".into()),
+            ..Profile::default()
+        };
+        let user = users.save_profile("o-eve", &profile, 5).unwrap();
+        assert_eq!(
+            (user.unionid.as_deref(), user.updated_at),
+            (Some("u-eve"), 5)
+        );
+        let phone = Phone {
+            phone_number: "13800138000".into(),
+            pure_phone_number: "13800138000".into(),
+            country_code: "86".into(),
+        };
+        users.save_phone("o-eve", &phone, 6).unwrap();
+        let found = users
+            .find(&UserKey::Unionid("u-eve".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (found.profile, found.phone),
+            (Some(profile), Some(phone.clone()))
+        );
+        assert!(matches!(
+            users.save_phone("o-nobody", &phone, 7),
+            Err(Error::Storage(_))
+        ));
+    }
+
+    #[test]
+    fn uids_are_not_reused_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (db, users) = open(&dir);
+            users.upsert("o-1", "k", None, 1).unwrap();
+            users.upsert("o-2", "k", None, 1).unwrap();
+            db.flush().unwrap();
+        }
+        let (_db, users) = open(&dir);
+        let (user, new) = users.upsert("o-3", "k", None, 2).unwrap();
+        assert!(new);
+        assert_eq!(user.uid, 3);
+        let (old, new) = users.upsert("o-1", "k2", None, 3).unwrap();
+        assert_eq!((old.uid, new), (1, false));
+    }
+}

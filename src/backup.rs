@@ -206,29 +206,29 @@ mod tests {
     #[test]
     fn import_keeps_uids_and_moves_the_counter_past_them() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open_for_import(dir.path(), 8).unwrap();
+        let data = open_for_import(dir.path(), 8).unwrap();
         let input = format!("{}\n\n{}\n", line(7, "o-a"), line(3, "o-b"));
-        assert_eq!(import(&store, input.as_bytes()).unwrap(), 2);
-        let b = store.users().find(&UserKey::Uid(3)).unwrap().unwrap();
+        assert_eq!(import(&data, input.as_bytes()).unwrap(), 2);
+        let b = data.users().find(&UserKey::Uid(3)).unwrap().unwrap();
         assert_eq!((b.openid.as_str(), b.session_key.as_str()), ("o-b", ""));
-        let (new, is_new) = store.users().upsert("o-new", "k", None, 5).unwrap();
+        let (new, is_new) = data.users().upsert("o-new", "k", None, 5).unwrap();
         assert_eq!((new.uid, is_new), (8, true));
     }
 
     #[test]
     fn a_user_already_stored_keeps_its_session_key() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open_for_import(dir.path(), 8).unwrap();
-        let (user, _) = store.users().upsert("o-a", "key-a", None, 1).unwrap();
-        import(&store, line(user.uid, "o-a").as_bytes()).unwrap();
-        let stored = store.users().find(&UserKey::Openid("o-a".into())).unwrap();
+        let data = open_for_import(dir.path(), 8).unwrap();
+        let (user, _) = data.users().upsert("o-a", "key-a", None, 1).unwrap();
+        import(&data, line(user.uid, "o-a").as_bytes()).unwrap();
+        let stored = data.users().find(&UserKey::Openid("o-a".into())).unwrap();
         assert_eq!(stored.unwrap().session_key, "key-a");
     }
 
     #[test]
     fn a_bad_line_names_its_number_and_keeps_the_lines_before() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open_for_import(dir.path(), 8).unwrap();
+        let data = open_for_import(dir.path(), 8).unwrap();
         let bad = [
             (r#"{"uid":1}"#, "missing field `openid`"),
             (
@@ -250,12 +250,12 @@ mod tests {
                 line(2, "o-b"),
                 line(3, "o-c")
             );
-            let err = import(&store, input.as_bytes()).unwrap_err();
+            let err = import(&data, input.as_bytes()).unwrap_err();
             assert!(
                 matches!(&err, Error::InvalidRequest(m) if m.contains("line 3: ") && m.contains(expected)),
                 "{bad}: {err}"
             );
-            assert_eq!(store.users().count(), 2, "{bad}");
+            assert_eq!(data.users().count(), 2, "{bad}");
         }
     }
 

@@ -164,10 +164,10 @@ fn export(
     output: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let dir = data_dir.unwrap_or_else(|| config.data_dir.clone());
-    let store = backup::open_for_export(&dir, config.cache_mb)?;
+    let data = backup::open_for_export(&dir, config.cache_mb)?;
     let count = match &output {
-        Some(path) => export_to_file(&store, path)?,
-        None => backup::export(&store, &mut BufWriter::new(std::io::stdout().lock()))?,
+        Some(path) => export_to_file(&data, path)?,
+        None => backup::export(&data, &mut BufWriter::new(std::io::stdout().lock()))?,
     };
     let to = output
         .as_deref()
@@ -178,7 +178,7 @@ fn export(
 
 /// Writes the export beside `path` and renames it into place once complete and on disk, so a
 /// failed export never replaces a good backup with half of one.
-fn export_to_file(store: &wxbroker::storage::sled::DataDir, path: &Path) -> anyhow::Result<u64> {
+fn export_to_file(data: &wxbroker::storage::sled::DataDir, path: &Path) -> anyhow::Result<u64> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
@@ -186,7 +186,7 @@ fn export_to_file(store: &wxbroker::storage::sled::DataDir, path: &Path) -> anyh
         let file = File::create(&partial)
             .with_context(|| format!("cannot create {}", partial.display()))?;
         let mut out = BufWriter::new(file);
-        let count = backup::export(store, &mut out)?;
+        let count = backup::export(data, &mut out)?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()
             .with_context(|| format!("cannot write {}", partial.display()))?;
@@ -218,10 +218,10 @@ fn import(
     let from = input
         .as_deref()
         .map_or("standard input".into(), |p| p.display().to_string());
-    let store = backup::open_for_import(&dir, config.cache_mb)?;
+    let data = backup::open_for_import(&dir, config.cache_mb)?;
     let count = match file {
-        Some(file) => backup::import(&store, BufReader::new(file)),
-        None => backup::import(&store, std::io::stdin().lock()),
+        Some(file) => backup::import(&data, BufReader::new(file)),
+        None => backup::import(&data, std::io::stdin().lock()),
     }
     .with_context(|| format!("import from {from} into {}", dir.display()))?;
     tracing::info!(users = count, data_dir = %dir.display(), from, "imported");
@@ -247,10 +247,10 @@ async fn migrate(
         ..Config::default()
     };
     checked.validate_store()?;
-    let store = backup::open_for_export(&dir, config.cache_mb)?;
+    let data = backup::open_for_export(&dir, config.cache_mb)?;
     let redis = Redis::connect(to.expose()).await?;
     let policy = config.session_policy();
-    let moved = backup::migrate_to_redis(&store, &redis, policy, config.clock.now(), force)
+    let moved = backup::migrate_to_redis(&data, &redis, policy, config.clock.now(), force)
         .await
         .with_context(|| format!("migrate from {}", dir.display()))?;
     tracing::info!(

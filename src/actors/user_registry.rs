@@ -1,7 +1,7 @@
 //! UserRegistry: the users, registered or refreshed on every login.
 //!
 //! Writes start one message at a time, so the upsert of one openid never races another on this
-//! broker (and the backend's upsert is atomic, so neither across brokers). New registrations and
+//! broker (and the storage's upsert is atomic, so neither across brokers). New registrations and
 //! profile or phone updates are answered only once durable; that wait happens in a spawned task,
 //! so the actor goes on with the next message. Where users are kept is the storage's business
 //! ([`crate::storage::Users`]).

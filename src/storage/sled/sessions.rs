@@ -348,7 +348,7 @@ impl SledSessions {
         self.metrics.live_sessions.set(sessions.len() as i64);
     }
 
-    /// Removes a session from the table and its user's index (not from the store).
+    /// Removes a session from the table and its user's index (not from the log).
     fn forget(&mut self, hash: &TokenHash) -> Option<Live> {
         let live = {
             let mut sessions = self.table.write();

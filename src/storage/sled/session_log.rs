@@ -75,7 +75,8 @@ pub struct Compacted {
     pub read: u64,
     /// Of those, the frames kept: one per session live at that point.
     pub kept: u64,
-    /// Bytes flushed meanwhile, copied over behind them before the switch.
+    /// Bytes flushed meanwhile and copied over behind them by the switch, under the file's lock
+    /// (what was flushed earlier was copied before it, without the lock).
     pub tail_bytes: u64,
 }
 
@@ -225,18 +226,20 @@ impl SessionLog {
     /// `None` if another compaction is running or the log is closed.
     ///
     /// It reads the file as it was when it started, up to that length, and writes a new file
-    /// beside it with the last put of every session not removed since. Frames appended meanwhile
-    /// follow that length in the old file; under the file's lock they are copied behind the
-    /// others, the new file is synced and renamed over the log. Replaying the new file so gives
-    /// what replaying the old one gives, and a crash at any moment leaves one or the other whole.
+    /// beside it with the last put of every session not removed since. Frames flushed meanwhile
+    /// follow that length in the old file: they are copied behind the others, the bulk without
+    /// any lock, the last of them under the file's lock, after which the new file is synced and
+    /// renamed over the log. Replaying the new file so gives what replaying the old one gives,
+    /// and a crash at any moment leaves one or the other whole.
     pub fn compact(&self) -> Result<Option<Compacted>, Error> {
         if self.compacting.swap(true, Ordering::AcqRel) {
             return Ok(None);
         }
         let tmp = compaction_path(&self.path);
-        let outcome = self
-            .prepare_compaction(&tmp)
-            .and_then(|prepared| self.switch(prepared));
+        let outcome = self.prepare_compaction(&tmp).and_then(|mut prepared| {
+            self.catch_up(&mut prepared)?;
+            self.switch(prepared)
+        });
         if !matches!(outcome, Ok(Some(_))) {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -245,7 +248,7 @@ impl SessionLog {
     }
 
     /// The long part of a compaction, which holds no lock: the live records of the file as it is
-    /// now, written to `tmp` and synced.
+    /// now, written to `tmp`.
     fn prepare_compaction(&self, tmp: &Path) -> Result<Prepared, Error> {
         let read = |e| storage(&self.path, "read", e);
         let write = |e| storage(tmp, "write", e);
@@ -291,16 +294,40 @@ impl SessionLog {
             return Err(write(e));
         }
         let file = out.into_inner().map_err(|e| write(e.into_error()))?;
-        // The bulk is synced here, outside the lock: the switch only syncs the tail.
-        file.sync_data().map_err(write)?;
         Ok(Prepared {
             file,
+            old,
             tmp: tmp.to_owned(),
             start,
             read: read_frames,
             kept: keep.len() as u64,
             written,
         })
+    }
+
+    /// Copies what was flushed since `prepared` last looked, until little is left for the switch
+    /// to copy under the lock (the old file only grows while this compaction is the only one),
+    /// then syncs the new file: the switch syncs only the rest.
+    fn catch_up(&self, prepared: &mut Prepared) -> Result<(), Error> {
+        let write = |e| storage(&prepared.tmp, "write", e);
+        loop {
+            let len = self.file().len;
+            if len - prepared.start <= SWITCH_TAIL {
+                break;
+            }
+            let mut tail = vec![0; (len - prepared.start) as usize];
+            prepared
+                .old
+                .read_exact_at(&mut tail, prepared.start)
+                .map_err(|e| storage(&self.path, "read", e))?;
+            prepared
+                .file
+                .write_all_at(&tail, prepared.written)
+                .map_err(write)?;
+            prepared.written += tail.len() as u64;
+            prepared.start = len;
+        }
+        prepared.file.sync_data().map_err(write)
     }
 
     /// The short part, under the file's lock: the frames flushed since `prepared` read the file
@@ -314,6 +341,7 @@ impl SessionLog {
             read,
             kept,
             written,
+            ..
         } = prepared;
         let mut log = self.file();
         if self.closed.load(Ordering::Acquire) {
@@ -370,8 +398,10 @@ impl SessionLog {
 /// A compaction's new file, written and synced, waiting for its switch.
 struct Prepared {
     file: File,
+    /// The log's file as it was when the compaction started.
+    old: File,
     tmp: PathBuf,
-    /// The length of the log that was read: what follows it is the tail.
+    /// The length of the old file copied over: what follows is left for the switch.
     start: u64,
     /// Frames read.
     read: u64,
@@ -380,6 +410,10 @@ struct Prepared {
     /// Bytes written.
     written: u64,
 }
+
+/// At most this much of what was flushed during a compaction is left for its switch to copy
+/// while flushes wait.
+const SWITCH_TAIL: u64 = 256 * 1024;
 
 /// Superseded records tolerated whatever the number of live sessions, so that a small log is
 /// not rewritten over and over.
@@ -655,8 +689,20 @@ mod tests {
         }
         log.flush().unwrap();
         let tmp = compaction_path(&log.path);
-        let prepared = log.prepare_compaction(&tmp).unwrap();
-        // Meanwhile: a logout, a new session and a slid one, all flushed into the old file.
+        let mut prepared = log.prepare_compaction(&tmp).unwrap();
+        // Meanwhile, more than the switch copies: sessions that come and go, copied by the
+        // catch-up without the lock.
+        let churn = 4_000u64;
+        for n in 0..churn {
+            let hash = [[7; 8], n.to_le_bytes(), [7; 8], [7; 8]].concat();
+            let hash: TokenHash = hash.try_into().unwrap();
+            log.put(&hash, &SessionRecord::sample(n, None)).unwrap();
+            log.remove([&hash]);
+        }
+        log.flush().unwrap();
+        log.catch_up(&mut prepared).unwrap();
+        // Then a logout, a new session and a slid one, flushed into the old file after the
+        // catch-up: the switch copies them.
         log.remove(&[[1; 32]]);
         log.put(&[5; 32], &SessionRecord::sample(50, None)).unwrap();
         log.put(&[2; 32], &SessionRecord::sample(20, None)).unwrap();
@@ -667,8 +713,8 @@ mod tests {
 
         let compacted = log.switch(prepared).unwrap().unwrap();
         assert_eq!((compacted.read, compacted.kept), (40, 4));
-        assert!(compacted.tail_bytes > 0);
-        assert_eq!(log.frames(), 4 + 3 + 1);
+        assert!(compacted.tail_bytes > 0 && compacted.tail_bytes < SWITCH_TAIL);
+        assert_eq!(log.frames(), 4 + 2 * churn + 3 + 1);
         assert_eq!(log.replay().unwrap(), before);
         log.flush().unwrap();
         drop(log);

@@ -52,6 +52,30 @@ pub struct EndpointReport {
     max_ms: f64,
 }
 
+impl EndpointReport {
+    /// The figures of `stats` under `name`, its rate over `elapsed_secs`.
+    fn new(name: &str, stats: &EndpointStats, elapsed_secs: f64) -> EndpointReport {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        let requests = stats.ok + stats.errors.values().sum::<u64>();
+        EndpointReport {
+            name: name.to_owned(),
+            requests,
+            errors: stats.errors.clone(),
+            requests_per_sec: requests as f64 / elapsed_secs,
+            p50_ms: ms(stats.latency.value_at_quantile(0.5)),
+            p90_ms: ms(stats.latency.value_at_quantile(0.9)),
+            p99_ms: ms(stats.latency.value_at_quantile(0.99)),
+            p999_ms: ms(stats.latency.value_at_quantile(0.999)),
+            max_ms: ms(stats.latency.max()),
+        }
+    }
+
+    /// Its failed requests.
+    fn failed(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
 /// One target's share of a scenario: whether the load was spread, and what it cost the broker.
 #[derive(Serialize)]
 pub struct TargetReport {
@@ -85,6 +109,11 @@ impl TargetReport {
     /// Adds one connection's figures.
     pub fn add_connection(&mut self, stats: &BTreeMap<String, EndpointStats>) {
         self.connections += 1;
+        self.add_requests(stats);
+    }
+
+    /// Adds the requests of a connection already counted, in a later phase.
+    pub fn add_requests(&mut self, stats: &BTreeMap<String, EndpointStats>) {
         for s in stats.values() {
             let errors = s.errors.values().sum::<u64>();
             self.requests += s.ok + errors;
@@ -126,23 +155,9 @@ impl ScenarioReport {
         elapsed_secs: f64,
         stats: &BTreeMap<String, EndpointStats>,
     ) -> ScenarioReport {
-        let ms = |micros: u64| micros as f64 / 1000.0;
         let endpoints: Vec<EndpointReport> = stats
             .iter()
-            .map(|(name, s)| {
-                let requests = s.ok + s.errors.values().sum::<u64>();
-                EndpointReport {
-                    name: name.clone(),
-                    requests,
-                    errors: s.errors.clone(),
-                    requests_per_sec: requests as f64 / elapsed_secs,
-                    p50_ms: ms(s.latency.value_at_quantile(0.5)),
-                    p90_ms: ms(s.latency.value_at_quantile(0.9)),
-                    p99_ms: ms(s.latency.value_at_quantile(0.99)),
-                    p999_ms: ms(s.latency.value_at_quantile(0.999)),
-                    max_ms: ms(s.latency.max()),
-                }
-            })
+            .map(|(name, s)| EndpointReport::new(name, s, elapsed_secs))
             .collect();
         let requests = endpoints.iter().map(|e| e.requests).sum();
         ScenarioReport {
@@ -150,10 +165,7 @@ impl ScenarioReport {
             connections,
             elapsed_secs,
             requests,
-            errors: endpoints
-                .iter()
-                .map(|e| e.errors.values().sum::<u64>())
-                .sum(),
+            errors: endpoints.iter().map(EndpointReport::failed).sum(),
             requests_per_sec: requests as f64 / elapsed_secs,
             endpoints,
             ..ScenarioReport::default()
@@ -202,15 +214,20 @@ impl RunReport {
                  {} errors",
                 s.name, s.connections, s.elapsed_secs, s.requests, s.requests_per_sec, s.errors
             );
+            let width = s
+                .endpoints
+                .iter()
+                .map(|e| e.name.len())
+                .fold(22, usize::max);
             let _ = writeln!(
                 out,
-                "  {:<22} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  errors",
+                "  {:<width$} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  errors",
                 "endpoint", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
             );
             for e in &s.endpoints {
                 let _ = writeln!(
                     out,
-                    "  {:<22} {:>9} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}  {:?}",
+                    "  {:<width$} {:>9} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}  {:?}",
                     e.name,
                     e.requests,
                     e.requests_per_sec,

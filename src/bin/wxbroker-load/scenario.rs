@@ -54,7 +54,7 @@ pub struct Options {
 /// Live sessions one user may hold in the broker (its `MAX_SESSIONS_PER_USER` is 64).
 const SESSIONS_PER_USER: u64 = 60;
 
-/// State shared by a scenario's workers.
+/// State shared by a phase's workers.
 struct Shared {
     sent: AtomicU64,
     limit: u64,
@@ -63,6 +63,14 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(limit: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            sent: AtomicU64::new(0),
+            limit,
+            deadline: OnceLock::new(),
+        })
+    }
+
     /// Takes the right to send one more request, unless a bound is reached.
     fn take(&self) -> bool {
         self.running() && self.sent.fetch_add(1, Ordering::Relaxed) < self.limit
@@ -71,6 +79,36 @@ impl Shared {
     fn running(&self) -> bool {
         let deadline = *self.deadline.get().expect("set before the workers start");
         Instant::now() < deadline && self.sent.load(Ordering::Relaxed) < self.limit
+    }
+}
+
+/// The scenario parameters a worker needs.
+#[derive(Clone, Copy)]
+struct Plan {
+    new_ratio: f64,
+    checks: usize,
+    /// Returning users registered beforehand.
+    pool: usize,
+}
+
+/// What one phase's workers measured.
+struct Measured {
+    /// Per connection: its target and its figures per endpoint.
+    connections: Vec<(usize, BTreeMap<String, EndpointStats>)>,
+    /// Seconds from the common start to the last answer.
+    elapsed: f64,
+}
+
+impl Measured {
+    /// The figures per endpoint, summed over the connections.
+    fn endpoints(&self) -> BTreeMap<String, EndpointStats> {
+        let mut merged: BTreeMap<String, EndpointStats> = BTreeMap::new();
+        for (_, stats) in &self.connections {
+            for (endpoint, stats) in stats {
+                merged.entry(endpoint.clone()).or_default().merge(stats);
+            }
+        }
+        merged
     }
 }
 
@@ -172,70 +210,38 @@ impl Scenario {
         register_pool(fleet, &nonce, pool, connections).await?;
         let rss_before = fleet.rss();
 
-        let shared = Arc::new(Shared {
-            sent: AtomicU64::new(0),
-            limit,
-            deadline: OnceLock::new(),
-        });
-        let start = Arc::new(Barrier::new(connections + 1));
-        let mut workers = Vec::new();
-        for id in 0..connections {
-            let target = fleet.pick(id);
-            let conn = Conn::open(fleet.addr(target)).await?;
-            let token = match self {
-                // Made on the next target, so that with several every check reads a session
-                // another instance created: what a shared store must get right.
-                Scenario::Check => {
-                    let mut maker = Conn::open(fleet.addr(fleet.pick(id + 1))).await?;
-                    Some(token(&mut maker, &format!("c{nonce}w{id}.1")).await?)
-                }
-                _ => None,
-            };
-            let worker = Worker {
-                conn,
-                target,
-                stats: BTreeMap::new(),
-                shared: shared.clone(),
-                id,
-                nonce: nonce.clone(),
-            };
-            let start = start.clone();
-            let options = (options.new_ratio, options.checks, pool);
-            workers.push(tokio::spawn(async move {
-                start.wait().await;
-                self.drive(worker, token, options).await
-            }));
-        }
-        let started = Instant::now();
-        shared
-            .deadline
-            .set(started + limits.duration)
-            .expect("set once");
-        start.wait().await;
-        let progress = tokio::spawn(progress(self.name(), started, shared.clone()));
-        let mut merged: BTreeMap<String, EndpointStats> = BTreeMap::new();
+        let plan = Plan {
+            new_ratio: options.new_ratio,
+            checks: options.checks,
+            pool,
+        };
+        let measured = measure(
+            self,
+            plan,
+            fleet,
+            connections,
+            limits.duration,
+            Shared::new(limit),
+            &nonce,
+        )
+        .await?;
+        let mut report = ScenarioReport::new(
+            self.name(),
+            connections,
+            measured.elapsed,
+            &measured.endpoints(),
+        );
         let mut per_target: BTreeMap<usize, TargetReport> = BTreeMap::new();
-        for worker in workers {
-            let (target, stats) = worker.await?;
-            let share = per_target
-                .entry(target)
-                .or_insert_with(|| TargetReport::new(target, fleet.addr(target)));
-            share.add_connection(&stats);
-            for (endpoint, stats) in stats {
-                merged.entry(endpoint).or_default().merge(&stats);
-            }
+        for (target, stats) in &measured.connections {
+            share(&mut per_target, fleet, *target).add_connection(stats);
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        progress.abort();
-        eprintln!();
-        let mut report = ScenarioReport::new(self.name(), connections, elapsed, &merged);
-        report.targets = per_target.into_values().collect();
         if self == Scenario::Sessions
             && let (Some(before), Some(after)) = (rss_before, fleet.rss())
         {
             report.bytes_per_session =
                 Some(after.saturating_sub(before) as f64 / report.requests.max(1) as f64);
         }
+        report.targets = per_target.into_values().collect();
         Ok(report)
     }
 
@@ -244,8 +250,13 @@ impl Scenario {
         self,
         mut w: Worker,
         token: Option<String>,
-        (new_ratio, checks, pool): (f64, usize, usize),
+        plan: Plan,
     ) -> (usize, BTreeMap<String, EndpointStats>) {
+        let Plan {
+            new_ratio,
+            checks,
+            pool,
+        } = plan;
         let mut seq = 0u64;
         while w.shared.running() {
             seq += 1;
@@ -287,6 +298,73 @@ impl Scenario {
         }
         (w.target, w.stats)
     }
+}
+
+/// Runs one worker per connection doing `scenario`'s work, from a common start until a bound of
+/// `shared` stops them, with a progress line; returns what they measured.
+async fn measure(
+    scenario: Scenario,
+    plan: Plan,
+    fleet: &Fleet,
+    connections: usize,
+    duration: Duration,
+    shared: Arc<Shared>,
+    nonce: &str,
+) -> anyhow::Result<Measured> {
+    let start = Arc::new(Barrier::new(connections + 1));
+    let mut workers = Vec::new();
+    for id in 0..connections {
+        let target = fleet.pick(id);
+        let conn = Conn::open(fleet.addr(target)).await?;
+        let token = match scenario {
+            // Made on the next target, so that with several every check reads a session
+            // another instance created: what a shared store must get right.
+            Scenario::Check => {
+                let mut maker = Conn::open(fleet.addr(fleet.pick(id + 1))).await?;
+                Some(token(&mut maker, &format!("c{nonce}w{id}.1")).await?)
+            }
+            _ => None,
+        };
+        let worker = Worker {
+            conn,
+            target,
+            stats: BTreeMap::new(),
+            shared: shared.clone(),
+            id,
+            nonce: nonce.to_owned(),
+        };
+        let start = start.clone();
+        workers.push(tokio::spawn(async move {
+            start.wait().await;
+            scenario.drive(worker, token, plan).await
+        }));
+    }
+    let started = Instant::now();
+    shared.deadline.set(started + duration).expect("set once");
+    start.wait().await;
+    let progress = tokio::spawn(progress(scenario.name(), started, shared.clone()));
+    let mut measured = Measured {
+        connections: Vec::with_capacity(workers.len()),
+        elapsed: 0.0,
+    };
+    for worker in workers {
+        measured.connections.push(worker.await?);
+    }
+    measured.elapsed = started.elapsed().as_secs_f64();
+    progress.abort();
+    eprintln!();
+    Ok(measured)
+}
+
+/// Target number `index`'s share of the scenario, made on first use.
+fn share<'a>(
+    shares: &'a mut BTreeMap<usize, TargetReport>,
+    fleet: &Fleet,
+    index: usize,
+) -> &'a mut TargetReport {
+    shares
+        .entry(index)
+        .or_insert_with(|| TargetReport::new(index, fleet.addr(index)))
 }
 
 /// A user's life: login, checks, the client's encrypted profile, userinfo, logout. All on the
@@ -347,21 +425,37 @@ async fn register_pool(
     pool: usize,
     connections: usize,
 ) -> anyhow::Result<()> {
-    if pool == 0 {
+    let prefix = format!("p{nonce}u");
+    prepare_logins(fleet, connections, pool as u64, move |user| {
+        format!("{prefix}{user}.0")
+    })
+    .await
+}
+
+/// Sends `count` logins outside any measurement, the `i`th with the code `code(i)`, on up to 64
+/// connections spread over the targets; fails at the first refused.
+async fn prepare_logins(
+    fleet: &Fleet,
+    connections: usize,
+    count: u64,
+    code: impl Fn(u64) -> String + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    if count == 0 {
         return Ok(());
     }
-    let next = Arc::new(AtomicU64::new(0));
+    let (next, code) = (Arc::new(AtomicU64::new(0)), Arc::new(code));
     let mut tasks = Vec::new();
-    for task in 0..connections.min(pool).min(64) {
-        let (next, nonce, addr) = (next.clone(), nonce.to_owned(), fleet.addr(fleet.pick(task)));
+    for task in 0..(connections as u64).min(count).min(64) {
+        let (next, code) = (next.clone(), code.clone());
+        let addr = fleet.addr(fleet.pick(task as usize));
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::open(addr).await?;
             loop {
-                let user = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if user >= pool {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
                     return Ok::<_, anyhow::Error>(());
                 }
-                token(&mut conn, &format!("p{nonce}u{user}.0")).await?;
+                token(&mut conn, &code(i)).await?;
             }
         }));
     }

@@ -59,6 +59,11 @@ impl Fleet {
         self.targets[index].addr
     }
 
+    /// Every target's address, in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.targets.iter().map(|target| target.addr).collect()
+    }
+
     /// Target number `index`'s peak resident memory so far, when its PID is known.
     pub fn peak_rss(&self, index: usize) -> Option<u64> {
         self.targets[index].peak_rss()

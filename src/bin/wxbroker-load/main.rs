@@ -97,6 +97,14 @@ struct Args {
     #[arg(long, default_value_t = 100_000)]
     sessions: u64,
 
+    /// Skip the `sessions` scenario's compaction phase. Without this, once its sessions are
+    /// created, up to 1,024 of its users are brought to the broker's 64-session cap and logged in
+    /// over and over (each login a new session and the eviction of the oldest) until the broker's
+    /// wxbroker_session_log_compactions_total on /metrics grows, then 2 s more, or until
+    /// --duration and --requests; reported as `POST /v1/login (during compaction)`.
+    #[arg(long)]
+    no_compaction: bool,
+
     /// After the `sessions` scenario, restart the broker and time how long it takes to serve
     /// again with those sessions stored. Needs exactly one broker started by this tool.
     #[arg(long, conflicts_with_all = ["url", "targets"])]
@@ -193,6 +201,7 @@ async fn run_scenarios(args: &Args, fleet: &mut Fleet) -> anyhow::Result<RunRepo
         users: args.users.max(1),
         checks: args.checks,
         sessions: args.sessions,
+        compaction: !args.no_compaction,
     };
     let mut report = RunReport::default();
     for scenario in &args.scenario {

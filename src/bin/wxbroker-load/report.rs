@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::scenario::COMPACTIONS_METRIC;
+
 /// Latencies and outcomes of one endpoint, as a worker collects them.
 pub struct EndpointStats {
     /// Latency in microseconds.
@@ -85,7 +87,7 @@ pub struct TargetReport {
     pub addr: String,
     /// Connections pinned to it.
     pub connections: usize,
-    /// Requests it was sent, of every endpoint.
+    /// Requests it was sent, of every endpoint and phase.
     pub requests: u64,
     /// Those that failed.
     pub errors: u64,
@@ -129,15 +131,15 @@ pub struct ScenarioReport {
     pub name: String,
     /// Connections used.
     pub connections: usize,
-    /// Seconds from the first request to the last answer.
+    /// Seconds from the first request to the last answer (of the first phase, in `sessions`).
     pub elapsed_secs: f64,
-    /// Requests of every endpoint.
+    /// Requests of every endpoint (of the first phase, in `sessions`).
     pub requests: u64,
-    /// Failed requests of every endpoint.
+    /// Failed requests of every endpoint (of the first phase, in `sessions`).
     pub errors: u64,
     /// `requests / elapsed_secs`.
     pub requests_per_sec: f64,
-    /// Per endpoint, summed over the targets.
+    /// Per endpoint, summed over the targets; in `sessions`, the compaction phase's last.
     pub endpoints: Vec<EndpointReport>,
     /// Per target that had a connection: as many as were used.
     pub targets: Vec<TargetReport>,
@@ -145,6 +147,26 @@ pub struct ScenarioReport {
     pub bytes_per_session: Option<f64>,
     /// `sessions --restart`: seconds from restart until `/healthz` answers 200.
     pub restart_secs: Option<f64>,
+    /// `sessions`: its compaction phase, unless `--no-compaction`.
+    pub compaction: Option<CompactionReport>,
+}
+
+/// The `sessions` scenario's compaction phase: logins that each write a session and an eviction
+/// to the session log, for the latency logins see while the broker rewrites that log.
+#[derive(Serialize)]
+pub struct CompactionReport {
+    /// Seconds from the phase's first request to its last answer.
+    pub elapsed_secs: f64,
+    /// Returning users logged in, each holding as many sessions as the broker allows.
+    pub users: usize,
+    /// Logins sent in the phase.
+    pub requests: u64,
+    /// Those that failed.
+    pub errors: u64,
+    /// Compactions the brokers finished during the phase: how much their counter grew.
+    pub compactions: u64,
+    /// Whether the brokers export the counter at all: without it, no compaction can be seen.
+    pub counter_exported: bool,
 }
 
 impl ScenarioReport {
@@ -171,6 +193,31 @@ impl ScenarioReport {
             ..ScenarioReport::default()
         }
     }
+
+    /// Adds the compaction phase: its endpoints, at their rate over the phase's own
+    /// `elapsed_secs`, and what it saw of the brokers' compactions.
+    pub fn add_compaction(
+        &mut self,
+        stats: &BTreeMap<String, EndpointStats>,
+        elapsed_secs: f64,
+        users: usize,
+        compactions: u64,
+        counter_exported: bool,
+    ) {
+        let endpoints: Vec<EndpointReport> = stats
+            .iter()
+            .map(|(name, s)| EndpointReport::new(name, s, elapsed_secs))
+            .collect();
+        self.compaction = Some(CompactionReport {
+            elapsed_secs,
+            users,
+            requests: endpoints.iter().map(|e| e.requests).sum(),
+            errors: endpoints.iter().map(EndpointReport::failed).sum(),
+            compactions,
+            counter_exported,
+        });
+        self.endpoints.extend(endpoints);
+    }
 }
 
 /// The whole run.
@@ -195,9 +242,12 @@ impl RunReport {
         }
     }
 
-    /// Failed requests of the whole run.
+    /// Failed requests of the whole run, every phase.
     pub fn errors(&self) -> u64 {
-        self.scenarios.iter().map(|s| s.errors).sum()
+        self.scenarios
+            .iter()
+            .map(|s| s.errors + s.compaction.as_ref().map_or(0, |c| c.errors))
+            .sum()
     }
 
     /// The report as a text table.
@@ -262,6 +312,24 @@ impl RunReport {
             }
             if let Some(bytes) = s.bytes_per_session {
                 let _ = writeln!(out, "  RSS per live session: {bytes:.0} bytes");
+            }
+            if let Some(c) = &s.compaction {
+                let seen = match (c.compactions, c.counter_exported) {
+                    (0, false) => format!(
+                        "no compaction observed: the broker does not export {COMPACTIONS_METRIC}"
+                    ),
+                    (0, true) => {
+                        format!("no compaction observed: {COMPACTIONS_METRIC} did not grow")
+                    }
+                    (1, _) => "1 compaction observed".to_owned(),
+                    (n, _) => format!("{n} compactions observed"),
+                };
+                let _ = writeln!(
+                    out,
+                    "  compaction phase: {:.2} s, {} users at the session cap, {} requests, {} \
+                     errors; {seen}",
+                    c.elapsed_secs, c.users, c.requests, c.errors
+                );
             }
             if let Some(secs) = s.restart_secs {
                 let _ = writeln!(out, "  restart until serving: {secs:.2} s");

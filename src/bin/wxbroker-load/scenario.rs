@@ -1,7 +1,8 @@
 //! The scenarios: what each worker sends, in what order, and what answer counts as success.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,9 @@ use tokio::sync::Barrier;
 use crate::client::{Call, Conn};
 use crate::fleet::Fleet;
 use crate::report::{EndpointStats, ScenarioReport, TargetReport};
+
+/// The name the compaction phase's logins are reported under.
+const DURING_COMPACTION: &str = "POST /v1/login (during compaction)";
 
 /// What to load.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +29,8 @@ pub enum Scenario {
     Login,
     /// A user's life: login, `--checks` session checks, userinfo, logout.
     Mixed,
-    /// `--sessions` logins of returning users, to measure memory per live session.
+    /// `--sessions` logins of returning users, to measure memory per live session; then logins of
+    /// users at the session cap until the broker has compacted its session log.
     Sessions,
 }
 
@@ -49,10 +54,32 @@ pub struct Options {
     pub checks: usize,
     /// Sessions to create in `sessions`.
     pub sessions: u64,
+    /// Whether `sessions` ends with its compaction phase.
+    pub compaction: bool,
 }
 
-/// Live sessions one user may hold in the broker (its `MAX_SESSIONS_PER_USER` is 64).
+/// Logins per returning user in `sessions`, on average: each picks one of `--sessions / 60` users
+/// at random, so a user holds 61 sessions with its registration's, and about a third of the users
+/// pass the broker's cap and lose their oldest.
 const SESSIONS_PER_USER: u64 = 60;
+
+/// Live sessions one user may hold in the broker (its `MAX_SESSIONS_PER_USER`): one more login
+/// evicts the oldest, so it writes two frames to the session log instead of one.
+const SESSION_CAP: u64 = 64;
+
+/// Users the compaction phase logs in at most: enough that concurrent logins seldom share a user,
+/// few enough that bringing each to the cap beforehand takes seconds.
+const CHURN_USERS: usize = 1024;
+
+/// The broker's counter of finished session log rewrites, read from its `/metrics`.
+pub const COMPACTIONS_METRIC: &str = "wxbroker_session_log_compactions_total";
+
+/// How often the compaction phase reads `/metrics`.
+const METRICS_POLL: Duration = Duration::from_millis(250);
+
+/// How long the compaction phase goes on once a compaction has finished, for the logins the
+/// rewrite held back to be answered and measured.
+const AFTER_COMPACTION: Duration = Duration::from_secs(2);
 
 /// State shared by a phase's workers.
 struct Shared {
@@ -60,6 +87,8 @@ struct Shared {
     limit: u64,
     /// Set once every worker is connected and prepared: connecting is not what is measured.
     deadline: OnceLock<Instant>,
+    /// Ends the phase before its bounds: the compaction phase, once it has seen a compaction.
+    stopped: AtomicBool,
 }
 
 impl Shared {
@@ -68,7 +97,16 @@ impl Shared {
             sent: AtomicU64::new(0),
             limit,
             deadline: OnceLock::new(),
+            stopped: AtomicBool::new(false),
         })
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
     }
 
     /// Takes the right to send one more request, unless a bound is reached.
@@ -78,8 +116,19 @@ impl Shared {
 
     fn running(&self) -> bool {
         let deadline = *self.deadline.get().expect("set before the workers start");
-        Instant::now() < deadline && self.sent.load(Ordering::Relaxed) < self.limit
+        !self.stopped()
+            && Instant::now() < deadline
+            && self.sent.load(Ordering::Relaxed) < self.limit
     }
+}
+
+/// What a phase's workers send.
+#[derive(Clone, Copy)]
+enum Work {
+    /// The scenario's own loop.
+    Scenario(Scenario, Plan),
+    /// Logins of the first `users` returning users, each holding [`SESSION_CAP`] sessions.
+    Churn { users: usize },
 }
 
 /// The scenario parameters a worker needs.
@@ -215,9 +264,9 @@ impl Scenario {
             checks: options.checks,
             pool,
         };
+        let work = Work::Scenario(self, plan);
         let measured = measure(
-            self,
-            plan,
+            work,
             fleet,
             connections,
             limits.duration,
@@ -240,6 +289,21 @@ impl Scenario {
         {
             report.bytes_per_session =
                 Some(after.saturating_sub(before) as f64 / report.requests.max(1) as f64);
+        }
+        if self == Scenario::Sessions && options.compaction && pool > 0 {
+            let users = pool.min(CHURN_USERS);
+            let (churn, watch) =
+                compaction_phase(fleet, limits, connections, &nonce, users).await?;
+            for (target, stats) in &churn.connections {
+                share(&mut per_target, fleet, *target).add_requests(stats);
+            }
+            report.add_compaction(
+                &churn.endpoints(),
+                churn.elapsed,
+                users,
+                watch.compactions(),
+                watch.exported,
+            );
         }
         report.targets = per_target.into_values().collect();
         Ok(report)
@@ -300,11 +364,10 @@ impl Scenario {
     }
 }
 
-/// Runs one worker per connection doing `scenario`'s work, from a common start until a bound of
-/// `shared` stops them, with a progress line; returns what they measured.
+/// Runs one worker per connection doing `work`, from a common start until a bound of `shared`
+/// stops them, with a progress line; returns what they measured.
 async fn measure(
-    scenario: Scenario,
-    plan: Plan,
+    work: Work,
     fleet: &Fleet,
     connections: usize,
     duration: Duration,
@@ -316,10 +379,10 @@ async fn measure(
     for id in 0..connections {
         let target = fleet.pick(id);
         let conn = Conn::open(fleet.addr(target)).await?;
-        let token = match scenario {
+        let token = match work {
             // Made on the next target, so that with several every check reads a session
             // another instance created: what a shared store must get right.
-            Scenario::Check => {
+            Work::Scenario(Scenario::Check, _) => {
                 let mut maker = Conn::open(fleet.addr(fleet.pick(id + 1))).await?;
                 Some(token(&mut maker, &format!("c{nonce}w{id}.1")).await?)
             }
@@ -336,13 +399,20 @@ async fn measure(
         let start = start.clone();
         workers.push(tokio::spawn(async move {
             start.wait().await;
-            scenario.drive(worker, token, plan).await
+            match work {
+                Work::Scenario(scenario, plan) => scenario.drive(worker, token, plan).await,
+                Work::Churn { users } => churn(worker, users).await,
+            }
         }));
     }
     let started = Instant::now();
     shared.deadline.set(started + duration).expect("set once");
     start.wait().await;
-    let progress = tokio::spawn(progress(scenario.name(), started, shared.clone()));
+    let name = match work {
+        Work::Scenario(scenario, _) => scenario.name(),
+        Work::Churn { .. } => "sessions: compaction",
+    };
+    let progress = tokio::spawn(progress(name, started, shared.clone()));
     let mut measured = Measured {
         connections: Vec::with_capacity(workers.len()),
         elapsed: 0.0,
@@ -365,6 +435,177 @@ fn share<'a>(
     shares
         .entry(index)
         .or_insert_with(|| TargetReport::new(index, fleet.addr(index)))
+}
+
+/// The compaction phase of `sessions`: the first `users` returning users are brought to the
+/// session cap, then logged in over and over, each login writing a new session and the removal
+/// of the oldest to the broker's session log, so that the log outgrows the live sessions and is
+/// rewritten. Ends [`AFTER_COMPACTION`] after `/metrics` shows a compaction finished, or at the
+/// scenario's bounds.
+async fn compaction_phase(
+    fleet: &Fleet,
+    limits: &Limits,
+    connections: usize,
+    nonce: &str,
+    users: usize,
+) -> anyhow::Result<(Measured, Watch)> {
+    // A cap's worth of logins leaves a user at the cap whatever it held; round-robin over the
+    // users, so that concurrent logins seldom share one.
+    let prefix = format!("p{nonce}u");
+    let topped = users as u64 * SESSION_CAP;
+    prepare_logins(fleet, connections, topped, move |i| {
+        format!("{prefix}{}.t{}", i % users as u64, i / users as u64)
+    })
+    .await?;
+    let addrs = fleet.addrs();
+    let mut watch = Watch::new(addrs.len());
+    watch.poll(&addrs).await;
+    eprintln!(
+        "[sessions] compaction phase: {users} users at the {SESSION_CAP}-session cap log in \
+         until the broker's {COMPACTIONS_METRIC} grows (at most {:.0} s, {} requests)",
+        limits.duration.as_secs_f64(),
+        limits.requests
+    );
+    let shared = Shared::new(limits.requests);
+    let watcher = tokio::spawn(watch_compactions(addrs, watch, shared.clone()));
+    let work = Work::Churn { users };
+    let measured = measure(
+        work,
+        fleet,
+        connections,
+        limits.duration,
+        shared.clone(),
+        nonce,
+    )
+    .await;
+    shared.stop();
+    let watch = watcher.await?;
+    Ok((measured?, watch))
+}
+
+/// A compaction phase worker's loop: logins of users at the cap; returns its target and figures.
+async fn churn(mut w: Worker, users: usize) -> (usize, BTreeMap<String, EndpointStats>) {
+    let mut seq = 0u64;
+    while w.shared.running() {
+        seq += 1;
+        // `c` keeps these codes apart from the first phase's, which the sandbox saw already.
+        let code = format!(
+            "p{}u{}.{}c{seq}",
+            w.nonce,
+            rand::random_range(0..users.max(1)),
+            w.id
+        );
+        w.call(DURING_COMPACTION, login_call(&code), 200).await;
+    }
+    (w.target, w.stats)
+}
+
+/// Reads the compaction counter every [`METRICS_POLL`] until the phase stops, and stops it
+/// [`AFTER_COMPACTION`] after the counter has grown; returns what it saw, read once more last.
+async fn watch_compactions(addrs: Vec<SocketAddr>, mut watch: Watch, shared: Arc<Shared>) -> Watch {
+    let mut tick = tokio::time::interval(METRICS_POLL);
+    // A reading that waited for a busy broker is not followed by a burst of others.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut end = None;
+    while !shared.stopped() {
+        tick.tick().await;
+        watch.poll(&addrs).await;
+        if end.is_none() && watch.compactions() > 0 {
+            end = Some(Instant::now() + AFTER_COMPACTION);
+        }
+        if end.is_some_and(|end| Instant::now() >= end) {
+            shared.stop();
+        }
+    }
+    watch.poll(&addrs).await;
+    watch
+}
+
+/// What the compaction phase saw of the brokers' compaction counters.
+struct Watch {
+    /// Per target: the counter at its first answer, 0 while not exported.
+    first: Vec<Option<u64>>,
+    /// Per target: the counter at its latest answer.
+    last: Vec<Option<u64>>,
+    /// Whether any answer held the counter: a broker without it shows no compaction.
+    exported: bool,
+}
+
+impl Watch {
+    fn new(targets: usize) -> Watch {
+        Watch {
+            first: vec![None; targets],
+            last: vec![None; targets],
+            exported: false,
+        }
+    }
+
+    /// Reads every target's counter. A target that does not answer keeps its last value: the
+    /// watch must not end a run the brokers would have finished.
+    async fn poll(&mut self, addrs: &[SocketAddr]) {
+        for (i, addr) in addrs.iter().enumerate() {
+            let Some(text) = metrics(*addr).await else {
+                continue;
+            };
+            let value = counter(&text, COMPACTIONS_METRIC);
+            self.exported |= value.is_some();
+            let value = value.unwrap_or(0);
+            self.first[i].get_or_insert(value);
+            self.last[i] = Some(value);
+        }
+    }
+
+    /// Compactions finished since the first reading, over every target.
+    fn compactions(&self) -> u64 {
+        self.first
+            .iter()
+            .zip(&self.last)
+            .filter_map(|(first, last)| Some(last.as_ref()?.saturating_sub(*first.as_ref()?)))
+            .sum()
+    }
+}
+
+/// The broker's `/metrics` text, on a connection of its own so that a slow answer cannot hold
+/// up the next reading; `None` if it does not answer 200 within a second.
+async fn metrics(addr: SocketAddr) -> Option<String> {
+    let call = Call {
+        method: Method::GET,
+        path: "/metrics",
+        token: None,
+        json: None,
+    };
+    let read = async { Conn::open(addr).await.ok()?.send(&call).await.ok() };
+    match tokio::time::timeout(Duration::from_secs(1), read).await {
+        Ok(Some((200, body))) => Some(String::from_utf8_lossy(&body).into_owned()),
+        _ => None,
+    }
+}
+
+/// The value of counter `name` in a Prometheus text exposition, summed over its label sets;
+/// `None` when it is not there.
+fn counter(text: &str, name: &str) -> Option<u64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once('}').map_or("", |(_, value)| value),
+            None => rest,
+        };
+        // Another metric whose name starts with this one's has no space here.
+        if !rest.starts_with([' ', '\t']) {
+            continue;
+        }
+        let value = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(value) = value {
+            *found.get_or_insert(0) += value as u64;
+        }
+    }
+    found
 }
 
 /// A user's life: login, checks, the client's encrypted profile, userinfo, logout. All on the
@@ -479,5 +720,35 @@ async fn progress(name: &'static str, started: Instant, shared: Arc<Shared>) {
             sent - last
         );
         last = sent;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counter_is_read_whatever_surrounds_it_and_missing_is_none() {
+        let text = "# HELP wxbroker_session_log_compactions_total Rewrites.\n\
+                    # TYPE wxbroker_session_log_compactions_total counter\n\
+                    wxbroker_session_log_compactions_total_created 1.7e9\n\
+                    wxbroker_session_log_compactions_total 3\n";
+        assert_eq!(counter(text, COMPACTIONS_METRIC), Some(3));
+        let labelled = "wxbroker_session_log_compactions_total{store=\"a\"} 2\n\
+                        wxbroker_session_log_compactions_total{store=\"b\"} 1 1700000000\n";
+        assert_eq!(counter(labelled, COMPACTIONS_METRIC), Some(3));
+        assert_eq!(
+            counter("wxbroker_logins_total 5\n", COMPACTIONS_METRIC),
+            None
+        );
+        assert_eq!(counter("", COMPACTIONS_METRIC), None);
+    }
+
+    #[test]
+    fn compactions_count_growth_per_target_from_its_first_answer() {
+        let mut watch = Watch::new(2);
+        // The second target never answered: it counts for nothing.
+        (watch.first, watch.last) = (vec![Some(2), None], vec![Some(3), None]);
+        assert_eq!(watch.compactions(), 1);
     }
 }

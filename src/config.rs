@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::builder::PossibleValue;
 use clap::parser::ValueSource;
-use clap::{Arg, ArgMatches, Command, CommandFactory, Parser, ValueEnum};
+use clap::{Arg, ArgMatches, Command, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use reqwest::Url;
 
 use crate::{Clock, Error};
@@ -171,37 +171,15 @@ pub struct Config {
     pub clock: Clock,
 }
 
+/// What clap gives for an empty command line, so that each default is written once, in its
+/// `#[arg]`. The environment is left out: a default is the same wherever it runs.
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            config_file: None,
-            appid: None,
-            secret: None,
-            api_base: Url::parse(DEFAULT_API_BASE).expect("default API base is a URL"),
-            listen: DEFAULT_LISTEN
-                .parse()
-                .expect("default listen is an address"),
-            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            store: None,
-            session_idle_ttl: DEFAULT_SESSION_IDLE_TTL,
-            session_max_ttl: DEFAULT_SESSION_MAX_TTL,
-            max_inflight: DEFAULT_MAX_INFLIGHT,
-            upstream_timeout_ms: DEFAULT_UPSTREAM_TIMEOUT_MS,
-            upstream_connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
-            upstream_retries: DEFAULT_UPSTREAM_RETRIES,
-            call_timeout_ms: DEFAULT_CALL_TIMEOUT_MS,
-            sweep_interval_secs: DEFAULT_SWEEP_INTERVAL,
-            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
-            login_rate_per_min: DEFAULT_LOGIN_RATE_PER_MIN,
-            login_burst: DEFAULT_LOGIN_BURST,
-            admin_token: None,
-            sandbox_latency_ms: 0,
-            cache_mb: DEFAULT_CACHE_MB,
-            log_format: LogFormat::Human,
-            clock: Clock::system(),
-        }
+        let matches = Config::command()
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(["wxbroker"])
+            .expect("the defaults parse");
+        Config::from_arg_matches(&matches).expect("the defaults parse")
     }
 }
 
@@ -528,8 +506,6 @@ impl FromStr for Secret {
 
 #[cfg(test)]
 mod tests {
-    use clap::FromArgMatches;
-
     use super::*;
 
     #[test]
@@ -542,6 +518,67 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("very-secret-value"), "{shown}");
         assert!(shown.contains("[redacted]"));
+    }
+
+    /// Checks `config` against the defaults the constants above document.
+    fn assert_documented_defaults(config: &Config) {
+        assert_eq!(config.config_file, None);
+        assert_eq!(config.appid, None);
+        assert_eq!(config.secret, None);
+        assert_eq!(config.api_base.as_str(), format!("{DEFAULT_API_BASE}/"));
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.data_dir, Path::new(DEFAULT_DATA_DIR));
+        assert_eq!(config.store, None);
+        assert_eq!(config.session_idle_ttl, DEFAULT_SESSION_IDLE_TTL);
+        assert_eq!(config.session_max_ttl, DEFAULT_SESSION_MAX_TTL);
+        assert_eq!(config.max_inflight, DEFAULT_MAX_INFLIGHT);
+        assert_eq!(config.upstream_timeout_ms, DEFAULT_UPSTREAM_TIMEOUT_MS);
+        assert_eq!(
+            config.upstream_connect_timeout_ms,
+            DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS
+        );
+        assert_eq!(config.upstream_retries, DEFAULT_UPSTREAM_RETRIES);
+        assert_eq!(config.call_timeout_ms, DEFAULT_CALL_TIMEOUT_MS);
+        assert_eq!(config.sweep_interval_secs, DEFAULT_SWEEP_INTERVAL);
+        assert_eq!(
+            config.header_read_timeout_ms,
+            DEFAULT_HEADER_READ_TIMEOUT_MS
+        );
+        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT_MS);
+        assert_eq!(config.login_rate_per_min, DEFAULT_LOGIN_RATE_PER_MIN);
+        assert_eq!(config.login_burst, DEFAULT_LOGIN_BURST);
+        assert_eq!(config.admin_token, None);
+        assert_eq!(config.sandbox_latency_ms, 0);
+        assert_eq!(config.cache_mb, DEFAULT_CACHE_MB);
+        assert_eq!(config.log_format, LogFormat::Human);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        assert_documented_defaults(&Config::default());
+    }
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        // The test above, rerun by a child process whose environment sets every variable that
+        // Config reads; a child, because other tests read this process's environment meanwhile.
+        // "1" is no setting's default, and no URL, address or log format.
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args(["--exact", "config::tests::defaults_are_the_documented_ones"]);
+        for arg in Config::command().get_arguments() {
+            if let Some(var) = arg.get_env() {
+                child.env(var, "1");
+            }
+        }
+        let output = child.output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub mod server_api;
 mod session;
 pub mod storage;
 pub mod upstream;
+mod used_codes;
 mod user;
 
 use std::future::Future;

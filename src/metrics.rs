@@ -34,6 +34,9 @@ pub struct Metrics {
     pub compaction_seconds: Histogram,
     /// Rewrites of the session log finished (sled only).
     pub compactions: IntCounter,
+    /// 1 while the session log is being rewritten, else 0: tells a load test which of its
+    /// requests met a compaction.
+    pub compacting: IntGauge,
 }
 
 impl Metrics {
@@ -117,6 +120,10 @@ impl Metrics {
                     .expect("unique metric");
                 metric
             },
+            compacting: gauge(
+                "wxbroker_session_log_compacting",
+                "1 while the session log is being rewritten",
+            ),
             registry,
         }
     }

@@ -28,7 +28,7 @@
 
 mod server_api;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,7 +47,11 @@ use warp::{Filter, Reply};
 
 use crate::config::Secret;
 use crate::crypto::{encrypt_for_client, raw_data_signature};
+use crate::used_codes::UsedCodes;
 use crate::{Config, EncryptedData, Error};
+
+/// How long the sandbox refuses a code it exchanged, as WeChat does for a code's life.
+const CODE_LIFETIME: Duration = Duration::from_secs(300);
 
 /// The appid the sandbox expects: not a real one, so it can never be mistaken for production.
 pub const SANDBOX_APPID: &str = "wxsandbox0000000";
@@ -72,7 +76,7 @@ struct SandboxState {
     secret: String,
     latency: Duration,
     access_token_lifetime: Duration,
-    used_codes: Mutex<HashSet<String>>,
+    used_codes: Mutex<UsedCodes>,
     /// openid -> what the latest exchange for it told the broker.
     logins: Mutex<HashMap<String, SandboxLogin>>,
     exchanges: AtomicU64,
@@ -98,7 +102,7 @@ impl Sandbox {
             access_token_lifetime: options
                 .access_token_lifetime
                 .unwrap_or(Duration::from_secs(7200)),
-            used_codes: Mutex::new(HashSet::new()),
+            used_codes: Mutex::new(UsedCodes::new(CODE_LIFETIME)),
             logins: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
             server_api: Default::default(),
@@ -272,7 +276,7 @@ impl SandboxState {
             .used_codes
             .lock()
             .expect("sandbox lock")
-            .insert(code.to_owned())
+            .insert(code, tokio::time::Instant::now())
         {
             return wechat_error(40163, "code been used");
         }
@@ -464,7 +468,7 @@ mod tests {
             secret: "s".into(),
             latency: Duration::ZERO,
             access_token_lifetime: Duration::from_secs(7200),
-            used_codes: Mutex::new(HashSet::new()),
+            used_codes: Mutex::new(UsedCodes::new(CODE_LIFETIME)),
             logins: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
             server_api: Default::default(),

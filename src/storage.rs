@@ -108,12 +108,12 @@ impl Storage {
     pub async fn load_sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
         match self {
             Storage::Sled { data, commit } => {
-                let (log, commit) = (data.session_log().clone(), commit.clone());
+                let (data, commit) = (data.clone(), commit.clone());
                 // Reading a million sessions takes seconds: on a runtime worker it would stall
                 // the tasks queued there, and a keeper restarted by its supervisor loads while
                 // the broker serves.
                 let loaded = tokio::task::spawn_blocking(move || {
-                    SledSessions::load(log, commit, policy, metrics)
+                    SledSessions::load(data, commit, policy, metrics)
                 })
                 .await;
                 // A panic while loading panics here, as before: the keeper fails to start and is
@@ -204,7 +204,11 @@ impl Health {
                 let flushed = data.clone();
                 tokio::task::spawn_blocking(move || {
                     flushed.flush()?;
+                    // A compaction still running gives up at once, and lets go of the data dir.
                     flushed.session_log().close();
+                    flushed
+                        .session_log()
+                        .wait_idle(std::time::Duration::from_secs(10));
                     Ok::<_, Error>(())
                 })
                 .await
@@ -397,12 +401,13 @@ impl Sessions {
         }
     }
 
-    /// Deletes expired sessions (Redis expires them itself); with sled, has the session log
-    /// rewritten beside the caller when it is worth it.
-    pub fn sweep(&mut self, now: u64) {
+    /// Deletes expired sessions, a part at a time (Redis expires them itself); with sled, has
+    /// the session log rewritten beside the caller when it is worth it. Returns whether the sweep
+    /// goes on: the caller sweeps again after its other work.
+    pub fn sweep(&mut self, now: u64) -> bool {
         match self {
             Sessions::Sled(sessions) => sessions.sweep(now),
-            Sessions::Redis(..) => {}
+            Sessions::Redis(..) => false,
         }
     }
 

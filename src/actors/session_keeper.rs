@@ -122,7 +122,7 @@ impl Actor for SessionKeeper {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -147,7 +147,12 @@ impl Actor for SessionKeeper {
                 answer(sessions.revoke_user(uid, now), reply)
             }
             SessionKeeperMsg::Count(reply) => answer(sessions.count(), reply),
-            SessionKeeperMsg::Sweep => sessions.sweep(now),
+            SessionKeeperMsg::Sweep => {
+                // The rest of the pass queues behind the messages already waiting.
+                if sessions.sweep(now) {
+                    let _ = myself.cast(SessionKeeperMsg::Sweep);
+                }
+            }
             #[cfg(feature = "fault-injection")]
             SessionKeeperMsg::Inject(fault) => fault.strike("SessionKeeper").await,
         }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::storage::{Booking, CodeBook};
 use crate::upstream::{Code2Session, Upstream};
+use crate::used_codes::UsedCodes;
 use crate::{Error, Metrics};
 
 /// WeChat's codes live about five minutes; remembering one longer would only cost memory.
@@ -44,10 +45,8 @@ pub struct WeChatExchangerState {
     max_inflight: usize,
     /// Code -> everyone waiting for its exchange (the first caller and any duplicates).
     inflight: HashMap<String, Vec<RpcReplyPort<Result<Code2Session, Error>>>>,
-    /// Code -> when it was exchanged successfully.
-    used: HashMap<String, Instant>,
-    /// When `used` was last pruned of codes older than [`CODE_LIFETIME`].
-    pruned_at: Instant,
+    /// Codes exchanged in the last five minutes: WeChat would refuse them.
+    used: UsedCodes,
 }
 
 /// Messages of the exchanger.
@@ -77,8 +76,7 @@ impl Actor for WeChatExchanger {
             claims: args.claims,
             max_inflight: args.max_inflight,
             inflight: HashMap::new(),
-            used: HashMap::new(),
-            pruned_at: Instant::now(),
+            used: UsedCodes::new(CODE_LIFETIME),
         })
     }
 
@@ -105,8 +103,7 @@ impl WeChatExchangerState {
         code: String,
         reply: RpcReplyPort<Result<Code2Session, Error>>,
     ) {
-        self.prune_used();
-        if self.used.contains_key(&code) {
+        if self.used.contains(&code, Instant::now()) {
             let _ = reply.send(Err(Error::CodeUsed));
             return;
         }
@@ -140,22 +137,11 @@ impl WeChatExchangerState {
             .upstream_inflight
             .set(self.inflight.len() as i64);
         if outcome.is_ok() {
-            self.used.insert(code, Instant::now());
+            self.used.insert(&code, Instant::now());
         }
         for waiter in waiters {
             let _ = waiter.send(outcome.clone());
         }
-    }
-
-    /// Forgets codes past their lifetime, at most once per tenth of that lifetime.
-    fn prune_used(&mut self) {
-        let now = Instant::now();
-        if now.duration_since(self.pruned_at) < CODE_LIFETIME / 10 {
-            return;
-        }
-        self.pruned_at = now;
-        self.used
-            .retain(|_, at| now.duration_since(*at) < CODE_LIFETIME);
     }
 }
 

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,7 +98,7 @@ impl SessionLog {
             sync_dir(&path).map_err(|e| storage(&path, "create", e))?;
         }
         let read = |e| storage(&path, "read", e);
-        let (frames, whole) = scan(&mut file, |_, _| {}).map_err(read)?;
+        let (frames, whole) = scan(&mut file, |_, _| ControlFlow::Continue(())).map_err(read)?;
         let len = file.metadata().map_err(read)?.len();
         if whole < len {
             tracing::warn!(
@@ -200,14 +201,13 @@ impl SessionLog {
         let mut sessions = HashMap::new();
         let mut undecodable = 0;
         let input = file.take(len).chain(buffered.as_slice());
-        scan(input, |_, body| match decode(body) {
-            Some(Frame::Put(hash, record)) => {
-                sessions.insert(hash, record);
+        scan(input, |_, body| {
+            match decode(body) {
+                Some(Frame::Put(hash, record)) => drop(sessions.insert(hash, record)),
+                Some(Frame::Remove(hash)) => drop(sessions.remove(&hash)),
+                None => undecodable += 1,
             }
-            Some(Frame::Remove(hash)) => {
-                sessions.remove(&hash);
-            }
-            None => undecodable += 1,
+            ControlFlow::Continue(())
         })
         .map_err(read)?;
         if undecodable > 0 {
@@ -240,16 +240,20 @@ impl SessionLog {
             self.catch_up(&mut prepared)?;
             self.switch(prepared)
         });
-        if !matches!(outcome, Ok(Some(_))) {
+        if outcome.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         self.compacting.store(false, Ordering::Release);
-        outcome
+        match outcome {
+            Ok(compacted) => Ok(Some(compacted)),
+            Err(Stop::Closed) => Ok(None),
+            Err(Stop::Failed(e)) => Err(e),
+        }
     }
 
     /// The long part of a compaction, which holds no lock: the live records of the file as it is
     /// now, written to `tmp`.
-    fn prepare_compaction(&self, tmp: &Path) -> Result<Prepared, Error> {
+    fn prepare_compaction(&self, tmp: &Path) -> Result<Prepared, Stop> {
         let read = |e| storage(&self.path, "read", e);
         let write = |e| storage(tmp, "write", e);
         let (mut old, start) = {
@@ -259,17 +263,18 @@ impl SessionLog {
         // Where the last put of each session not removed since starts.
         let mut latest: HashMap<TokenHash, u64> = HashMap::new();
         let (read_frames, _) = scan((&old).take(start), |offset, body| {
-            let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) else {
-                return;
-            };
-            match body[0] {
-                PUT => drop(latest.insert(hash, offset)),
-                REMOVE => drop(latest.remove(&hash)),
-                // Unknown kinds are skipped, as replaying skips them.
-                _ => {}
+            if let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) {
+                match body[0] {
+                    PUT => drop(latest.insert(hash, offset)),
+                    REMOVE => drop(latest.remove(&hash)),
+                    // Unknown kinds are dropped, as replaying skips them.
+                    _ => {}
+                }
             }
+            self.go_on()
         })
         .map_err(read)?;
+        self.check_open()?;
         let mut keep: Vec<u64> = latest.into_values().collect();
         keep.sort_unstable();
 
@@ -278,21 +283,25 @@ impl SessionLog {
         old.seek(SeekFrom::Start(0)).map_err(read)?;
         let mut frame = Vec::new();
         scan((&old).take(start), |offset, body| {
-            if failed.is_some() || next.peek() != Some(&&offset) {
-                return;
+            if next.peek() == Some(&&offset) {
+                next.next();
+                frame.clear();
+                push_frame(&mut frame, body);
+                match out.write_all(&frame) {
+                    Ok(()) => written += frame.len() as u64,
+                    Err(e) => {
+                        failed = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                }
             }
-            next.next();
-            frame.clear();
-            push_frame(&mut frame, body);
-            match out.write_all(&frame) {
-                Ok(()) => written += frame.len() as u64,
-                Err(e) => failed = Some(e),
-            }
+            self.go_on()
         })
         .map_err(read)?;
         if let Some(e) = failed {
-            return Err(write(e));
+            return Err(write(e).into());
         }
+        self.check_open()?;
         let file = out.into_inner().map_err(|e| write(e.into_error()))?;
         Ok(Prepared {
             file,
@@ -308,9 +317,10 @@ impl SessionLog {
     /// Copies what was flushed since `prepared` last looked, until little is left for the switch
     /// to copy under the lock (the old file only grows while this compaction is the only one),
     /// then syncs the new file: the switch syncs only the rest.
-    fn catch_up(&self, prepared: &mut Prepared) -> Result<(), Error> {
+    fn catch_up(&self, prepared: &mut Prepared) -> Result<(), Stop> {
         let write = |e| storage(&prepared.tmp, "write", e);
         loop {
+            self.check_open()?;
             let len = self.file().len;
             if len - prepared.start <= SWITCH_TAIL {
                 break;
@@ -327,13 +337,13 @@ impl SessionLog {
             prepared.written += tail.len() as u64;
             prepared.start = len;
         }
-        prepared.file.sync_data().map_err(write)
+        Ok(prepared.file.sync_data().map_err(write)?)
     }
 
     /// The short part, under the file's lock: the frames flushed since `prepared` read the file
     /// copied behind its own, synced, and the new file renamed over the log. `None` if the log
     /// was closed meanwhile.
-    fn switch(&self, prepared: Prepared) -> Result<Option<Compacted>, Error> {
+    fn switch(&self, prepared: Prepared) -> Result<Compacted, Stop> {
         let Prepared {
             file,
             tmp,
@@ -344,9 +354,7 @@ impl SessionLog {
             ..
         } = prepared;
         let mut log = self.file();
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(None);
-        }
+        self.check_open()?;
         let mut tail = vec![0; (log.len - start) as usize];
         log.file
             .read_exact_at(&mut tail, start)
@@ -368,18 +376,43 @@ impl SessionLog {
                 tracing::warn!(error = %e, "cannot sync the data dir; the next flush retries")
             }
         }
-        Ok(Some(Compacted {
+        Ok(Compacted {
             read,
             kept,
             tail_bytes: tail.len() as u64,
-        }))
+        })
     }
 
     /// Stops any compaction from replacing the file from now on (at shutdown, after the last
-    /// flush): the data dir may be opened again at once, by a broker that must find its log.
+    /// flush): the data dir may be opened again at once, by a broker that must find its log. A
+    /// compaction that is running gives up at its next step.
     pub fn close(&self) {
         let _log = self.file();
         self.closed.store(true, Ordering::Release);
+    }
+
+    /// Waits, up to `timeout`, until no compaction runs (at shutdown, after [`SessionLog::close`]).
+    pub fn wait_idle(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.compacting.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Whether a compaction should go on reading.
+    fn go_on(&self) -> ControlFlow<()> {
+        match self.closed.load(Ordering::Relaxed) {
+            true => ControlFlow::Break(()),
+            false => ControlFlow::Continue(()),
+        }
+    }
+
+    /// A compaction's check between its steps.
+    fn check_open(&self) -> Result<(), Stop> {
+        match self.closed.load(Ordering::Acquire) {
+            true => Err(Stop::Closed),
+            false => Ok(()),
+        }
     }
 
     fn file(&self) -> MutexGuard<'_, LogFile> {
@@ -392,6 +425,20 @@ impl SessionLog {
         self.buffer
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Why a compaction stopped short.
+enum Stop {
+    /// The log was closed: the compaction gives up, which is no failure.
+    Closed,
+    /// It failed.
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        Stop::Failed(e)
     }
 }
 
@@ -464,9 +511,13 @@ enum Frame {
     Remove(TokenHash),
 }
 
-/// Reads `input` frame by frame, calling `each` with the offset and body of every whole one;
-/// returns how many there were and where they end (a short or damaged frame ends the reading).
-fn scan(input: impl Read, mut each: impl FnMut(u64, &[u8])) -> std::io::Result<(u64, u64)> {
+/// Reads `input` frame by frame, calling `each` with the offset and body of every whole one until
+/// it breaks; returns how many there were and where they end (a short or damaged frame ends the
+/// reading).
+fn scan(
+    input: impl Read,
+    mut each: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
+) -> std::io::Result<(u64, u64)> {
     let mut input = BufReader::with_capacity(1 << 16, input);
     let (mut frames, mut end) = (0, 0);
     let (mut header, mut body) = ([0u8; HEADER], Vec::new());
@@ -483,7 +534,9 @@ fn scan(input: impl Read, mut each: impl FnMut(u64, &[u8])) -> std::io::Result<(
         if !read_whole(&mut input, &mut body)? || crc32fast::hash(&body) != crc {
             break;
         }
-        each(end, &body);
+        if each(end, &body).is_break() {
+            break;
+        }
         frames += 1;
         end += (HEADER + len) as u64;
     }
@@ -689,7 +742,9 @@ mod tests {
         }
         log.flush().unwrap();
         let tmp = compaction_path(&log.path);
-        let mut prepared = log.prepare_compaction(&tmp).unwrap();
+        let Ok(mut prepared) = log.prepare_compaction(&tmp) else {
+            panic!("the compaction failed");
+        };
         // Meanwhile, more than the switch copies: sessions that come and go, copied by the
         // catch-up without the lock.
         let churn = 4_000u64;
@@ -700,7 +755,7 @@ mod tests {
             log.remove([&hash]);
         }
         log.flush().unwrap();
-        log.catch_up(&mut prepared).unwrap();
+        assert!(log.catch_up(&mut prepared).is_ok());
         // Then a logout, a new session and a slid one, flushed into the old file after the
         // catch-up: the switch copies them.
         log.remove(&[[1; 32]]);
@@ -711,7 +766,9 @@ mod tests {
         log.remove(&[[3; 32]]);
         let before = log.replay().unwrap();
 
-        let compacted = log.switch(prepared).unwrap().unwrap();
+        let Ok(compacted) = log.switch(prepared) else {
+            panic!("the switch failed");
+        };
         assert_eq!((compacted.read, compacted.kept), (40, 4));
         assert!(compacted.tail_bytes > 0 && compacted.tail_bytes < SWITCH_TAIL);
         assert_eq!(log.frames(), 4 + 2 * churn + 3 + 1);
@@ -735,9 +792,11 @@ mod tests {
         log.put(&[1; 32], &SessionRecord::sample(2, None)).unwrap();
         log.flush().unwrap();
         let tmp = compaction_path(&log.path);
-        let prepared = log.prepare_compaction(&tmp).unwrap();
+        let Ok(prepared) = log.prepare_compaction(&tmp) else {
+            panic!("the compaction failed");
+        };
         log.close();
-        assert_eq!(log.switch(prepared).unwrap(), None);
+        assert!(matches!(log.switch(prepared), Err(Stop::Closed)));
         assert_eq!(log.compact().unwrap(), None);
         assert_eq!(log.frames(), 2);
     }

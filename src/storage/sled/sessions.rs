@@ -6,11 +6,16 @@
 //! The table is shared ([`SessionTable`]): the SessionKeeper makes every change under its write
 //! lock, and a check that needs no change (the session is live and its last use moves less than
 //! the write-back step) reads it directly, without a trip through the keeper's mailbox.
+//!
+//! It is split into [`SHARDS`] maps by the first byte of the token's hash, so that nothing the
+//! keeper does holds all of it at once: a map that doubles moves a sixty-fourth of the sessions,
+//! and the sweep visits a few shards per message, letting logins in between.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::DataDir;
 use super::group_commit::GroupCommit;
 use super::session_log::SessionLog;
 use crate::crypto::{TokenHash, session_id, token_hash};
@@ -22,19 +27,31 @@ use crate::{Error, Metrics};
 
 /// The live sessions and the handles needed to persist them.
 pub struct SledSessions {
-    log: Arc<SessionLog>,
+    data: DataDir,
     commit: GroupCommit,
     metrics: Arc<Metrics>,
     table: Arc<SessionTable>,
     /// uid -> the hashes of that user's sessions, oldest first, to update or end them all at once
     /// and to find the one the cap evicts without looking each up.
     by_uid: HashMap<u64, Vec<TokenHash>>,
+    /// The shard the sweep visits next.
+    sweep_at: usize,
 }
+
+/// Shards of the table.
+pub const SHARDS: usize = 64;
+/// Shards the sweep visits per message (a few milliseconds with a million sessions).
+const SWEEP_SHARDS: usize = 4;
+
+/// One shard: the sessions whose hash starts with its number (modulo [`SHARDS`]).
+type Shard = HashMap<TokenHash, Live>;
 
 /// The session table as checks read it.
 pub struct SessionTable {
     policy: SessionPolicy,
-    sessions: RwLock<HashMap<TokenHash, Live>>,
+    shards: Vec<RwLock<Shard>>,
+    /// Sessions in all shards.
+    len: AtomicUsize,
 }
 
 /// A session in memory: the stored record plus the last use not yet written back.
@@ -60,7 +77,7 @@ impl SessionTable {
     pub fn check(&self, hash: &TokenHash, now: u64) -> FastCheck {
         // Never wait for the keeper: while it holds the lock, the check goes through its
         // mailbox, where a call has a timeout.
-        let Ok(sessions) = self.sessions.try_read() else {
+        let Ok(sessions) = self.shard(hash).try_read() else {
             return FastCheck::NeedsKeeper;
         };
         let Some(live) = sessions.get(hash) else {
@@ -76,40 +93,56 @@ impl SessionTable {
         FastCheck::Valid(live.info(policy))
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<TokenHash, Live>> {
-        // A keeper that panicked holding the lock is replaced by one with a fresh table.
-        self.sessions
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn shard(&self, hash: &TokenHash) -> &RwLock<Shard> {
+        &self.shards[hash[0] as usize % SHARDS]
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<TokenHash, Live>> {
-        self.sessions
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The shard of `hash`, for a change.
+    fn write(&self, hash: &TokenHash) -> RwLockWriteGuard<'_, Shard> {
+        write(self.shard(hash))
+    }
+
+    /// The shard of `hash`, for a look.
+    fn read(&self, hash: &TokenHash) -> RwLockReadGuard<'_, Shard> {
+        read(self.shard(hash))
     }
 }
 
+fn write(shard: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
+    // A keeper that panicked holding the lock is replaced by one with a fresh table.
+    shard
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read(shard: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
+    shard
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl SledSessions {
-    /// The table, loaded from `log`. Blocks for as long as reading the log takes (seconds for a
-    /// million sessions).
+    /// The table, loaded from the session log of `data`. Blocks for as long as reading the log
+    /// takes (seconds for a million sessions).
     pub fn load(
-        log: Arc<SessionLog>,
+        data: DataDir,
         commit: GroupCommit,
         policy: SessionPolicy,
         metrics: Arc<Metrics>,
     ) -> SledSessions {
         let mut table = SledSessions {
-            log,
+            data,
             commit,
             metrics,
             table: Arc::new(SessionTable {
                 policy,
-                sessions: RwLock::new(HashMap::new()),
+                shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+                len: AtomicUsize::new(0),
             }),
             by_uid: HashMap::new(),
+            sweep_at: 0,
         };
-        match table.log.replay() {
+        match table.log().replay() {
             Ok(sessions) => {
                 for (hash, record) in sessions {
                     table.remember(hash, record);
@@ -121,11 +154,10 @@ impl SledSessions {
             }
         }
         // The log hands sessions over in no particular order; the index keeps them by age.
-        let sessions = table.table.read();
+        let sessions = &table.table;
         for hashes in table.by_uid.values_mut() {
-            hashes.sort_by_key(|hash| sessions.get(hash).map(|live| live.record.created_at));
+            hashes.sort_by_key(|hash| sessions.read(hash).get(hash).map(|l| l.record.created_at));
         }
-        drop(sessions);
         tracing::info!(sessions = table.len(), "session table loaded");
         table
     }
@@ -137,12 +169,16 @@ impl SledSessions {
 
     /// Sessions held, expired ones not yet swept included.
     pub fn len(&self) -> usize {
-        self.table.read().len()
+        self.table.len.load(Ordering::Relaxed)
     }
 
     /// Whether no session is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    fn log(&self) -> &SessionLog {
+        self.data.session_log()
     }
 
     fn policy(&self) -> SessionPolicy {
@@ -165,10 +201,10 @@ impl SledSessions {
             .filter(|hashes| hashes.len() >= MAX_SESSIONS_PER_USER)
             .map(|hashes| hashes[0]);
         let unionid = record.unionid.clone();
-        self.log.put(&hash, &record)?;
+        self.log().put(&hash, &record)?;
         if let Some(oldest) = oldest {
             self.forget(&oldest);
-            self.log.remove([&oldest]);
+            self.log().remove([&oldest]);
         }
         self.remember(hash, record);
         // A unionid WeChat reports now also belongs on the user's older sessions.
@@ -184,12 +220,12 @@ impl SledSessions {
     pub(crate) fn check(&mut self, hash: &TokenHash, now: u64) -> Result<SessionInfo, Error> {
         let policy = self.policy();
         let table = self.table.clone();
-        let mut sessions = table.write();
+        let mut sessions = table.write(hash);
         let live = sessions.get_mut(hash).ok_or(Error::InvalidSession)?;
         if live.expired(now, &policy) {
             drop(sessions);
             self.forget(hash);
-            self.log.remove([hash]);
+            self.log().remove([hash]);
             return Err(Error::InvalidSession);
         }
         let last_seen = live.last_seen.get_mut();
@@ -202,7 +238,7 @@ impl SledSessions {
         // The disk write happens outside the lock: checks must never wait for the disk.
         drop(sessions);
         if due {
-            self.log.put(hash, &record)?;
+            self.log().put(hash, &record)?;
         }
         Ok(info)
     }
@@ -211,7 +247,7 @@ impl SledSessions {
         let policy = self.policy();
         let revoked = (|| {
             let live = self.forget(hash).ok_or(Error::InvalidSession)?;
-            self.log.remove([hash]);
+            self.log().remove([hash]);
             if live.expired(now, &policy) {
                 return Err(Error::InvalidSession);
             }
@@ -229,42 +265,54 @@ impl SledSessions {
                 live += 1;
             }
         }
-        self.log.remove(&hashes);
+        self.log().remove(&hashes);
         self.commit.after(Ok(live))
     }
 
-    /// Forgets expired sessions, and has the log rewritten when it is worth it.
-    pub fn sweep(&mut self, now: u64) {
+    /// Forgets the expired sessions of the next few shards; at the end of a pass over all of
+    /// them, has the log rewritten when it is worth it. Returns whether the pass goes on: the
+    /// caller sweeps again after its other work.
+    pub fn sweep(&mut self, now: u64) -> bool {
         let policy = self.policy();
-        let expired: Vec<TokenHash> = self
-            .table
-            .read()
-            .iter()
-            .filter(|(_, live)| live.expired(now, &policy))
-            .map(|(hash, _)| *hash)
-            .collect();
+        let end = (self.sweep_at + SWEEP_SHARDS).min(SHARDS);
+        let mut expired = Vec::new();
+        for shard in &self.table.shards[self.sweep_at..end] {
+            let shard = read(shard);
+            let dead = shard.iter().filter(|(_, live)| live.expired(now, &policy));
+            expired.extend(dead.map(|(hash, _)| *hash));
+        }
         if !expired.is_empty() {
             for hash in &expired {
                 self.forget(hash);
             }
-            self.log.remove(&expired);
+            self.log().remove(&expired);
             tracing::debug!(removed = expired.len(), "swept expired sessions");
         }
+        self.sweep_at = end % SHARDS;
+        if self.sweep_at != 0 {
+            return true;
+        }
         self.compact_if_worth_it();
+        false
     }
 
     /// Has the session log rewritten on a thread of its own once superseded records make up most
     /// of it. Nobody waits for it: the keeper goes on with its next message at once.
     fn compact_if_worth_it(&self) {
-        if !self.log.needs_compacting(self.len()) {
+        if !self.log().needs_compacting(self.len()) {
             return;
         }
-        let (log, metrics) = (self.log.clone(), self.metrics.clone());
+        // The thread holds the data dir, whose database stays locked until it ends: no broker can
+        // open the directory while its log may still be replaced.
+        let (data, metrics) = (self.data.clone(), self.metrics.clone());
         let spawned = std::thread::Builder::new()
             .name("wxbroker-compaction".into())
             .spawn(move || {
                 let timer = metrics.compaction_seconds.start_timer();
-                match log.compact() {
+                metrics.compacting.set(1);
+                let outcome = data.session_log().compact();
+                metrics.compacting.set(0);
+                match outcome {
                     Ok(Some(done)) => {
                         let took_ms = (timer.stop_and_record() * 1000.0) as u64;
                         metrics.compactions.inc();
@@ -290,50 +338,50 @@ impl SledSessions {
 
     pub(crate) fn list(&self, uid: u64, now: u64) -> Vec<SessionSummary> {
         let policy = self.policy();
-        let sessions = self.table.read();
+        let table = &self.table;
         self.by_uid
             .get(&uid)
             .into_iter()
             .flatten()
-            .filter_map(|hash| Some((hash, sessions.get(hash)?)))
-            .filter(|(_, live)| !live.expired(now, &policy))
-            .map(|(hash, live)| SessionSummary {
-                id: session_id(hash),
-                created_at: live.record.created_at,
-                last_seen: live.last_seen.load(Ordering::Relaxed),
-                expires_at: live.expires_at(&policy),
+            .filter_map(|hash| {
+                let shard = table.read(hash);
+                let live = shard.get(hash)?;
+                (!live.expired(now, &policy)).then(|| SessionSummary {
+                    id: session_id(hash),
+                    created_at: live.record.created_at,
+                    last_seen: live.last_seen.load(Ordering::Relaxed),
+                    expires_at: live.expires_at(&policy),
+                })
             })
             .collect()
     }
 
     pub(crate) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
         let mut changed = Vec::new();
-        {
-            let mut sessions = self.table.write();
-            for hash in self.by_uid.get(&uid).into_iter().flatten() {
-                if let Some(live) = sessions.get_mut(hash)
-                    && live.record.unionid.as_deref() != Some(unionid)
-                {
-                    live.record.unionid = Some(unionid.to_owned());
-                    changed.push((*hash, live.record.clone()));
-                }
+        for hash in self.by_uid.get(&uid).into_iter().flatten() {
+            if let Some(live) = self.table.write(hash).get_mut(hash)
+                && live.record.unionid.as_deref() != Some(unionid)
+            {
+                live.record.unionid = Some(unionid.to_owned());
+                changed.push((*hash, live.record.clone()));
             }
         }
         // Outside the lock: checks must never wait for the disk.
         for (hash, record) in &changed {
-            self.log.put(hash, record)?;
+            self.log().put(hash, record)?;
         }
         Ok(())
     }
 
     /// Persists every last use that was only held in memory (at a clean stop).
     pub fn write_back_last_seen(&mut self) -> Result<(), Error> {
-        let mut sessions = self.table.write();
-        for (hash, live) in sessions.iter_mut() {
-            let last_seen = *live.last_seen.get_mut();
-            if last_seen > live.record.last_seen {
-                live.record.last_seen = last_seen;
-                self.log.put(hash, &live.record)?;
+        for shard in &self.table.shards {
+            for (hash, live) in write(shard).iter_mut() {
+                let last_seen = *live.last_seen.get_mut();
+                if last_seen > live.record.last_seen {
+                    live.record.last_seen = last_seen;
+                    self.data.session_log().put(hash, &live.record)?;
+                }
             }
         }
         Ok(())
@@ -343,19 +391,21 @@ impl SledSessions {
     fn remember(&mut self, hash: TokenHash, record: SessionRecord) {
         self.by_uid.entry(record.uid).or_default().push(hash);
         let last_seen = AtomicU64::new(record.last_seen);
-        let mut sessions = self.table.write();
-        sessions.insert(hash, Live { record, last_seen });
-        self.metrics.live_sessions.set(sessions.len() as i64);
+        let replaced = self
+            .table
+            .write(&hash)
+            .insert(hash, Live { record, last_seen });
+        if replaced.is_none() {
+            let len = self.table.len.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics.live_sessions.set(len as i64);
+        }
     }
 
     /// Removes a session from the table and its user's index (not from the log).
     fn forget(&mut self, hash: &TokenHash) -> Option<Live> {
-        let live = {
-            let mut sessions = self.table.write();
-            let live = sessions.remove(hash)?;
-            self.metrics.live_sessions.set(sessions.len() as i64);
-            live
-        };
+        let live = self.table.write(hash).remove(hash)?;
+        let len = self.table.len.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.metrics.live_sessions.set(len as i64);
         if let Some(hashes) = self.by_uid.get_mut(&live.record.uid) {
             hashes.retain(|h| h != hash);
             if hashes.is_empty() {
@@ -401,12 +451,7 @@ mod tests {
             idle_ttl: 1000,
             max_ttl: 5000,
         };
-        SledSessions::load(
-            data.session_log().clone(),
-            commit,
-            policy,
-            Default::default(),
-        )
+        SledSessions::load(data, commit, policy, Default::default())
     }
 
     fn issue(table: &mut SledSessions, uid: u64, openid: &str, now: u64) -> TokenHash {
@@ -416,7 +461,7 @@ mod tests {
     }
 
     fn stored_last_seen(table: &SledSessions, hash: &TokenHash) -> u64 {
-        table.log.replay().unwrap()[hash].last_seen
+        table.log().replay().unwrap()[hash].last_seen
     }
 
     #[tokio::test]
@@ -480,8 +525,27 @@ mod tests {
         let mut table = table(&dir);
         let hash = issue(&mut table, 1, "o", 10_000);
         assert_eq!(table.check(&hash, 11_000), Err(Error::InvalidSession));
-        assert_eq!(table.log.replay().unwrap().len(), 0);
+        assert_eq!(table.log().replay().unwrap().len(), 0);
         assert!(table.is_empty() && table.by_uid.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_pass_visits_every_shard_a_few_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = table(&dir);
+        let hashes: Vec<_> = (0..500)
+            .map(|uid| issue(&mut table, uid, "o", 10_000))
+            .collect();
+        let kept = issue(&mut table, 1, "o", 10_900);
+        let mut steps = 1;
+        while table.sweep(11_000) {
+            steps += 1;
+        }
+        assert_eq!(steps, SHARDS / SWEEP_SHARDS);
+        assert_eq!(table.len(), 1);
+        assert!(hashes.iter().all(|h| table.check(h, 11_000).is_err()));
+        assert!(table.check(&kept, 11_000).is_ok());
+        assert_eq!(table.log().replay().unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -493,8 +557,8 @@ mod tests {
             hashes.push(issue(&mut table, 1, "o1", 10_000 + i));
         }
         // A restart reads the sessions back in no particular order, not by age.
-        let (log, commit, policy) = (table.log.clone(), table.commit.clone(), table.policy());
-        let mut table = SledSessions::load(log, commit, policy, Default::default());
+        let (data, commit, policy) = (table.data.clone(), table.commit.clone(), table.policy());
+        let mut table = SledSessions::load(data, commit, policy, Default::default());
         for (i, oldest) in hashes.iter().enumerate() {
             let now = 10_100 + i as u64;
             issue(&mut table, 1, "o1", now);
@@ -507,6 +571,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(table.log.replay().unwrap().len(), MAX_SESSIONS_PER_USER);
+        assert_eq!(table.log().replay().unwrap().len(), MAX_SESSIONS_PER_USER);
     }
 }

@@ -1,0 +1,114 @@
+//! Login codes exchanged recently, remembered for their lifetime without ever pausing their owner.
+//!
+//! At a busy login rate a lifetime of five minutes holds millions of codes. In one map they would
+//! cost a pause at every doubling (every entry moved) and at every pruning pass (every entry
+//! visited): hundreds of milliseconds during which no login is answered. Here a code is kept as a
+//! keyed 64-bit hash, in generations a tenth of the lifetime long: each stays small, the oldest is
+//! dropped whole once all of its codes have outlived the lifetime, and nothing walks the rest.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Generations per lifetime: a code is remembered for at least the lifetime, and at most a tenth
+/// longer.
+const GENERATIONS: u32 = 10;
+
+/// The codes used within the last lifetime.
+pub struct UsedCodes {
+    lifetime: Duration,
+    /// Keyed per process, so that nobody can make two codes collide on purpose (by chance they do
+    /// about once in 2^64).
+    keys: RandomState,
+    /// Oldest first: when each generation started, and the codes first used during it.
+    generations: VecDeque<(Instant, HashSet<u64>)>,
+}
+
+impl UsedCodes {
+    /// Remembers codes for `lifetime`.
+    pub fn new(lifetime: Duration) -> UsedCodes {
+        UsedCodes {
+            lifetime,
+            keys: RandomState::new(),
+            generations: VecDeque::new(),
+        }
+    }
+
+    /// Whether `code` was used within the lifetime before `now`.
+    pub fn contains(&mut self, code: &str, now: Instant) -> bool {
+        self.forget_old(now);
+        let key = self.keys.hash_one(code);
+        self.generations
+            .iter()
+            .any(|(_, codes)| codes.contains(&key))
+    }
+
+    /// Records `code` as used at `now`; `false` if it was already.
+    pub fn insert(&mut self, code: &str, now: Instant) -> bool {
+        if self.contains(code, now) {
+            return false;
+        }
+        let key = self.keys.hash_one(code);
+        let span = self.span();
+        match self.generations.back_mut() {
+            Some((started, codes)) if now < *started + span => codes.insert(key),
+            _ => {
+                self.generations.push_back((now, HashSet::from([key])));
+                true
+            }
+        }
+    }
+
+    fn span(&self) -> Duration {
+        self.lifetime / GENERATIONS
+    }
+
+    /// Drops the generations whose every code is older than the lifetime.
+    fn forget_old(&mut self, now: Instant) {
+        let span = self.span();
+        while let Some((started, _)) = self.generations.front()
+            && *started + span + self.lifetime <= now
+        {
+            self.generations.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_code_is_remembered_for_its_lifetime_and_then_forgotten() {
+        let lifetime = Duration::from_secs(300);
+        let mut used = UsedCodes::new(lifetime);
+        let t0 = Instant::now();
+        assert!(used.insert("a", t0));
+        assert!(!used.insert("a", t0), "used twice");
+        assert!(used.insert("b", t0 + Duration::from_secs(100)));
+        assert!(used.contains("a", t0 + lifetime - Duration::from_millis(1)));
+        assert!(!used.contains("c", t0 + lifetime));
+        // Forgotten by a tenth of the lifetime after it ended, with its generation.
+        assert!(!used.contains("a", t0 + lifetime + lifetime / 10));
+        assert!(used.contains("b", t0 + lifetime + lifetime / 10));
+        assert!(!used.contains(
+            "b",
+            t0 + Duration::from_secs(100) + lifetime + lifetime / 10
+        ));
+        assert!(used.generations.is_empty());
+    }
+
+    #[test]
+    fn generations_stay_a_tenth_of_the_lifetime_long() {
+        let mut used = UsedCodes::new(Duration::from_secs(100));
+        let t0 = Instant::now();
+        for second in 0..100u64 {
+            assert!(used.insert(&second.to_string(), t0 + Duration::from_secs(second)));
+        }
+        assert_eq!(used.generations.len(), 10);
+        assert!(used.generations.iter().all(|(_, codes)| codes.len() == 10));
+        assert!((0..100u64).all(|s| used.contains(&s.to_string(), t0 + Duration::from_secs(100))));
+    }
+}

@@ -46,6 +46,8 @@ pub struct SessionKeeperState {
     clock: Clock,
     sessions: Sessions,
     sweeper: JoinHandle<()>,
+    /// Whether a sweep pass is under way (it takes several messages).
+    sweeping: bool,
     reader: Arc<ReaderSlot>,
 }
 
@@ -81,8 +83,10 @@ pub enum SessionKeeperMsg {
     RevokeUser(u64, RpcReplyPort<Result<usize, Error>>),
     /// How many sessions are held (expired ones not yet swept included).
     Count(RpcReplyPort<Result<usize, Error>>),
-    /// Delete expired sessions (sent by the keeper's own interval timer).
+    /// Start a pass that deletes expired sessions (sent by the keeper's own interval timer).
     Sweep,
+    /// Go on with the pass (sent by the keeper to itself, so that other messages come between).
+    SweepOn,
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
     Inject(crate::Fault),
@@ -105,6 +109,7 @@ impl Actor for SessionKeeper {
             sessions,
             clock: args.clock,
             sweeper,
+            sweeping: false,
             reader: args.reader,
         })
     }
@@ -147,10 +152,13 @@ impl Actor for SessionKeeper {
                 answer(sessions.revoke_user(uid, now), reply)
             }
             SessionKeeperMsg::Count(reply) => answer(sessions.count(), reply),
-            SessionKeeperMsg::Sweep => {
-                // The rest of the pass queues behind the messages already waiting.
-                if sessions.sweep(now) {
-                    let _ = myself.cast(SessionKeeperMsg::Sweep);
+            // A tick while a pass goes on changes nothing: the pass is already sweeping.
+            SessionKeeperMsg::Sweep if state.sweeping => {}
+            SessionKeeperMsg::Sweep | SessionKeeperMsg::SweepOn => {
+                state.sweeping = sessions.sweep(now);
+                if state.sweeping {
+                    // The rest of the pass queues behind the messages already waiting.
+                    let _ = myself.cast(SessionKeeperMsg::SweepOn);
                 }
             }
             #[cfg(feature = "fault-injection")]

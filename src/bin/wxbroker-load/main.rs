@@ -101,7 +101,9 @@ struct Args {
     /// created, up to 1,024 of its users are brought to the broker's 64-session cap and logged in
     /// over and over (each login a new session and the eviction of the oldest) until the broker's
     /// wxbroker_session_log_compactions_total on /metrics grows, then 2 s more, or until
-    /// --duration and --requests; reported as `POST /v1/login (during compaction)`.
+    /// --duration and --requests; reported as `POST /v1/login (during compaction)`, and those
+    /// sent and answered while polls of wxbroker_session_log_compacting read 1 also as
+    /// `POST /v1/login (while compacting)`.
     #[arg(long)]
     no_compaction: bool,
 

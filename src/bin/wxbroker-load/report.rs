@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::scenario::COMPACTIONS_METRIC;
+use crate::scenario::{COMPACTING_METRIC, COMPACTIONS_METRIC, GAUGE_POLL};
 
 /// Latencies and outcomes of one endpoint, as a worker collects them.
 pub struct EndpointStats {
@@ -30,6 +30,16 @@ impl Default for EndpointStats {
 }
 
 impl EndpointStats {
+    /// Counts one request that took `micros`, failed with `error` (a status or `io`) unless
+    /// `None`.
+    pub fn record(&mut self, micros: u64, error: Option<&str>) {
+        let _ = self.latency.record(micros);
+        match error {
+            None => self.ok += 1,
+            Some(error) => *self.errors.entry(error.to_owned()).or_default() += 1,
+        }
+    }
+
     /// Adds another worker's figures.
     pub fn merge(&mut self, other: &EndpointStats) {
         let _ = self.latency.add(&other.latency);
@@ -167,6 +177,59 @@ pub struct CompactionReport {
     pub compactions: u64,
     /// Whether the brokers export the counter at all: without it, no compaction can be seen.
     pub counter_exported: bool,
+    /// Whether any poll's answer held the gauge `wxbroker_session_log_compacting` (older
+    /// brokers lack it): without it, no window can be seen.
+    pub gauge_exported: bool,
+    /// The spans in which a target's polls saw its gauge at 1, in the order they began.
+    pub windows: Vec<WindowReport>,
+    /// Seconds in which the polls saw at least one target compacting.
+    pub compacting_secs: f64,
+    /// Logins sent and answered inside a window of their own target: the requests of
+    /// `POST /v1/login (while compacting)`, which is left out when there is no window.
+    pub requests_while_compacting: u64,
+}
+
+/// One span in which a target's polls saw its session log being rewritten: from the answer of
+/// the first poll that read the gauge at 1 to the sending of the first that read 0 after it,
+/// the part of the rewrite the polls are sure of.
+#[derive(Serialize, Debug)]
+pub struct WindowReport {
+    /// The target's place in the fleet.
+    pub target: usize,
+    /// When it began, in seconds from the phase's start (negative when the rewrite had begun
+    /// before the phase's first login).
+    pub start_secs: f64,
+    /// Its length in seconds.
+    pub secs: f64,
+    /// Whether a poll read 0 again; if not, the phase ended first, and the window ends at the
+    /// last poll that read 1.
+    pub closed: bool,
+}
+
+impl WindowReport {
+    fn end_secs(&self) -> f64 {
+        self.start_secs + self.secs
+    }
+}
+
+/// Seconds covered by at least one of `windows`, counting only what lies between `from` and
+/// `to`: windows of several targets may overlap.
+fn covered(windows: &[WindowReport], from: f64, to: f64) -> f64 {
+    let mut spans: Vec<(f64, f64)> = windows
+        .iter()
+        .map(|w| (w.start_secs.max(from), w.end_secs().min(to)))
+        .filter(|(start, end)| start < end)
+        .collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut total, mut reached) = (0.0, f64::NEG_INFINITY);
+    for (start, end) in spans {
+        let start = start.max(reached);
+        if end > start {
+            total += end - start;
+            reached = end;
+        }
+    }
+    total
 }
 
 impl ScenarioReport {
@@ -215,8 +278,71 @@ impl ScenarioReport {
             errors: endpoints.iter().map(EndpointReport::failed).sum(),
             compactions,
             counter_exported,
+            gauge_exported: false,
+            windows: Vec::new(),
+            compacting_secs: 0.0,
+            requests_while_compacting: 0,
         });
         self.endpoints.extend(endpoints);
+    }
+
+    /// Adds what the compaction phase's gauge polls saw: the `windows` and the logins that fell
+    /// inside them (`stats`) as the row `name`, its rate over the time the windows cover within
+    /// the phase. No row without a window. Call after [`ScenarioReport::add_compaction`].
+    pub fn add_while_compacting(
+        &mut self,
+        name: &str,
+        stats: &EndpointStats,
+        gauge_exported: bool,
+        mut windows: Vec<WindowReport>,
+    ) {
+        let Some(compaction) = &mut self.compaction else {
+            return;
+        };
+        windows.sort_by(|a, b| a.start_secs.total_cmp(&b.start_secs));
+        compaction.gauge_exported = gauge_exported;
+        compaction.compacting_secs = covered(&windows, f64::NEG_INFINITY, f64::INFINITY);
+        if !windows.is_empty() {
+            // Never zero: a window wholly outside the phase holds no login, and 0 / tiny is 0.
+            let within = covered(&windows, 0.0, compaction.elapsed_secs).max(f64::MIN_POSITIVE);
+            let row = EndpointReport::new(name, stats, within);
+            compaction.requests_while_compacting = row.requests;
+            // Last, after the phase's own row.
+            self.endpoints.push(row);
+        }
+        compaction.windows = windows;
+    }
+}
+
+impl CompactionReport {
+    /// The summary line's words on the windows the gauge polls saw.
+    fn while_compacting(&self) -> String {
+        let poll = GAUGE_POLL.as_millis();
+        let windows = match self.windows.as_slice() {
+            [] if !self.gauge_exported => {
+                return format!(
+                    "no compacting seen: the broker does not export {COMPACTING_METRIC}"
+                );
+            }
+            [] => {
+                return format!(
+                    "no compacting seen: {COMPACTING_METRIC} never read 1 in polls every \
+                     {poll} ms (absent or shorter than a poll)"
+                );
+            }
+            [one] => format!("from {:.2} s into the phase", one.start_secs),
+            several => format!("{} windows", several.len()),
+        };
+        let unfinished = if self.windows.iter().any(|w| !w.closed) {
+            ", still compacting when the phase ended"
+        } else {
+            ""
+        };
+        format!(
+            "compacting for {:.2} s as polled every {poll} ms ({windows}{unfinished}), {} logins \
+             sent and answered within it",
+            self.compacting_secs, self.requests_while_compacting
+        )
     }
 }
 
@@ -327,8 +453,12 @@ impl RunReport {
                 let _ = writeln!(
                     out,
                     "  compaction phase: {:.2} s, {} users at the session cap, {} requests, {} \
-                     errors; {seen}",
-                    c.elapsed_secs, c.users, c.requests, c.errors
+                     errors; {seen}; {}",
+                    c.elapsed_secs,
+                    c.users,
+                    c.requests,
+                    c.errors,
+                    c.while_compacting()
                 );
             }
             if let Some(secs) = s.restart_secs {
@@ -339,5 +469,73 @@ impl RunReport {
             let _ = writeln!(out, "{name}: {ratio:.2}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(target: usize, start_secs: f64, secs: f64) -> WindowReport {
+        WindowReport {
+            target,
+            start_secs,
+            secs,
+            closed: true,
+        }
+    }
+
+    #[test]
+    fn overlapping_windows_count_once_and_are_clipped_to_the_phase() {
+        let windows = [
+            window(0, 1.0, 2.0),
+            window(1, 2.0, 2.0),
+            window(0, 5.0, 1.0),
+        ];
+        assert!((covered(&windows, f64::NEG_INFINITY, f64::INFINITY) - 4.0).abs() < 1e-9);
+        assert!((covered(&windows, 2.5, 5.5) - 2.0).abs() < 1e-9);
+        assert_eq!(covered(&[], 0.0, 10.0), 0.0);
+    }
+
+    fn phase() -> ScenarioReport {
+        let mut report = ScenarioReport::new("sessions", 1, 1.0, &BTreeMap::new());
+        report.add_compaction(&BTreeMap::new(), 10.0, 1024, 1, true);
+        report
+    }
+
+    #[test]
+    fn the_while_compacting_row_and_its_figures_appear_with_a_window() {
+        let mut report = phase();
+        let mut inside = EndpointStats::default();
+        inside.record(2000, None);
+        inside.record(4000, Some("503"));
+        report.add_while_compacting("w", &inside, true, vec![window(0, 9.0, 2.0)]);
+        let row = report.endpoints.last().expect("a row");
+        assert_eq!((row.name.as_str(), row.requests), ("w", 2));
+        // Over the second of the window inside the phase.
+        assert!((row.requests_per_sec - 2.0).abs() < 1e-9);
+        let c = report.compaction.as_ref().expect("a compaction");
+        assert_eq!((c.compacting_secs, c.requests_while_compacting), (2.0, 2));
+        assert_eq!(
+            c.requests, 0,
+            "the phase's own figures are left as they were"
+        );
+        let line = report.compaction.as_ref().unwrap().while_compacting();
+        assert!(line.contains("compacting for 2.00 s"), "{line}");
+        assert!(line.contains("from 9.00 s into the phase"), "{line}");
+        assert!(line.contains("2 logins"), "{line}");
+    }
+
+    #[test]
+    fn without_a_window_there_is_no_row_and_the_line_says_why() {
+        let mut report = phase();
+        report.add_while_compacting("w", &EndpointStats::default(), true, Vec::new());
+        assert!(report.endpoints.is_empty());
+        let line = report.compaction.as_ref().unwrap().while_compacting();
+        assert!(line.contains("never read 1"), "{line}");
+        let mut older = phase();
+        older.add_while_compacting("w", &EndpointStats::default(), false, Vec::new());
+        let line = older.compaction.as_ref().unwrap().while_compacting();
+        assert!(line.contains("does not export"), "{line}");
     }
 }

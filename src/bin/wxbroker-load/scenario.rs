@@ -12,10 +12,14 @@ use tokio::sync::Barrier;
 
 use crate::client::{Call, Conn};
 use crate::fleet::Fleet;
-use crate::report::{EndpointStats, ScenarioReport, TargetReport};
+use crate::report::{EndpointStats, ScenarioReport, TargetReport, WindowReport};
 
 /// The name the compaction phase's logins are reported under.
 const DURING_COMPACTION: &str = "POST /v1/login (during compaction)";
+
+/// The name the compaction phase's logins sent and answered while their target's gauge polls
+/// saw it compacting are reported under, besides [`DURING_COMPACTION`].
+const WHILE_COMPACTING: &str = "POST /v1/login (while compacting)";
 
 /// What to load.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +81,18 @@ pub const COMPACTIONS_METRIC: &str = "wxbroker_session_log_compactions_total";
 /// How often the compaction phase reads `/metrics`.
 const METRICS_POLL: Duration = Duration::from_millis(250);
 
+/// The broker's gauge that reads 1 while its session log is being rewritten, else 0; older
+/// brokers lack it, which counts as 0.
+pub const COMPACTING_METRIC: &str = "wxbroker_session_log_compacting";
+
+/// How often the compaction phase reads each target's [`COMPACTING_METRIC`]: a rewrite lasts
+/// seconds, so a poll at each end places it within a few hundredths of one.
+pub const GAUGE_POLL: Duration = Duration::from_millis(25);
+
+/// How long a gauge reading may take: one later than this no longer says when the gauge
+/// changed, and the next poll is due.
+const GAUGE_TIMEOUT: Duration = Duration::from_millis(200);
+
 /// How long the compaction phase goes on once a compaction has finished, for the logins the
 /// rewrite held back to be answered and measured.
 const AFTER_COMPACTION: Duration = Duration::from_secs(2);
@@ -89,16 +105,32 @@ struct Shared {
     deadline: OnceLock<Instant>,
     /// Ends the phase before its bounds: the compaction phase, once it has seen a compaction.
     stopped: AtomicBool,
+    /// Per target, in the compaction phase (empty otherwise): whether its gauge watcher has a
+    /// window open, so that workers keep the times of only the logins that may fall inside one.
+    compacting: Vec<AtomicBool>,
 }
 
 impl Shared {
     fn new(limit: u64) -> Arc<Shared> {
+        Shared::watching(limit, 0)
+    }
+
+    /// For the compaction phase: with a gauge flag for each of `targets`.
+    fn watching(limit: u64, targets: usize) -> Arc<Shared> {
         Arc::new(Shared {
             sent: AtomicU64::new(0),
             limit,
             deadline: OnceLock::new(),
             stopped: AtomicBool::new(false),
+            compacting: (0..targets).map(|_| AtomicBool::new(false)).collect(),
         })
+    }
+
+    /// Whether `target`'s gauge watcher has a compacting window open.
+    fn compacting(&self, target: usize) -> bool {
+        self.compacting
+            .get(target)
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
     }
 
     fn stop(&self) {
@@ -142,8 +174,10 @@ struct Plan {
 
 /// What one phase's workers measured.
 struct Measured {
-    /// Per connection: its target and its figures per endpoint.
-    connections: Vec<(usize, BTreeMap<String, EndpointStats>)>,
+    /// Per connection, what its worker measured.
+    connections: Vec<Done>,
+    /// The common start, which the compaction windows are placed against.
+    started: Instant,
     /// Seconds from the common start to the last answer.
     elapsed: f64,
 }
@@ -152,12 +186,41 @@ impl Measured {
     /// The figures per endpoint, summed over the connections.
     fn endpoints(&self) -> BTreeMap<String, EndpointStats> {
         let mut merged: BTreeMap<String, EndpointStats> = BTreeMap::new();
-        for (_, stats) in &self.connections {
-            for (endpoint, stats) in stats {
+        for done in &self.connections {
+            for (endpoint, stats) in &done.stats {
                 merged.entry(endpoint.clone()).or_default().merge(stats);
             }
         }
         merged
+    }
+}
+
+/// What one worker measured.
+struct Done {
+    /// The fleet index of the target its connection was pinned to.
+    target: usize,
+    /// Its figures per endpoint.
+    stats: BTreeMap<String, EndpointStats>,
+    /// In the compaction phase, the logins it sent while its target's gauge watcher had a window
+    /// open, to be placed against the windows once they are known.
+    kept: Vec<Timed>,
+}
+
+/// When one request was sent and answered, and how it ended.
+struct Timed {
+    /// Taken just before the request is written.
+    sent: Instant,
+    /// Taken once its whole answer is read.
+    answered: Instant,
+    /// The status that was not the expected one, or `io`; `None` for success.
+    error: Option<String>,
+}
+
+impl Timed {
+    /// Counts it in `stats`.
+    fn record(&self, stats: &mut EndpointStats) {
+        let micros = self.answered.duration_since(self.sent).as_micros().max(1) as u64;
+        stats.record(micros, self.error.as_deref());
     }
 }
 
@@ -170,6 +233,8 @@ struct Worker {
     shared: Arc<Shared>,
     id: usize,
     nonce: String,
+    /// See [`Done::kept`].
+    kept: Vec<Timed>,
 }
 
 impl Worker {
@@ -181,25 +246,47 @@ impl Worker {
         call: Call<'_>,
         expected: u16,
     ) -> Option<bytes::Bytes> {
+        self.send(endpoint, call, expected).await?.1
+    }
+
+    /// [`Worker::call`], also returning when the request was sent and answered; `None` if the
+    /// bounds allowed no request.
+    async fn send(
+        &mut self,
+        endpoint: &str,
+        call: Call<'_>,
+        expected: u16,
+    ) -> Option<(Timed, Option<bytes::Bytes>)> {
         if !self.shared.take() {
             return None;
         }
-        let started = Instant::now();
+        let sent = Instant::now();
         let outcome = self.conn.send(&call).await;
-        let micros = started.elapsed().as_micros().max(1) as u64;
-        let stats = self.stats.entry(endpoint.to_owned()).or_default();
-        let _ = stats.latency.record(micros);
-        match outcome {
-            Ok((status, body)) if status == expected => {
-                stats.ok += 1;
-                return Some(body);
-            }
-            Ok((status, _)) => *stats.errors.entry(status.to_string()).or_default() += 1,
-            Err(_) => *stats.errors.entry("io".into()).or_default() += 1,
+        let answered = Instant::now();
+        let (body, error) = match outcome {
+            Ok((status, body)) if status == expected => (Some(body), None),
+            Ok((status, _)) => (None, Some(status.to_string())),
+            Err(_) => (None, Some("io".to_owned())),
+        };
+        let timed = Timed {
+            sent,
+            answered,
+            error,
+        };
+        timed.record(self.stats.entry(endpoint.to_owned()).or_default());
+        if timed.error.is_some() {
+            // Something is wrong: another attempt would only repeat it at full speed.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Something is wrong: another attempt would only repeat it at full speed.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        None
+        Some((timed, body))
+    }
+
+    fn done(self) -> Done {
+        Done {
+            target: self.target,
+            stats: self.stats,
+            kept: self.kept,
+        }
     }
 }
 
@@ -281,8 +368,8 @@ impl Scenario {
             &measured.endpoints(),
         );
         let mut per_target: BTreeMap<usize, TargetReport> = BTreeMap::new();
-        for (target, stats) in &measured.connections {
-            share(&mut per_target, fleet, *target).add_connection(stats);
+        for done in &measured.connections {
+            share(&mut per_target, fleet, done.target).add_connection(&done.stats);
         }
         if self == Scenario::Sessions
             && let (Some(before), Some(after)) = (rss_before, fleet.rss())
@@ -292,10 +379,10 @@ impl Scenario {
         }
         if self == Scenario::Sessions && options.compaction && pool > 0 {
             let users = pool.min(CHURN_USERS);
-            let (churn, watch) =
+            let (churn, watch, gauges) =
                 compaction_phase(fleet, limits, connections, &nonce, users).await?;
-            for (target, stats) in &churn.connections {
-                share(&mut per_target, fleet, *target).add_requests(stats);
+            for done in &churn.connections {
+                share(&mut per_target, fleet, done.target).add_requests(&done.stats);
             }
             report.add_compaction(
                 &churn.endpoints(),
@@ -304,18 +391,16 @@ impl Scenario {
                 watch.compactions(),
                 watch.exported,
             );
+            let (inside, windows) = while_compacting(&churn, &gauges);
+            let exported = gauges.iter().any(|gauge| gauge.exported);
+            report.add_while_compacting(WHILE_COMPACTING, &inside, exported, windows);
         }
         report.targets = per_target.into_values().collect();
         Ok(report)
     }
 
-    /// One worker's loop; returns its target and figures.
-    async fn drive(
-        self,
-        mut w: Worker,
-        token: Option<String>,
-        plan: Plan,
-    ) -> (usize, BTreeMap<String, EndpointStats>) {
+    /// One worker's loop; returns what it measured.
+    async fn drive(self, mut w: Worker, token: Option<String>, plan: Plan) -> Done {
         let Plan {
             new_ratio,
             checks,
@@ -360,7 +445,7 @@ impl Scenario {
                 Scenario::Mixed => mixed_life(&mut w, seq, checks).await,
             }
         }
-        (w.target, w.stats)
+        w.done()
     }
 }
 
@@ -395,6 +480,7 @@ async fn measure(
             shared: shared.clone(),
             id,
             nonce: nonce.to_owned(),
+            kept: Vec::new(),
         };
         let start = start.clone();
         workers.push(tokio::spawn(async move {
@@ -415,6 +501,7 @@ async fn measure(
     let progress = tokio::spawn(progress(name, started, shared.clone()));
     let mut measured = Measured {
         connections: Vec::with_capacity(workers.len()),
+        started,
         elapsed: 0.0,
     };
     for worker in workers {
@@ -441,14 +528,15 @@ fn share<'a>(
 /// session cap, then logged in over and over, each login writing a new session and the removal
 /// of the oldest to the broker's session log, so that the log outgrows the live sessions and is
 /// rewritten. Ends [`AFTER_COMPACTION`] after `/metrics` shows a compaction finished, or at the
-/// scenario's bounds.
+/// scenario's bounds. Returns, besides the workers' figures and the compaction counters, each
+/// target's compacting windows as its gauge polls saw them.
 async fn compaction_phase(
     fleet: &Fleet,
     limits: &Limits,
     connections: usize,
     nonce: &str,
     users: usize,
-) -> anyhow::Result<(Measured, Watch)> {
+) -> anyhow::Result<(Measured, Watch, Vec<Windows>)> {
     // A cap's worth of logins leaves a user at the cap whatever it held; round-robin over the
     // users, so that concurrent logins seldom share one.
     let prefix = format!("p{nonce}u");
@@ -466,7 +554,13 @@ async fn compaction_phase(
         limits.duration.as_secs_f64(),
         limits.requests
     );
-    let shared = Shared::new(limits.requests);
+    let shared = Shared::watching(limits.requests, addrs.len());
+    // One task per target: a target slow to answer does not delay another's readings.
+    let gauges: Vec<_> = addrs
+        .iter()
+        .enumerate()
+        .map(|(target, addr)| tokio::spawn(watch_gauge(target, *addr, shared.clone())))
+        .collect();
     let watcher = tokio::spawn(watch_compactions(addrs, watch, shared.clone()));
     let work = Work::Churn { users };
     let measured = measure(
@@ -480,14 +574,21 @@ async fn compaction_phase(
     .await;
     shared.stop();
     let watch = watcher.await?;
-    Ok((measured?, watch))
+    let mut windows = Vec::with_capacity(gauges.len());
+    for gauge in gauges {
+        windows.push(gauge.await?);
+    }
+    Ok((measured?, watch, windows))
 }
 
-/// A compaction phase worker's loop: logins of users at the cap; returns its target and figures.
-async fn churn(mut w: Worker, users: usize) -> (usize, BTreeMap<String, EndpointStats>) {
+/// A compaction phase worker's loop: logins of users at the cap; returns what it measured.
+async fn churn(mut w: Worker, users: usize) -> Done {
     let mut seq = 0u64;
     while w.shared.running() {
         seq += 1;
+        // Read before the login is sent: the flag is raised only once its window's start is
+        // set, so a login sent after seeing it starts inside the window.
+        let watched = w.shared.compacting(w.target);
         // `c` keeps these codes apart from the first phase's, which the sandbox saw already.
         let code = format!(
             "p{}u{}.{}c{seq}",
@@ -495,9 +596,43 @@ async fn churn(mut w: Worker, users: usize) -> (usize, BTreeMap<String, Endpoint
             rand::random_range(0..users.max(1)),
             w.id
         );
-        w.call(DURING_COMPACTION, login_call(&code), 200).await;
+        if let Some((timed, _)) = w.send(DURING_COMPACTION, login_call(&code), 200).await
+            && watched
+        {
+            w.kept.push(timed);
+        }
     }
-    (w.target, w.stats)
+    w.done()
+}
+
+/// The logins of `churn` that fell inside a compacting window of their own target (`gauges`
+/// in fleet order), and the windows placed against the phase's start.
+fn while_compacting(churn: &Measured, gauges: &[Windows]) -> (EndpointStats, Vec<WindowReport>) {
+    let mut inside = EndpointStats::default();
+    for done in &churn.connections {
+        let windows = gauges.get(done.target).map_or(&[][..], |g| &g.done);
+        for timed in &done.kept {
+            if windows.iter().any(|w| w.holds(timed)) {
+                timed.record(&mut inside);
+            }
+        }
+    }
+    let secs_from_start = |at: Instant| match at.checked_duration_since(churn.started) {
+        Some(after) => after.as_secs_f64(),
+        None => -churn.started.duration_since(at).as_secs_f64(),
+    };
+    let reports = gauges
+        .iter()
+        .enumerate()
+        .flat_map(|(target, gauge)| gauge.done.iter().map(move |w| (target, w)))
+        .map(|(target, w)| WindowReport {
+            target,
+            start_secs: secs_from_start(w.start),
+            secs: w.end.duration_since(w.start).as_secs_f64(),
+            closed: w.closed,
+        })
+        .collect();
+    (inside, reports)
 }
 
 /// Reads the compaction counter every [`METRICS_POLL`] until the phase stops, and stops it
@@ -547,7 +682,7 @@ impl Watch {
             let Some(text) = metrics(*addr).await else {
                 continue;
             };
-            let value = counter(&text, COMPACTIONS_METRIC);
+            let value = metric_value(&text, COMPACTIONS_METRIC);
             self.exported |= value.is_some();
             let value = value.unwrap_or(0);
             self.first[i].get_or_insert(value);
@@ -565,25 +700,146 @@ impl Watch {
     }
 }
 
-/// The broker's `/metrics` text, on a connection of its own so that a slow answer cannot hold
-/// up the next reading; `None` if it does not answer 200 within a second.
-async fn metrics(addr: SocketAddr) -> Option<String> {
-    let call = Call {
+/// A span in which one target's gauge polls saw its session log being rewritten.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    /// When the first poll that read 1 was answered: the gauge may have turned 1 only then.
+    start: Instant,
+    /// When the first poll that read 0 after it was sent: the gauge may have turned 0 just
+    /// before. While no such poll has come, when the latest poll that read 1 was answered.
+    end: Instant,
+    /// Whether a poll read 0 again: if not, the phase ended first.
+    closed: bool,
+}
+
+impl Window {
+    /// Whether `timed` was sent and answered inside the window. A login that began before it or
+    /// ended after it does not count, even though it spent most of its time inside: the row
+    /// holds only logins that ran wholly while the polls saw a rewrite.
+    fn holds(&self, timed: &Timed) -> bool {
+        self.start <= timed.sent && timed.answered <= self.end
+    }
+}
+
+/// One target's compacting windows, built from its gauge readings in order.
+#[derive(Default)]
+struct Windows {
+    /// The windows a poll has closed, and after [`Windows::finish`] the open one.
+    done: Vec<Window>,
+    open: Option<Window>,
+    /// Whether any answer held the gauge.
+    exported: bool,
+}
+
+impl Windows {
+    /// Takes the gauge's value `compacting` (`None`: absent, read as 0) from a poll sent at
+    /// `sent` and answered at `answered`; returns whether a window is open.
+    fn read(&mut self, compacting: Option<bool>, sent: Instant, answered: Instant) -> bool {
+        self.exported |= compacting.is_some();
+        if compacting.unwrap_or(false) {
+            let open = self.open.get_or_insert(Window {
+                start: answered,
+                end: answered,
+                closed: false,
+            });
+            open.end = answered;
+        } else if let Some(mut window) = self.open.take() {
+            window.end = sent;
+            window.closed = true;
+            self.done.push(window);
+        }
+        self.open.is_some()
+    }
+
+    /// Ends the readings: a window still open counts up to the last poll that read 1.
+    fn finish(&mut self) {
+        self.done.extend(self.open.take());
+    }
+}
+
+/// Reads target number `target`'s [`COMPACTING_METRIC`] every [`GAUGE_POLL`], one reading at a
+/// time, until the phase stops and once more after; keeps its flag in `shared` raised while a
+/// window is open and returns the windows.
+async fn watch_gauge(target: usize, addr: SocketAddr, shared: Arc<Shared>) -> Windows {
+    let mut tick = tokio::time::interval(GAUGE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn = None;
+    let mut windows = Windows::default();
+    loop {
+        let last = shared.stopped();
+        tick.tick().await;
+        let sent = Instant::now();
+        let text = metrics_on(&mut conn, addr).await;
+        let answered = Instant::now();
+        if let Some(text) = text {
+            let open = windows.read(compacting(&text), sent, answered);
+            // Raised after the window's start is set: see `churn`.
+            shared.compacting[target].store(open, Ordering::Relaxed);
+        }
+        if last {
+            break;
+        }
+    }
+    windows.finish();
+    windows
+}
+
+fn metrics_call() -> Call<'static> {
+    Call {
         method: Method::GET,
         path: "/metrics",
         token: None,
         json: None,
+    }
+}
+
+/// The broker's `/metrics` text, on a connection of its own so that a slow answer cannot hold
+/// up the next reading; `None` if it does not answer 200 within a second.
+async fn metrics(addr: SocketAddr) -> Option<String> {
+    let read = async {
+        Conn::open(addr)
+            .await
+            .ok()?
+            .send(&metrics_call())
+            .await
+            .ok()
     };
-    let read = async { Conn::open(addr).await.ok()?.send(&call).await.ok() };
     match tokio::time::timeout(Duration::from_secs(1), read).await {
         Ok(Some((200, body))) => Some(String::from_utf8_lossy(&body).into_owned()),
         _ => None,
     }
 }
 
-/// The value of counter `name` in a Prometheus text exposition, summed over its label sets;
-/// `None` when it is not there.
-fn counter(text: &str, name: &str) -> Option<u64> {
+/// The broker's `/metrics` text on `conn`, kept open between readings (40 a second would
+/// otherwise each cost a connection); `None` if it does not answer 200 within
+/// [`GAUGE_TIMEOUT`].
+async fn metrics_on(conn: &mut Option<Conn>, addr: SocketAddr) -> Option<String> {
+    let read = async {
+        if conn.is_none() {
+            *conn = Some(Conn::open(addr).await.ok()?);
+        }
+        conn.as_mut()?.send(&metrics_call()).await.ok()
+    };
+    match tokio::time::timeout(GAUGE_TIMEOUT, read).await {
+        Ok(Some((200, body))) => Some(String::from_utf8_lossy(&body).into_owned()),
+        Ok(_) => None,
+        Err(_) => {
+            // The late answer would still arrive on it, ahead of the next reading's.
+            *conn = None;
+            None
+        }
+    }
+}
+
+/// Whether the `/metrics` text shows the session log being rewritten; `None` when it lacks
+/// the gauge.
+fn compacting(text: &str) -> Option<bool> {
+    metric_value(text, COMPACTING_METRIC).map(|value| value > 0)
+}
+
+/// The value of metric `name` (a counter or a gauge) in a Prometheus text exposition, summed
+/// over its label sets; `None` when it is not there.
+fn metric_value(text: &str, name: &str) -> Option<u64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
@@ -733,15 +989,154 @@ mod tests {
                     # TYPE wxbroker_session_log_compactions_total counter\n\
                     wxbroker_session_log_compactions_total_created 1.7e9\n\
                     wxbroker_session_log_compactions_total 3\n";
-        assert_eq!(counter(text, COMPACTIONS_METRIC), Some(3));
+        assert_eq!(metric_value(text, COMPACTIONS_METRIC), Some(3));
         let labelled = "wxbroker_session_log_compactions_total{store=\"a\"} 2\n\
                         wxbroker_session_log_compactions_total{store=\"b\"} 1 1700000000\n";
-        assert_eq!(counter(labelled, COMPACTIONS_METRIC), Some(3));
+        assert_eq!(metric_value(labelled, COMPACTIONS_METRIC), Some(3));
         assert_eq!(
-            counter("wxbroker_logins_total 5\n", COMPACTIONS_METRIC),
+            metric_value("wxbroker_logins_total 5\n", COMPACTIONS_METRIC),
             None
         );
-        assert_eq!(counter("", COMPACTIONS_METRIC), None);
+        assert_eq!(metric_value("", COMPACTIONS_METRIC), None);
+    }
+
+    #[test]
+    fn the_compacting_gauge_is_read_beside_its_neighbours_and_missing_is_none() {
+        let exposition = |value: &str| {
+            format!(
+                "# HELP wxbroker_session_log_compacting 1 while the session log is being \
+                 rewritten\n\
+                 # TYPE wxbroker_session_log_compacting gauge\n\
+                 wxbroker_session_log_compacting {value}\n\
+                 # TYPE wxbroker_session_log_compaction_seconds histogram\n\
+                 wxbroker_session_log_compaction_seconds_bucket{{le=\"0.01\"}} 4\n\
+                 wxbroker_session_log_compaction_seconds_count 4\n\
+                 wxbroker_session_log_compactions_total 4\n"
+            )
+        };
+        assert_eq!(compacting(&exposition("1")), Some(true));
+        assert_eq!(compacting(&exposition("0")), Some(false));
+        // A broker from before the gauge: absent, which the watcher reads as 0.
+        let older = "wxbroker_session_log_compactions_total 4\n";
+        assert_eq!(compacting(older), None);
+        assert_eq!(compacting(""), None);
+    }
+
+    /// `base` plus `ms` milliseconds.
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    fn timed(base: Instant, sent_ms: u64, answered_ms: u64) -> Timed {
+        Timed {
+            sent: at(base, sent_ms),
+            answered: at(base, answered_ms),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_window_runs_from_the_first_poll_reading_1_to_the_first_reading_0() {
+        let base = Instant::now();
+        let mut windows = Windows::default();
+        // Polls of 5 ms every 25 ms: 0, 1, (no answer), 1, 0, absent.
+        assert!(!windows.read(Some(false), at(base, 0), at(base, 5)));
+        assert!(windows.read(Some(true), at(base, 25), at(base, 30)));
+        assert!(windows.read(Some(true), at(base, 75), at(base, 80)));
+        assert!(!windows.read(Some(false), at(base, 100), at(base, 105)));
+        assert!(!windows.read(None, at(base, 125), at(base, 130)));
+        windows.finish();
+        assert!(windows.exported);
+        let [window] = windows.done[..] else {
+            panic!("one window: {:?}", windows.done)
+        };
+        assert_eq!((window.start, window.end), (at(base, 30), at(base, 100)));
+        assert!(window.closed);
+    }
+
+    #[test]
+    fn a_window_the_phase_ends_in_counts_up_to_the_last_poll_reading_1() {
+        let base = Instant::now();
+        let mut windows = Windows::default();
+        windows.read(Some(true), at(base, 0), at(base, 5));
+        windows.read(Some(true), at(base, 25), at(base, 30));
+        windows.finish();
+        let [window] = windows.done[..] else {
+            panic!("one window: {:?}", windows.done)
+        };
+        assert_eq!((window.start, window.end), (at(base, 5), at(base, 30)));
+        assert!(!window.closed);
+    }
+
+    #[test]
+    fn an_absent_gauge_gives_no_window() {
+        let base = Instant::now();
+        let mut windows = Windows::default();
+        windows.read(None, at(base, 0), at(base, 5));
+        windows.read(None, at(base, 25), at(base, 30));
+        windows.finish();
+        assert!(!windows.exported && windows.done.is_empty());
+    }
+
+    #[test]
+    fn a_login_counts_only_when_sent_and_answered_inside_the_window() {
+        let base = Instant::now();
+        let window = Window {
+            start: at(base, 100),
+            end: at(base, 200),
+            closed: true,
+        };
+        assert!(window.holds(&timed(base, 120, 180)));
+        assert!(window.holds(&timed(base, 100, 200)), "the edges are inside");
+        assert!(!window.holds(&timed(base, 90, 150)), "sent before it");
+        assert!(!window.holds(&timed(base, 150, 210)), "answered after it");
+        assert!(!window.holds(&timed(base, 50, 250)), "around it");
+        assert!(!window.holds(&timed(base, 210, 220)), "after it");
+    }
+
+    #[test]
+    fn a_login_counts_against_its_own_targets_windows_only() {
+        let base = Instant::now();
+        let done = |target, kept| Done {
+            target,
+            stats: BTreeMap::new(),
+            kept,
+        };
+        let churn = Measured {
+            connections: vec![
+                done(0, vec![timed(base, 110, 120), timed(base, 310, 320)]),
+                done(1, vec![timed(base, 110, 120), timed(base, 310, 320)]),
+            ],
+            started: at(base, 50),
+            elapsed: 1.0,
+        };
+        let window = |start, end| Window {
+            start: at(base, start),
+            end: at(base, end),
+            closed: true,
+        };
+        let gauges = [
+            Windows {
+                done: vec![window(100, 200)],
+                ..Windows::default()
+            },
+            Windows {
+                done: vec![window(300, 400)],
+                ..Windows::default()
+            },
+        ];
+        let (inside, reports) = while_compacting(&churn, &gauges);
+        assert_eq!((inside.ok, inside.latency.len()), (2, 2));
+        assert_eq!(reports.len(), 2);
+        assert_eq!(reports[0].target, 0);
+        assert!((reports[0].start_secs - 0.05).abs() < 1e-9);
+        assert!((reports[1].secs - 0.1).abs() < 1e-9);
+        // A window that began before the phase's start is placed before it.
+        let early = [Windows {
+            done: vec![window(20, 200)],
+            ..Windows::default()
+        }];
+        assert!((while_compacting(&churn, &early).1[0].start_secs + 0.03).abs() < 1e-9);
     }
 
     #[test]

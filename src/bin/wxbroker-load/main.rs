@@ -12,12 +12,14 @@
 //! registered on any of them. The sandbox gives a user the same openid on every instance.
 //!
 //! # Layout
+//! - `broker_metrics`: what the tool reads of a broker's `/metrics`.
 //! - `fleet`: the targets of a run, and which of them a connection is pinned to.
 //! - `target`: one broker, given by URL or started and stopped as a child process.
 //! - `scenario`: what each worker sends, and what counts as success.
 //! - `client`: one keep-alive HTTP/1.1 connection through hyper.
 //! - `report`: the figures, as a table or as JSON.
 
+mod broker_metrics;
 mod client;
 mod fleet;
 mod report;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::scenario::{COMPACTING_METRIC, COMPACTIONS_METRIC, GAUGE_POLL};
+use crate::broker_metrics::{COMPACTING_METRIC, COMPACTIONS_METRIC, GAUGE_POLL};
 
 /// Latencies and outcomes of one endpoint, as a worker collects them.
 pub struct EndpointStats {

@@ -10,6 +10,9 @@ use anyhow::Context;
 use hyper::Method;
 use tokio::sync::Barrier;
 
+use crate::broker_metrics::{
+    COMPACTIONS_METRIC, GAUGE_POLL, compacting, metric_value, metrics, metrics_on,
+};
 use crate::client::{Call, Conn};
 use crate::fleet::Fleet;
 use crate::report::{EndpointStats, ScenarioReport, TargetReport, WindowReport};
@@ -75,23 +78,8 @@ const SESSION_CAP: u64 = 64;
 /// few enough that bringing each to the cap beforehand takes seconds.
 const CHURN_USERS: usize = 1024;
 
-/// The broker's counter of finished session log rewrites, read from its `/metrics`.
-pub const COMPACTIONS_METRIC: &str = "wxbroker_session_log_compactions_total";
-
 /// How often the compaction phase reads `/metrics`.
 const METRICS_POLL: Duration = Duration::from_millis(250);
-
-/// The broker's gauge that reads 1 while its session log is being rewritten, else 0; older
-/// brokers lack it, which counts as 0.
-pub const COMPACTING_METRIC: &str = "wxbroker_session_log_compacting";
-
-/// How often the compaction phase reads each target's [`COMPACTING_METRIC`]: a rewrite lasts
-/// seconds, so a poll at each end places it within a few hundredths of one.
-pub const GAUGE_POLL: Duration = Duration::from_millis(25);
-
-/// How long a gauge reading may take: one later than this no longer says when the gauge
-/// changed, and the next poll is due.
-const GAUGE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// How long the compaction phase goes on once a compaction has finished, for the logins the
 /// rewrite held back to be answered and measured.
@@ -782,86 +770,6 @@ async fn watch_gauge(target: usize, addr: SocketAddr, shared: Arc<Shared>) -> Wi
     }
     windows.finish();
     windows
-}
-
-fn metrics_call() -> Call<'static> {
-    Call {
-        method: Method::GET,
-        path: "/metrics",
-        token: None,
-        json: None,
-    }
-}
-
-/// The broker's `/metrics` text, on a connection of its own so that a slow answer cannot hold
-/// up the next reading; `None` if it does not answer 200 within a second.
-async fn metrics(addr: SocketAddr) -> Option<String> {
-    let read = async {
-        Conn::open(addr)
-            .await
-            .ok()?
-            .send(&metrics_call())
-            .await
-            .ok()
-    };
-    match tokio::time::timeout(Duration::from_secs(1), read).await {
-        Ok(Some((200, body))) => Some(String::from_utf8_lossy(&body).into_owned()),
-        _ => None,
-    }
-}
-
-/// The broker's `/metrics` text on `conn`, kept open between readings (40 a second would
-/// otherwise each cost a connection); `None` if it does not answer 200 within
-/// [`GAUGE_TIMEOUT`].
-async fn metrics_on(conn: &mut Option<Conn>, addr: SocketAddr) -> Option<String> {
-    let read = async {
-        if conn.is_none() {
-            *conn = Some(Conn::open(addr).await.ok()?);
-        }
-        conn.as_mut()?.send(&metrics_call()).await.ok()
-    };
-    match tokio::time::timeout(GAUGE_TIMEOUT, read).await {
-        Ok(Some((200, body))) => Some(String::from_utf8_lossy(&body).into_owned()),
-        Ok(_) => None,
-        Err(_) => {
-            // The late answer would still arrive on it, ahead of the next reading's.
-            *conn = None;
-            None
-        }
-    }
-}
-
-/// Whether the `/metrics` text shows the session log being rewritten; `None` when it lacks
-/// the gauge.
-fn compacting(text: &str) -> Option<bool> {
-    metric_value(text, COMPACTING_METRIC).map(|value| value > 0)
-}
-
-/// The value of metric `name` (a counter or a gauge) in a Prometheus text exposition, summed
-/// over its label sets; `None` when it is not there.
-fn metric_value(text: &str, name: &str) -> Option<u64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = match rest.strip_prefix('{') {
-            Some(labelled) => labelled.split_once('}').map_or("", |(_, value)| value),
-            None => rest,
-        };
-        // Another metric whose name starts with this one's has no space here.
-        if !rest.starts_with([' ', '\t']) {
-            continue;
-        }
-        let value = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(value) = value {
-            *found.get_or_insert(0) += value as u64;
-        }
-    }
-    found
 }
 
 /// A user's life: login, checks, the client's encrypted profile, userinfo, logout. All on the

@@ -24,6 +24,7 @@
 //!   `storage/sled.rs` and `storage/sled/` the data dir (users in sled trees, sessions in memory
 //!   over their own log, the group commit); `storage/redis.rs` and its Lua scripts, the store
 //!   several brokers share.
+//! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
 //! - [`backup`]: offline export and import of the users as JSON lines (no session_key).

@@ -337,8 +337,9 @@ async fn migrate_moves_a_sled_deployment_to_redis_without_logging_anyone_out() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("users=2") && stderr.contains("sessions=2"),
+    assert_eq!(
+        (logged(&stderr, "users"), logged(&stderr, "sessions")),
+        (Some(2), Some(2)),
         "{stderr}"
     );
 
@@ -378,8 +379,9 @@ async fn migrate_moves_a_sled_deployment_to_redis_without_logging_anyone_out() {
     let forced = migrate(true).output().await.unwrap();
     let stderr = String::from_utf8_lossy(&forced.stderr);
     assert!(forced.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("users=0") && stderr.contains("users_kept=2"),
+    assert_eq!(
+        (logged(&stderr, "users"), logged(&stderr, "users_kept")),
+        (Some(0), Some(2)),
         "{stderr}"
     );
     let (_, kept) = parts(tb.login("gil.2").await).await;
@@ -392,6 +394,13 @@ async fn migrate_moves_a_sled_deployment_to_redis_without_logging_anyone_out() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sled:DIR"));
+}
+
+/// The number logged as `field=N` in `log`: that field exactly (`users` is not `users_kept`,
+/// and 2 is not 20).
+fn logged(log: &str, field: &str) -> Option<u64> {
+    log.split_whitespace()
+        .find_map(|word| word.strip_prefix(field)?.strip_prefix('=')?.parse().ok())
 }
 
 /// The Redis key of the session of `token`.

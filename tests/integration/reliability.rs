@@ -42,8 +42,15 @@ async fn code_used_after_our_own_retry_is_busy_not_the_clients_fault() {
     )
     .await;
     assert_eq!(calls.load(Ordering::Relaxed), 2);
-    let (_, calls_always) = (tb.login("busy.1").await, calls.load(Ordering::Relaxed));
-    assert_eq!(calls_always, 2 + 3, "one try and two retries");
+    // Busy on every try: 503 with a Retry-After, once the retries are spent.
+    let always = tb.login("busy.1").await;
+    assert!(always.headers().contains_key("retry-after"));
+    assert_error(always, StatusCode::SERVICE_UNAVAILABLE, "upstream_busy").await;
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        2 + 3,
+        "one try and two retries"
+    );
 }
 
 #[tokio::test]

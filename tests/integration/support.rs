@@ -291,6 +291,16 @@ pub async fn assert_error(response: Response, status: StatusCode, code: &str) ->
     body
 }
 
+/// The value of `series` (a metric's name and labels, as `/metrics` writes them) in the
+/// Prometheus text `text`: that series exactly, so `..._total 1` is not found in `..._total 10`
+/// nor `..._total` in `..._total_x`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
 /// Polls `condition` every 20 ms for up to 10 s.
 pub async fn eventually<F, Fut>(what: &str, mut condition: F)
 where

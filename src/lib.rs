@@ -157,7 +157,8 @@ async fn serve_app(
         }
         tracing::info!("shutting down: draining in-flight requests");
     };
-    server::serve_http(listener, app, broker.config().server_limits(), stop).await;
+    let limits = broker.config().server_limits();
+    server::serve_http(listener, app, limits, broker.metrics(), stop).await;
     broker.shutdown().await?;
     if gave_up.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Unavailable(

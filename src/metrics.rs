@@ -37,6 +37,11 @@ pub struct Metrics {
     /// 1 while the session log is being rewritten, else 0: tells a load test which of its
     /// requests met a compaction.
     pub compacting: IntGauge,
+    /// HTTP connections open now; at `WXBROKER_MAX_CONNECTIONS` new clients wait.
+    pub connections_open: IntGauge,
+    /// Times every connection slot was taken and the server waited for one before accepting
+    /// again: a count that grows says clients are queueing at the cap.
+    pub connection_cap_reached: IntCounter,
 }
 
 impl Metrics {
@@ -45,6 +50,13 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, label: &str| {
             let metric = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let plain_counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
             registry
                 .register(Box::new(metric.clone()))
                 .expect("unique metric");
@@ -109,20 +121,18 @@ impl Metrics {
                 "Time of each rewrite of the session log",
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
             ),
-            compactions: {
-                let metric = IntCounter::new(
-                    "wxbroker_session_log_compactions_total",
-                    "Rewrites of the session log finished",
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("unique metric");
-                metric
-            },
+            compactions: plain_counter(
+                "wxbroker_session_log_compactions_total",
+                "Rewrites of the session log finished",
+            ),
             compacting: gauge(
                 "wxbroker_session_log_compacting",
                 "1 while the session log is being rewritten",
+            ),
+            connections_open: gauge("wxbroker_connections_open", "HTTP connections open"),
+            connection_cap_reached: plain_counter(
+                "wxbroker_connection_cap_reached_total",
+                "Times every connection slot was taken and the server waited for one",
             ),
             registry,
         }

@@ -3,8 +3,9 @@
 //! warp 0.4's server installs no timer, so hyper cannot time out a client that never finishes its
 //! request headers, and it accepts connections without bound. Here every connection gets a
 //! header-read timeout, the number of open connections is capped (the accept loop waits for a
-//! free slot), and shutdown stops accepting, lets in-flight requests finish for a bounded time,
-//! then closes what is left.
+//! free slot, leaving new clients in the kernel's queue, unread), and shutdown stops accepting,
+//! lets in-flight requests finish for a bounded time, then closes what is left. The broker's
+//! metrics count the open connections and each time the cap made the loop wait.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,8 +16,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 use tracing::Instrument;
 use warp::Filter;
@@ -24,6 +26,8 @@ use warp::http::HeaderValue;
 use warp::http::header::HeaderName;
 use warp::reject::Rejection;
 use warp::reply::Response;
+
+use crate::metrics::Metrics;
 
 /// The header that carries a request's id, in and out.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -69,11 +73,13 @@ pub struct ServerLimits {
     pub drain_timeout: Duration,
 }
 
-/// Serves `filter` on `listener` until `shutdown` resolves, then drains within the limit.
+/// Serves `filter` on `listener` until `shutdown` resolves, then drains within the limit;
+/// counts its connections in `metrics`.
 pub async fn serve_http<F>(
     listener: TcpListener,
     filter: F,
     limits: ServerLimits,
+    metrics: &Metrics,
     shutdown: impl Future<Output = ()>,
 ) where
     F: Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static,
@@ -83,7 +89,11 @@ pub async fn serve_http<F>(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let http = Arc::new(http);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Slots {
+        free: Arc::new(Semaphore::new(limits.max_connections)),
+        open: metrics.connections_open.clone(),
+        cap_reached: metrics.connection_cap_reached.clone(),
+    };
     let graceful = GracefulShutdown::new();
     // Every connection's task, so that whatever outlives the drain can be ended.
     let mut connections = tokio::task::JoinSet::new();
@@ -91,7 +101,7 @@ pub async fn serve_http<F>(
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = accept(&listener, &slots) => accepted,
+            accepted = slots.accept(&listener) => accepted,
         };
         let (stream, peer, slot) = accepted;
         let _ = stream.set_nodelay(true);
@@ -164,28 +174,61 @@ fn request_id<B>(request: &hyper::Request<B>) -> String {
     }
 }
 
-/// Waits for a free connection slot, then for a connection.
-async fn accept(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-) -> (
-    tokio::net::TcpStream,
-    SocketAddr,
-    tokio::sync::OwnedSemaphorePermit,
-) {
-    let slot = slots
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed");
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => return (stream, peer, slot),
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+/// The connection cap: a slot per open connection, and the metrics that show it.
+struct Slots {
+    /// One permit per connection that may still be opened.
+    free: Arc<Semaphore>,
+    /// `wxbroker_connections_open`.
+    open: IntGauge,
+    /// `wxbroker_connection_cap_reached_total`.
+    cap_reached: IntCounter,
+}
+
+impl Slots {
+    /// Waits for a free slot, then for a connection. While no slot is free nothing is accepted:
+    /// a new client's connection and request wait in the kernel's listen queue.
+    async fn accept(&self, listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr, Slot) {
+        let permit = match self.free.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.cap_reached.inc();
+                self.free
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
+        };
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    self.open.inc();
+                    let slot = Slot {
+                        _permit: permit,
+                        open: self.open.clone(),
+                    };
+                    return (stream, peer, slot);
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
+    }
+}
+
+/// A connection's slot, held by its task: freed, and uncounted, when the task ends or is aborted.
+struct Slot {
+    /// Given back to the cap on drop.
+    _permit: OwnedSemaphorePermit,
+    /// `wxbroker_connections_open`, lowered on drop.
+    open: IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use wxbroker::{Sandbox, SandboxOptions};
 
-use crate::support::{TestBroker, assert_error, fault_upstream, parts};
+use crate::support::{TestBroker, assert_error, fault_upstream, metric, parts};
 
 #[tokio::test]
 async fn a_new_user_logs_in_and_a_returning_one_keeps_the_uid() {
@@ -340,8 +340,9 @@ async fn two_brokers_in_one_process_do_not_collide() {
     // Each counts its own.
     for broker in [&a.broker, &b.broker] {
         let metrics = broker.metrics().render();
-        assert!(
-            metrics.contains(r#"wxbroker_logins_total{outcome="new"} 1"#),
+        assert_eq!(
+            metric(&metrics, r#"wxbroker_logins_total{outcome="new"}"#),
+            Some(1.0),
             "{metrics}"
         );
     }

@@ -9,6 +9,7 @@ mod login;
 mod miniprogram;
 mod openapi;
 mod operate;
+mod readme;
 mod redis;
 mod reliability;
 mod secrecy;

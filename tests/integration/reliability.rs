@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wxbroker::{Sandbox, SandboxOptions};
 
-use crate::support::{TestBroker, assert_error, fault_upstream, parts};
+use crate::support::{TestBroker, assert_error, eventually, fault_upstream, parts};
 
 async fn on_faults(
     tweak: impl FnOnce(&mut wxbroker::Config),
@@ -42,8 +42,15 @@ async fn code_used_after_our_own_retry_is_busy_not_the_clients_fault() {
     )
     .await;
     assert_eq!(calls.load(Ordering::Relaxed), 2);
-    let (_, calls_always) = (tb.login("busy.1").await, calls.load(Ordering::Relaxed));
-    assert_eq!(calls_always, 2 + 3, "one try and two retries");
+    // Busy on every try: 503 with a Retry-After, once the retries are spent.
+    let always = tb.login("busy.1").await;
+    assert!(always.headers().contains_key("retry-after"));
+    assert_error(always, StatusCode::SERVICE_UNAVAILABLE, "upstream_busy").await;
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        2 + 3,
+        "one try and two retries"
+    );
 }
 
 #[tokio::test]
@@ -133,28 +140,100 @@ async fn idle_connections_do_not_lock_out_a_normal_client_and_are_cut_off() {
     }
 }
 
+/// Sends `request` on `stream` and reads one answer (its head, then a `Content-Length` body).
+async fn exchange(stream: &mut TcpStream, request: &str) -> String {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_answer(stream).await
+}
+
+/// Reads one HTTP/1.1 answer from `stream`: its head, then a `Content-Length` body.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.push(byte[0]);
+    }
+    let head = String::from_utf8(answer.clone()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    answer.extend_from_slice(&body);
+    String::from_utf8(answer).unwrap()
+}
+
+/// With every connection slot taken, a new client is not even accepted: its connection and its
+/// whole request wait in the kernel's queue, unread, until a slot frees; then it is served. The
+/// server's own counters say when it waited and how many connections it holds.
 #[tokio::test]
 async fn the_connection_cap_makes_new_clients_wait_for_a_free_slot() {
     let tb = TestBroker::start_with(|c| {
-        c.max_connections = 8;
-        c.header_read_timeout_ms = 500;
+        c.max_connections = 2;
+        // Longer than the test: the test itself frees a slot.
+        c.header_read_timeout_ms = 60_000;
     })
     .await;
     let addr = tb.url.trim_start_matches("http://").to_owned();
-    let mut idle = Vec::new();
-    for _ in 0..8 {
-        idle.push(TcpStream::connect(&addr).await.unwrap());
+    let metrics = tb.broker.metrics();
+    let health = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Two clients, each answered once and kept alive: they hold both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let answer = exchange(&mut stream, health).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    let (status, _) = parts(tb.login("xena.1").await).await;
-    assert_eq!(status, StatusCode::OK);
-    // It had to wait for the idle ones to be cut off: proof that the cap held.
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "{:?}",
-        started.elapsed()
+    eventually("the accept loop to wait for a free slot", || async {
+        metrics.connection_cap_reached.get() == 1
+    })
+    .await;
+    assert_eq!(metrics.connections_open.get(), 2);
+
+    // A third client sends a whole login: nothing reads it, nothing answers it.
+    let mut waiting = TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"code":"xena.1"}"#;
+    let login = format!(
+        "POST /v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
     );
+    waiting.write_all(login.as_bytes()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut byte)).await;
+    assert!(early.is_err(), "answered with the cap full: {early:?}");
+    assert_eq!(tb.sandbox.exchanges(), 0, "its request was read");
+    assert_eq!(metrics.connections_open.get(), 2, "it was accepted");
+
+    // A slot frees: it is served, and the loop waits again with the cap full once more.
+    drop(held.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut waiting))
+        .await
+        .expect("served once a slot freed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("thirdSession"), "{answer}");
+    assert_eq!(tb.sandbox.exchanges(), 1);
+    eventually("the accept loop to wait again", || async {
+        metrics.connection_cap_reached.get() == 2
+    })
+    .await;
+    assert_eq!(metrics.connections_open.get(), 2);
+    // The held client was served all along.
+    let answer = exchange(&mut held[0], health).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 #[tokio::test]

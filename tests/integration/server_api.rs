@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wxbroker::{Sandbox, SandboxOptions, Secret};
 
-use crate::support::{TestBroker, assert_error, fault_upstream, me, parts, post};
+use crate::support::{TestBroker, assert_error, fault_upstream, me, metric, parts, post};
 
 const ADMIN: &str = "server-api-admin-secret";
 
@@ -251,8 +251,15 @@ async fn a_failed_fetch_answers_its_callers_and_is_retried() {
         .await
         .unwrap();
     let metrics = metrics.text().await.unwrap();
-    assert!(metrics.contains(r#"wxbroker_access_token_fetches_total{outcome="ok"} 1"#));
-    assert!(metrics.contains(r#"wxbroker_access_token_fetches_total{outcome="upstream_error"} 2"#));
+    let fetches = |outcome: &str| {
+        let series = format!("wxbroker_access_token_fetches_total{{outcome=\"{outcome}\"}}");
+        metric(&metrics, &series)
+    };
+    assert_eq!(
+        (fetches("ok"), fetches("upstream_error")),
+        (Some(1.0), Some(2.0)),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -291,6 +291,16 @@ pub async fn assert_error(response: Response, status: StatusCode, code: &str) ->
     body
 }
 
+/// The value of `series` (a metric's name and labels, as `/metrics` writes them) in the
+/// Prometheus text `text`: that series exactly, so `..._total 1` is not found in `..._total 10`
+/// nor `..._total` in `..._total_x`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
 /// Polls `condition` every 20 ms for up to 10 s.
 pub async fn eventually<F, Fut>(what: &str, mut condition: F)
 where
@@ -380,6 +390,10 @@ pub struct RedisServer {
     child: Mutex<std::process::Child>,
     /// `redis://127.0.0.1:PORT/0`.
     pub url: String,
+    /// The command that started it, run again by [`RedisServer::restart`].
+    command: Vec<std::ffi::OsString>,
+    port: u16,
+    /// Its working directory (and a cluster node's config file), removed when dropped.
     _dir: TempDir,
 }
 
@@ -387,6 +401,12 @@ impl RedisServer {
     /// Starts one. Panics with what to do when `redis-server` is not installed: the Redis tests
     /// must fail, not pass silently.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// As [`RedisServer::start`], with more arguments for `redis-server` (`--cluster-enabled`,
+    /// ...); a relative file name in them is in the server's temporary directory.
+    pub async fn start_with(args: &[&str]) -> RedisServer {
         let exe = std::env::var_os("PATH")
             .into_iter()
             .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
@@ -406,36 +426,54 @@ impl RedisServer {
                 .unwrap()
                 .port();
             let dir = tempfile::tempdir().unwrap();
-            let mut child = std::process::Command::new(&exe)
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server starts");
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while tokio::time::Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return RedisServer {
-                        child: Mutex::new(child),
-                        url: format!("redis://127.0.0.1:{port}/0"),
-                        _dir: dir,
-                    };
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            let mut command: Vec<std::ffi::OsString> = vec![exe.clone().into()];
+            command.extend(
+                ["--bind", "127.0.0.1", "--port", &port.to_string()]
+                    .iter()
+                    .chain(&["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+                    .chain(&["--dir"])
+                    .map(Into::into),
+            );
+            command.push(dir.path().into());
+            command.extend(args.iter().map(Into::into));
+            if let Some(child) = RedisServer::spawn(&command, port).await {
+                return RedisServer {
+                    child: Mutex::new(child),
+                    url: format!("redis://127.0.0.1:{port}/0"),
+                    command,
+                    port,
+                    _dir: dir,
+                };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("redis-server did not start on a free loopback port in 5 tries");
+    }
+
+    /// Runs `command` and waits until it listens on `port`; `None` if it exits or is not
+    /// listening within 10 s.
+    async fn spawn(command: &[std::ffi::OsString], port: u16) -> Option<std::process::Child> {
+        let mut child = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Some(child);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// Stops the server at once (SIGKILL), as a crash would.
@@ -443,6 +481,15 @@ impl RedisServer {
         let mut child = self.child.lock().unwrap();
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Starts the server again, as before and on the same port, after [`RedisServer::kill`]:
+    /// a Redis back after an outage, empty (nothing was persisted).
+    pub async fn restart(&self) {
+        let child = RedisServer::spawn(&self.command, self.port)
+            .await
+            .unwrap_or_else(|| panic!("redis-server did not start again on port {}", self.port));
+        *self.child.lock().unwrap() = child;
     }
 }
 

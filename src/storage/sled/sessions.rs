@@ -417,15 +417,15 @@ impl SledSessions {
     }
 }
 
-/// Lowers the calling thread's CPU priority (nice 10): on a saturated machine a compaction then
-/// takes a tenth of a core rather than a whole one away from the logins, and takes longer.
+/// Lowers the calling thread's CPU priority (nice 19): on a saturated machine a compaction then
+/// takes a few percent of a core rather than a whole one away from the logins, and takes longer.
 fn yield_to_the_broker() {
     // On Linux a nice value belongs to a thread, and `who` 0 is the calling one; elsewhere it
     // would renice the whole process, so it is left alone.
     #[cfg(target_os = "linux")]
     // SAFETY: setpriority reads no memory of ours; a failure only leaves the priority as it was.
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
     }
 }
 

@@ -3,14 +3,17 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use wxbroker::storage::sled::session_log::SessionLog;
+use wxbroker::{SANDBOX_APPID, Sandbox, SandboxOptions};
 
 use crate::support::client;
 
@@ -133,6 +136,51 @@ async fn sigterm_drains_flushes_and_exits_0() {
     assert!(process.log.lock().unwrap().contains("stopped cleanly"));
 }
 
+/// The admin secret of the brokers of the crash tests (their clients reset session_keys and look
+/// users up through the admin routes).
+const ADMIN_TOKEN: &str = "crash-test-admin";
+
+/// [`command`] for a broker that takes `sandbox`, in this test process, for WeChat, with the admin
+/// routes on. The sandbox outlives every kill, so it still holds each user's session_key when the
+/// broker restarts: a session_key reset the broker acknowledged is checked against it.
+fn command_on(data_dir: &Path, sandbox: &Sandbox) -> Command {
+    let mut command = command(data_dir);
+    command
+        .env("WECHAT_APPID", SANDBOX_APPID)
+        .env("WECHAT_SECRET", sandbox.secret().expose())
+        .env("WECHAT_API_BASE", sandbox.url().as_str())
+        .env("WXBROKER_ADMIN_TOKEN", ADMIN_TOKEN);
+    command
+}
+
+/// What a client of the crash tests writes, after registering a new user (which is a write too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Write {
+    /// The registration alone.
+    Registration,
+    /// A logout (204).
+    Logout,
+    /// An encrypted profile carrying a unionid that no login gave (200).
+    Profile,
+    /// An encrypted phone number (200).
+    Phone,
+    /// A phone number by the code of the phone-number button (200).
+    PhoneCode,
+    /// `POST /admin/users/{uid}/session-key/reset` (204).
+    SessionKeyReset,
+}
+
+impl Write {
+    const ALL: [Write; 6] = [
+        Write::Registration,
+        Write::Logout,
+        Write::Profile,
+        Write::Phone,
+        Write::PhoneCode,
+        Write::SessionKeyReset,
+    ];
+}
+
 /// What the clients were told before the kill.
 #[derive(Default)]
 struct Acknowledged {
@@ -140,31 +188,133 @@ struct Acknowledged {
     registrations: HashMap<String, u64>,
     /// Round and token of every logout answered 204.
     logouts: Vec<(usize, String)>,
+    /// Every profile answered 200.
+    profiles: Vec<ProfileAck>,
+    /// Every phone number answered 200, encrypted or by code.
+    phones: Vec<PhoneAck>,
+    /// Round and uid of every session_key reset answered 204.
+    resets: Vec<(usize, u64)>,
+}
+
+/// A profile the broker acknowledged; its unionid is [`Sandbox::unionid_of`] the name.
+struct ProfileAck {
+    round: usize,
+    uid: u64,
+    name: String,
+    /// The session it was sent with, which must show the unionid too.
+    token: String,
+}
+
+/// A phone number the broker acknowledged.
+struct PhoneAck {
+    round: usize,
+    uid: u64,
+    number: String,
+    by_code: bool,
+}
+
+/// How many acknowledged writes of each kind were found after restarts.
+#[derive(Default)]
+struct Checked {
+    registrations: usize,
+    logouts: usize,
+    profiles: usize,
+    phones: usize,
+    phone_codes: usize,
+    resets: usize,
+}
+
+impl std::ops::AddAssign for Checked {
+    fn add_assign(&mut self, other: Checked) {
+        self.registrations += other.registrations;
+        self.logouts += other.logouts;
+        self.profiles += other.profiles;
+        self.phones += other.phones;
+        self.phone_codes += other.phone_codes;
+        self.resets += other.resets;
+    }
+}
+
+impl std::fmt::Display for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} registrations, {} logouts, {} profiles (with their unionids), {} encrypted phone \
+             numbers, {} phone numbers by code, {} session_key resets",
+            self.registrations,
+            self.logouts,
+            self.profiles,
+            self.phones,
+            self.phone_codes,
+            self.resets
+        )
+    }
+}
+
+impl Acknowledged {
+    /// How many writes of each kind were acknowledged.
+    fn counts(&self) -> Checked {
+        let by_code = self.phones.iter().filter(|p| p.by_code).count();
+        Checked {
+            registrations: self.registrations.len(),
+            logouts: self.logouts.len(),
+            profiles: self.profiles.len(),
+            phones: self.phones.len() - by_code,
+            phone_codes: by_code,
+            resets: self.resets.len(),
+        }
+    }
 }
 
 const ROUNDS: usize = 24;
 const WORKERS: usize = 8;
 
+/// kill -9 of the real binary under load, round after round on one data dir: every write
+/// acknowledged before a kill is found after the restart. Every other round is killed at a random
+/// moment of the load; the others right after a write acknowledged while nothing else was in
+/// flight (each kind of write in turn), where no later write's flush can cover for a missing one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Sandbox::start(SandboxOptions::default()).await.unwrap());
+    let clients = Client::new(&sandbox);
     let acked = Arc::new(Mutex::new(Acknowledged::default()));
-    let mut checked_registrations = 0;
-    let mut checked_logouts = 0;
+    let mut checked = Checked::default();
+    let mut last_writes = 0;
     for round in 0..=ROUNDS {
         // The database opens every time, and what was acknowledged before is all there.
-        let process = Process::start(dir.path()).await;
-        let (registrations, logouts) = check_acknowledged(&process, &acked, round, ROUNDS).await;
-        checked_registrations += registrations;
-        checked_logouts += logouts;
+        let process = Process::spawn(command_on(dir.path(), &sandbox)).await;
+        let client = clients.at(&process.url);
+        checked += check_acknowledged(&client, &acked, round, ROUNDS).await;
         if round == ROUNDS {
             break;
         }
 
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|worker| tokio::spawn(drive(process.url.clone(), round, worker, acked.clone())))
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers: Vec<_> = (0..WORKERS)
+            .map(|worker| {
+                let client = client.clone();
+                tokio::spawn(drive(client, round, worker, acked.clone(), stop.clone()))
+            })
             .collect();
         tokio::time::sleep(Duration::from_millis(rand::random_range(50..400))).await;
+        if round % 2 == 1 {
+            // The clients finish what they are at; then one write, and the kill as soon as it is
+            // acknowledged: were it not on disk, no flush of anything else could have saved it.
+            stop.store(true, Ordering::Relaxed);
+            for worker in workers.drain(..) {
+                tokio::time::timeout(Duration::from_secs(30), worker)
+                    .await
+                    .expect("the clients stop within 30 s")
+                    .unwrap();
+            }
+            let write = Write::ALL[round / 2 % Write::ALL.len()];
+            client
+                .write(round, WORKERS, 0, write, &acked)
+                .await
+                .unwrap_or_else(|| panic!("{write:?} was not acknowledged by a broker at rest"));
+            last_writes += 1;
+        }
         process.kill9().await;
         for worker in workers {
             worker.await.unwrap();
@@ -176,75 +326,108 @@ async fn acknowledged_writes_survive_kill_9() {
     uids.sort_unstable();
     uids.dedup();
     assert_eq!(uids.len(), registered, "a uid was handed out twice");
+    let counts = acked.counts();
     eprintln!(
-        "crash test: {ROUNDS} kill -9 rounds, {} acknowledged registrations and {} acknowledged \
-         logouts; {checked_registrations} registration checks and {checked_logouts} logout checks \
-         after restarts; lost: 0",
-        acked.registrations.len(),
-        acked.logouts.len()
+        "crash test: {ROUNDS} kill -9 rounds ({} at a random moment, {} right after a write \
+         acknowledged alone, each kind in turn); acknowledged: {counts}; found after restarts: \
+         {checked}; lost: 0; no uid acknowledged twice",
+        ROUNDS - last_writes,
+        last_writes,
     );
     assert!(
-        acked.registrations.len() >= ROUNDS,
+        counts.registrations >= ROUNDS,
         "the load did register users"
     );
-    assert!(!acked.logouts.is_empty(), "the load did log out");
+    for (what, count) in [
+        ("log out", counts.logouts),
+        ("send profiles", counts.profiles),
+        ("send encrypted phone numbers", counts.phones),
+        ("send phone numbers by code", counts.phone_codes),
+        ("reset session_keys", counts.resets),
+    ] {
+        assert!(count > 0, "the load did {what}");
+    }
 }
 
 /// Checks, on a broker restarted after round `round - 1` was killed, what was acknowledged in that
-/// round (everything at the `last` round): registrations keep their uids, logouts stay out.
-/// Returns how many registrations and logouts it checked.
+/// round (everything at the `last` round, but session_key resets: a later login replaced the key):
+/// registrations keep their uids, logouts stay out, profiles and phone numbers are stored, the
+/// unionid of a profile is the user's (found by it, shown on the session it came with), and WeChat
+/// accepts the session_key the broker holds after a reset.
 async fn check_acknowledged(
-    process: &Process,
+    client: &Client,
     acked: &Mutex<Acknowledged>,
     round: usize,
     last: usize,
-) -> (usize, usize) {
-    let http = client();
-    let (registrations, logouts) = {
+) -> Checked {
+    let checked = |r: usize| round == last || r + 1 == round;
+    let (resets, others, counts) = {
         let acked = acked.lock().unwrap();
-        let checked = |r: usize| round == last || r + 1 == round;
-        let names: Vec<(String, u64)> = acked
+        let resets: Vec<Check> = acked
+            .resets
+            .iter()
+            .filter(|(r, _)| r + 1 == round)
+            .map(|(_, uid)| Check::Reset(*uid))
+            .collect();
+        let registrations = acked
             .registrations
             .iter()
             .filter(|(name, _)| checked(round_of(name)))
-            .map(|(n, u)| (n.clone(), *u))
-            .collect();
-        let tokens: Vec<String> = acked
+            .map(|(name, uid)| Check::Registration(name.clone(), *uid));
+        let logouts = acked
             .logouts
             .iter()
             .filter(|(r, _)| checked(*r))
-            .map(|(_, t)| t.clone())
+            .map(|(_, token)| Check::Logout(token.clone()));
+        let profiles = acked
+            .profiles
+            .iter()
+            .filter(|p| checked(p.round))
+            .map(|p| Check::Profile {
+                uid: p.uid,
+                name: p.name.clone(),
+                token: p.token.clone(),
+            });
+        let phones = acked.phones.iter().filter(|p| checked(p.round));
+        let counts = Checked {
+            registrations: registrations.clone().count(),
+            logouts: logouts.clone().count(),
+            profiles: profiles.clone().count(),
+            phones: phones.clone().filter(|p| !p.by_code).count(),
+            phone_codes: phones.clone().filter(|p| p.by_code).count(),
+            resets: resets.len(),
+        };
+        let phones = phones.map(|p| Check::Phone(p.uid, p.number.clone()));
+        let others: Vec<Check> = registrations
+            .chain(logouts)
+            .chain(profiles)
+            .chain(phones)
             .collect();
-        (names, tokens)
+        (resets, others, counts)
     };
-    for (name, uid) in &registrations {
-        let response = http
-            .post(format!("{}/v1/login", process.url))
-            .form(&[("code", format!("{name}.check{round}"))])
-            .send()
-            .await
-            .unwrap();
-        let body: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(
-            (body["uid"].as_u64(), body["isNew"].as_bool()),
-            (Some(*uid), Some(false)),
-            "{name}: {body}"
-        );
-    }
-    for token in &logouts {
-        let response = http
-            .get(format!("{}/v1/session", process.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            response.status(),
-            StatusCode::UNAUTHORIZED,
-            "a logout came back"
-        );
-    }
-    (registrations.len(), logouts.len())
+    // Before the registrations: their check logs the users in again, which replaces the key.
+    client.check_all(resets, round).await;
+    client.check_all(others, round).await;
+    counts
+}
+
+/// One acknowledged write to look for after a restart.
+enum Check {
+    /// WeChat accepts the session_key the broker holds for the user of this uid.
+    Reset(u64),
+    /// The user of this name logs in as a returning user with this uid.
+    Registration(String, u64),
+    /// The token is refused.
+    Logout(String),
+    /// The user has its profile and the unionid it carried, is found by the unionid, and the
+    /// session the profile came with shows the unionid.
+    Profile {
+        uid: u64,
+        name: String,
+        token: String,
+    },
+    /// The user has this phone number.
+    Phone(u64, String),
 }
 
 const COMPACTION_ROUNDS: usize = 6;
@@ -257,26 +440,30 @@ const ENDED_SESSIONS: u64 = 100_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_during_compactions() {
     let dir = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(Sandbox::start(SandboxOptions::default()).await.unwrap());
+    let clients = Client::new(&sandbox);
     let acked = Arc::new(Mutex::new(Acknowledged::default()));
-    let (mut checked_registrations, mut checked_logouts) = (0, 0);
+    let mut checked = Checked::default();
     let (mut cut_short, mut finished) = (0, 0);
     for round in 0..=COMPACTION_ROUNDS {
         if round < COMPACTION_ROUNDS {
             append_ended_sessions(dir.path(), round as u64);
         }
-        let mut command = command(dir.path());
+        let mut command = command_on(dir.path(), &sandbox);
         command.args(["--sweep-interval-secs", "1"]);
         let process = Process::spawn(command).await;
-        let (registrations, logouts) =
-            check_acknowledged(&process, &acked, round, COMPACTION_ROUNDS).await;
-        checked_registrations += registrations;
-        checked_logouts += logouts;
+        let client = clients.at(&process.url);
+        checked += check_acknowledged(&client, &acked, round, COMPACTION_ROUNDS).await;
         if round == COMPACTION_ROUNDS {
             break;
         }
 
+        let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..WORKERS)
-            .map(|worker| tokio::spawn(drive(process.url.clone(), round, worker, acked.clone())))
+            .map(|worker| {
+                let client = client.clone();
+                tokio::spawn(drive(client, round, worker, acked.clone(), stop.clone()))
+            })
             .collect();
         // The first sweep starts the rewrite; its file shows that it is writing.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -303,11 +490,9 @@ async fn acknowledged_writes_survive_kill_9_during_compactions() {
     let acked = acked.lock().unwrap();
     eprintln!(
         "crash test during compactions: {COMPACTION_ROUNDS} kill -9 rounds ({cut_short} while \
-         the new log was being written, {finished} after it replaced the old one), {} \
-         acknowledged registrations and {} acknowledged logouts; {checked_registrations} \
-         registration checks and {checked_logouts} logout checks after restarts; lost: 0",
-        acked.registrations.len(),
-        acked.logouts.len()
+         the new log was being written, {finished} after it replaced the old one); \
+         acknowledged: {}; found after restarts: {checked}; lost: 0",
+        acked.counts(),
     );
     assert!(cut_short > 0, "no kill landed during a compaction");
     assert!(!acked.logouts.is_empty(), "the load did log out");
@@ -350,52 +535,296 @@ fn round_of(name: &str) -> usize {
     name[1..name.find('w').unwrap()].parse().unwrap()
 }
 
-/// One client: registers new users and logs out every other session, until the broker dies.
-async fn drive(url: String, round: usize, worker: usize, acked: Arc<Mutex<Acknowledged>>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+/// One client: registers new users and has each write one more thing (each kind of [`Write`] in
+/// turn), until the broker dies or `stop` is set.
+async fn drive(
+    client: Client,
+    round: usize,
+    worker: usize,
+    acked: Arc<Mutex<Acknowledged>>,
+    stop: Arc<AtomicBool>,
+) {
     for i in 0..10_000 {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let write = Write::ALL[i % Write::ALL.len()];
+        if client
+            .write(round, worker, i, write, &acked)
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}
+
+/// A mini program's users and their operator, against one broker, as the crash tests play them.
+#[derive(Clone)]
+struct Client {
+    url: String,
+    sandbox: Arc<Sandbox>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of no broker yet (see [`Client::at`]), playing the WeChat client with `sandbox`.
+    fn new(sandbox: &Arc<Sandbox>) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        Client {
+            url: String::new(),
+            sandbox: sandbox.clone(),
+            http,
+        }
+    }
+
+    /// The same client, for the broker at `url` (building a client anew takes a debug build
+    /// tens of milliseconds).
+    fn at(&self, url: &str) -> Client {
+        Client {
+            url: url.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// Registers the user `r{round}w{worker}u{i}` and has it make `write`, noting every
+    /// acknowledgement in `acked`. `None` when an answer did not come (the broker was killed).
+    async fn write(
+        &self,
+        round: usize,
+        worker: usize,
+        i: usize,
+        write: Write,
+        acked: &Mutex<Acknowledged>,
+    ) -> Option<()> {
         let name = format!("r{round}w{worker}u{i}");
         // Two logins of the new user at once (a mini program double-firing at launch): whichever
         // answer arrives, returning or not, acknowledges the registration.
-        let login = |n: u32| {
-            let request = http
-                .post(format!("{url}/v1/login"))
-                .form(&[("code", format!("{name}.{n}"))]);
-            async move {
-                let body: serde_json::Value = request.send().await.ok()?.json().await.ok()?;
-                Some((
-                    body["uid"].as_u64()?,
-                    body["thirdSession"].as_str()?.to_owned(),
-                ))
-            }
-        };
-        let (first, second) = tokio::join!(login(1), login(2));
+        let codes = [format!("{name}.1"), format!("{name}.2")];
+        let (first, second) = tokio::join!(self.login(&codes[0]), self.login(&codes[1]));
         if let (Some((a, _)), Some((b, _))) = (&first, &second) {
             assert_eq!(a, b, "one user, one uid");
         }
-        let Some((uid, token)) = first.or(second) else {
-            return;
-        };
-        acked.lock().unwrap().registrations.insert(name, uid);
-        if i % 2 == 0 {
-            let Ok(response) = http
-                .post(format!("{url}/v1/logout"))
-                .bearer_auth(&token)
-                .send()
-                .await
-            else {
-                return;
-            };
-            if response.status() == StatusCode::NO_CONTENT {
-                acked
-                    .lock()
-                    .unwrap()
-                    .logouts
-                    .push((round, token.to_owned()));
+        let (uid, token) = first.or(second)?;
+        acked
+            .lock()
+            .unwrap()
+            .registrations
+            .insert(name.clone(), uid);
+        let number = format!("1{round:03}{worker:02}{i:05}");
+        match write {
+            Write::Registration => {}
+            Write::Logout => {
+                self.expect(self.post("logout", &token), StatusCode::NO_CONTENT)
+                    .await?;
+                acked.lock().unwrap().logouts.push((round, token));
+            }
+            Write::Profile => {
+                // One more login: the key the broker holds is then the one the client's data is
+                // encrypted with (of the two logins above, either may have been stored last).
+                let (_, token) = self.login(&format!("{name}.3")).await?;
+                let data = self.sandbox.encrypt_for(&name, &profile_text(&name));
+                let request = self.post("userinfo", &token).json(&data.unwrap());
+                self.expect(request, StatusCode::OK).await?;
+                let profile = ProfileAck {
+                    round,
+                    uid,
+                    name,
+                    token,
+                };
+                acked.lock().unwrap().profiles.push(profile);
+            }
+            Write::Phone | Write::PhoneCode => {
+                let by_code = write == Write::PhoneCode;
+                let request = if by_code {
+                    let code = format!("{number}.{name}");
+                    self.post("phone", &token).json(&json!({ "code": code }))
+                } else {
+                    let (_, token) = self.login(&format!("{name}.3")).await?;
+                    let data = self.sandbox.encrypted_phone(&name, &number);
+                    self.post("phone", &token).json(&data.unwrap())
+                };
+                let body = self.expect(request, StatusCode::OK).await?;
+                assert_eq!(body["phoneNumber"].as_str(), Some(number.as_str()));
+                let phone = PhoneAck {
+                    round,
+                    uid,
+                    number,
+                    by_code,
+                };
+                acked.lock().unwrap().phones.push(phone);
+            }
+            Write::SessionKeyReset => {
+                // WeChat resets the key it holds for the user (the one of its latest login) only
+                // when the broker signs the request with that key.
+                self.login(&format!("{name}.3")).await?;
+                self.expect(self.reset_session_key(uid), StatusCode::NO_CONTENT)
+                    .await?;
+                acked.lock().unwrap().resets.push((round, uid));
+            }
+        }
+        Some(())
+    }
+
+    /// Looks for every write of `checks` on the broker, a few at a time.
+    async fn check_all(&self, checks: Vec<Check>, round: usize) {
+        let checks = Arc::new(Mutex::new(checks));
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                let (client, checks) = (self.clone(), checks.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let next = checks.lock().unwrap().pop();
+                        let Some(check) = next else { break };
+                        client.check(check, round).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+
+    /// Fails the test unless the write of `check` is found.
+    async fn check(&self, check: Check, round: usize) {
+        match check {
+            Check::Reset(uid) => {
+                // Signed with the key the broker holds, which WeChat takes only if it is the one
+                // it answered to the reset (else 409 session_key_expired).
+                let (status, body) = self.send(self.reset_session_key(uid)).await;
+                assert_eq!(
+                    status,
+                    StatusCode::NO_CONTENT,
+                    "a session_key reset was lost: {body}"
+                );
+            }
+            Check::Registration(name, uid) => {
+                let code = format!("{name}.check{round}");
+                let url = format!("{}/v1/login", self.url);
+                let (_, body) = self.send(self.http.post(url).form(&[("code", code)])).await;
+                assert_eq!(
+                    (body["uid"].as_u64(), body["isNew"].as_bool()),
+                    (Some(uid), Some(false)),
+                    "{name}: {body}"
+                );
+            }
+            Check::Logout(token) => {
+                let (status, _) = self.session(&token).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "a logout came back");
+            }
+            Check::Profile { uid, name, token } => {
+                let unionid = Sandbox::unionid_of(&name);
+                let user = self.admin_user(&format!("users/{uid}")).await;
+                assert_eq!(
+                    (&user["profile"]["nickName"], &user["unionid"]),
+                    (&json!(name), &json!(unionid)),
+                    "a profile was lost: {user}"
+                );
+                let found = self.admin_user(&format!("users?unionid={unionid}")).await;
+                assert_eq!(found["uid"].as_u64(), Some(uid), "{found}");
+                let (status, session) = self.session(&token).await;
+                assert_eq!(
+                    (status, &session["unionid"]),
+                    (StatusCode::OK, &json!(unionid)),
+                    "the unionid of a profile is missing from its session: {session}"
+                );
+            }
+            Check::Phone(uid, number) => {
+                let user = self.admin_user(&format!("users/{uid}")).await;
+                assert_eq!(
+                    user["phone"]["phoneNumber"].as_str(),
+                    Some(number.as_str()),
+                    "a phone number was lost: {user}"
+                );
             }
         }
     }
+
+    /// Logs in with `code`: the uid and the token.
+    async fn login(&self, code: &str) -> Option<(u64, String)> {
+        let request = self
+            .http
+            .post(format!("{}/v1/login", self.url))
+            .form(&[("code", code)]);
+        let body = self.expect(request, StatusCode::OK).await?;
+        Some((
+            body["uid"].as_u64().unwrap(),
+            body["thirdSession"].as_str().unwrap().to_owned(),
+        ))
+    }
+
+    /// `POST /admin/users/{uid}/session-key/reset`.
+    fn reset_session_key(&self, uid: u64) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/admin/users/{uid}/session-key/reset", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// `POST /v1/{route}` with the session `token`.
+    fn post(&self, route: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/{route}", self.url))
+            .bearer_auth(token)
+    }
+
+    /// The body of the answer to `request` if it is `expected`. `None` if no answer came (the
+    /// broker was killed), or a 503 (a call that timed out on a busy machine: nothing was
+    /// acknowledged); any other answer fails the test.
+    async fn expect(
+        &self,
+        request: reqwest::RequestBuilder,
+        expected: StatusCode,
+    ) -> Option<Value> {
+        let response = request.send().await.ok()?;
+        let status = response.status();
+        let bytes = response.bytes().await.ok()?;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return None;
+        }
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        assert_eq!(status, expected, "{body}");
+        Some(body)
+    }
+
+    /// Status and JSON body (`Null` if none) of the answer to `request`, which must come.
+    async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let bytes = response.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// `GET /v1/session` with `token`.
+    async fn session(&self, token: &str) -> (StatusCode, Value) {
+        let url = format!("{}/v1/session", self.url);
+        self.send(self.http.get(url).bearer_auth(token)).await
+    }
+
+    /// `GET /admin/{path}`, which must find a user.
+    async fn admin_user(&self, path: &str) -> Value {
+        let url = format!("{}/admin/{path}", self.url);
+        let (status, user) = self.send(self.http.get(url).bearer_auth(ADMIN_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {user}");
+        user
+    }
+}
+
+/// The plaintext of a profile for `name` carrying a unionid, as `wx.getUserProfile` gives one in
+/// a mini program bound to an Open Platform account (the logins of these users carry none).
+fn profile_text(name: &str) -> Vec<u8> {
+    let profile = json!({
+        "openId": Sandbox::openid_of(name),
+        "unionId": Sandbox::unionid_of(name),
+        "nickName": name,
+        "gender": 0,
+        "watermark": { "appid": SANDBOX_APPID, "timestamp": 1_790_000_000 },
+    });
+    profile.to_string().into_bytes()
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Response, StatusCode};
 use wxbroker::{ActorKind, Fault};
 
-use crate::support::{TestBroker, eventually, parts};
+use crate::support::{TestBroker, eventually, metric, parts};
 
 /// `WXBROKER_CALL_TIMEOUT_MS` of the brokers in these tests.
 const CALL_TIMEOUT_MS: u64 = 500;
@@ -138,13 +138,11 @@ async fn each_actor_is_restarted_and_works_after() {
     // Each restart is counted, by actor, on /metrics.
     let metrics = tb.broker.metrics().render();
     for kind in ActorKind::ALL {
-        let line = format!(
-            "wxbroker_actor_restarts_total{{actor=\"{}\"}} 1",
-            kind.name()
-        );
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "missing {line} in\n{metrics}"
+        let series = format!("wxbroker_actor_restarts_total{{actor=\"{}\"}}", kind.name());
+        assert_eq!(
+            metric(&metrics, &series),
+            Some(1.0),
+            "{series} in\n{metrics}"
         );
     }
 }

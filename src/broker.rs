@@ -534,12 +534,18 @@ impl Broker {
     /// If that actor is not running.
     #[cfg(feature = "fault-injection")]
     pub fn inject(&self, kind: crate::ActorKind, fault: crate::Fault) {
+        assert!(self.try_inject(kind, fault), "{kind:?} is not running");
+    }
+
+    /// [`Broker::inject`], or `false` if that actor is not running.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn try_inject(&self, kind: crate::ActorKind, fault: crate::Fault) -> bool {
         use crate::ActorKind;
         fn cast<M: ractor::Message>(slot: &Slot<M>, message: M) -> bool {
             slot.get().is_some_and(|actor| actor.cast(message).is_ok())
         }
         let c = &self.inner.children;
-        let sent = match kind {
+        match kind {
             ActorKind::WeChatExchanger => {
                 cast(&c.wechat_exchanger, WeChatExchangerMsg::Inject(fault))
             }
@@ -549,8 +555,7 @@ impl Broker {
             ActorKind::AccessTokenKeeper => {
                 cast(&c.access_token_keeper, AccessTokenKeeperMsg::Inject(fault))
             }
-        };
-        assert!(sent, "{kind:?} is not running");
+        }
     }
 
     async fn session_key(&self, openid: &str) -> Result<String, Error> {

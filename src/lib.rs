@@ -121,6 +121,8 @@ pub async fn run(
         }
     };
     let broker = Broker::start(&config).await?;
+    #[cfg(feature = "fault-injection")]
+    fault::strike_from_env(&broker);
     let mut app = routes(broker.clone()).map(Reply::into_response).boxed();
     if let Some(sandbox) = &sandbox {
         app = sandbox.client_routes().or(app).unify().boxed();

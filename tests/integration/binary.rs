@@ -828,3 +828,26 @@ fn profile_text(name: &str) -> Vec<u8> {
     });
     profile.to_string().into_bytes()
 }
+
+/// Past the restart cap the real binary stops serving and exits 1. Nothing from outside makes its
+/// actors fail, so the `fault-injection` build's WXBROKER_FAULT makes the SessionKeeper panic each
+/// time it runs.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn past_the_restart_cap_the_binary_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command(dir.path());
+    // Each panic prints to stderr, which nobody reads here: a full pipe would block the broker.
+    command
+        .env("WXBROKER_FAULT", "session_keeper")
+        .stderr(Stdio::null());
+    let mut process = Process::spawn(command).await;
+    // Eleven restarts, the backoff doubling from 20 ms to 2 s: about 10 s.
+    let status = tokio::time::timeout(Duration::from_secs(60), process.child.wait())
+        .await
+        .expect("the binary gives up within 60 s")
+        .unwrap();
+    let log = process.log.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("too many actor restarts"), "{log}");
+}

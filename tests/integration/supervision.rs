@@ -1,14 +1,9 @@
-//! The supervisor restarts a failed actor with its state rebuilt from sled, after a backoff that
+//! The supervisor restarts a failed actor with its state rebuilt from storage, after a backoff that
 //! grows with each restart; requests meanwhile get an answer (success or 503) within the call
 //! timeout, never a hang. Needs the `fault-injection` feature.
 //!
-//! The real binary past the restart cap is not tested: nothing outside the process can make one of
-//! its actors fail (faults are injected through [`wxbroker::Broker::inject`], a library call that
-//! no route, signal or setting of the binary reaches; and the actors answer every failure of a
-//! request, or of the disk, through its reply port instead of dying).
-//! `past_the_restart_cap_the_broker_reports_not_ready` shows `serve` ending with an error there
-//! (`run`, which the binary calls, serves the same way), and the binary's `main` turns any error
-//! of its serving into exit 1 (that path: `binary::an_unusable_data_dir_is_a_clear_message_and_exit_1`).
+//! The real binary past the restart cap: `binary::past_the_restart_cap_the_binary_exits_1` (its
+//! `fault-injection` build reads `WXBROKER_FAULT`, the one way to fail an actor from outside).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -287,7 +287,14 @@ impl SessionLog {
                 next.next();
                 frame.clear();
                 push_frame(&mut frame, body);
-                match out.write_all(&frame) {
+                // Synced as it goes: a single sync of the whole file at the end would flood the
+                // disk with its writeback, and every other sync of the broker would wait behind it.
+                let synced =
+                    match written / SYNC_EVERY != (written + frame.len() as u64) / SYNC_EVERY {
+                        true => out.flush().and_then(|()| out.get_ref().sync_data()),
+                        false => Ok(()),
+                    };
+                match synced.and_then(|()| out.write_all(&frame)) {
                     Ok(()) => written += frame.len() as u64,
                     Err(e) => {
                         failed = Some(e);
@@ -457,6 +464,9 @@ struct Prepared {
     /// Bytes written.
     written: u64,
 }
+
+/// A compaction syncs its new file every this many bytes.
+const SYNC_EVERY: u64 = 4 * 1024 * 1024;
 
 /// At most this much of what was flushed during a compaction is left for its switch to copy
 /// while flushes wait.

@@ -122,7 +122,7 @@ pub async fn run(
     };
     let broker = Broker::start(&config).await?;
     #[cfg(feature = "fault-injection")]
-    fault::strike_from_env(&broker);
+    strike_from_env(&broker);
     let mut app = routes(broker.clone()).map(Reply::into_response).boxed();
     if let Some(sandbox) = &sandbox {
         app = sandbox.client_routes().or(app).unify().boxed();
@@ -169,4 +169,40 @@ async fn serve_app(
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Names the actor that the `fault-injection` build of the binary makes panic each time it runs,
+/// so that a test can watch the real binary give up past the restart cap (nothing else from
+/// outside can make an actor fail).
+#[cfg(feature = "fault-injection")]
+const FAULT_ENV: &str = "WXBROKER_FAULT";
+
+#[cfg(feature = "fault-injection")]
+/// With [`FAULT_ENV`] set to an actor's name (`session_keeper`, ...), makes that actor panic each
+/// time it runs, until the broker stops.
+fn strike_from_env(broker: &Broker) {
+    let Ok(name) = std::env::var(FAULT_ENV) else {
+        return;
+    };
+    let Some(kind) = ActorKind::ALL.into_iter().find(|kind| kind.name() == name) else {
+        tracing::warn!(name, "{FAULT_ENV} names no actor");
+        return;
+    };
+    tracing::warn!(
+        actor = name,
+        "{FAULT_ENV}: panicking the actor each time it runs"
+    );
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        let strikes = async {
+            loop {
+                broker.try_inject(kind, Fault::Panic);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            () = strikes => {}
+            () = broker.stopped() => {}
+        }
+    });
 }

@@ -38,19 +38,16 @@ impl UsedCodes {
 
     /// Whether `code` was used within the lifetime before `now`.
     pub fn contains(&mut self, code: &str, now: Instant) -> bool {
-        self.forget_old(now);
         let key = self.keys.hash_one(code);
-        self.generations
-            .iter()
-            .any(|(_, codes)| codes.contains(&key))
+        self.holds(key, now)
     }
 
     /// Records `code` as used at `now`; `false` if it was already.
     pub fn insert(&mut self, code: &str, now: Instant) -> bool {
-        if self.contains(code, now) {
+        let key = self.keys.hash_one(code);
+        if self.holds(key, now) {
             return false;
         }
-        let key = self.keys.hash_one(code);
         let span = self.span();
         match self.generations.back_mut() {
             Some((started, codes)) if now < *started + span => codes.insert(key),
@@ -59,6 +56,14 @@ impl UsedCodes {
                 true
             }
         }
+    }
+
+    /// Whether a code hashed to `key` was used within the lifetime before `now`.
+    fn holds(&mut self, key: u64, now: Instant) -> bool {
+        self.forget_old(now);
+        self.generations
+            .iter()
+            .any(|(_, codes)| codes.contains(&key))
     }
 
     fn span(&self) -> Duration {

@@ -592,68 +592,53 @@ fn user_record(fields: Vec<String>) -> Result<UserRecord, Error> {
     })
 }
 
+/// A script from the `.lua` files beside this one, joined in order (helpers ahead of the
+/// script that calls them), read at build time and loaded into Redis at first use.
+macro_rules! script {
+    ($($file:literal),+) => {
+        LazyLock::new(|| Script::new(concat!($(include_str!(concat!("redis/", $file, ".lua"))),+)))
+    };
+}
+
 /// KEYS: the code's key. ARGV: lifetime in seconds. Books the code (`pending`) and returns nil, or
 /// returns the booking another broker holds (`pending` or `done`).
-static BOOK_CODE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/book_code.lua")));
+static BOOK_CODE: LazyLock<Script> = script!("book_code");
 
 // The other scripts. ARGV[1] is always the key prefix.
 
 /// ARGV: openid, session_key, unionid ('' for none), now. Returns {is_new, uid, unionid or ''}.
-static UPSERT_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("redis/bind_unionid.lua"),
-        include_str!("redis/upsert_user.lua")
-    ))
-});
+static UPSERT_USER: LazyLock<Script> = script!("bind_unionid", "upsert_user");
 
 /// ARGV: openid, now, unionid ('' for none), field, value[, expected current value of the field:
 /// if it holds another, it is kept]. Returns the user's fields, or nil.
-static UPDATE_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("redis/bind_unionid.lua"),
-        include_str!("redis/update_user.lua")
-    ))
-});
+static UPDATE_USER: LazyLock<Script> = script!("bind_unionid", "update_user");
 
 /// ARGV: 'uid' | 'openid' | 'unionid', value. Returns the user's fields, or nil.
-static FIND_USER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/find_user.lua")));
+static FIND_USER: LazyLock<Script> = script!("find_user");
 
 /// ARGV: uid, openid, unionid, session_key, created_at, updated_at, profile, phone ('' for none).
 /// A user already in Redis is kept as it is (it may have logged in there since): returns 0.
-static IMPORT_USER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("redis/bind_unionid.lua"),
-        include_str!("redis/import_user.lua")
-    ))
-});
+static IMPORT_USER: LazyLock<Script> = script!("bind_unionid", "import_user");
 
 /// ARGV: id, uid, openid, unionid, created_at, last_seen, expires_at, ttl_ms (to the idle
 /// deadline), life_ms (to the absolute one), max_per_user, 'new' to keep an existing session.
 /// Ends the user's oldest sessions beyond the cap first. The user's index lives as long as its
 /// longest-lived session (its TTL only ever grows). Returns 1 if written.
-static PUT_SESSION: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/put_session.lua")));
+static PUT_SESSION: LazyLock<Script> = script!("put_session");
 
 /// ARGV: id, now, idle_ttl, step. Returns {uid, openid, unionid or '', deadline}, or nil when the
 /// session is unknown or dead (then it is deleted).
-static CHECK_SESSION: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/check_session.lua")));
+static CHECK_SESSION: LazyLock<Script> = script!("check_session");
 
 /// ARGV: id, now, idle_ttl. Returns 1 if a live session ended, 0 if it was dead, -1 if unknown.
-static REVOKE_SESSION: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/revoke_session.lua")));
+static REVOKE_SESSION: LazyLock<Script> = script!("revoke_session");
 
 /// ARGV: uid, now, idle_ttl. Ends every session of the user; returns how many were live.
-static REVOKE_USER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/revoke_user.lua")));
+static REVOKE_USER: LazyLock<Script> = script!("revoke_user");
 
 /// ARGV: uid, unionid. Puts the unionid on every session of the user.
-static SET_UNIONID: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/set_unionid.lua")));
+static SET_UNIONID: LazyLock<Script> = script!("set_unionid");
 
 /// ARGV: uid, now, idle_ttl. Returns {{id, created_at, last_seen, deadline}, ...} of the live
 /// sessions of the user, oldest first.
-static LIST_SESSIONS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("redis/list_sessions.lua")));
+static LIST_SESSIONS: LazyLock<Script> = script!("list_sessions");

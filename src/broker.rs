@@ -15,9 +15,13 @@ use crate::actors::session_keeper::{SessionKeeperArgs, SessionKeeperMsg};
 use crate::actors::supervisor::{Children, Slot, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
-use crate::crypto::{TokenHash, is_token_shaped, parse_session_id, token_hash};
+use crate::crypto::{TokenHash, is_token_shaped, parse_session_id, session_id, token_hash};
+use crate::feed::{FeedStream, Source};
+use crate::jwt::JwkSet;
+use crate::revocation::Cursor;
 use crate::session::{SessionInfo, SessionSummary};
-use crate::storage::{FastCheck, Health, Storage};
+use crate::signer::{AccessToken, Rotation, Signer, Subject};
+use crate::storage::{FastCheck, Feed, Health, Storage};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User, UserKey};
 use crate::{Config, Error, Metrics, Secret};
@@ -39,6 +43,8 @@ pub struct Login {
     pub is_new: bool,
     /// The user's stable id.
     pub uid: u64,
+    /// A signed access token for edge verifiers, while they are on (`WXBROKER_ACCESS_TOKEN_TTL`).
+    pub access_token: Option<AccessToken>,
 }
 
 /// Counts for the admin's stats.
@@ -74,6 +80,12 @@ struct Inner {
     exchange_timeout: Duration,
     /// A token fetch may try both token endpoints, each with retries, and once more forced.
     token_timeout: Duration,
+    /// Signs access tokens, while they are on.
+    signer: Option<Arc<Signer>>,
+    /// The revocation feed, while access tokens are on.
+    feed: Option<Feed>,
+    /// Turns `true` when the broker drains: long-lived answers (the feed) end.
+    draining: watch::Sender<bool>,
 }
 
 impl Broker {
@@ -87,6 +99,14 @@ impl Broker {
         })?;
         let metrics = Arc::new(Metrics::new());
         let storage = Storage::open(config, &metrics).await?;
+        let signer = Signer::start(&storage, config, appid.clone()).await?;
+        let feed = signer.as_ref().map(|_| storage.feed(config.clock.clone()));
+        if let Some(feed) = &feed {
+            // Marks the feed's origin, if this is its first use: tokens can be issued from now on.
+            feed.read(Cursor::START, 0, config.clock.now())
+                .wait()
+                .await?;
+        }
         let upstream = Upstream::new(UpstreamConfig {
             base: config.api_base.clone(),
             appid: appid.clone(),
@@ -149,6 +169,9 @@ impl Broker {
                 durable_timeout: config.call_timeout() + FLUSH_ALLOWANCE,
                 exchange_timeout,
                 token_timeout,
+                signer,
+                feed,
+                draining: watch::channel(false).0,
             }),
         })
     }
@@ -181,6 +204,10 @@ impl Broker {
                 |reply| UserRegistryMsg::Upsert(wechat, reply),
             )
             .await?;
+        let (openid, unionid) = match &self.inner.signer {
+            Some(_) => (user.openid.clone(), user.unionid.clone()),
+            None => Default::default(),
+        };
         let issued = self
             .ask(
                 &self.inner.children.session_keeper,
@@ -193,12 +220,88 @@ impl Broker {
                 },
             )
             .await?;
+        let access_token = self.inner.signer.as_ref().map(|signer| {
+            let now = self.inner.config.clock.now();
+            let subject = Subject {
+                uid: user.uid,
+                openid: &openid,
+                unionid: unionid.as_deref(),
+                sid: session_id(&token_hash(&issued.token)),
+                session_expires_at: now + issued.expires_in,
+            };
+            signer.sign(subject, now)
+        });
         Ok(Login {
             token: issued.token,
             expires_in: issued.expires_in,
             is_new: user.is_new,
             uid: user.uid,
+            access_token,
         })
+    }
+
+    /// Whether the broker signs access tokens (`WXBROKER_ACCESS_TOKEN_TTL` is not 0).
+    pub fn signs_access_tokens(&self) -> bool {
+        self.inner.signer.is_some()
+    }
+
+    fn signer(&self) -> Result<&Signer, Error> {
+        self.inner.signer.as_deref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "signed access tokens are off (WXBROKER_ACCESS_TOKEN_TTL=0)".into(),
+            )
+        })
+    }
+
+    /// A fresh signed access token for the session of `token`, checked (and slid) as
+    /// [`Broker::check_session`] does.
+    pub async fn access_token(&self, token: &str) -> Result<AccessToken, Error> {
+        let signer = self.signer()?;
+        let session = self.check_session(token).await?;
+        let subject = Subject {
+            uid: session.uid,
+            openid: &session.openid,
+            unionid: session.unionid.as_deref(),
+            sid: session_id(&token_hash(token)),
+            session_expires_at: session.expires_at,
+        };
+        Ok(signer.sign(subject, self.inner.config.clock.now()))
+    }
+
+    /// The public keys that verify access tokens, as stored right now.
+    pub async fn jwks(&self) -> Result<JwkSet, Error> {
+        self.signer()?.jwks().await
+    }
+
+    /// Retires the signing key: a new one signs from now on; the old one stays published until
+    /// every token it signed has expired.
+    pub async fn rotate_signing_key(&self) -> Result<Rotation, Error> {
+        self.signer()?.rotate().await
+    }
+
+    /// The revocation feed for a verifier that has seen everything up to `since` (all of it
+    /// without one). Ends when the broker drains (see [`Broker::drain`]).
+    pub fn revocation_feed(&self, since: Option<Cursor>) -> Result<FeedStream, Error> {
+        let (Some(feed), Some(policy)) = (&self.inner.feed, self.inner.config.access_policy())
+        else {
+            return Err(Error::InvalidRequest(
+                "signed access tokens are off (WXBROKER_ACCESS_TOKEN_TTL=0)".into(),
+            ));
+        };
+        let source = Source {
+            feed: feed.clone(),
+            ttl: policy.ttl,
+            clock: self.inner.config.clock.clone(),
+            draining: self.inner.draining.subscribe(),
+        };
+        Ok(crate::feed::serve(source, since.unwrap_or(Cursor::START)))
+    }
+
+    /// Ends the long-lived answers (revocation feeds), so that a graceful stop of the HTTP server
+    /// is not held up by them. [`crate::serve`] and [`crate::run`] call it when they stop; an
+    /// embedder serving [`crate::routes`] itself calls it before stopping its server.
+    pub fn drain(&self) {
+        self.inner.draining.send_replace(true);
     }
 
     /// Who `token` belongs to; using it slides its idle expiry.
@@ -517,6 +620,13 @@ impl Broker {
     /// Stops the actors (each persists what it holds) and flushes the storage.
     pub async fn shutdown(&self) -> Result<(), Error> {
         let inner = &self.inner;
+        self.drain();
+        if let Some(signer) = &inner.signer {
+            signer.close();
+        }
+        if let Some(feed) = &inner.feed {
+            feed.close();
+        }
         let _ = inner
             .supervisor
             .call(SupervisorMsg::StopChildren, Some(Duration::from_secs(15)))

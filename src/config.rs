@@ -54,6 +54,12 @@ pub const DEFAULT_LOGIN_RATE_PER_MIN: u32 = 120;
 pub const DEFAULT_LOGIN_BURST: u32 = 30;
 /// sled's page cache in MiB (sled's own default of 1 GiB is far more than a broker needs).
 pub const DEFAULT_CACHE_MB: u64 = 64;
+/// Seconds a signed access token lives (0 turns them off).
+pub const DEFAULT_ACCESS_TOKEN_TTL: u64 = 300;
+/// The `iss` of signed access tokens.
+pub const DEFAULT_ISSUER: &str = "wxbroker";
+/// Shortest bearer secret of the revocation feed.
+pub const MIN_VERIFIER_TOKEN_LEN: usize = 32;
 
 /// Everything a broker needs to run. Secrets are redacted in `Debug`.
 #[derive(Parser, Clone, Debug)]
@@ -152,6 +158,20 @@ pub struct Config {
     /// Bearer secret of the admin routes (`/admin/...`); without it they are off (404).
     #[arg(long, env = "WXBROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+
+    /// Seconds a signed access token (a JWT for edge verifiers, given with each login and by
+    /// `POST /v1/token`) lives; 0 turns signed tokens, their keys and the revocation feed off.
+    #[arg(long, env = "WXBROKER_ACCESS_TOKEN_TTL", default_value_t = DEFAULT_ACCESS_TOKEN_TTL)]
+    pub access_token_ttl: u64,
+
+    /// The `iss` claim of signed access tokens, which verifiers check.
+    #[arg(long, env = "WXBROKER_ISSUER", default_value = DEFAULT_ISSUER)]
+    pub issuer: String,
+
+    /// Bearer secret of the revocation feed (`GET /v1/revocations`) that edge verifiers follow
+    /// (at least 32 characters); without it the feed is off (404).
+    #[arg(long, env = "WXBROKER_VERIFIER_TOKEN", hide_env_values = true)]
+    pub verifier_token: Option<Secret>,
 
     /// Milliseconds the built-in sandbox WeChat waits before each answer (sandbox mode only; for
     /// load tests that imitate WeChat's latency).
@@ -317,11 +337,22 @@ impl Config {
                 600_000,
             ),
             ("WXBROKER_CALL_TIMEOUT_MS", self.call_timeout_ms, 600_000),
+            ("WXBROKER_ACCESS_TOKEN_TTL", self.access_token_ttl, 86_400),
         ];
         for (name, value, max) in at_most {
             if value > max {
                 return Err(Error::Config(format!("{name} must be at most {max}")));
             }
+        }
+        if self.issuer.is_empty() {
+            return Err(Error::Config("WXBROKER_ISSUER must not be empty".into()));
+        }
+        if let Some(token) = &self.verifier_token
+            && token.expose().len() < MIN_VERIFIER_TOKEN_LEN
+        {
+            return Err(Error::Config(format!(
+                "WXBROKER_VERIFIER_TOKEN must be at least {MIN_VERIFIER_TOKEN_LEN} characters"
+            )));
         }
         Ok(())
     }
@@ -332,6 +363,13 @@ impl Config {
             idle_ttl: self.session_idle_ttl,
             max_ttl: self.session_max_ttl,
         }
+    }
+
+    /// How long signed access tokens live, or `None` when they are off.
+    pub fn access_policy(&self) -> Option<crate::AccessPolicy> {
+        (self.access_token_ttl > 0).then_some(crate::AccessPolicy {
+            ttl: self.access_token_ttl,
+        })
     }
 
     pub(crate) fn call_timeout(&self) -> Duration {
@@ -549,6 +587,9 @@ mod tests {
         assert_eq!(config.login_rate_per_min, DEFAULT_LOGIN_RATE_PER_MIN);
         assert_eq!(config.login_burst, DEFAULT_LOGIN_BURST);
         assert_eq!(config.admin_token, None);
+        assert_eq!(config.access_token_ttl, DEFAULT_ACCESS_TOKEN_TTL);
+        assert_eq!(config.issuer, DEFAULT_ISSUER);
+        assert_eq!(config.verifier_token, None);
         assert_eq!(config.sandbox_latency_ms, 0);
         assert_eq!(config.cache_mb, DEFAULT_CACHE_MB);
         assert_eq!(config.log_format, LogFormat::Human);
@@ -809,5 +850,39 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(config.validate(), Err(Error::Config(m)) if m.contains("IDLE_TTL")));
+    }
+
+    #[test]
+    fn signed_tokens_are_on_by_default_and_their_settings_are_checked() {
+        assert_eq!(
+            Config::default().access_policy(),
+            Some(crate::AccessPolicy { ttl: 300 })
+        );
+        let off = Config {
+            access_token_ttl: 0,
+            ..Config::default()
+        };
+        assert_eq!(off.access_policy(), None);
+        assert!(off.validate().is_ok());
+        let bad = [
+            Config {
+                access_token_ttl: 86_401,
+                ..Config::default()
+            },
+            Config {
+                issuer: String::new(),
+                ..Config::default()
+            },
+            Config {
+                verifier_token: Some(Secret::new("short")),
+                ..Config::default()
+            },
+        ];
+        for config in bad {
+            assert!(
+                matches!(config.validate(), Err(Error::Config(_))),
+                "{config:?}"
+            );
+        }
     }
 }

@@ -5,12 +5,16 @@
 //! - `problem`: the one mapping from errors and rejections to a status and a JSON error body.
 //! - `rate_limit`: the per-client-IP login limit.
 //! - `admin`: the admin routes behind their own bearer secret.
+//! - `tokens`: signed access tokens (`POST /v1/token`) and their keys (the JWKS).
+//! - `revocations`: the revocation feed for edge verifiers, behind its own bearer secret.
 
 mod admin;
 mod filters;
 mod handlers;
 mod problem;
 mod rate_limit;
+mod revocations;
+mod tokens;
 
 use std::convert::Infallible;
 
@@ -19,6 +23,8 @@ use warp::{Filter, Reply};
 use crate::Broker;
 
 pub use filters::require_session;
+pub(crate) use handlers::bearer_token;
+pub(crate) use problem::Problem;
 pub use problem::recover;
 
 /// Every route of the broker, with errors turned into JSON.

@@ -56,15 +56,21 @@ mod client;
 mod clock;
 mod config;
 pub mod crypto;
+pub mod edge;
 mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
+mod feed;
 mod http;
+pub mod jwt;
+mod keyring;
 mod metrics;
+pub mod revocation;
 mod sandbox;
 mod server;
 pub mod server_api;
 mod session;
+mod signer;
 pub mod storage;
 pub mod upstream;
 mod used_codes;
@@ -84,13 +90,16 @@ pub use config::{Config, LogFormat, Secret};
 pub use error::Error;
 #[cfg(feature = "fault-injection")]
 pub use fault::Fault;
+pub use feed::{FeedItem, FeedStream};
 pub use http::{recover, require_session, routes};
+pub use keyring::{ACCESS_SLACK, AccessPolicy};
 pub use metrics::Metrics;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
 pub use server::{LISTEN_BACKLOG, PeerAddr, bind};
 pub use session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
+pub use signer::{AccessToken, KeyInfo, Rotation};
 pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserRecord};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
@@ -158,6 +167,7 @@ async fn serve_app(
             () = broker.stopped() => gave_up.store(true, std::sync::atomic::Ordering::Relaxed),
         }
         tracing::info!("shutting down: draining in-flight requests");
+        broker.drain();
     };
     let limits = broker.config().server_limits();
     server::serve_http(listener, app, limits, broker.metrics(), stop).await;

@@ -17,17 +17,21 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use self::redis::Redis;
+use self::redis::{Redis, RedisFeed};
 use self::sled::DataDir;
 use self::sled::group_commit::GroupCommit;
+use self::sled::keys::SledKeys;
+use self::sled::revocations::SledRevocations;
 pub use self::sled::sessions::FastCheck;
 use self::sled::sessions::{SessionTable, SledSessions};
 use self::sled::users::SledUsers;
 use crate::crypto::{TokenHash, new_token};
+use crate::keyring::{AccessPolicy, KeyRecord};
+use crate::revocation::{Cursor, FeedEvent, Page};
 use crate::session::{Issued, SessionInfo, SessionPolicy, SessionSummary};
 use crate::upstream::Code2Session;
 use crate::user::{Phone, Profile, Registration, User, UserKey};
-use crate::{Config, Error, Metrics};
+use crate::{Clock, Config, Error, Metrics};
 
 /// The outcome of a storage operation: known now, or once a future completes.
 pub enum Pending<T> {
@@ -82,15 +86,41 @@ pub enum Storage {
 }
 
 impl Storage {
-    /// Opens what `config` names: Redis when `WXBROKER_STORE` is set, else the data dir.
+    /// Opens what `config` names: Redis when `WXBROKER_STORE` is set, else the data dir. With
+    /// signed access tokens on, every revocation is recorded in the revocation feed.
     pub async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Storage, Error> {
+        let keep = config.access_policy().map(|policy| policy.keep());
         match &config.store {
-            Some(url) => Ok(Storage::Redis(Redis::connect(url.expose()).await?)),
+            Some(url) => {
+                let redis = Redis::connect(url.expose()).await?;
+                Ok(Storage::Redis(redis.with_revocations(keep.unwrap_or(0))))
+            }
             None => {
                 let data = DataDir::open(&config.data_dir, config.cache_mb)?;
+                if let Some(keep) = keep {
+                    data.revocations().enable(keep, config.clock.now())?;
+                }
                 let commit = GroupCommit::start(data.clone(), metrics.clone());
                 Ok(Storage::Sled { data, commit })
             }
+        }
+    }
+
+    /// The signing keys of access tokens.
+    pub(crate) fn keys(&self) -> Keys {
+        match self {
+            Storage::Sled { data, .. } => Keys::Sled(data.keys().clone()),
+            Storage::Redis(redis) => Keys::Redis(redis.clone()),
+        }
+    }
+
+    /// The revocation feed: its reads, and (with Redis) a follower of its own for the broker,
+    /// started at the first subscription. The origin of a feed used for the first time is
+    /// dated by `clock`.
+    pub fn feed(&self, clock: Clock) -> Feed {
+        match self {
+            Storage::Sled { data, .. } => Feed::Sled(data.revocations().clone()),
+            Storage::Redis(redis) => Feed::Redis(RedisFeed::new(redis.clone(), clock)),
         }
     }
 
@@ -416,6 +446,96 @@ impl Sessions {
         match self {
             Sessions::Sled(sessions) => sessions.write_back_last_seen(),
             Sessions::Redis(..) => Ok(()),
+        }
+    }
+}
+
+/// The signing keys of access tokens (crate-private: the private keys stay inside).
+#[derive(Clone)]
+pub(crate) enum Keys {
+    /// In the data dir.
+    Sled(SledKeys),
+    /// In Redis, shared by every broker.
+    Redis(Redis),
+}
+
+impl Keys {
+    /// The stored keys, after creating the first one at `now` if none signs yet.
+    pub(crate) fn ensure(&self, policy: AccessPolicy, now: u64) -> Pending<Vec<KeyRecord>> {
+        match self {
+            Keys::Sled(keys) => blocking(keys.clone(), move |keys| keys.ensure(policy, now)),
+            Keys::Redis(redis) => match KeyRecord::generate(now) {
+                Ok(first) => redis.ensure_keys(first),
+                Err(e) => Pending::Ready(Err(e)),
+            },
+        }
+    }
+
+    /// The stored keys.
+    pub(crate) fn list(&self) -> Pending<Vec<KeyRecord>> {
+        match self {
+            Keys::Sled(keys) => blocking(keys.clone(), |keys| keys.list()),
+            Keys::Redis(redis) => redis.list_keys(),
+        }
+    }
+
+    /// Retires every key at `now` and adds a new one that signs from now on, durably; drops the
+    /// keys no longer published.
+    pub(crate) fn rotate(&self, policy: AccessPolicy, now: u64) -> Pending<Vec<KeyRecord>> {
+        match self {
+            Keys::Sled(keys) => blocking(keys.clone(), move |keys| keys.rotate(policy, now)),
+            Keys::Redis(redis) => match KeyRecord::generate(now) {
+                Ok(fresh) => redis.rotate_keys(fresh, policy, now),
+                Err(e) => Pending::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+/// `work` on tokio's blocking pool (it waits for a sled flush).
+fn blocking<S: Send + 'static, T: Send + 'static>(
+    store: S,
+    work: impl FnOnce(S) -> Result<T, Error> + Send + 'static,
+) -> Pending<T> {
+    Pending::Later(Box::pin(async move {
+        tokio::task::spawn_blocking(move || work(store))
+            .await
+            .map_err(|e| Error::Storage(format!("a storage task failed: {e}")))?
+    }))
+}
+
+/// The revocation feed: events recorded where sessions are revoked (by the storage itself), read
+/// back from a cursor, and handed to subscribers as they are recorded.
+#[derive(Clone)]
+pub enum Feed {
+    /// In the data dir.
+    Sled(Arc<SledRevocations>),
+    /// In Redis, followed by this broker.
+    Redis(RedisFeed),
+}
+
+impl Feed {
+    /// Up to `limit` events after `after`, and what the feed knows of itself.
+    pub fn read(&self, after: Cursor, limit: usize, now: u64) -> Pending<Page> {
+        match self {
+            Feed::Sled(feed) => Pending::Ready(feed.read(after, limit)),
+            Feed::Redis(feed) => feed.read(after, limit, now),
+        }
+    }
+
+    /// Every event recorded from now on (by any broker, with Redis): whatever is read after this
+    /// returns, the events recorded since reach the receiver.
+    pub async fn subscribe(&self) -> Result<tokio::sync::broadcast::Receiver<FeedEvent>, Error> {
+        match self {
+            Feed::Sled(feed) => Ok(feed.subscribe()),
+            Feed::Redis(feed) => feed.subscribe().await,
+        }
+    }
+
+    /// Stops following (at broker shutdown).
+    pub fn close(&self) {
+        if let Feed::Redis(feed) = self {
+            feed.close();
         }
     }
 }

@@ -24,7 +24,8 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Re
             .or(revoke_session(broker.clone()))
             .or(revoke_user_sessions(broker.clone()))
             .or(reset_session_key(broker.clone()))
-            .or(stats(broker)),
+            .or(stats(broker.clone()))
+            .or(rotate_keys(broker)),
     )
 }
 
@@ -134,6 +135,20 @@ fn stats(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection
             let body =
                 serde_json::json!({ "users": stats.users, "liveSessions": stats.live_sessions });
             Ok::<_, Rejection>(json(StatusCode::OK, &body))
+        })
+}
+
+/// POST /admin/keys/rotate: a new access-token signing key signs from now on
+fn rotate_keys(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("keys" / "rotate")
+        .and(warp::post())
+        .and(with_broker(broker))
+        .and_then(|broker: Broker| async move {
+            if !broker.signs_access_tokens() {
+                return Err(warp::reject::not_found());
+            }
+            let rotation = broker.rotate_signing_key().await.map_err(Problem::reject)?;
+            Ok(json(StatusCode::OK, &rotation))
         })
 }
 

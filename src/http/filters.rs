@@ -36,8 +36,10 @@ pub(super) fn public(
         .or(me(broker.clone()))
         .or(healthz(broker.clone()))
         .or(readyz(broker.clone()))
-        .or(metrics(broker))
+        .or(metrics(broker.clone()))
         .or(openapi())
+        .or(super::tokens::routes(broker.clone()))
+        .or(super::revocations::route(broker))
 }
 
 // Defined here rather than in `broker.rs`: the broker knows nothing of HTTP.

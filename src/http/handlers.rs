@@ -24,6 +24,11 @@ struct LoginReply {
     expires_in: u64,
     is_new: bool,
     uid: u64,
+    /// The signed access token for edge verifiers, while they are on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token_expires_in: Option<u64>,
 }
 
 pub async fn login(
@@ -33,6 +38,10 @@ pub async fn login(
 ) -> Result<Response, Rejection> {
     let LoginRequest { code } = parse_body(content_type.as_deref(), &body, r#"{"code": "..."}"#)?;
     let login = broker.login(&code).await.map_err(Problem::reject)?;
+    let (access_token, access_token_expires_in) = match login.access_token {
+        Some(access) => (Some(access.token), Some(access.expires_in)),
+        None => (None, None),
+    };
     Ok(json(
         StatusCode::OK,
         &LoginReply {
@@ -40,6 +49,8 @@ pub async fn login(
             expires_in: login.expires_in,
             is_new: login.is_new,
             uid: login.uid,
+            access_token,
+            access_token_expires_in,
         },
     ))
 }

@@ -16,10 +16,17 @@
 //! - `sessions:{uid}`: sorted set of the user's session ids by creation
 //! - `code:{hex SHA-256 of the code}`: a login code exchanged (or being exchanged) by some broker,
 //!   for the code's 5-minute life
+//! - `signing_keys`: hash of kid -> the access-token signing key (JSON, with its private seed);
+//!   `signing_keys:retired`: kid -> unix seconds of its retirement
+//! - `revocations`: the stream of the revocation feed; `revocations:origin`,
+//!   `revocations:horizon`
 //!
 //! The scripts are the `.lua` files beside this one, included at build time. They compute some of
 //! the keys they touch, so Redis Cluster is not supported: one
 //! server (with replicas or Sentinel in front, through a `redis://` URL that reaches the primary).
+
+mod keys;
+mod revocations;
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -38,6 +45,8 @@ use crate::session::{
 use crate::upstream::Code2Session;
 use crate::user::{Phone, Profile, Registration, User, UserKey, UserRecord};
 
+pub use self::revocations::RedisFeed;
+
 /// Every key of wxbroker starts with this.
 const PREFIX: &str = "wxb:";
 /// How long a login code is remembered: WeChat's codes live about five minutes.
@@ -47,6 +56,10 @@ const CODE_LIFETIME_SECS: u64 = 300;
 #[derive(Clone)]
 pub struct Redis {
     con: ConnectionManager,
+    /// For connections of their own (the revocation feed's blocking reads).
+    client: redis::Client,
+    /// Seconds a revocation stays in the feed; 0 while the feed is off.
+    keep_revocations: u64,
 }
 
 impl Redis {
@@ -59,7 +72,7 @@ impl Redis {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
-        let mut con = ConnectionManager::new_with_config(client, config)
+        let mut con = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| Error::Config(format!("cannot reach Redis at {shown}: {e}")))?;
         let cluster: String = redis::cmd("INFO")
@@ -88,7 +101,17 @@ impl Redis {
                  be lost and uids handed out twice; set maxmemory-policy noeviction"
             );
         }
-        Ok(Redis { con })
+        Ok(Redis {
+            con,
+            client,
+            keep_revocations: 0,
+        })
+    }
+
+    /// The same connection, recording every revocation in the feed for `keep` seconds.
+    pub fn with_revocations(mut self, keep: u64) -> Redis {
+        self.keep_revocations = keep;
+        self
     }
 
     /// Whether the server answers.
@@ -438,6 +461,7 @@ impl Redis {
             session_id(&hash),
             now.to_string(),
             policy.idle_ttl.to_string(),
+            self.keep_revocations.to_string(),
         ];
         self.run(&REVOKE_SESSION, args, |live: i64| {
             if live == 1 {
@@ -458,6 +482,7 @@ impl Redis {
             uid.to_string(),
             now.to_string(),
             policy.idle_ttl.to_string(),
+            self.keep_revocations.to_string(),
         ];
         self.run(&REVOKE_USER, args, |live: usize| Ok(live))
     }
@@ -630,11 +655,13 @@ static PUT_SESSION: LazyLock<Script> = script!("put_session");
 /// session is unknown or dead (then it is deleted).
 static CHECK_SESSION: LazyLock<Script> = script!("check_session");
 
-/// ARGV: id, now, idle_ttl. Returns 1 if a live session ended, 0 if it was dead, -1 if unknown.
-static REVOKE_SESSION: LazyLock<Script> = script!("revoke_session");
+/// ARGV: id, now, idle_ttl, keep. Returns 1 if a live session ended (recorded in the revocation
+/// feed for `keep` seconds, when it is not 0), 0 if it was dead, -1 if unknown.
+static REVOKE_SESSION: LazyLock<Script> = script!("revocation_feed", "revoke_session");
 
-/// ARGV: uid, now, idle_ttl. Ends every session of the user; returns how many were live.
-static REVOKE_USER: LazyLock<Script> = script!("revoke_user");
+/// ARGV: uid, now, idle_ttl, keep. Ends every session of the user (recorded in the revocation
+/// feed for `keep` seconds, when it is not 0); returns how many were live.
+static REVOKE_USER: LazyLock<Script> = script!("revocation_feed", "revoke_user");
 
 /// ARGV: uid, unionid. Puts the unionid on every session of the user.
 static SET_UNIONID: LazyLock<Script> = script!("set_unionid");

@@ -10,6 +10,8 @@
 //! most [`group_commit::SESSION_LOG_EVERY`] later.
 
 pub mod group_commit;
+pub mod keys;
+pub mod revocations;
 pub mod session_log;
 pub mod sessions;
 pub mod users;
@@ -20,6 +22,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use self::keys::SledKeys;
+use self::revocations::SledRevocations;
 use self::session_log::SessionLog;
 use self::users::UserDb;
 use crate::Error;
@@ -31,6 +35,10 @@ pub struct DataDir {
     db: ::sled::Db,
     users: UserDb,
     log: Arc<SessionLog>,
+    /// The signing keys of access tokens.
+    keys: SledKeys,
+    /// The revocation feed.
+    revocations: Arc<SledRevocations>,
 }
 
 impl DataDir {
@@ -50,6 +58,8 @@ impl DataDir {
         let data = DataDir {
             users: UserDb::open(&db)?,
             log: Arc::new(SessionLog::open(dir)?),
+            keys: SledKeys::open(&db)?,
+            revocations: Arc::new(SledRevocations::open(&db)?),
             db,
         };
         data.move_sessions_out_of_sled()?;
@@ -64,6 +74,16 @@ impl DataDir {
     /// The sessions on disk.
     pub fn session_log(&self) -> &Arc<SessionLog> {
         &self.log
+    }
+
+    /// The signing keys of access tokens.
+    pub fn keys(&self) -> &SledKeys {
+        &self.keys
+    }
+
+    /// The revocation feed.
+    pub fn revocations(&self) -> &Arc<SledRevocations> {
+        &self.revocations
     }
 
     /// Puts every write made so far on disk, users and sessions. Blocks: the group commit calls

@@ -21,6 +21,8 @@ use crate::support::{TestBroker, fault_upstream};
 
 /// The admin secret of the broker under test.
 const ADMIN_TOKEN: &str = "openapi-test-admin-secret";
+/// The revocation feed's secret of the broker under test.
+const VERIFIER_TOKEN: &str = "openapi-test-verifier-secret-0123456789";
 
 /// The methods an operation of the document may have (the broker serves no others).
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -128,6 +130,41 @@ impl Api {
     /// document. Returns the body: JSON, a JSON string for other text, or null when empty.
     async fn send(&mut self, request: RequestBuilder, expect: StatusCode) -> Value {
         self.exchange(request, expect).await.0
+    }
+
+    /// As [`Api::send`] for a 200 answer that stays open (an event stream): reads it until its
+    /// text holds `until`, then checks what was read.
+    async fn stream(&mut self, request: RequestBuilder, until: &str) -> String {
+        let (client, request) = request.build_split();
+        let request = request.unwrap();
+        let url = request.url().clone();
+        let what = format!("GET {}?{}", url.path(), url.query().unwrap_or_default());
+        let sent = Sent {
+            body: None,
+            media: None,
+            bearer: request.headers().contains_key(AUTHORIZATION),
+            query: url.query_pairs().into_owned().collect(),
+        };
+        let mut response = client.execute(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{what}");
+        let headers = response.headers().clone();
+        let mut text = String::new();
+        let read = async {
+            while !text.contains(until) {
+                let chunk = response.chunk().await.unwrap().expect("the stream goes on");
+                text.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no {until:?} within 10 s: {text}"));
+        let template = self.template(url.path()).unwrap();
+        let operation = self.doc["paths"][&template]["get"].clone();
+        self.exercised.insert((template.clone(), "get".into()));
+        let documented = operation["responses"]["200"].clone();
+        self.check_answer(&what, &documented, &headers, &Bytes::from(text.clone()));
+        self.check_request(&what, &template, &operation, &url, &sent);
+        text
     }
 
     /// As [`Api::send`], with the answer's headers.
@@ -471,7 +508,11 @@ fn sparse_profile(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_describes_every_route_and_what_it_answers() {
-    let tb = TestBroker::start_with(|c| c.admin_token = Some(Secret::new(ADMIN_TOKEN))).await;
+    let tb = TestBroker::start_with(|c| {
+        c.admin_token = Some(Secret::new(ADMIN_TOKEN));
+        c.verifier_token = Some(Secret::new(VERIFIER_TOKEN));
+    })
+    .await;
     let mut api = Api::fetch(&tb).await;
     check_document(&api);
 
@@ -504,6 +545,22 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     let alice_token2 = again["thirdSession"].as_str().unwrap().to_owned();
     let bob = api.send(login("bob.1"), S::OK).await;
     let bob_token = bob["thirdSession"].as_str().unwrap().to_owned();
+
+    // Signed access tokens: with each login, fresh from /v1/token, and the keys that verify them.
+    assert!(alice["accessToken"].is_string() && again["accessToken"].is_string());
+    let minted = api
+        .send(post("/v1/token").bearer_auth(&alice_token), S::OK)
+        .await;
+    assert_eq!(minted["accessTokenExpiresIn"], 300);
+    api.send(post("/v1/token"), S::UNAUTHORIZED).await;
+    api.send(
+        post("/v1/token").bearer_auth("not-a-token"),
+        S::UNAUTHORIZED,
+    )
+    .await;
+    let (keys, headers) = api.exchange(get("/.well-known/jwks.json"), S::OK).await;
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(headers["cache-control"], "public, max-age=60");
 
     for body in [
         json!({}),
@@ -922,6 +979,51 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     api.send(tb.http.delete(url(&sessions_path)), S::UNAUTHORIZED)
         .await;
 
+    // Admin: rotating the access-token signing key.
+    let rotation = api
+        .send(admin(Method::POST, "/admin/keys/rotate"), S::OK)
+        .await;
+    assert_eq!(rotation["keys"].as_array().unwrap().len(), 2);
+    api.send(post("/admin/keys/rotate"), S::UNAUTHORIZED).await;
+
+    // The revocation feed: the logouts and revocations above, as an event stream; each event's
+    // data as documented.
+    let feed = || get("/v1/revocations").bearer_auth(VERIFIER_TOKEN);
+    api.send(get("/v1/revocations"), S::UNAUTHORIZED).await;
+    api.send(get("/v1/revocations").bearer_auth("wrong"), S::UNAUTHORIZED)
+        .await;
+    api.send(
+        get("/v1/revocations?since=yesterday").bearer_auth(VERIFIER_TOKEN),
+        S::BAD_REQUEST,
+    )
+    .await;
+    let text = api.stream(feed(), "event:synced").await;
+    let mut revokes = 0;
+    for block in text.split("\n\n").filter(|b| b.contains("event:")) {
+        let field = |name: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(str::to_owned)
+        };
+        let (event, data) = (field("event").unwrap(), field("data").unwrap());
+        let data: Value = serde_json::from_str(&data).unwrap();
+        let schema = match event.as_str() {
+            "revoke" => "Revocation",
+            "reset" => "FeedReset",
+            "synced" => continue,
+            other => panic!("an undocumented event {other}"),
+        };
+        revokes += usize::from(event == "revoke");
+        let schema = json!({ "$ref": format!("#/components/schemas/{schema}") });
+        api.validate(&schema, &data, &format!("a {event} event"));
+        let cursor = json!({ "$ref": "#/components/schemas/Cursor" });
+        api.validate(&cursor, &Value::from(field("id").unwrap()), "an event id");
+    }
+    assert!(revokes >= 3, "{text}");
+    let since = get("/v1/revocations?since=0-0").bearer_auth(VERIFIER_TOKEN);
+    api.stream(since, "event:synced").await;
+
     let metrics = api.send(get("/metrics"), S::OK).await;
     assert!(metrics.as_str().unwrap().contains("wxbroker_"), "{metrics}");
 
@@ -984,7 +1086,7 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     api.send(get("/v1/login/"), S::METHOD_NOT_ALLOWED).await;
 
     // The admin routes are off without an admin token: 404 whatever is sent...
-    let off = TestBroker::start().await;
+    let off = TestBroker::start_with(|c| c.access_token_ttl = 0).await;
     assert_eq!(
         Api::fetch(&off).await.doc,
         api.doc,
@@ -1009,6 +1111,27 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     let stats = off.http.get(format!("{}/admin/stats", off.url));
     api.send(stats.header(AUTHORIZATION, garbled.clone()), S::NOT_FOUND)
         .await;
+    // ...and so are signed access tokens, their keys and the feed while the tokens are off.
+    let off_url = |path: &str| format!("{}{path}", off.url);
+    let off_login = api
+        .send(
+            off.http
+                .post(off_url("/v1/login"))
+                .json(&json!({ "code": "dan.1" })),
+            S::OK,
+        )
+        .await;
+    assert!(off_login.get("accessToken").is_none(), "{off_login}");
+    let off_session = off_login["thirdSession"].as_str().unwrap();
+    for request in [
+        off.http.post(off_url("/v1/token")).bearer_auth(off_session),
+        off.http.get(off_url("/.well-known/jwks.json")),
+        off.http
+            .get(off_url("/v1/revocations"))
+            .bearer_auth(VERIFIER_TOKEN),
+    ] {
+        assert_eq!(api.send(request, S::NOT_FOUND).await["error"], "not_found");
+    }
 
     // A silent WeChat is 504; a stuck actor is 503 (with the fault hooks compiled in).
     let (upstream, _) = fault_upstream().await;

@@ -251,7 +251,11 @@ impl SledSessions {
             if live.expired(now, &policy) {
                 return Err(Error::InvalidSession);
             }
-            Ok(())
+            // In the same flush as the removal: a verifier learns of every logout that holds.
+            let sid = session_id(hash);
+            self.data
+                .revocations()
+                .session_ended(live.record.uid, sid, now)
         })();
         self.commit.after(revoked)
     }
@@ -259,14 +263,16 @@ impl SledSessions {
     pub(crate) fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
         let policy = self.policy();
         let hashes = self.by_uid.get(&uid).cloned().unwrap_or_default();
-        let mut live = 0;
+        let mut live = Vec::new();
         for hash in &hashes {
             if self.forget(hash).is_some_and(|s| !s.expired(now, &policy)) {
-                live += 1;
+                live.push(session_id(hash));
             }
         }
         self.log().remove(&hashes);
-        self.commit.after(Ok(live))
+        let count = live.len();
+        let recorded = self.data.revocations().user_ended(uid, live, now);
+        self.commit.after(recorded.map(|()| count))
     }
 
     /// Forgets the expired sessions of the next few shards; at the end of a pass over all of

@@ -907,3 +907,70 @@ async fn a_verifier_process_keeps_verifying_while_the_broker_is_stopped() {
     drop(child.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_logout_on_one_broker_is_refused_by_a_verifier_fed_by_another() {
+    use crate::support::RedisServer;
+    let redis = Arc::new(RedisServer::start().await);
+    let wechat = Arc::new(
+        wxbroker::Sandbox::start(wxbroker::SandboxOptions::default())
+            .await
+            .unwrap(),
+    );
+    let a = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), with_secrets).await;
+    let b = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), with_secrets).await;
+    // One key in Redis: both brokers sign with it and publish it.
+    assert_eq!(jwks(&a).await, jwks(&b).await);
+    assert_eq!(jwks(&a).await.keys.len(), 1);
+    let verifier = verifier(&b, |_| {}).await;
+    let (first, second) = (login(&a, "amy.1").await, login(&a, "amy.2").await);
+    let other = login(&b, "bo.1").await;
+    for body in [&first, &second, &other] {
+        verifier.check(&access(body)).unwrap();
+    }
+
+    let logout = a.logout(first["thirdSession"].as_str().unwrap()).await;
+    assert_eq!(logout.status(), StatusCode::NO_CONTENT);
+    let took = refused_within(&verifier, &access(&first), Duration::from_secs(1)).await;
+    eprintln!("a logout on broker A reached a verifier fed by broker B after {took:?}");
+    let uid = second["uid"].as_u64().unwrap();
+    let all = admin(
+        &a,
+        reqwest::Method::DELETE,
+        &format!("/admin/users/{uid}/sessions"),
+    )
+    .await;
+    assert_eq!(all.status(), StatusCode::OK);
+    refused_within(&verifier, &access(&second), Duration::from_secs(1)).await;
+    verifier.check(&access(&other)).unwrap();
+
+    // A rotation on A: B publishes the new key at once, so the verifier fed by B takes A's new
+    // tokens; B signs with it within seconds.
+    let rotation = admin(&a, reqwest::Method::POST, "/admin/keys/rotate").await;
+    let (_, rotation) = parts(rotation).await;
+    let kid = rotation["kid"].as_str().unwrap().to_owned();
+    let new = access(&login(&a, "amy.3").await);
+    assert_eq!(wxbroker::jwt::parse(&new).unwrap().kid(), kid);
+    verifier.verify(&new).await.unwrap();
+    let codes = std::sync::atomic::AtomicU32::new(10);
+    crate::support::eventually("broker B signs with the new key", || {
+        let (b, kid) = (&b, kid.clone());
+        let code = format!(
+            "bo.{}",
+            codes.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        async move {
+            let token = access(&login(b, &code).await);
+            wxbroker::jwt::parse(&token).unwrap().kid() == kid
+        }
+    })
+    .await;
+
+    // A verifier that comes later is told of what happened before, from either broker.
+    for tb in [&a, &b] {
+        let late = self::verifier(tb, |_| {}).await;
+        assert_eq!(late.check(&access(&first)).err(), Some(Refusal::Revoked));
+        assert_eq!(late.check(&access(&second)).err(), Some(Refusal::Revoked));
+        late.check(&access(&other)).unwrap();
+    }
+}

@@ -187,3 +187,83 @@ async fn secrets_never_reach_logs_or_responses() {
     let (status, _) = parts(tb.session(&token).await).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn the_private_signing_keys_never_leave_the_store() {
+    let verifier_token = "secrecy-verifier-secret-0123456789abcdef";
+    let mut tb = TestBroker::start_with(|c| {
+        c.admin_token = Some(Secret::new(ADMIN));
+        c.verifier_token = Some(Secret::new(verifier_token));
+    })
+    .await;
+    let mut responses = String::new();
+    let mut answer = |text: String| responses.push_str(&text);
+    let login = tb.login("nia.1").await.text().await.unwrap();
+    let body: serde_json::Value = serde_json::from_str(&login).unwrap();
+    let session = body["thirdSession"].as_str().unwrap().to_owned();
+    answer(login);
+    let url = |path: &str| format!("{}{path}", tb.url);
+    for _ in 0..2 {
+        let rotate = tb.http.post(url("/admin/keys/rotate")).bearer_auth(ADMIN);
+        answer(rotate.send().await.unwrap().text().await.unwrap());
+        let minted = tb.http.post(url("/v1/token")).bearer_auth(&session);
+        answer(minted.send().await.unwrap().text().await.unwrap());
+        let jwks = tb.http.get(url("/.well-known/jwks.json"));
+        answer(jwks.send().await.unwrap().text().await.unwrap());
+    }
+    assert_eq!(tb.logout(&session).await.status(), StatusCode::NO_CONTENT);
+    let mut feed = tb
+        .http
+        .get(url("/v1/revocations"))
+        .bearer_auth(verifier_token)
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("event:synced") {
+        let chunk = feed.chunk().await.unwrap().unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    answer(text);
+    drop(feed);
+    tb.stop().await;
+    let dir = tb.dir.clone();
+    drop(tb);
+
+    // The seeds, as the store holds them (base64url), and in other spellings.
+    let mut opened = wxbroker::backup::open_for_export(dir.path(), 8);
+    for _ in 0..500 {
+        if opened.is_ok() {
+            break;
+        }
+        // The stopped broker's last handles let go of sled's lock.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        opened = wxbroker::backup::open_for_export(dir.path(), 8);
+    }
+    let data = opened.unwrap();
+    let stored = data.keys().list().unwrap();
+    assert_eq!(stored.len(), 3);
+    let mut export = Vec::new();
+    wxbroker::backup::export(&data, &mut export).unwrap();
+    let export = String::from_utf8(export).unwrap();
+    let logs = logs();
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    for key in &stored {
+        let record: serde_json::Value = serde_json::from_str(&key.encode()).unwrap();
+        let seed = record["seed"].as_str().unwrap();
+        let bytes = URL_SAFE_NO_PAD.decode(seed).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        for needle in [seed.to_owned(), STANDARD.encode(&bytes), hex] {
+            assert!(!responses.contains(&needle), "a private key answered");
+            assert!(!logs.contains(&needle), "a private key logged");
+            assert!(!export.contains(&needle), "a private key exported");
+            assert!(
+                !format!("{key:?}").contains(&needle),
+                "a private key in Debug"
+            );
+        }
+        // What is published is the public half.
+        assert!(responses.contains(&key.kid));
+    }
+}

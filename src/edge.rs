@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
+use futures_util::future::{self, Either};
 use reqwest::Url;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -246,13 +247,20 @@ impl Verifier {
         warp::header::optional::<String>("authorization")
             .or_else(|_| async { Ok::<_, Rejection>((None,)) })
             .and_then(move |authorization: Option<String>| {
-                let verifier = verifier.clone();
-                async move {
-                    let token = bearer_token(authorization.as_deref())?;
-                    verifier.verify(token).await.map_err(|refusal| {
-                        tracing::debug!(%refusal, "refused an access token");
-                        Problem::reject(Error::InvalidSession)
-                    })
+                // Answered at once, without touching the verifier's reference counts (shared
+                // by every request, on every core), unless the keys must be fetched first.
+                let checked =
+                    bearer_token(authorization.as_deref()).map(|token| verifier.check(token));
+                match checked {
+                    Ok(Err(Refusal::UnknownKey)) => {
+                        let verifier = verifier.clone();
+                        Either::Left(async move {
+                            let token = bearer_token(authorization.as_deref())?;
+                            refused(verifier.verify(token).await)
+                        })
+                    }
+                    Ok(outcome) => Either::Right(future::ready(refused(outcome))),
+                    Err(rejection) => Either::Right(future::ready(Err(rejection))),
                 }
             })
     }
@@ -284,6 +292,14 @@ impl Verifier {
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))
     }
+}
+
+/// `outcome` with its refusal logged and turned into the 401 the broker answers.
+fn refused(outcome: Result<Arc<AccessClaims>, Refusal>) -> Result<Arc<AccessClaims>, Rejection> {
+    outcome.map_err(|refusal| {
+        tracing::debug!(%refusal, "refused an access token");
+        Problem::reject(Error::InvalidSession)
+    })
 }
 
 impl Shared {

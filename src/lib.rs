@@ -27,6 +27,9 @@
 //! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
+//! - Signed access tokens: [`jwt`] (the format), `keyring.rs` (signing keys), `signer.rs` (the
+//!   broker's signer), [`revocation`] and `feed.rs` (the revocation feed), and [`edge`]: the
+//!   verifier that edge hosts run, without a broker.
 //! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
 //! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.

@@ -1,11 +1,13 @@
-//! Storage on one machine, in the data dir: users in sled trees ([`users`]), sessions in an
+//! Storage on one machine, in the data dir: users in sled trees ([`users`]), with the signing keys
+//! of access tokens ([`keys`]) and the revocation feed ([`revocations`]); sessions in an
 //! in-memory table ([`sessions`]) rebuilt at start from their own append-only log
 //! ([`session_log`]), and one background task that makes both durable for every writer that waits
 //! ([`group_commit`]). Everything here but the group commit is synchronous and free of actors, so
 //! it is tested directly.
 //!
 //! When is a write durable? Registrations, profile, phone and session_key updates, logouts and
-//! revocations are answered only after the group commit's next flush; a session issued or slid
+//! revocations (with their events in the revocation feed) are answered only after the group
+//! commit's next flush; a session issued or slid
 //! is written to the log's buffer at once and reaches the disk with the next flush, which comes at
 //! most [`group_commit::SESSION_LOG_EVERY`] later.
 

@@ -254,7 +254,13 @@ async fn the_private_signing_keys_never_leave_the_store() {
         let seed = record["seed"].as_str().unwrap();
         let bytes = URL_SAFE_NO_PAD.decode(seed).unwrap();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        for needle in [seed.to_owned(), STANDARD.encode(&bytes), hex] {
+        // As base64url (stored), base64, hex, and the byte array a derived `Debug` would print.
+        for needle in [
+            seed.to_owned(),
+            STANDARD.encode(&bytes),
+            hex,
+            format!("{bytes:?}"),
+        ] {
             assert!(!responses.contains(&needle), "a private key answered");
             assert!(!logs.contains(&needle), "a private key logged");
             assert!(!export.contains(&needle), "a private key exported");

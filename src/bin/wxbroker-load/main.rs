@@ -18,9 +18,11 @@
 //! - `scenario`: what each worker sends, and what counts as success.
 //! - `client`: one keep-alive HTTP/1.1 connection through hyper.
 //! - `report`: the figures, as a table or as JSON.
+//! - `edge`: the edge host of the `edge` scenarios (this tool again, as a child process).
 
 mod broker_metrics;
 mod client;
+mod edge;
 mod fleet;
 mod report;
 mod scenario;
@@ -67,7 +69,10 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_name = "PID,PID,...")]
     pid: Vec<u32>,
 
-    /// Scenarios to run in order, in one run: baseline, check, login, mixed, sessions.
+    /// Scenarios to run in order, in one run: baseline, check, login, mixed, sessions, edge-bare,
+    /// edge. The last two load an edge host (a child process) that verifies the first target's
+    /// signed access tokens with `wxbroker::edge::Verifier`: `GET /edge/bare` without the
+    /// verifier's filter, `GET /edge/verified` through it.
     #[arg(long, short, value_delimiter = ',', default_value = "baseline,check")]
     scenario: Vec<Scenario>,
 
@@ -136,6 +141,21 @@ struct Args {
     #[arg(long)]
     broker_bin: Option<std::path::PathBuf>,
 
+    /// For brokers this tool starts: seconds their signed access tokens live, passed as
+    /// WXBROKER_ACCESS_TOKEN_TTL (0 turns them off; default: the broker's own default).
+    #[arg(long, conflicts_with_all = ["url", "targets"])]
+    access_token_ttl: Option<u64>,
+
+    /// The running target's WXBROKER_VERIFIER_TOKEN, for the edge scenarios (brokers this tool
+    /// starts get one of their own).
+    #[arg(long, env = "WXBROKER_VERIFIER_TOKEN", hide_env_values = true)]
+    verifier_token: Option<String>,
+
+    /// Serve as the edge host of the edge scenarios, verifying the tokens of the broker at this
+    /// URL (how this tool starts its edge host).
+    #[arg(long, hide = true)]
+    serve_edge: Option<String>,
+
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -144,6 +164,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(broker) = &args.serve_edge {
+        return match edge::serve(broker).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wxbroker-load edge host: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(args).await {
         Ok(clean) if clean => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::from(2),
@@ -156,8 +185,21 @@ async fn main() -> std::process::ExitCode {
 
 /// Starts or finds the targets, runs every scenario, stops what it started; returns whether all
 /// requests succeeded.
-async fn run(args: Args) -> anyhow::Result<bool> {
+async fn run(mut args: Args) -> anyhow::Result<bool> {
     let urls: Vec<String> = args.url.iter().chain(&args.targets).cloned().collect();
+    let edge = args.scenario.iter().any(|s| s.is_edge());
+    if edge && urls.is_empty() {
+        // The brokers this tool starts get a feed secret of their own.
+        args.verifier_token = Some(format!("{:032x}", rand::random::<u128>()));
+    }
+    ensure!(
+        !edge || args.verifier_token.is_some(),
+        "the edge scenarios need the target's --verifier-token (WXBROKER_VERIFIER_TOKEN)"
+    );
+    ensure!(
+        !edge || args.access_token_ttl != Some(0),
+        "the edge scenarios need signed access tokens: not --access-token-ttl 0"
+    );
     let mut fleet = if urls.is_empty() {
         ensure!(args.instances >= 1, "--instances must be at least 1");
         ensure!(
@@ -176,6 +218,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             upstream_latency_ms: args.upstream_latency_ms,
             max_inflight: args.max_inflight,
             store: args.store.clone(),
+            access_token_ttl: args.access_token_ttl,
+            verifier_token: args.verifier_token.clone(),
         };
         Fleet::spawn(args.instances, &launch).await?
     } else {
@@ -200,16 +244,39 @@ async fn run_scenarios(args: &Args, fleet: &mut Fleet) -> anyhow::Result<RunRepo
         duration: Duration::from_secs_f64(args.duration),
         requests: args.requests,
     };
+    // The edge host, for the edge scenarios: in front of the first target.
+    let edge_host = match (
+        &args.verifier_token,
+        args.scenario.iter().any(|s| s.is_edge()),
+    ) {
+        (Some(token), true) => Some(edge::EdgeHost::spawn(fleet.addr(0), token).await?),
+        _ => None,
+    };
     let options = scenario::Options {
         new_ratio: args.new_ratio.clamp(0.0, 1.0),
         users: args.users.max(1),
         checks: args.checks,
         sessions: args.sessions,
         compaction: !args.no_compaction,
+        edge: edge_host.as_ref().map(|host| host.addr),
     };
+    let report = scenarios(args, fleet, &limits, &options).await;
+    if let Some(host) = edge_host {
+        host.stop().await;
+    }
+    report
+}
+
+/// Runs the scenarios in order against `fleet`, with `options`.
+async fn scenarios(
+    args: &Args,
+    fleet: &mut Fleet,
+    limits: &scenario::Limits,
+    options: &scenario::Options,
+) -> anyhow::Result<RunReport> {
     let mut report = RunReport::default();
     for scenario in &args.scenario {
-        let mut outcome = scenario.run(fleet, &limits, &options).await?;
+        let mut outcome = scenario.run(fleet, limits, options).await?;
         if *scenario == Scenario::Sessions && args.restart {
             outcome.restart_secs = Some(fleet.restart().await?.as_secs_f64());
         }

@@ -351,13 +351,23 @@ impl CompactionReport {
 pub struct RunReport {
     /// In the order they ran.
     pub scenarios: Vec<ScenarioReport>,
-    /// `<scenario>/baseline`: each scenario's req/s over the baseline's, when both ran.
+    /// `<scenario>/baseline`: each scenario's req/s over the baseline's, when both ran; and
+    /// `edge/edge-bare`: the edge host's through the verifier's filter over without it.
     pub ratios: BTreeMap<String, f64>,
 }
 
 impl RunReport {
-    /// Computes the ratios to the baseline.
+    /// Computes the ratios to the baseline, and the edge host's with and without the verifier.
     pub fn finish(&mut self) {
+        let rate = |name: &str| {
+            self.scenarios
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.requests_per_sec)
+        };
+        if let (Some(edge), Some(bare)) = (rate("edge"), rate("edge-bare")) {
+            self.ratios.insert("edge/edge-bare".into(), edge / bare);
+        }
         let Some(baseline) = self.scenarios.iter().find(|s| s.name == "baseline") else {
             return;
         };

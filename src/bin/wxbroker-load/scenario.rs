@@ -39,6 +39,11 @@ pub enum Scenario {
     /// `--sessions` logins of returning users, to measure memory per live session; then logins of
     /// users at the session cap until the broker has compacted its session log.
     Sessions,
+    /// `GET /edge/bare` on the edge host: its route without the verifier, for its ceiling.
+    EdgeBare,
+    /// `GET /edge/verified` on the edge host with access tokens made beforehand: through
+    /// `wxbroker::edge::Verifier`'s filter.
+    Edge,
 }
 
 /// How much load.
@@ -63,6 +68,8 @@ pub struct Options {
     pub sessions: u64,
     /// Whether `sessions` ends with its compaction phase.
     pub compaction: bool,
+    /// The edge host of the edge scenarios, when they run.
+    pub edge: Option<SocketAddr>,
 }
 
 /// Logins per returning user in `sessions`, on average: each picks one of `--sessions / 60` users
@@ -158,6 +165,8 @@ struct Plan {
     checks: usize,
     /// Returning users registered beforehand.
     pool: usize,
+    /// Where the edge scenarios' connections go.
+    edge: Option<SocketAddr>,
 }
 
 /// What one phase's workers measured.
@@ -289,6 +298,11 @@ fn login_call(code: &str) -> Call<'static> {
 
 /// Logs in as `code` outside any measurement; returns the token.
 async fn token(conn: &mut Conn, code: &str) -> anyhow::Result<String> {
+    login_field(conn, code, "thirdSession").await
+}
+
+/// Logs in as `code` outside any measurement; returns the field `field` of the answer.
+async fn login_field(conn: &mut Conn, code: &str, field: &str) -> anyhow::Result<String> {
     let (status, body) = conn.send(&login_call(code)).await?;
     anyhow::ensure!(
         status == 200,
@@ -296,10 +310,10 @@ async fn token(conn: &mut Conn, code: &str) -> anyhow::Result<String> {
         String::from_utf8_lossy(&body)
     );
     let body: serde_json::Value = serde_json::from_slice(&body)?;
-    body["thirdSession"]
+    body[field]
         .as_str()
         .map(str::to_owned)
-        .context("no thirdSession")
+        .with_context(|| format!("no {field} in the login's answer (signed access tokens off?)"))
 }
 
 impl Scenario {
@@ -310,7 +324,14 @@ impl Scenario {
             Scenario::Login => "login",
             Scenario::Mixed => "mixed",
             Scenario::Sessions => "sessions",
+            Scenario::EdgeBare => "edge-bare",
+            Scenario::Edge => "edge",
         }
+    }
+
+    /// Whether it loads the edge host rather than the brokers.
+    pub fn is_edge(self) -> bool {
+        matches!(self, Scenario::Edge | Scenario::EdgeBare)
     }
 
     /// Prepares, runs the workers within the limits, and reports.
@@ -338,6 +359,7 @@ impl Scenario {
             new_ratio: options.new_ratio,
             checks: options.checks,
             pool,
+            edge: options.edge,
         };
         let work = Work::Scenario(self, plan);
         let measured = measure(
@@ -393,6 +415,7 @@ impl Scenario {
             new_ratio,
             checks,
             pool,
+            edge: _,
         } = plan;
         let mut seq = 0u64;
         while w.shared.running() {
@@ -431,6 +454,24 @@ impl Scenario {
                     w.call("POST /v1/login", login_call(&code), 200).await;
                 }
                 Scenario::Mixed => mixed_life(&mut w, seq, checks).await,
+                Scenario::EdgeBare => {
+                    let call = Call {
+                        method: Method::GET,
+                        path: "/edge/bare",
+                        token: None,
+                        json: None,
+                    };
+                    w.call("GET /edge/bare", call, 200).await;
+                }
+                Scenario::Edge => {
+                    let call = Call {
+                        method: Method::GET,
+                        path: "/edge/verified",
+                        token: token.as_deref(),
+                        json: None,
+                    };
+                    w.call("GET /edge/verified", call, 200).await;
+                }
             }
         }
         w.done()
@@ -451,13 +492,25 @@ async fn measure(
     let mut workers = Vec::new();
     for id in 0..connections {
         let target = fleet.pick(id);
-        let conn = Conn::open(fleet.addr(target)).await?;
+        let addr = match work {
+            Work::Scenario(scenario, plan) if scenario.is_edge() => {
+                plan.edge.context("the edge scenarios need the edge host")?
+            }
+            _ => fleet.addr(target),
+        };
+        let conn = Conn::open(addr).await?;
         let token = match work {
             // Made on the next target, so that with several every check reads a session
             // another instance created: what a shared store must get right.
             Work::Scenario(Scenario::Check, _) => {
                 let mut maker = Conn::open(fleet.addr(fleet.pick(id + 1))).await?;
                 Some(token(&mut maker, &format!("c{nonce}w{id}.1")).await?)
+            }
+            // Signed by the broker the edge host verifies for.
+            Work::Scenario(Scenario::Edge, _) => {
+                let mut maker = Conn::open(fleet.addr(0)).await?;
+                let code = format!("e{nonce}w{id}.1");
+                Some(login_field(&mut maker, &code, "accessToken").await?)
             }
             _ => None,
         };

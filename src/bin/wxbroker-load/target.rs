@@ -29,6 +29,10 @@ pub struct Launch {
     /// Passed as `WXBROKER_STORE`: the shared store that lets several instances serve the same
     /// users and sessions. Without it each broker keeps its own sled data dir.
     pub store: Option<String>,
+    /// Passed as `WXBROKER_ACCESS_TOKEN_TTL` (the broker's default without it).
+    pub access_token_ttl: Option<u64>,
+    /// Passed as `WXBROKER_VERIFIER_TOKEN`, for the edge scenarios' verifier.
+    pub verifier_token: Option<String>,
 }
 
 /// A broker this tool started.
@@ -136,6 +140,12 @@ async fn start(launch: &Launch, data_dir: &Path) -> anyhow::Result<(Child, Socke
     }
     if let Some(store) = &launch.store {
         command.env("WXBROKER_STORE", store);
+    }
+    if let Some(ttl) = launch.access_token_ttl {
+        command.env("WXBROKER_ACCESS_TOKEN_TTL", ttl.to_string());
+    }
+    if let Some(token) = &launch.verifier_token {
+        command.env("WXBROKER_VERIFIER_TOKEN", token);
     }
     let latency_ms = launch.upstream_latency_ms.to_string();
     let mut child = command

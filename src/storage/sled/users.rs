@@ -6,7 +6,8 @@
 //! - `users`: openid -> [`UserRecord`] (JSON)
 //! - `uids`: uid (big-endian u64) -> openid, the index for finding a user by uid
 //! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
-//! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
+//! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64) (the revocation feed keeps its
+//!   origin and horizon there too: `revocations.rs`)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -229,6 +229,7 @@ impl Broker {
                 sid: session_id(&token_hash(&issued.token)),
                 session_expires_at: now + issued.expires_in,
             };
+            self.inner.metrics.access_tokens_signed.inc();
             signer.sign(subject, now)
         });
         Ok(Login {
@@ -265,6 +266,7 @@ impl Broker {
             sid: session_id(&token_hash(token)),
             session_expires_at: session.expires_at,
         };
+        self.inner.metrics.access_tokens_signed.inc();
         Ok(signer.sign(subject, self.inner.config.clock.now()))
     }
 
@@ -293,6 +295,7 @@ impl Broker {
             ttl: policy.ttl,
             clock: self.inner.config.clock.clone(),
             draining: self.inner.draining.subscribe(),
+            open: self.inner.metrics.revocation_feeds.clone(),
         };
         Ok(crate::feed::serve(source, since.unwrap_or(Cursor::START)))
     }

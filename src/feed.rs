@@ -61,12 +61,15 @@ pub(crate) struct Source {
     pub clock: Clock,
     /// Turns `true` when the broker drains: every feed ends.
     pub draining: watch::Receiver<bool>,
+    /// `wxbroker_revocation_feeds_open`, counting this feed while it is served.
+    pub open: prometheus::IntGauge,
 }
 
 /// The feed for a verifier resuming after `since`.
 pub(crate) fn serve(source: Source, since: Cursor) -> FeedStream {
     let (tx, items) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
+        source.open.inc();
         let mut draining = source.draining.clone();
         tokio::select! {
             outcome = run(&source, since, &tx) => {
@@ -76,6 +79,7 @@ pub(crate) fn serve(source: Source, since: Cursor) -> FeedStream {
             }
             _ = draining.wait_for(|draining| *draining) => {}
         }
+        source.open.dec();
     });
     FeedStream { items }
 }

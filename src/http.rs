@@ -30,6 +30,8 @@ pub use problem::recover;
 /// Every route of the broker, with errors turned into JSON.
 pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     filters::public(broker.clone())
+        .or(tokens::routes(broker.clone()))
+        .or(revocations::route(broker.clone()))
         .or(admin::routes(broker))
         .recover(problem::recover)
 }

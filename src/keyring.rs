@@ -243,7 +243,7 @@ mod tests {
         assert!(key.encode().contains(&seed));
         let back = KeyRecord::decode(key.encode().as_bytes()).unwrap();
         assert_eq!(back.verifying_key(), key.verifying_key());
-        let ring = KeyRing::new(&[key.clone()], POLICY, 1).unwrap();
+        let ring = KeyRing::new(std::slice::from_ref(&key), POLICY, 1).unwrap();
         for shown in [format!("{key:?}"), format!("{ring:?}")] {
             assert!(
                 !shown.contains(&seed) && shown.contains(&key.kid),

@@ -43,6 +43,10 @@ pub struct Metrics {
     /// Times every connection slot was taken and the server waited for one before accepting
     /// again: a count that grows says clients are queueing at the cap.
     pub connection_cap_reached: IntCounter,
+    /// Signed access tokens issued (by logins and `POST /v1/token`).
+    pub access_tokens_signed: IntCounter,
+    /// Revocation feeds being served now: the verifiers following this broker.
+    pub revocation_feeds: IntGauge,
 }
 
 impl Metrics {
@@ -116,6 +120,14 @@ impl Metrics {
             connection_cap_reached: plain_counter(
                 "wxbroker_connection_cap_reached_total",
                 "Times every connection slot was taken and the server waited for one",
+            ),
+            access_tokens_signed: plain_counter(
+                "wxbroker_access_tokens_signed_total",
+                "Signed access tokens issued",
+            ),
+            revocation_feeds: gauge(
+                "wxbroker_revocation_feeds_open",
+                "Revocation feeds being served to verifiers",
             ),
             registry,
         }

@@ -75,12 +75,12 @@ pub(super) async fn keep_keys(shared: std::sync::Arc<Shared>, every: Duration) {
 pub(super) async fn follow_feed(shared: std::sync::Arc<Shared>) {
     let mut backoff = Backoff::new(shared.max_backoff);
     loop {
-        if !shared.has_keys() {
-            if let Err(e) = fetch_keys(&shared).await {
-                tracing::warn!(error = %e, "cannot fetch the broker's JWKS; retrying");
-                backoff.wait().await;
-                continue;
-            }
+        if !shared.has_keys()
+            && let Err(e) = fetch_keys(&shared).await
+        {
+            tracing::warn!(error = %e, "cannot fetch the broker's JWKS; retrying");
+            backoff.wait().await;
+            continue;
         }
         let outcome = read_feed(&shared, &mut backoff).await;
         shared.set_connected(false);

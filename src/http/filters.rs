@@ -36,10 +36,8 @@ pub(super) fn public(
         .or(me(broker.clone()))
         .or(healthz(broker.clone()))
         .or(readyz(broker.clone()))
-        .or(metrics(broker.clone()))
+        .or(metrics(broker))
         .or(openapi())
-        .or(super::tokens::routes(broker.clone()))
-        .or(super::revocations::route(broker))
 }
 
 // Defined here rather than in `broker.rs`: the broker knows nothing of HTTP.

@@ -16,7 +16,7 @@ use wxbroker::edge::{Verifier, VerifierOptions};
 use wxbroker::jwt::{AccessClaims, JwkSet, Refusal};
 use wxbroker::{ACCESS_SLACK, SANDBOX_APPID, Secret};
 
-use crate::support::{T0, TestBroker, assert_error, parts};
+use crate::support::{T0, TestBroker, assert_error, metric, parts};
 
 /// The feed's secret in these tests.
 pub const VERIFIER_TOKEN: &str = "edge-test-verifier-secret-0123456789abcdef";
@@ -268,6 +268,24 @@ async fn a_verifier_accepts_live_tokens_and_refuses_a_logout_within_a_second() {
     assert_eq!(logout.status(), StatusCode::NO_CONTENT);
     let took = refused_within(&verifier, &token, Duration::from_secs(1)).await;
     eprintln!("a logout reached the verifier {took:?} after its 204");
+
+    // Counted: the tokens signed, the feeds served (until the verifier goes).
+    let metrics = |tb: &TestBroker| {
+        let http = tb.http.clone();
+        let url = format!("{}/metrics", tb.url);
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let text = metrics(&tb).await;
+    assert_eq!(
+        metric(&text, "wxbroker_access_tokens_signed_total"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "wxbroker_revocation_feeds_open"), Some(1.0));
+    drop(verifier);
+    crate::support::eventually("the feed's end counted", || async {
+        metric(&metrics(&tb).await, "wxbroker_revocation_feeds_open") == Some(0.0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -741,6 +759,17 @@ async fn edge_host_child() {
         .await;
 }
 
+/// Prints a child's log when the test fails (the harness shows what a failed test printed).
+struct ShowOnPanic(Arc<std::sync::Mutex<String>>);
+
+impl Drop for ShowOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- the edge host's log ---\n{}", self.0.lock().unwrap());
+        }
+    }
+}
+
 /// The `wxbroker` binary in sandbox mode on `port`, with the feed on (as
 /// [`crate::binary::command`], which listens on a port of the system's choosing).
 fn broker_command(dir: &std::path::Path, port: u16) -> tokio::process::Command {
@@ -805,9 +834,21 @@ async fn a_verifier_process_keeps_verifying_while_the_broker_is_stopped() {
         .env(CHILD_BROKER, &broker.url)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // The edge host's log, shown if this test fails.
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let _shown = ShowOnPanic(log.clone());
+    let mut errors = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = errors.next_line().await {
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let edge = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {

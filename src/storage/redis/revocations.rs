@@ -40,6 +40,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// An event as a script or `XREAD` returns it: its id and its fields.
 type Entry = (String, HashMap<String, String>);
 
+/// What `XREAD` returns: per stream (one here), its name and its new entries; nil on a timeout.
+type Streams = Option<Vec<(String, Vec<Entry>)>>;
+
 /// A broker's view of the feed: reads, and its one follower of the stream. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisFeed {
@@ -134,7 +137,7 @@ async fn follow(feed: RedisFeed, subscribers: broadcast::Sender<FeedEvent>, mut 
         }
     };
     while subscribers.receiver_count() > 0 {
-        let read: Result<Option<Vec<(String, Vec<Entry>)>>, _> = redis::cmd("XREAD")
+        let read: Result<Streams, _> = redis::cmd("XREAD")
             .arg("BLOCK")
             .arg(BLOCK.as_millis() as u64)
             .arg("COUNT")

@@ -614,6 +614,23 @@ async fn the_feed_is_guarded_resumes_after_a_restart_and_resets_what_it_cannot_v
 
 /// A directory holding `tests/jose` with its pinned jose installed (`npm ci`).
 async fn install_jose() -> tempfile::TempDir {
+    // jose 6 runs on the global Web Crypto API, which Node has without a flag from version 20.
+    let version = tokio::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run node ({e}): the jose test needs Node.js >= 20"));
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    let major: u32 = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|major| major.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        major >= 20,
+        "the jose test needs Node.js >= 20 (jose 6 uses the global Web Crypto API); found {version}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jose");
     for file in ["package.json", "package-lock.json", "verify.mjs"] {

@@ -255,7 +255,10 @@ impl Broker {
 
     /// Decrypts the profile the session's user sent, stores it (durably) and returns it.
     ///
-    /// A unionid in the profile becomes the user's, and shows on all of its sessions.
+    /// The profile must name the session's openid. A unionid in it may confirm the user's or
+    /// give one to a user who has none (then it shows on all of the user's sessions); one that
+    /// differs from the user's own or belongs to another user is [`Error::UnionidConflict`], and
+    /// nothing is stored.
     pub async fn userinfo(&self, token: &str, data: EncryptedData) -> Result<Profile, Error> {
         let session = self.check_session(token).await?;
         let session_key = self.session_key(&session.openid).await?;
@@ -271,12 +274,23 @@ impl Broker {
                 },
             )
             .await?;
+        // The store decides whether the unionid may be the user's (atomically, across brokers):
+        // only then does it go on the sessions, so a refused one shows nowhere.
+        let saved = profile.clone();
+        let user = self
+            .ask(
+                &self.inner.children.user_registry,
+                self.inner.durable_timeout,
+                |reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply),
+            )
+            .await?;
         // Sent even when this session already shows it: the user's other sessions may not.
-        if let Some(unionid) = profile.union_id.clone() {
-            // Before the profile is saved, so that the profile's flush covers it too.
+        // Answered once on disk, like the profile: a crash between the two leaves the sessions
+        // without the unionid until the next login, never with one the user does not hold.
+        if let Some(unionid) = user.unionid.filter(|_| profile.union_id.is_some()) {
             self.ask(
                 &self.inner.children.session_keeper,
-                self.inner.call_timeout,
+                self.inner.durable_timeout,
                 |reply| SessionKeeperMsg::SetUnionid {
                     uid: session.uid,
                     unionid,
@@ -285,13 +299,6 @@ impl Broker {
             )
             .await?;
         }
-        let saved = profile.clone();
-        self.ask(
-            &self.inner.children.user_registry,
-            self.inner.durable_timeout,
-            |reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply),
-        )
-        .await?;
         Ok(profile)
     }
 

@@ -63,6 +63,10 @@ pub enum Error {
     /// `rawData` and `signature` do not match under the stored session_key.
     #[error("the rawData signature does not match")]
     SignatureMismatch,
+    /// Decrypted data names a unionid that another user holds, or that differs from the one this
+    /// user already has: encrypted data may confirm a user's unionid, never move or change one.
+    #[error("the data's unionid belongs to another user or differs from this user's")]
+    UnionidConflict,
     /// An actor is dead, restarting or too slow to answer within its call timeout.
     #[error("the broker is temporarily unavailable: {0}")]
     Unavailable(String),
@@ -94,6 +98,7 @@ impl Error {
             Error::WatermarkMismatch => "watermark_mismatch",
             Error::OpenidMismatch => "openid_mismatch",
             Error::SignatureMismatch => "signature_mismatch",
+            Error::UnionidConflict => "unionid_conflict",
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Storage(_) => "internal",
         }

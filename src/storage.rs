@@ -263,7 +263,9 @@ impl Users {
         }
     }
 
-    /// Stores a decrypted profile (its unionId becomes the user's), durably.
+    /// Stores a decrypted profile, durably. Its unionId may confirm the user's unionid or give
+    /// one to a user who has none; one that differs from the user's own or is bound to another
+    /// uid is [`Error::UnionidConflict`], and nothing is stored.
     pub fn save_profile(&mut self, openid: String, profile: Profile, now: u64) -> Pending<User> {
         match self {
             Users::Sled(users) => users.save_profile(&openid, &profile, now),
@@ -369,10 +371,10 @@ impl Sessions {
         }
     }
 
-    /// Records a unionid learned after login on all of the user's sessions.
+    /// Records a unionid learned after login on all of the user's sessions, durably.
     pub fn set_unionid(&mut self, uid: u64, unionid: String) -> Pending<()> {
         match self {
-            Sessions::Sled(sessions) => Pending::Ready(sessions.set_unionid(uid, &unionid)),
+            Sessions::Sled(sessions) => sessions.set_unionid_durably(uid, &unionid),
             Sessions::Redis(redis, _) => redis.set_session_unionid(uid, unionid),
         }
     }

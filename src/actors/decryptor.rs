@@ -4,6 +4,12 @@
 //! key and iv, whole blocks), then padding and JSON (a rotated session_key fails here), then the
 //! watermark's appid, then the openId, then the `rawData` signature. The decrypted text and the
 //! session_key are never logged.
+//!
+//! CBC has no integrity of its own, and the client chooses the IV: it controls the first 16
+//! bytes of what decrypts (flipping the IV of a real profile turns `{"avatarUrl":"ht` into
+//! `{"unionId":"EVIL`). So a profile must name the session's openid in its `openId` (one that
+//! names none is refused too), and what it says of the unionid is checked by the storage: it may
+//! confirm the user's unionid, never change it nor take another user's.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Deserialize;
@@ -121,7 +127,8 @@ pub fn open_profile(
         }
     };
     let profile: Profile = open(appid, session_key, data)?;
-    if profile.open_id.as_deref().is_some_and(|id| id != openid) {
+    // WeChat always puts the openId in a profile: one without it was tampered with.
+    if profile.open_id.as_deref() != Some(openid) {
         return Err(Error::OpenidMismatch);
     }
     if let Some((raw_data, signature)) = signed
@@ -222,6 +229,11 @@ mod tests {
         );
         assert_eq!(
             open_profile(APPID, KEY, "o2", &good),
+            Err(Error::OpenidMismatch)
+        );
+        let without_openid = profile_json("o1", APPID).replace(r#""openId":"o1","#, "");
+        assert_eq!(
+            open_profile(APPID, KEY, "o1", &seal(KEY, &without_openid)),
             Err(Error::OpenidMismatch)
         );
 

@@ -145,6 +145,12 @@ impl Problem {
                 S::FORBIDDEN,
                 "signature does not match rawData under the current session_key".into(),
             ),
+            Error::UnionidConflict => (
+                S::CONFLICT,
+                "the data's unionId belongs to another user, or differs from the unionid this \
+                 user already has; nothing was stored"
+                    .into(),
+            ),
             Error::Unavailable(_) => (
                 S::SERVICE_UNAVAILABLE,
                 "the broker is temporarily unavailable; retry in a moment".into(),

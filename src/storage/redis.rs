@@ -224,6 +224,9 @@ impl Redis {
         }))
     }
 
+    /// Stores a profile; its unionId may confirm the user's unionid or give one to a user who
+    /// has none, never change one nor take another uid's (`UnionidConflict`, nothing written),
+    /// checked and written in one script.
     pub(crate) fn save_profile(&self, openid: String, profile: Profile, now: u64) -> Pending<User> {
         let unionid = profile.union_id.clone().unwrap_or_default();
         let json = serde_json::to_string(&profile).expect("a profile serializes");
@@ -261,8 +264,13 @@ impl Redis {
             value,
         ];
         args.extend(expect);
-        self.run(&UPDATE_USER, args, move |fields: Option<Vec<String>>| {
-            let fields = fields.ok_or_else(|| Error::Storage(format!("no user {openid}")))?;
+        self.run(&UPDATE_USER, args, move |reply: redis::Value| {
+            let fields: Vec<String> = match reply {
+                redis::Value::Nil => return Err(Error::Storage(format!("no user {openid}"))),
+                redis::Value::Int(0) => return Err(Error::UnionidConflict),
+                fields => redis::from_redis_value(fields)
+                    .map_err(|e| Error::Storage(format!("Redis: a user update answered {e}")))?,
+            };
             user_record(fields).map(User::from)
         })
     }
@@ -610,7 +618,8 @@ static BOOK_CODE: LazyLock<Script> = script!("book_code");
 static UPSERT_USER: LazyLock<Script> = script!("bind_unionid", "upsert_user");
 
 /// ARGV: openid, now, unionid ('' for none), field, value[, expected current value of the field:
-/// if it holds another, it is kept]. Returns the user's fields, or nil.
+/// if it holds another, it is kept]. Returns the user's fields, nil (no user), or 0 when the
+/// unionid differs from the user's own or is bound to another uid (nothing written).
 static UPDATE_USER: LazyLock<Script> = script!("bind_unionid", "update_user");
 
 /// ARGV: 'uid' | 'openid' | 'unionid', value. Returns the user's fields, or nil.

@@ -70,6 +70,59 @@ async fn a_logout_on_one_broker_is_refused_by_the_others_on_the_next_request() {
     }
 }
 
+/// Two users on two brokers claim one unionid in profiles at the same moment: the check and the
+/// write are one script, so exactly one gets it, and the index and the sessions name the winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_brokers_racing_for_one_unionid_bind_it_once() {
+    let redis = Arc::new(RedisServer::start().await);
+    let wechat = sandbox().await;
+    let a = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), |_| {}).await;
+    let b = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), |_| {}).await;
+    let claim = |name: &str, unionid: &str| {
+        let text = serde_json::json!({
+            "openId": Sandbox::openid_of(name),
+            "unionId": unionid,
+            "nickName": name,
+            "watermark": { "appid": SANDBOX_APPID, "timestamp": 1_790_000_000 },
+        });
+        wechat
+            .encrypt_for(name, text.to_string().as_bytes())
+            .unwrap()
+    };
+    for round in 0..10 {
+        let unionid = format!("u-raced-{round}");
+        let (x, y) = (format!("rx{round}"), format!("ry{round}"));
+        let (tx, ty) = (
+            a.token(&format!("{x}.1")).await,
+            b.token(&format!("{y}.1")).await,
+        );
+        let (cx, cy) = (claim(&x, &unionid), claim(&y, &unionid));
+        let (rx, ry) = tokio::join!(
+            crate::support::post(&a, "userinfo", &tx, &cx),
+            crate::support::post(&b, "userinfo", &ty, &cy),
+        );
+        let mut outcomes = [(rx.status(), &x, &tx), (ry.status(), &y, &ty)];
+        outcomes.sort_by_key(|(status, _, _)| *status);
+        let [(won, winner, winner_token), (lost, _, loser_token)] = outcomes;
+        assert_eq!(
+            (won, lost),
+            (StatusCode::OK, StatusCode::CONFLICT),
+            "round {round}"
+        );
+        let found = a
+            .broker
+            .find_user(wxbroker::UserKey::Unionid(unionid.clone()));
+        assert_eq!(
+            found.await.unwrap().unwrap().openid,
+            Sandbox::openid_of(winner)
+        );
+        let (_, session) = parts(b.session(winner_token).await).await;
+        assert_eq!(session["unionid"], unionid.as_str());
+        let (_, session) = parts(a.session(loser_token).await).await;
+        assert_eq!(session["unionid"], serde_json::Value::Null);
+    }
+}
+
 #[tokio::test]
 async fn a_lost_redis_is_a_503_and_not_ready_never_a_hang() {
     let tb = TestBroker::start_backend(crate::support::StoreKind::Redis, |_| {}).await;

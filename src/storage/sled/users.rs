@@ -142,16 +142,21 @@ impl UserDb {
         Ok(())
     }
 
-    /// Stores a decrypted profile on the user; its unionId, if any, becomes the user's unionid.
+    /// Stores a decrypted profile on the user. Its unionId, if any, may confirm the user's
+    /// unionid or give one to a user who has none; it never changes one (a login's, WeChat's own
+    /// word, or an earlier profile's) nor takes one bound to another uid: then
+    /// [`Error::UnionidConflict`] and nothing is stored. The client chooses the IV, so it can
+    /// rewrite the start of what decrypts.
     pub fn save_profile(
         &self,
         openid: &str,
         profile: &Profile,
         now: u64,
     ) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, |user| {
-            if let Some(unionid) = &profile.union_id {
-                user.unionid = Some(unionid.clone());
+        let claim = profile.union_id.as_deref();
+        self.update_user(openid, now, claim, |user| {
+            if let Some(unionid) = claim {
+                user.unionid = Some(unionid.to_owned());
             }
             user.profile = Some(profile.clone());
         })
@@ -159,7 +164,7 @@ impl UserDb {
 
     /// Stores a decrypted phone number on the user.
     pub fn save_phone(&self, openid: &str, phone: &Phone, now: u64) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, |user| user.phone = Some(phone.clone()))
+        self.update_user(openid, now, None, |user| user.phone = Some(phone.clone()))
     }
 
     /// Replaces the user's session_key `old` by `new` (after WeChat reset it); a key that
@@ -171,17 +176,20 @@ impl UserDb {
         new: &str,
         now: u64,
     ) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, |user| {
+        self.update_user(openid, now, None, |user| {
             if user.session_key == old {
                 user.session_key = new.to_owned();
             }
         })
     }
 
+    /// Changes the user in one transaction. `claim` is a unionid the change names (from
+    /// encrypted data): checked against the user's own and the index in the same transaction.
     fn update_user(
         &self,
         openid: &str,
         now: u64,
+        claim: Option<&str>,
         change: impl Fn(&mut UserRecord),
     ) -> Result<UserRecord, Error> {
         let trees = (&self.users, &self.unionids);
@@ -190,6 +198,14 @@ impl UserDb {
                 ConflictableTransactionError::Abort(Error::Storage(format!("no user {openid}")))
             })?;
             let old: UserRecord = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+            if let Some(claim) = claim {
+                let own = old.unionid.as_deref().is_none_or(|own| own == claim);
+                let holder = unionids.get(claim.as_bytes())?;
+                let free = holder.is_none_or(|uid| *uid == old.uid.to_be_bytes());
+                if !(own && free) {
+                    return Err(ConflictableTransactionError::Abort(Error::UnionidConflict));
+                }
+            }
             let mut user = old.clone();
             change(&mut user);
             user.updated_at = now;
@@ -523,6 +539,49 @@ mod tests {
             users.save_phone("o-nobody", &phone, 7),
             Err(Error::Storage(_))
         ));
+    }
+
+    #[test]
+    fn a_profile_confirms_a_unionid_but_never_changes_nor_moves_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, users) = open(&dir);
+        users.upsert("o-ann", "k", Some("u-ann"), 1).unwrap();
+        users.upsert("o-bob", "k", None, 1).unwrap();
+        let claiming = |unionid: &str| Profile {
+            union_id: Some(unionid.into()),
+            nick_name: Some("forged".into()),
+            ..Profile::default()
+        };
+        // Another user's unionid, and a unionid other than the one the login gave.
+        for (openid, unionid) in [("o-bob", "u-ann"), ("o-ann", "u-evil")] {
+            assert_eq!(
+                users.save_profile(openid, &claiming(unionid), 2),
+                Err(Error::UnionidConflict)
+            );
+        }
+        let ann = users
+            .find(&UserKey::Openid("o-ann".into()))
+            .unwrap()
+            .unwrap();
+        let bob = users
+            .find(&UserKey::Openid("o-bob".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((ann.unionid.as_deref(), ann.profile), (Some("u-ann"), None));
+        assert_eq!((bob.unionid, bob.profile, bob.updated_at), (None, None, 1));
+        let index = |unionid: &str| users.find(&UserKey::Unionid(unionid.into())).unwrap();
+        assert_eq!(index("u-ann").unwrap().openid, "o-ann");
+        assert_eq!(index("u-evil"), None);
+
+        // The same unionid again is fine; a free one goes to a user without any, then stays.
+        users.save_profile("o-ann", &claiming("u-ann"), 3).unwrap();
+        users.save_profile("o-bob", &claiming("u-bob"), 3).unwrap();
+        assert_eq!(index("u-bob").unwrap().openid, "o-bob");
+        assert_eq!(
+            users.save_profile("o-bob", &claiming("u-bob2"), 4),
+            Err(Error::UnionidConflict)
+        );
+        assert_eq!(index("u-bob2"), None);
     }
 
     #[test]

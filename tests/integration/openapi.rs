@@ -615,6 +615,18 @@ async fn the_document_describes_every_route_and_what_it_answers() {
             .await["error"],
         "openid_mismatch"
     );
+    // A unionid other than the one alice's login gave is refused, whoever holds it.
+    let mut other_unionid: Value = serde_json::from_str(&sparse_profile("alice")).unwrap();
+    other_unionid["unionId"] = json!("u-not-alices");
+    let other_unionid = tb
+        .sandbox
+        .encrypt_for("alice", other_unionid.to_string().as_bytes())
+        .unwrap();
+    assert_eq!(
+        api.send(userinfo(&alice_token).json(&other_unionid), S::CONFLICT)
+            .await["error"],
+        "unionid_conflict"
+    );
     api.send(
         userinfo(&alice_token).json(&json!({ "encryptedData": "a".repeat(70 * 1024), "iv": "x" })),
         S::PAYLOAD_TOO_LARGE,

@@ -17,9 +17,10 @@ use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
 use crate::crypto::{TokenHash, is_token_shaped, parse_session_id, token_hash};
 use crate::session::{SessionInfo, SessionSummary};
-use crate::storage::{FastCheck, Health, Storage};
+use crate::storage::{CallBudget, FastCheck, Health, Storage};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User, UserKey};
+use crate::verified_keys::VerifiedKeys;
 use crate::{Config, Error, Metrics, Secret};
 
 /// Extra time a call gets when it waits for a disk flush.
@@ -66,6 +67,10 @@ struct Inner {
     storage: Health,
     /// For the server APIs, called from the request's own task.
     upstream: Upstream,
+    /// What each user's requests may still spend of WeChat's quota this minute.
+    call_budget: CallBudget,
+    /// WeChat's recent "this session_key is current" answers, reused for `verify=wechat`.
+    verified: VerifiedKeys,
     call_timeout: Duration,
     /// A call that may wait for a disk flush: a slow disk must not turn a write that will succeed
     /// into a 503 (a login's code would be spent for nothing).
@@ -145,6 +150,8 @@ impl Broker {
                 supervisor_alive,
                 storage: storage.health(),
                 upstream,
+                call_budget: storage.call_budget(config.wechat_calls_per_min),
+                verified: VerifiedKeys::default(),
                 call_timeout: config.call_timeout(),
                 durable_timeout: config.call_timeout() + FLUSH_ALLOWANCE,
                 exchange_timeout,
@@ -273,7 +280,8 @@ impl Broker {
                     reply,
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|e| self.doubt_session_key(session.uid, e))?;
         // The store decides whether the unionid may be the user's (atomically, across brokers):
         // only then does it go on the sessions, so a refused one shows nowhere.
         let saved = profile.clone();
@@ -316,7 +324,8 @@ impl Broker {
                     reply,
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|e| self.doubt_session_key(session.uid, e))?;
         let saved = phone.clone();
         self.ask(
             &self.inner.children.user_registry,
@@ -330,9 +339,13 @@ impl Broker {
     /// Learns the phone number behind `code`, from the phone-number button, through WeChat's
     /// `getuserphonenumber`; stores it (durably) on the session's user and returns it. Unlike
     /// [`Broker::phone`] it needs no session_key, so a rotated key cannot make it fail.
+    ///
+    /// Each call spends one of the user's calls to WeChat (`WXBROKER_WECHAT_CALLS_PER_MIN`):
+    /// once they are spent, [`Error::RateLimited`] until the minute ends.
     pub async fn phone_by_code(&self, token: &str, code: &str) -> Result<Phone, Error> {
         let session = self.check_session(token).await?;
         check_code(code)?;
+        self.spend_wechat_call(session.uid).await?;
         let upstream = &self.inner.upstream;
         let phone = self
             .with_access_token(|access_token| async move {
@@ -353,15 +366,48 @@ impl Broker {
     /// whether the session_key stored for its user is still current:
     /// [`Error::SessionKeyExpired`] if the client has called `wx.login` since without logging in
     /// here, so that it logs in again before sending encrypted data.
+    ///
+    /// WeChat's answer that the key is current is reused for the same uid and key for
+    /// [`crate::verified_keys::REUSE_SECS`] seconds, at no cost; a call to WeChat spends one of
+    /// the user's calls (`WXBROKER_WECHAT_CALLS_PER_MIN`), and once they are spent the answer is
+    /// [`Error::RateLimited`] until the minute ends.
     pub async fn verify_session_key(&self, token: &str) -> Result<SessionInfo, Error> {
         let session = self.check_session(token).await?;
         let session_key = self.session_key(&session.openid).await?;
+        let verified = &self.inner.verified;
+        let now = self.inner.config.clock.now();
+        if verified.holds(session.uid, &session_key, now) {
+            return Ok(session);
+        }
+        self.spend_wechat_call(session.uid).await?;
         let (upstream, openid, key) = (&self.inner.upstream, &session.openid, &session_key);
-        self.with_access_token(|access_token| async move {
-            upstream.check_session_key(&access_token, openid, key).await
-        })
-        .await?;
+        match self
+            .with_access_token(|access_token| async move {
+                upstream.check_session_key(&access_token, openid, key).await
+            })
+            .await
+        {
+            Ok(()) => verified.insert(session.uid, &session_key, now),
+            Err(e) => {
+                self.doubt_session_key(session.uid, &e);
+                return Err(e);
+            }
+        }
         Ok(session)
+    }
+
+    /// Spends one call to WeChat of `uid`'s budget for this minute.
+    async fn spend_wechat_call(&self, uid: u64) -> Result<(), Error> {
+        let now = self.inner.config.clock.now();
+        self.inner.call_budget.spend(uid, now).wait().await
+    }
+
+    /// After `err`, a reused answer that `uid`'s session_key is current is not to be trusted:
+    /// WeChat called it stale, or data sealed with the current one did not open.
+    fn doubt_session_key(&self, uid: u64, err: &Error) {
+        if matches!(err, Error::SessionKeyExpired | Error::DecryptFailed) {
+            self.inner.verified.forget(uid);
+        }
     }
 
     /// Has WeChat replace the session_key of user `uid` (`resetusersessionkey`) and stores the
@@ -376,7 +422,10 @@ impl Broker {
             .with_access_token(|access_token| async move {
                 upstream.reset_session_key(&access_token, openid, key).await
             })
-            .await?;
+            .await;
+        // Whatever WeChat answered, the key it holds may have changed: ask it again next time.
+        self.inner.verified.forget(user.uid);
+        let new_key = new_key?;
         // A login meanwhile stored a newer key than the one reset: that one stays.
         self.ask(
             &self.inner.children.user_registry,

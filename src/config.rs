@@ -52,6 +52,8 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_LOGIN_RATE_PER_MIN: u32 = 120;
 /// Logins from one client address allowed at once before the rate applies.
 pub const DEFAULT_LOGIN_BURST: u32 = 30;
+/// Calls to WeChat per minute that one user's requests may cause (0 turns the budget off).
+pub const DEFAULT_WECHAT_CALLS_PER_MIN: u32 = 20;
 /// sled's page cache in MiB (sled's own default of 1 GiB is far more than a broker needs).
 pub const DEFAULT_CACHE_MB: u64 = 64;
 
@@ -148,6 +150,11 @@ pub struct Config {
     /// Logins from one client IP allowed in a burst before the per-minute rate applies.
     #[arg(long, env = "WXBROKER_LOGIN_BURST", default_value_t = DEFAULT_LOGIN_BURST)]
     pub login_burst: u32,
+
+    /// Calls to WeChat per minute that one user's requests may cause (`verify=wechat`, phone
+    /// numbers by code), counted per uid, across brokers on Redis; 0 turns the budget off.
+    #[arg(long, env = "WXBROKER_WECHAT_CALLS_PER_MIN", default_value_t = DEFAULT_WECHAT_CALLS_PER_MIN)]
+    pub wechat_calls_per_min: u32,
 
     /// Bearer secret of the admin routes (`/admin/...`); without it they are off (404).
     #[arg(long, env = "WXBROKER_ADMIN_TOKEN", hide_env_values = true)]
@@ -548,6 +555,7 @@ mod tests {
         assert_eq!(config.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT_MS);
         assert_eq!(config.login_rate_per_min, DEFAULT_LOGIN_RATE_PER_MIN);
         assert_eq!(config.login_burst, DEFAULT_LOGIN_BURST);
+        assert_eq!(config.wechat_calls_per_min, DEFAULT_WECHAT_CALLS_PER_MIN);
         assert_eq!(config.admin_token, None);
         assert_eq!(config.sandbox_latency_ms, 0);
         assert_eq!(config.cache_mb, DEFAULT_CACHE_MB);

@@ -17,8 +17,9 @@ pub enum Error {
     /// The code was already exchanged (errcode 40163, or seen by this broker before).
     #[error("the login code was already used")]
     CodeUsed,
-    /// WeChat's per-user minute quota is spent (errcode 45011).
-    #[error("WeChat's per-user quota is spent; retry after {retry_after_secs} s")]
+    /// WeChat's per-user minute quota is spent (errcode 45011), or the broker's own budget of
+    /// calls to WeChat per user (`WXBROKER_WECHAT_CALLS_PER_MIN`).
+    #[error("the user's quota of calls to WeChat is spent; retry after {retry_after_secs} s")]
     RateLimited {
         /// Seconds the client should wait, sent as `Retry-After`.
         retry_after_secs: u64,

@@ -25,6 +25,7 @@
 //!   over their own log, the group commit); `storage/redis.rs` and its Lua scripts, the store
 //!   several brokers share.
 //! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
+//! - `verified_keys.rs`: WeChat's recent "this session_key is current" answers, reused briefly.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
 //! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
@@ -69,6 +70,7 @@ pub mod storage;
 pub mod upstream;
 mod used_codes;
 mod user;
+mod verified_keys;
 
 use std::future::Future;
 

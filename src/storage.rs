@@ -9,7 +9,11 @@
 //! Each operation returns a [`Pending`]: done at once (sled's in-memory work), or a future that
 //! the caller hands to a task of its own (a flush to wait for, a Redis round trip), so that an
 //! actor never waits for I/O between two messages. Nothing here knows of actors or HTTP.
+//!
+//! The broker's budget of calls to WeChat per user and minute ([`CallBudget`]) is counted here
+//! too: in memory with sled, on the server with Redis, so that brokers share it.
 
+pub mod call_budget;
 pub mod redis;
 pub mod sled;
 
@@ -17,6 +21,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
+use self::call_budget::LocalCounts;
 use self::redis::Redis;
 use self::sled::DataDir;
 use self::sled::group_commit::GroupCommit;
@@ -133,6 +138,22 @@ impl Storage {
         }
     }
 
+    /// The budget of `per_min` calls to WeChat per user and minute (0: no budget): counted in
+    /// this broker's memory with sled, in Redis (shared by every broker) with Redis.
+    pub fn call_budget(&self, per_min: u32) -> CallBudget {
+        match self {
+            _ if per_min == 0 => CallBudget::Off,
+            Storage::Sled { .. } => CallBudget::Local {
+                counts: Arc::new(LocalCounts::default()),
+                per_min,
+            },
+            Storage::Redis(redis) => CallBudget::Redis {
+                redis: redis.clone(),
+                per_min,
+            },
+        }
+    }
+
     /// What the broker itself needs of the storage.
     pub fn health(&self) -> Health {
         match self {
@@ -171,6 +192,51 @@ impl CodeBook {
     /// The booked code's exchange failed: another try may reach WeChat.
     pub async fn release(&self, code: &str) -> Result<(), Error> {
         self.0.release_code(code).await
+    }
+}
+
+/// How many calls to WeChat each user's requests may make per minute (see [`call_budget`]).
+/// Cheap to clone.
+#[derive(Clone)]
+pub enum CallBudget {
+    /// No budget (`WXBROKER_WECHAT_CALLS_PER_MIN=0`): nothing is counted.
+    Off,
+    /// Counted in this broker's memory (sled: one broker).
+    Local {
+        /// The current minute's counts.
+        counts: Arc<LocalCounts>,
+        /// Calls per user and minute.
+        per_min: u32,
+    },
+    /// Counted in Redis, so that every broker on it spends the same budget.
+    Redis {
+        /// The shared server.
+        redis: Redis,
+        /// Calls per user and minute.
+        per_min: u32,
+    },
+}
+
+impl CallBudget {
+    /// Spends one call to WeChat of `uid`'s budget at `now` (unix seconds); once the minute's
+    /// calls are spent, [`Error::RateLimited`] with the seconds left in the minute.
+    pub fn spend(&self, uid: u64, now: u64) -> Pending<()> {
+        let window = call_budget::window(now);
+        match self {
+            CallBudget::Off => Pending::Ready(Ok(())),
+            CallBudget::Local { counts, per_min } => Pending::Ready(call_budget::within(
+                counts.count(uid, window),
+                *per_min,
+                now,
+            )),
+            CallBudget::Redis { redis, per_min } => {
+                let (redis, per_min) = (redis.clone(), *per_min);
+                Pending::Later(Box::pin(async move {
+                    let count = redis.count_call(uid, window).await?;
+                    call_budget::within(count, per_min, now)
+                }))
+            }
+        }
     }
 }
 

@@ -90,7 +90,7 @@ impl Problem {
             Error::RateLimited { retry_after_secs } => (
                 S::TOO_MANY_REQUESTS,
                 format!(
-                    "WeChat's per-user quota for this call is spent; retry in \
+                    "this user's quota of calls to WeChat is spent; retry in \
                      {retry_after_secs} seconds"
                 ),
             ),

@@ -16,6 +16,9 @@
 //! - `sessions:{uid}`: sorted set of the user's session ids by creation
 //! - `code:{hex SHA-256 of the code}`: a login code exchanged (or being exchanged) by some broker,
 //!   for the code's 5-minute life
+//! - `calls:{uid}:{minute}`: the calls to WeChat the user's requests made in that minute (unix
+//!   seconds / 60), for the budget of `WXBROKER_WECHAT_CALLS_PER_MIN`; gone two minutes after
+//!   its first call
 //!
 //! The scripts are the `.lua` files beside this one, included at build time. They compute some of
 //! the keys they touch, so Redis Cluster is not supported: one
@@ -42,6 +45,9 @@ use crate::user::{Phone, Profile, Registration, User, UserKey, UserRecord};
 const PREFIX: &str = "wxb:";
 /// How long a login code is remembered: WeChat's codes live about five minutes.
 const CODE_LIFETIME_SECS: u64 = 300;
+/// How long a user's call counter for one minute lives: past its minute, with room for brokers
+/// whose clocks run a little behind the one that created it.
+const CALL_COUNTER_SECS: u64 = 2 * super::call_budget::WINDOW_SECS;
 
 /// A connection to the shared Redis (multiplexed, reconnecting). Cheap to clone.
 #[derive(Clone)]
@@ -161,6 +167,18 @@ impl Redis {
             .query_async::<i64>(&mut con)
             .await
             .map(drop)
+            .map_err(storage)
+    }
+
+    /// Counts one call to WeChat made for `uid` in the budget window `window`; returns the
+    /// window's count so far, this call included, as every broker on this Redis has counted it.
+    pub async fn count_call(&self, uid: u64, window: u64) -> Result<u64, Error> {
+        let mut con = self.con.clone();
+        COUNT_CALL
+            .key(format!("{PREFIX}calls:{uid}:{window}"))
+            .arg(CALL_COUNTER_SECS)
+            .invoke_async(&mut con)
+            .await
             .map_err(storage)
     }
 
@@ -611,6 +629,10 @@ macro_rules! script {
 /// KEYS: the code's key. ARGV: lifetime in seconds. Books the code (`pending`) and returns nil, or
 /// returns the booking another broker holds (`pending` or `done`).
 static BOOK_CODE: LazyLock<Script> = script!("book_code");
+
+/// KEYS: a user's call counter for one minute. ARGV: its lifetime in seconds. Counts one call
+/// (INCR, and EXPIRE on the first) and returns the count.
+static COUNT_CALL: LazyLock<Script> = script!("count_call");
 
 // The other scripts. ARGV[1] is always the key prefix.
 

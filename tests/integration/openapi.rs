@@ -22,6 +22,10 @@ use crate::support::{TestBroker, fault_upstream};
 /// The admin secret of the broker under test.
 const ADMIN_TOKEN: &str = "openapi-test-admin-secret";
 
+/// The budget of calls to WeChat per user and minute of the broker under test: room for alice's
+/// phone numbers by code below, and few enough for bob to spend his.
+const WECHAT_CALLS_PER_MIN: u32 = 8;
+
 /// The methods an operation of the document may have (the broker serves no others).
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
@@ -471,7 +475,11 @@ fn sparse_profile(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_describes_every_route_and_what_it_answers() {
-    let tb = TestBroker::start_with(|c| c.admin_token = Some(Secret::new(ADMIN_TOKEN))).await;
+    let tb = TestBroker::start_with(|c| {
+        c.admin_token = Some(Secret::new(ADMIN_TOKEN));
+        c.wechat_calls_per_min = WECHAT_CALLS_PER_MIN;
+    })
+    .await;
     let mut api = Api::fetch(&tb).await;
     check_document(&api);
 
@@ -730,11 +738,22 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     )
     .await;
     tb.sandbox.rotate_session_key("bob");
+    // WeChat's "valid" is reused for a minute; then WeChat is asked again, in a new minute of
+    // the budget.
+    tb.clock.advance(60);
     let expired = api.send(verify(&bob_token), S::UNAUTHORIZED).await;
     assert_eq!(
         (&expired["error"], &expired["relogin"]),
         (&json!("session_key_expired"), &json!(true))
     );
+    // A stale key's answer is never reused: each check asks WeChat, until bob's calls to WeChat
+    // for this minute are spent.
+    for _ in 1..WECHAT_CALLS_PER_MIN {
+        api.send(verify(&bob_token), S::UNAUTHORIZED).await;
+    }
+    let (spent, headers) = api.exchange(verify(&bob_token), S::TOO_MANY_REQUESTS).await;
+    assert_eq!(spent["error"], "rate_limited");
+    assert!(headers.contains_key(RETRY_AFTER), "{headers:?}");
 
     // The session_key rotates with a new login: data obtained before it cannot be decrypted.
     let old_profile = tb.sandbox.encrypted_profile("alice").unwrap();

@@ -614,3 +614,46 @@ async fn a_code_another_broker_is_exchanging_is_busy_then_used() {
     assert_error(b.login("lu.1").await, StatusCode::UNAUTHORIZED, "code_used").await;
     assert_eq!(wechat.exchanges(), 1);
 }
+
+#[tokio::test]
+async fn brokers_on_one_redis_share_each_users_budget_of_wechat_calls() {
+    let redis = Arc::new(RedisServer::start().await);
+    let wechat = sandbox().await;
+    let clock = Clock::manual(T0);
+    let budget = |c: &mut wxbroker::Config| {
+        c.wechat_calls_per_min = 20;
+        c.clock = clock.clone();
+    };
+    let a = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), budget).await;
+    let b = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), budget).await;
+    let phone = |tb: &TestBroker, token: &str, i: usize| {
+        let request = tb
+            .http
+            .post(format!("{}/v1/phone", tb.url))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "code": format!("1370000{i:04}.r") }));
+        async move { request.send().await.unwrap() }
+    };
+    let token = a.token("kai.1").await;
+    // Ten calls through each broker: the user's twenty for this minute.
+    for i in 0..20 {
+        let broker = if i % 2 == 0 { &a } else { &b };
+        let (status, body) = parts(phone(broker, &token, i).await).await;
+        assert_eq!(status, StatusCode::OK, "call {i}: {body}");
+    }
+    for (i, broker) in [(20, &a), (21, &b)] {
+        let response = phone(broker, &token, i).await;
+        let retry_after = response.headers().get("retry-after").cloned();
+        assert_error(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+        let expected = (60 - T0 % 60).to_string();
+        assert_eq!(retry_after.unwrap().to_str().unwrap(), expected);
+    }
+    assert_eq!(wechat.phone_number_requests(), 20);
+    // Another user's budget is untouched, on either broker.
+    let other = b.token("lin.1").await;
+    assert_eq!(parts(phone(&b, &other, 30).await).await.0, StatusCode::OK);
+    // The next minute, on the next minute's counter.
+    clock.advance(60);
+    assert_eq!(parts(phone(&b, &token, 31).await).await.0, StatusCode::OK);
+    assert_eq!(wechat.phone_number_requests(), 22);
+}

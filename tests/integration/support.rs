@@ -119,6 +119,9 @@ impl TestBroker {
             upstream_timeout_ms: 2000,
             // Every test client comes from 127.0.0.1; the limit has a test of its own.
             login_rate_per_min: 0,
+            // Tests call WeChat for one user more often than a user would; the budget has tests
+            // of its own.
+            wechat_calls_per_min: 0,
             ..Config::default()
         };
         sandbox.configure(&mut config);

@@ -8,7 +8,7 @@
 //! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
 //! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use ::sled::Transactional;
@@ -309,9 +309,11 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
 pub struct SledUsers {
     users: UserDb,
     commit: GroupCommit,
-    /// Openids whose registration waits for its flush. A second login of such a user must wait
-    /// for it too: answering it earlier would acknowledge a uid a crash could still take back.
-    pending: Arc<Mutex<HashMap<String, usize>>>,
+    /// Openids whose registration is not known to be on disk: marked when it is written, cleared
+    /// by the first flush after it that succeeds (a failed one leaves the mark). A login of such a
+    /// user waits for a flush too: answering it earlier would acknowledge a uid a crash could
+    /// still take back.
+    pending: Arc<Mutex<HashSet<String>>>,
 }
 
 impl SledUsers {
@@ -344,20 +346,17 @@ impl SledUsers {
         let openid = registration.openid.clone();
         {
             let mut pending = self.pending.lock().expect("pending lock");
-            if !is_new && !pending.contains_key(&openid) {
+            if !is_new && !pending.contains(&openid) {
                 return Pending::Ready(Ok(registration));
             }
-            *pending.entry(openid.clone()).or_default() += 1;
+            pending.insert(openid.clone());
         }
         let (commit, pending) = (self.commit.clone(), self.pending.clone());
         Pending::Later(Box::pin(async move {
             let durable = commit.durable().await;
-            let mut pending = pending.lock().expect("pending lock");
-            if let Some(waiting) = pending.get_mut(&openid) {
-                *waiting -= 1;
-                if *waiting == 0 {
-                    pending.remove(&openid);
-                }
+            if durable.is_ok() {
+                // This flush began after the registration was written, whichever login waited.
+                pending.lock().expect("pending lock").remove(&openid);
             }
             durable.map(|()| registration)
         }))

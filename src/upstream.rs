@@ -517,11 +517,18 @@ mod tests {
             );
         }
         // Near misses stay: another byte, a bad escape, the secret cut short.
-        for near in ["S3CRET%2Cval/x= é%", "S3CRET%2val/x= é%", "S3CRET+val/x= %C3"] {
+        for near in [
+            "S3CRET%2Cval/x= é%",
+            "S3CRET%2val/x= é%",
+            "S3CRET+val/x= %C3",
+        ] {
             assert_eq!(scrub(near.to_owned(), &[secret]), near);
         }
         assert_eq!(scrub("ab%".into(), &["b%"]), "a[redacted]");
-        assert_eq!(scrub("a%25 %2525 %".into(), &["%25"]), "a[redacted] [redacted] %");
+        assert_eq!(
+            scrub("a%25 %2525 %".into(), &["%25"]),
+            "a[redacted] [redacted] %"
+        );
     }
 
     #[test]

@@ -1012,7 +1012,9 @@ mod tests {
         let whole = std::fs::read(&path).unwrap();
         let at = boundaries(&whole);
         let kept_after = |first: usize| -> Vec<u8> { (first as u8..12).collect() };
-        let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>, Vec<u8>); 6] = [
+        /// What a case does to the log.
+        type Damage<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+        let cases: [(&str, Damage, Vec<u8>); 6] = [
             (
                 "a length that reaches past the next frames",
                 Box::new(|log| log[at[3]..at[3] + 4].copy_from_slice(&4000u32.to_le_bytes())),

@@ -593,6 +593,14 @@ impl Broker {
         assert!(self.try_inject(kind, fault), "{kind:?} is not running");
     }
 
+    /// Makes the next `n` group-commit flushes fail, as a disk that refuses writes would: every
+    /// write waiting for them gets an error. `false` on Redis. Only with the `fault-injection`
+    /// feature.
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_flushes(&self, n: u32) -> bool {
+        self.inner.storage.fail_flushes(n)
+    }
+
     /// [`Broker::inject`], or `false` if that actor is not running.
     #[cfg(feature = "fault-injection")]
     pub(crate) fn try_inject(&self, kind: crate::ActorKind, fault: crate::Fault) -> bool {

@@ -246,6 +246,22 @@ impl Config {
         layer_file(&P::command(), args.into_iter().map(Into::into).collect())
     }
 
+    /// The config file (`--config`) if it holds a secret (a setting whose value is never shown:
+    /// the app secret, the admin token, the store URL) and the group or others may read it: the
+    /// binary warns about it at start. `None` without a file, or one it cannot read.
+    pub fn exposed_config_file(&self) -> Option<&Path> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.config_file.as_deref()?;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o044 == 0 {
+            return None;
+        }
+        let cmd = Config::command();
+        let settings = file_settings(&cmd, path).ok()?;
+        let secret = settings.iter().any(|(arg, _)| arg.is_hide_env_values_set());
+        secret.then_some(path)
+    }
+
     /// The appid and secret, or `None` when neither is set (sandbox mode).
     ///
     /// Only one of them set is an error: it is almost always a typo in a deployment.
@@ -797,6 +813,33 @@ mod tests {
             Some("from-the-file")
         );
         assert!(!format!("{config:?}").contains("from-the-file"));
+    }
+
+    #[test]
+    fn a_config_file_with_a_secret_that_others_may_read_is_exposed() {
+        use std::os::unix::fs::PermissionsExt;
+        let exposed = |text: &str, mode: u32| {
+            let file = config_file(text);
+            std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let config = Config {
+                config_file: Some(file.path().to_owned()),
+                ..Config::default()
+            };
+            config.exposed_config_file() == Some(file.path())
+        };
+        let admin = "admin_token = \"an-admin-token-of-at-least-32-chars\"\n";
+        for secret in [
+            "secret = \"s\"\n",
+            admin,
+            "store = \"redis://:pw@127.0.0.1/\"\n",
+        ] {
+            assert!(exposed(secret, 0o644), "{secret}");
+            assert!(exposed(secret, 0o640), "{secret}");
+            assert!(exposed(secret, 0o604), "{secret}");
+            assert!(!exposed(secret, 0o600), "{secret}");
+        }
+        assert!(!exposed("session_idle_ttl = 60\n", 0o644));
+        assert_eq!(Config::default().exposed_config_file(), None);
     }
 
     #[test]

@@ -175,17 +175,26 @@ async fn serve_app(
 
 /// Names the actor that the `fault-injection` build of the binary makes panic each time it runs,
 /// so that a test can watch the real binary give up past the restart cap (nothing else from
-/// outside can make an actor fail).
+/// outside can make an actor fail); or, as `flush:N`, makes the first N group-commit flushes fail.
 #[cfg(feature = "fault-injection")]
 const FAULT_ENV: &str = "WXBROKER_FAULT";
 
 #[cfg(feature = "fault-injection")]
 /// With [`FAULT_ENV`] set to an actor's name (`session_keeper`, ...), makes that actor panic each
-/// time it runs, until the broker stops.
+/// time it runs, until the broker stops; set to `flush:N`, fails the first N flushes.
 fn strike_from_env(broker: &Broker) {
     let Ok(name) = std::env::var(FAULT_ENV) else {
         return;
     };
+    if let Some(count) = name.strip_prefix("flush:") {
+        match count.parse() {
+            Ok(n) if broker.fail_flushes(n) => {
+                tracing::warn!(flushes = n, "{FAULT_ENV}: failing the first flushes")
+            }
+            _ => tracing::warn!(name, "{FAULT_ENV}: flush:N takes a count, and the data dir"),
+        }
+        return;
+    }
     let Some(kind) = ActorKind::ALL.into_iter().find(|kind| kind.name() == name) else {
         tracing::warn!(name, "{FAULT_ENV} names no actor");
         return;

@@ -1,8 +1,9 @@
 //! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`]; and the offline
 //! `export` / `import` / `migrate` commands ([`wxbroker::backup`]).
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, IsTerminal};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -106,6 +107,16 @@ async fn main() -> ExitCode {
     let Cli { config, command } = Cli::parse_from(args);
     let serving = command.is_none();
     init_logging(config.log_format.is_json(), serving);
+    // Every file this process writes holds users' data or secrets: the data dir's (sled's
+    // included, also those it creates later) and exports are nobody else's to read.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    if let Some(file) = config.exposed_config_file() {
+        tracing::warn!(
+            file = %file.display(),
+            "the config file holds a secret and its group or others may read it: chmod 600 it"
+        );
+    }
     let result = match command {
         None => serve(config).await,
         Some(Command::Export { data_dir, output }) => export(&config, data_dir, output),
@@ -176,14 +187,25 @@ fn export(
     Ok(())
 }
 
-/// Writes the export beside `path` and renames it into place once complete and on disk, so a
-/// failed export never replaces a good backup with half of one.
+/// Writes the export beside `path` (0600: it holds users' phone numbers) and renames it into
+/// place once complete and on disk, so a failed export never replaces a good backup with half of
+/// one.
 fn export_to_file(data: &wxbroker::storage::sled::DataDir, path: &Path) -> anyhow::Result<u64> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let written = (|| {
-        let file = File::create(&partial)
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .and_then(|file| {
+                // A leftover of an earlier export keeps its mode.
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                Ok(file)
+            })
             .with_context(|| format!("cannot create {}", partial.display()))?;
         let mut out = BufWriter::new(file);
         let count = backup::export(data, &mut out)?;

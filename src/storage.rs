@@ -292,6 +292,21 @@ impl Health {
     }
 }
 
+impl Health {
+    /// Makes the next `n` flushes of the group commit fail (`fault-injection` only); `false`
+    /// on Redis, which has none.
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_flushes(&self, n: u32) -> bool {
+        match self {
+            Health::Sled(data, _) => {
+                data.fail_flushes(n);
+                true
+            }
+            Health::Redis(_) => false,
+        }
+    }
+}
+
 /// The fast path of session checks: the keeper's table, read without a trip through its mailbox
 /// (sled only; with Redis every check is a script on the server).
 #[derive(Clone)]

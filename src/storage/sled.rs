@@ -4,6 +4,11 @@
 //! ([`group_commit`]). Everything here but the group commit is synchronous and free of actors, so
 //! it is tested directly.
 //!
+//! Who may read it? The directory is created 0700 and every file in it is made 0600 at opening
+//! (the database holds every user's session_key in plaintext); the session log creates its own
+//! files 0600. Files sled creates later follow the process umask (the binary sets 0077) inside the
+//! 0700 directory.
+//!
 //! When is a write durable? Registrations, profile, phone and session_key updates, logouts and
 //! revocations are answered only after the group commit's next flush; a session issued or slid
 //! is written to the log's buffer at once and reaches the disk with the next flush, which comes at
@@ -14,6 +19,7 @@ pub mod session_log;
 pub mod sessions;
 pub mod users;
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,11 +37,28 @@ pub struct DataDir {
     db: ::sled::Db,
     users: UserDb,
     log: Arc<SessionLog>,
+    /// Group-commit flushes still to fail on purpose (`fault-injection` only).
+    #[cfg(feature = "fault-injection")]
+    failing_flushes: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl DataDir {
     /// Opens (or creates) the data dir `dir` with a page cache of `cache_mb` MiB.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
+        // sled would create it with the umask's mode; an existing one is the operator's choice.
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    Error::Storage(format!(
+                        "cannot create the data dir {}: {e}. Point WXBROKER_DATA_DIR at a \
+                         writable place",
+                        dir.display()
+                    ))
+                })?;
+        }
         let db = ::sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb * 1024 * 1024)
@@ -51,9 +74,30 @@ impl DataDir {
             users: UserDb::open(&db)?,
             log: Arc::new(SessionLog::open(dir)?),
             db,
+            #[cfg(feature = "fault-injection")]
+            failing_flushes: Arc::default(),
         };
         data.move_sessions_out_of_sled()?;
+        restrict_files(dir);
         Ok(data)
+    }
+
+    /// Makes the group commit's next `n` flushes fail without writing anything, as a disk that
+    /// refuses writes would (`fault-injection` only).
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_flushes(&self, n: u32) {
+        self.failing_flushes
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this flush is to fail on purpose (counting it).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn injected_flush_failure(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let failing = &self.failing_flushes;
+        failing
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// The users.
@@ -113,6 +157,34 @@ impl DataDir {
         self.db.flush()?;
         tracing::info!(sessions = moved, "moved the sessions into the session log");
         Ok(())
+    }
+}
+
+/// Takes away what the group and others may do with the files in `dir` (sled's, written with the
+/// umask's mode) and its directories. A file that cannot be changed is named in a WARN, not an
+/// error: the broker still works.
+fn restrict_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let (path, Ok(meta)) = (entry.path(), entry.metadata()) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        let wanted = match meta.is_dir() {
+            true => mode & 0o700,
+            false => mode & 0o600,
+        };
+        if wanted != mode & 0o777 {
+            let restricted = std::fs::set_permissions(&path, PermissionsExt::from_mode(wanted));
+            if let Err(e) = restricted {
+                tracing::warn!(file = %path.display(), error = %e, "cannot restrict the mode");
+            }
+        }
+        if meta.is_dir() {
+            restrict_files(&path);
+        }
     }
 }
 
@@ -184,6 +256,46 @@ mod tests {
 
         let data = open(&dir);
         assert_eq!(data.session_log().replay().unwrap(), moved);
+    }
+
+    /// The mode of `path` and of everything under it, as (path, mode) pairs.
+    fn modes(path: &Path) -> Vec<(std::path::PathBuf, u32)> {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let mut found = vec![(path.to_owned(), mode)];
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                found.extend(modes(&entry.unwrap().path()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_data_dir_is_created_0700_and_every_file_in_it_made_0600() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let data = DataDir::open(&dir, 8).unwrap();
+        data.users().upsert("o-1", "k", None, 1).unwrap();
+        data.session_log()
+            .put(&[1; 32], &SessionRecord::sample(1, None))
+            .unwrap();
+        data.flush().unwrap();
+        drop(data);
+        // As an earlier version (or a umask of 022) left them.
+        std::fs::write(dir.join("stray"), b"x").unwrap();
+        for (path, _) in modes(&dir).into_iter().skip(1) {
+            let open = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, PermissionsExt::from_mode(open)).unwrap();
+        }
+
+        let data = DataDir::open(&dir, 8).unwrap();
+        assert!(data.session_log().compact().unwrap().is_some());
+        let found = modes(&dir);
+        assert!(found.len() > 4, "{found:?}");
+        for (path, mode) in found {
+            let expected = if path.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode, expected, "{}", path.display());
+        }
     }
 
     #[test]

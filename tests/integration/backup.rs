@@ -231,6 +231,11 @@ async fn the_binary_exports_and_imports_through_files() {
     let exported = std::fs::read_to_string(&file).unwrap();
     assert_eq!(exported.lines().count(), 3);
     assert!(!work.path().join("users.jsonl.partial").exists());
+    assert_eq!(
+        mode(&file),
+        0o600,
+        "an export holds users' data: nobody else's to read"
+    );
 
     let restored = work.path().join("restored");
     run_ok(
@@ -242,6 +247,7 @@ async fn the_binary_exports_and_imports_through_files() {
             .arg(&file),
     )
     .await;
+    assert_eq!(mode(&restored), 0o700, "the data dir import created");
     // Out again through stdout, with the data dir from the environment this time.
     let output = run_ok(wxbroker().arg("export").env("WXBROKER_DATA_DIR", &restored)).await;
     assert_eq!(String::from_utf8(output.stdout).unwrap(), exported);
@@ -282,6 +288,12 @@ async fn the_binary_exports_and_imports_through_files() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no wxbroker database"));
+}
+
+/// The permission bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 /// Serves with `command`, logs in once, and returns the login's `expiresIn` and the log lines
@@ -369,6 +381,42 @@ async fn a_config_file_is_layered_under_the_environment_and_flags() {
     )
     .await;
     assert_eq!(ttl, 30);
+}
+
+#[tokio::test]
+async fn a_config_file_holding_a_secret_that_others_may_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wxbroker.toml");
+    let settings = format!(
+        "listen = \"127.0.0.1:0\"\nlogin_rate_per_min = 0\ncache_mb = 16\ndata_dir = {:?}\n",
+        dir.path().join("data").to_str().unwrap()
+    );
+    let secret = "admin_token = \"a-config-file-admin-token-of-40-chars\"\n";
+    let warned = |lines: &[String]| {
+        lines.iter().any(|line| {
+            line.contains(" WARN ")
+                && line.contains(file.to_str().unwrap())
+                && line.contains("holds a secret")
+        })
+    };
+    for (text, mode, warns) in [
+        (format!("{settings}{secret}"), 0o644, true),
+        (format!("{settings}{secret}"), 0o640, true),
+        (format!("{settings}{secret}"), 0o600, false),
+        (settings.clone(), 0o644, false),
+    ] {
+        std::fs::write(&file, &text).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (_, lines) = expires_in(wxbroker().arg("--config").arg(&file)).await;
+        assert_eq!(warned(&lines), warns, "{mode:o} {text}: {lines:?}");
+        assert!(
+            lines
+                .iter()
+                .all(|line| !line.contains("a-config-file-admin-token")),
+            "{lines:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
 //! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64)
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use ::sled::Transactional;
@@ -32,6 +32,9 @@ pub struct UserDb {
     uids: ::sled::Tree,
     meta: ::sled::Tree,
     unionids: ::sled::Tree,
+    /// Openids whose registration is not known to be on disk (see [`SledUsers`]): kept here,
+    /// with the trees, so that a UserRegistry restarted meanwhile still sees them.
+    unflushed: Arc<Mutex<HashSet<String>>>,
 }
 
 impl UserDb {
@@ -42,6 +45,7 @@ impl UserDb {
             uids: db.open_tree("uids")?,
             meta: db.open_tree("meta")?,
             unionids: db.open_tree("unionids")?,
+            unflushed: Arc::default(),
         };
         users.drop_unfinished_registration()?;
         Ok(users)
@@ -321,23 +325,21 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
     Ok(u64::from_be_bytes(array))
 }
 
-/// The users in sled, and the registrations written but not yet on disk.
+/// The users in sled, answered once durable.
+///
+/// A registration is marked not yet durable when it is written ([`UserDb`] keeps the marks), and
+/// the mark is cleared by the first flush after it that succeeds (a failed one leaves it). A login
+/// of a marked user waits for a flush too: answering it earlier would acknowledge a uid a crash
+/// could still take back.
 pub struct SledUsers {
     users: UserDb,
     commit: GroupCommit,
-    /// Openids whose registration waits for its flush. A second login of such a user must wait
-    /// for it too: answering it earlier would acknowledge a uid a crash could still take back.
-    pending: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl SledUsers {
     /// The users in `users`, made durable by `commit`.
     pub fn new(users: UserDb, commit: GroupCommit) -> SledUsers {
-        SledUsers {
-            users,
-            commit,
-            pending: Arc::default(),
-        }
+        SledUsers { users, commit }
     }
 
     pub(crate) fn upsert(&mut self, login: Code2Session, now: u64) -> Pending<Registration> {
@@ -359,21 +361,18 @@ impl SledUsers {
         };
         let openid = registration.openid.clone();
         {
-            let mut pending = self.pending.lock().expect("pending lock");
-            if !is_new && !pending.contains_key(&openid) {
+            let mut pending = self.users.unflushed.lock().expect("unflushed lock");
+            if !is_new && !pending.contains(&openid) {
                 return Pending::Ready(Ok(registration));
             }
-            *pending.entry(openid.clone()).or_default() += 1;
+            pending.insert(openid.clone());
         }
-        let (commit, pending) = (self.commit.clone(), self.pending.clone());
+        let (commit, pending) = (self.commit.clone(), self.users.unflushed.clone());
         Pending::Later(Box::pin(async move {
             let durable = commit.durable().await;
-            let mut pending = pending.lock().expect("pending lock");
-            if let Some(waiting) = pending.get_mut(&openid) {
-                *waiting -= 1;
-                if *waiting == 0 {
-                    pending.remove(&openid);
-                }
+            if durable.is_ok() {
+                // This flush began after the registration was written, whichever login waited.
+                pending.lock().expect("unflushed lock").remove(&openid);
             }
             durable.map(|()| registration)
         }))

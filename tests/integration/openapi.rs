@@ -20,7 +20,7 @@ use wxbroker::{SANDBOX_APPID, Sandbox, Secret};
 use crate::support::{TestBroker, fault_upstream};
 
 /// The admin secret of the broker under test.
-const ADMIN_TOKEN: &str = "openapi-test-admin-secret";
+const ADMIN_TOKEN: &str = "openapi-test-admin-secret-at-least-32-chars";
 
 /// The methods an operation of the document may have (the broker serves no others).
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];

@@ -11,7 +11,8 @@
 //!   graceful shutdown. Takes an already bound listener (see [`bind`] for one with a backlog
 //!   that survives a burst of connections) and a shutdown future. [`serve`] does the same for a
 //!   broker started by the caller.
-//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
+//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap and each
+//!   client's share of it, lingering close, drain).
 //! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,

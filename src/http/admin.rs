@@ -153,7 +153,7 @@ fn not_found(code: &'static str, message: &str) -> Rejection {
 }
 
 /// Passes requests that carry the admin secret; without a configured secret, nothing is here.
-/// Wrong secrets are counted per client address: past a handful a minute, 429.
+/// Wrong bearer tokens are counted per client address: past a handful a minute, 429.
 fn admin_auth(broker: Broker) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     let failures = Arc::new(AdminFailures::default());
     bearer()
@@ -167,13 +167,19 @@ fn admin_auth(broker: Broker) -> impl Filter<Extract = (), Error = Rejection> + 
                     return Err(warp::reject::not_found());
                 };
                 failures.allow(ip)?;
-                let given = bearer_token(header.as_deref()).unwrap_or("");
+                let given = bearer_token(header.as_deref()).ok();
                 // Digests of equal length: the comparison tells nothing, not even the length.
-                let (given, expected) = (token_hash(given), token_hash(expected.expose()));
-                if bool::from(given.ct_eq(&expected)) {
+                let digests = (
+                    token_hash(given.unwrap_or("")),
+                    token_hash(expected.expose()),
+                );
+                if bool::from(digests.0.ct_eq(&digests.1)) {
                     Ok(())
                 } else {
-                    failures.record_failure(ip);
+                    // Only a token presented is a guess; a request without one guesses nothing.
+                    if given.is_some() {
+                        failures.record_failure(ip);
+                    }
                     Err(warp::reject::custom(Problem::new(
                         StatusCode::UNAUTHORIZED,
                         "admin_unauthorized",

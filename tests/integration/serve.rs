@@ -433,12 +433,18 @@ fn client_from(from: &str) -> reqwest::Client {
 }
 
 /// Wrong admin tokens are counted per address: past a handful a minute the address gets 429
-/// `rate_limited` with `Retry-After`, whatever token it sends; another address is not affected.
+/// `rate_limited` with `Retry-After`, whatever token it sends; another address is not affected,
+/// and requests without a token are not counted.
 #[tokio::test]
 async fn wrong_admin_tokens_from_one_address_are_limited() {
     let tb = TestBroker::start_with(|c| c.admin_token = Some(Secret::new(ADMIN))).await;
     let stats = format!("{}/admin/stats", tb.url);
     let guesser = client_from("127.0.0.1");
+    // Without a token nothing is guessed: those are not counted.
+    for _ in 0..12 {
+        let none = guesser.get(&stats).send().await.unwrap();
+        assert_error(none, StatusCode::UNAUTHORIZED, "admin_unauthorized").await;
+    }
     for _ in 0..10 {
         let wrong = guesser
             .get(&stats)

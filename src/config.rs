@@ -46,6 +46,10 @@ pub const DEFAULT_SWEEP_INTERVAL: u64 = 60;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Connections open at once from one client address (an IPv6 client's /64).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Fewest characters an admin token may have: a bearer secret must not be guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
 /// Time in-flight requests get to finish at shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Logins per minute from one client address, sustained (0 turns the limit off).
@@ -139,6 +143,15 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Connections open at once from one client IP (an IPv6 client's /64); beyond it that
+    /// client's new connections are refused at once (429); 0 turns the limit off.
+    #[arg(
+        long,
+        env = "WXBROKER_MAX_CONNECTIONS_PER_IP",
+        default_value_t = DEFAULT_MAX_CONNECTIONS_PER_IP
+    )]
+    pub max_connections_per_ip: usize,
+
     /// Milliseconds in-flight requests get to finish at shutdown.
     #[arg(long, env = "WXBROKER_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
     pub drain_timeout_ms: u64,
@@ -156,7 +169,8 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_WECHAT_CALLS_PER_MIN", default_value_t = DEFAULT_WECHAT_CALLS_PER_MIN)]
     pub wechat_calls_per_min: u32,
 
-    /// Bearer secret of the admin routes (`/admin/...`); without it they are off (404).
+    /// Bearer secret of the admin routes (`/admin/...`), at least 32 characters; without it they
+    /// are off (404).
     #[arg(long, env = "WXBROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
@@ -164,6 +178,19 @@ pub struct Config {
     /// load tests that imitate WeChat's latency).
     #[arg(long, env = "WXBROKER_SANDBOX_LATENCY_MS", default_value_t = 0)]
     pub sandbox_latency_ms: u64,
+
+    /// Serve the built-in sandbox WeChat even on an address that is not loopback (without
+    /// WECHAT_APPID and WECHAT_SECRET): anyone who reaches it can log in as anyone.
+    #[arg(
+        long,
+        env = "WXBROKER_SANDBOX",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value_t = false
+    )]
+    pub sandbox: bool,
 
     /// MiB of page cache for the embedded database.
     #[arg(long, env = "WXBROKER_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
@@ -278,6 +305,23 @@ impl Config {
         }
     }
 
+    /// Whether the built-in sandbox WeChat may serve on `listen` when no credentials are set:
+    /// on a loopback address, or anywhere once the operator asked for it (`WXBROKER_SANDBOX`).
+    /// Anyone who reaches the sandbox can log in as anyone, so a public address without
+    /// credentials is refused rather than served by accident.
+    pub fn check_sandbox(&self, listen: SocketAddr) -> Result<(), Error> {
+        if self.credentials()?.is_some() || self.sandbox || listen.ip().to_canonical().is_loopback()
+        {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "WECHAT_APPID and WECHAT_SECRET are not set and {listen} is not a loopback address: \
+             the built-in sandbox WeChat would let anyone who reaches it log in as anyone. Set \
+             WECHAT_APPID and WECHAT_SECRET to serve real users, or WXBROKER_SANDBOX=1 \
+             (--sandbox) to serve the sandbox on this address anyway"
+        )))
+    }
+
     /// Checks `store`: a URL the Redis backend can use, if set.
     pub fn validate_store(&self) -> Result<(), Error> {
         if let Some(store) = &self.store {
@@ -319,6 +363,16 @@ impl Config {
             if value == 0 {
                 return Err(Error::Config(format!("{name} must be greater than 0")));
             }
+        }
+        // An empty token turns the admin routes off, as an unset one does.
+        if let Some(token) = self.admin_token.as_ref().map(Secret::expose)
+            && !token.is_empty()
+            && token.chars().count() < MIN_ADMIN_TOKEN_LEN
+        {
+            return Err(Error::Config(format!(
+                "WXBROKER_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} characters (a \
+                 random one: openssl rand -hex 32)"
+            )));
         }
         // Bounds that keep the time arithmetic far from overflowing.
         const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
@@ -365,6 +419,7 @@ impl Config {
         crate::server::ServerLimits {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
         }
     }
@@ -568,6 +623,11 @@ mod tests {
             DEFAULT_HEADER_READ_TIMEOUT_MS
         );
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            config.max_connections_per_ip,
+            DEFAULT_MAX_CONNECTIONS_PER_IP
+        );
+        assert!(!config.sandbox);
         assert_eq!(config.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT_MS);
         assert_eq!(config.login_rate_per_min, DEFAULT_LOGIN_RATE_PER_MIN);
         assert_eq!(config.login_burst, DEFAULT_LOGIN_BURST);
@@ -850,6 +910,100 @@ mod tests {
         assert!(
             matches!(&err, Error::Config(m) if m.contains("--no-such-flag")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_serves_on_loopback_or_when_asked() {
+        let sandbox = Config::default();
+        for listen in [
+            "127.0.0.1:8080",
+            "127.0.0.2:0",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert_eq!(
+                sandbox.check_sandbox(listen.parse().unwrap()),
+                Ok(()),
+                "{listen}"
+            );
+        }
+        for listen in ["0.0.0.0:8080", "[::]:8080", "192.0.2.1:8080"] {
+            let err = sandbox.check_sandbox(listen.parse().unwrap()).unwrap_err();
+            let Error::Config(message) = &err else {
+                panic!("{err}")
+            };
+            for name in ["WECHAT_APPID", "WECHAT_SECRET", "WXBROKER_SANDBOX", listen] {
+                assert!(message.contains(name), "{message}");
+            }
+        }
+        let public = "0.0.0.0:8080".parse().unwrap();
+        let asked = Config {
+            sandbox: true,
+            ..Config::default()
+        };
+        assert_eq!(asked.check_sandbox(public), Ok(()));
+        let real = Config {
+            appid: Some("wx123".into()),
+            secret: Some(Secret::new("s")),
+            ..Config::default()
+        };
+        assert_eq!(
+            real.check_sandbox(public),
+            Ok(()),
+            "no sandbox with credentials"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_flag_comes_from_the_flag_the_environment_or_the_file() {
+        let cmd = command_with_env(&[("sandbox", UNSET)]);
+        assert!(!parse(&cmd, &["wxbroker"]).unwrap().sandbox);
+        assert!(parse(&cmd, &["wxbroker", "--sandbox"]).unwrap().sandbox);
+        assert!(
+            !parse(&cmd, &["wxbroker", "--sandbox=false"])
+                .unwrap()
+                .sandbox
+        );
+        // PATH is set in every test process: here it plays WXBROKER_SANDBOX, which is not a
+        // yes or a no.
+        let in_env = command_with_env(&[("sandbox", "PATH")]);
+        assert!(parse(&in_env, &["wxbroker"]).is_err());
+        // As WXBROKER_SANDBOX=1 would be, through the flag's own value parser.
+        for (value, expected) in [("1", true), ("true", true), ("0", false), ("no", false)] {
+            let config = parse(&cmd, &["wxbroker", &format!("--sandbox={value}")]).unwrap();
+            assert_eq!(config.sandbox, expected, "{value}");
+        }
+        let file = config_file("sandbox = true\n");
+        let path = file.path().to_str().unwrap();
+        assert!(
+            parse(&cmd, &["wxbroker", "--config", path])
+                .unwrap()
+                .sandbox
+        );
+        // Its value goes after `=` only: what follows it is never taken for its value.
+        let args = ["wxbroker", "--sandbox", "--listen", "127.0.0.1:0"];
+        assert!(parse(&cmd, &args).unwrap().sandbox);
+    }
+
+    #[test]
+    fn an_admin_token_is_at_least_32_characters() {
+        let with = |token: &str| Config {
+            admin_token: Some(Secret::new(token)),
+            ..Config::default()
+        };
+        let err = with("short-admin-token").validate().unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("WXBROKER_ADMIN_TOKEN") && m.contains("32")),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("short-admin-token"), "{err}");
+        assert!(with(&"x".repeat(31)).validate().is_err());
+        assert_eq!(with(&"x".repeat(32)).validate(), Ok(()));
+        assert_eq!(
+            with("").validate(),
+            Ok(()),
+            "empty: the admin routes are off"
         );
     }
 

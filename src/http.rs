@@ -20,6 +20,7 @@ use crate::Broker;
 
 pub use filters::require_session;
 pub use problem::recover;
+pub(crate) use problem::too_many_connections;
 
 /// Every route of the broker, with errors turned into JSON.
 pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {

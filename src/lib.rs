@@ -11,7 +11,8 @@
 //!   graceful shutdown. Takes an already bound listener (see [`bind`] for one with a backlog
 //!   that survives a burst of connections) and a shutdown future. [`serve`] does the same for a
 //!   broker started by the caller.
-//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
+//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap and each
+//!   client's share of it, lingering close, drain).
 //! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,
@@ -97,16 +98,29 @@ pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserR
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///
-/// Without credentials in `config`, starts a [`Sandbox`] and uses it (and says so loudly).
-/// Returns an error if the actors fail beyond their restart cap.
+/// Without credentials in `config`, starts a [`Sandbox`] and uses it (and says so loudly); only
+/// on a loopback `listener` unless `config.sandbox` says so ([`Config::check_sandbox`]), else an
+/// [`Error::Config`]. Returns an error if the actors fail beyond their restart cap.
 pub async fn run(
     listener: TcpListener,
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("the listener has no address: {e}")))?;
+    config.check_sandbox(listen)?;
     let sandbox = match config.credentials()? {
-        Some(_) => None,
+        Some(_) => {
+            if config.sandbox {
+                tracing::warn!(
+                    "WXBROKER_SANDBOX is set, but so are WECHAT_APPID and WECHAT_SECRET: \
+                     serving real WeChat, no sandbox"
+                );
+            }
+            None
+        }
         None => {
             let sandbox = Sandbox::start(SandboxOptions {
                 latency: std::time::Duration::from_millis(config.sandbox_latency_ms),
@@ -162,7 +176,8 @@ async fn serve_app(
         tracing::info!("shutting down: draining in-flight requests");
     };
     let limits = broker.config().server_limits();
-    server::serve_http(listener, app, limits, broker.metrics(), stop).await;
+    let refusal = http::too_many_connections;
+    server::serve_http(listener, app, refusal, limits, broker.metrics(), stop).await;
     broker.shutdown().await?;
     if gave_up.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Unavailable(

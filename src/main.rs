@@ -161,6 +161,8 @@ fn init_logging(json: bool, serving: bool) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    // Before binding: a public address is not even opened for a sandbox by accident.
+    config.check_sandbox(config.listen)?;
     let listener = wxbroker::bind(config.listen)
         .with_context(|| format!("cannot listen on {} (WXBROKER_LISTEN)", config.listen))?;
     wxbroker::run(listener, config, shutdown_signal()).await?;

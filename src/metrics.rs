@@ -43,6 +43,9 @@ pub struct Metrics {
     /// Times every connection slot was taken and the server waited for one before accepting
     /// again: a count that grows says clients are queueing at the cap.
     pub connection_cap_reached: IntCounter,
+    /// Connections refused because their client address already held
+    /// `WXBROKER_MAX_CONNECTIONS_PER_IP`.
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -116,6 +119,10 @@ impl Metrics {
             connection_cap_reached: plain_counter(
                 "wxbroker_connection_cap_reached_total",
                 "Times every connection slot was taken and the server waited for one",
+            ),
+            connections_refused: plain_counter(
+                "wxbroker_connections_refused_total",
+                "Connections refused because their client address held its share of connections",
             ),
             registry,
         }

@@ -1,7 +1,10 @@
 //! The admin surface (`/admin/...`), guarded by its own bearer secret, `WXBROKER_ADMIN_TOKEN`.
-//! Without that secret configured, every admin route answers 404 as if it did not exist.
+//! Without that secret configured, every admin route answers 404 as if it did not exist. A client
+//! address that presents wrong tokens gets 429 for the rest of the minute after a handful.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 use warp::http::StatusCode;
@@ -11,6 +14,7 @@ use warp::{Filter, Rejection, Reply};
 use super::filters::{bearer, with_broker};
 use super::handlers::bearer_token;
 use super::problem::{Problem, json};
+use super::rate_limit::{AdminFailures, client_ip};
 use crate::crypto::token_hash;
 use crate::{Broker, Error, UserKey};
 
@@ -149,21 +153,33 @@ fn not_found(code: &'static str, message: &str) -> Rejection {
 }
 
 /// Passes requests that carry the admin secret; without a configured secret, nothing is here.
+/// Wrong bearer tokens are counted per client address: past a handful a minute, 429.
 fn admin_auth(broker: Broker) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    let failures = Arc::new(AdminFailures::default());
     bearer()
-        .and_then(move |header: Option<String>| {
+        .and(client_ip())
+        .and_then(move |header: Option<String>, ip: Option<IpAddr>| {
             let expected = broker.config().admin_token.clone();
+            let failures = failures.clone();
             async move {
                 // An empty secret would let in a request without any header: treat it as none.
                 let Some(expected) = expected.filter(|e| !e.expose().is_empty()) else {
                     return Err(warp::reject::not_found());
                 };
-                let given = bearer_token(header.as_deref()).unwrap_or("");
+                failures.allow(ip)?;
+                let given = bearer_token(header.as_deref()).ok();
                 // Digests of equal length: the comparison tells nothing, not even the length.
-                let (given, expected) = (token_hash(given), token_hash(expected.expose()));
-                if bool::from(given.ct_eq(&expected)) {
+                let digests = (
+                    token_hash(given.unwrap_or("")),
+                    token_hash(expected.expose()),
+                );
+                if bool::from(digests.0.ct_eq(&digests.1)) {
                     Ok(())
                 } else {
+                    // Only a token presented is a guess; a request without one guesses nothing.
+                    if given.is_some() {
+                        failures.record_failure(ip);
+                    }
                     Err(warp::reject::custom(Problem::new(
                         StatusCode::UNAUTHORIZED,
                         "admin_unauthorized",

@@ -197,6 +197,19 @@ impl Reply for Problem {
     }
 }
 
+/// The answer to a connection refused because its client address already holds
+/// `WXBROKER_MAX_CONNECTIONS_PER_IP` connections; the server closes the connection after it.
+pub fn too_many_connections() -> Response {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_connections",
+        "this address holds as many connections as the broker allows one client; reuse one of \
+         them, or retry once one is closed",
+    )
+    .with_retry_after(1)
+    .into_response()
+}
+
 /// A JSON answer that no cache keeps (it may carry a token).
 pub fn json(status: StatusCode, body: &impl Serialize) -> Response {
     let mut response = warp::reply::with_status(warp::reply::json(body), status).into_response();

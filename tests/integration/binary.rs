@@ -108,6 +108,71 @@ async fn an_unusable_data_dir_is_a_clear_message_and_exit_1() {
     );
 }
 
+/// The binary's stderr and exit code when it starts with `args` (no `WECHAT_*` or `WXBROKER_*`
+/// from the tests' environment, `RUST_LOG` off) and `env`.
+async fn start_failure(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wxbroker"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("WECHAT_") || name.starts_with("WXBROKER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "off")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output())
+        .await
+        .expect("it stops at once instead of serving")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
+/// Without credentials, a listen address that is not loopback would serve the sandbox WeChat,
+/// where anyone logs in as anyone: the binary refuses to start, naming what to set, before it
+/// opens the address or the data dir.
+#[tokio::test]
+async fn without_credentials_a_public_address_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let args = ["--listen", "0.0.0.0:0", "--data-dir", data_dir];
+    let (code, stderr) = start_failure(&args, &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    for name in [
+        "WECHAT_APPID",
+        "WECHAT_SECRET",
+        "WXBROKER_SANDBOX",
+        "0.0.0.0:0",
+    ] {
+        assert!(stderr.contains(name), "{stderr}");
+    }
+    assert!(!Path::new(data_dir).exists(), "nothing was started");
+}
+
+/// An admin token shorter than 32 characters could be guessed: the binary refuses to start,
+/// saying so, without showing the token.
+#[tokio::test]
+async fn a_short_admin_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let env = [("WXBROKER_ADMIN_TOKEN", "admin-token-of-31-characters-xx")];
+    let (code, stderr) = start_failure(&args, &env).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("WXBROKER_ADMIN_TOKEN") && stderr.contains("at least 32 characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("admin-token-of-31"), "{stderr}");
+}
+
 #[tokio::test]
 async fn sigterm_drains_flushes_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -336,7 +401,7 @@ async fn no_login_is_answered_before_its_registration_is_on_disk() {
 
 /// The admin secret of the brokers of the crash tests (their clients reset session_keys and look
 /// users up through the admin routes).
-const ADMIN_TOKEN: &str = "crash-test-admin";
+const ADMIN_TOKEN: &str = "crash-test-admin-secret-at-least-32-chars";
 
 /// [`command`] for a broker that takes `sandbox`, in this test process, for WeChat, with the admin
 /// routes on. The sandbox outlives every kill, so it still holds each user's session_key when the

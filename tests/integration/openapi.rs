@@ -20,7 +20,7 @@ use wxbroker::{SANDBOX_APPID, Sandbox, Secret};
 use crate::support::{TestBroker, fault_upstream};
 
 /// The admin secret of the broker under test.
-const ADMIN_TOKEN: &str = "openapi-test-admin-secret";
+const ADMIN_TOKEN: &str = "openapi-test-admin-secret-at-least-32-chars";
 
 /// The budget of calls to WeChat per user and minute of the broker under test: room for alice's
 /// phone numbers by code below, and few enough for bob to spend his.

@@ -10,7 +10,7 @@ use wxbroker::{SANDBOX_APPID, Sandbox, Secret};
 
 use crate::support::{TestBroker, eventually, fault_upstream, logs, parts};
 
-const ADMIN: &str = "secrecy-admin-secret";
+const ADMIN: &str = "secrecy-admin-secret-at-least-32-chars";
 
 /// What WeChat's session_key APIs take as `signature`: as secret as the key for those APIs.
 fn signature(session_key: &str) -> String {

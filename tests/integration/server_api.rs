@@ -10,7 +10,7 @@ use wxbroker::{Sandbox, SandboxOptions, Secret};
 
 use crate::support::{TestBroker, assert_error, fault_upstream, me, metric, parts, post};
 
-const ADMIN: &str = "server-api-admin-secret";
+const ADMIN: &str = "server-api-admin-secret-at-least-32-chars";
 
 /// A fresh phone code for `phone`, from the sandbox's stand-in for the phone-number button.
 async fn phone_code(tb: &TestBroker, phone: &str) -> String {

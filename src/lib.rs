@@ -68,6 +68,7 @@ mod server;
 pub mod server_api;
 mod session;
 pub mod storage;
+pub mod tls;
 pub mod upstream;
 mod used_codes;
 mod user;

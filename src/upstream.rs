@@ -85,6 +85,7 @@ pub(crate) enum Api {
 impl Upstream {
     /// Builds the client; fails only if the TLS stack cannot start or the base URL is unusable.
     pub fn new(config: UpstreamConfig) -> Result<Upstream, Error> {
+        crate::tls::install_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
@@ -95,7 +96,7 @@ impl Upstream {
             // request in case it has to.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(cannot_build_client)?;
         let mut base = config.base.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
@@ -548,4 +549,14 @@ mod tests {
             Duration::from_millis(3000 + 100 + 200)
         );
     }
+}
+
+/// The error of a client that did not build. The usual cause is a host (a container image) without
+/// CA certificates: rustls loads them when the client is built, even for a plain-HTTP sandbox.
+pub(crate) fn cannot_build_client(err: reqwest::Error) -> Error {
+    Error::Config(format!(
+        "cannot build the HTTP client ({err}); it loads the system's CA certificates, \
+         so check that they are installed (/etc/ssl/certs/ca-certificates.crt, Debian's \
+         ca-certificates package)"
+    ))
 }

@@ -833,6 +833,7 @@ struct Client {
 impl Client {
     /// A client of no broker yet (see [`Client::at`]), playing the WeChat client with `sandbox`.
     fn new(sandbox: &Arc<Sandbox>) -> Client {
+        wxbroker::tls::install_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()

@@ -230,6 +230,7 @@ impl Drop for TestBroker {
 
 /// A client that never waits long: a hang shows up as a test failure, not a stuck run.
 pub fn client() -> reqwest::Client {
+    wxbroker::tls::install_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()

@@ -30,6 +30,7 @@ pub(super) fn public(
     ));
     login(broker.clone(), limiter)
         .or(session(broker.clone()))
+        .or(auth(broker.clone()))
         .or(logout(broker.clone()))
         .or(userinfo(broker.clone()))
         .or(phone(broker.clone()))
@@ -90,6 +91,16 @@ fn session(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
         .and(bearer())
         .and(with_broker(broker))
         .and_then(handlers::session)
+}
+
+/// ANY /v1/auth[/...] with `Authorization: Bearer TOKEN`: forward auth for a proxy (nginx
+/// `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`, APISIX `forward-auth`). Any method and
+/// any path below it, because some proxies send the original request's method and append its path.
+fn auth(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "auth" / ..)
+        .and(bearer())
+        .and(with_broker(broker))
+        .and_then(handlers::auth)
 }
 
 /// POST /v1/logout with `Authorization: Bearer TOKEN`

@@ -441,6 +441,20 @@ impl Broker {
         Ok(true)
     }
 
+    /// Asks WeChat for the app's access_token, as the start does with real credentials: `Ok`
+    /// when WeChat accepts the appid, the secret and this server's IP; otherwise why not
+    /// ([`Error::CredentialsRejected`] is the operator's to fix; anything else may pass). The
+    /// token is kept for the first call that needs one.
+    pub async fn check_credentials(&self) -> Result<(), Error> {
+        self.ask(
+            &self.inner.children.access_token_keeper,
+            self.inner.token_timeout,
+            AccessTokenKeeperMsg::Get,
+        )
+        .await
+        .map(drop)
+    }
+
     /// Runs `call` with the app's access_token. If WeChat calls the token stale, a new one is
     /// fetched (one fetch, however many callers meet the stale token) and `call` runs once more.
     async fn with_access_token<T, F, Fut>(&self, call: F) -> Result<T, Error>

@@ -44,6 +44,19 @@ pub enum Error {
     /// the client called `wx.login` without logging in here, so it must log in again.
     #[error("WeChat no longer accepts the stored session_key")]
     SessionKeyExpired,
+    /// WeChat refused the app's credentials or this server: a wrong appid (40013) or secret
+    /// (40125, or 40001 from the token endpoints), or a server IP missing from the mini program's
+    /// IP whitelist (40164, 61004). Only the operator can fix it; [`Error::credentials_fix`]
+    /// says how.
+    #[error(
+        "WeChat refused the app's credentials or this server's IP (errcode {errcode}: {errmsg})"
+    )]
+    CredentialsRejected {
+        /// WeChat's errcode.
+        errcode: i64,
+        /// WeChat's errmsg (for 40164 it names the refused IP).
+        errmsg: String,
+    },
     /// WeChat rejected our access_token as invalid or expired (errcode 40001/42001), even after
     /// a fresh one was fetched.
     #[error("WeChat rejected the access_token (errcode {0})")]
@@ -93,7 +106,7 @@ impl Error {
             Error::Upstream(_) => "upstream_error",
             Error::InvalidPhoneCode => "invalid_phone_code",
             Error::SessionKeyExpired => "session_key_expired",
-            Error::AccessTokenStale(_) => "upstream_error",
+            Error::AccessTokenStale(_) | Error::CredentialsRejected { .. } => "upstream_error",
             Error::InvalidSession => "invalid_session",
             Error::DecryptFailed => "decrypt_failed",
             Error::WatermarkMismatch => "watermark_mismatch",
@@ -103,6 +116,32 @@ impl Error {
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Storage(_) => "internal",
         }
+    }
+}
+
+impl Error {
+    /// For [`Error::CredentialsRejected`], a sentence naming what to fix in the WeChat console.
+    pub fn credentials_fix(&self, appid: &str) -> Option<String> {
+        let Error::CredentialsRejected { errcode, errmsg } = self else {
+            return None;
+        };
+        Some(match errcode {
+            40013 => format!(
+                "WeChat does not know the appid {appid:?} (errcode 40013: {errmsg}): set \
+                 WECHAT_APPID to the AppID shown in the mini program console under \
+                 Development > Development settings"
+            ),
+            40164 | 61004 => format!(
+                "WeChat refused this server's IP address (errcode {errcode}: {errmsg}): add the \
+                 server's public egress IP to the IP whitelist in the mini program console \
+                 (Development > Development settings > IP whitelist)"
+            ),
+            _ => format!(
+                "WeChat rejected the AppSecret of appid {appid:?} (errcode {errcode}: {errmsg}): \
+                 set WECHAT_SECRET to the current AppSecret from the mini program console \
+                 (Development > Development settings; it changes when someone resets it)"
+            ),
+        })
     }
 }
 

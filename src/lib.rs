@@ -138,6 +138,9 @@ pub async fn run(
         }
     };
     let broker = Broker::start(&config).await?;
+    if sandbox.is_none() {
+        check_credentials(&broker).await?;
+    }
     #[cfg(feature = "fault-injection")]
     strike_from_env(&broker);
     let mut app = routes(broker.clone()).map(Reply::into_response).boxed();
@@ -145,6 +148,36 @@ pub async fn run(
         app = sandbox.client_routes().or(app).unify().boxed();
     }
     serve_app(listener, broker, app, shutdown).await
+}
+
+/// Stops the start when WeChat refuses the credentials or this server's IP, naming what to fix;
+/// a WeChat that cannot be reached only warns, since it may come back before the first login.
+async fn check_credentials(broker: &Broker) -> Result<(), Error> {
+    let appid = broker.config().appid.clone().unwrap_or_default();
+    let appid = appid.as_str();
+    match broker.check_credentials().await {
+        Ok(()) => {
+            tracing::info!(
+                appid,
+                "WeChat accepts the credentials: serving this mini program"
+            );
+            Ok(())
+        }
+        Err(err) => match err.credentials_fix(appid) {
+            Some(fix) => {
+                broker.shutdown().await?;
+                Err(Error::Config(fix))
+            }
+            None => {
+                tracing::warn!(
+                    appid,
+                    error = %err,
+                    "could not check the credentials with WeChat at start; serving anyway"
+                );
+                Ok(())
+            }
+        },
+    }
 }
 
 /// Serves a started broker's routes on `listener` until `shutdown` resolves (or the actors give

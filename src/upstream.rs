@@ -379,14 +379,17 @@ fn errcode_error(api: Api, errcode: i64, errmsg: &str) -> Error {
             retry_after_secs: 60,
         },
         // From the token endpoints, 40001 means the secret is wrong.
-        (Api::AccessToken, 40001) | (_, 40013 | 40125) => {
+        (Api::AccessToken, 40001) | (_, 40013 | 40125 | 40164 | 61004) => {
             tracing::error!(
                 errcode,
-                "WeChat rejected our credentials: check WECHAT_APPID and WECHAT_SECRET"
+                errmsg,
+                "WeChat refused our credentials or our IP: check WECHAT_APPID, WECHAT_SECRET \
+                 and the IP whitelist"
             );
-            Error::Upstream(format!(
-                "WeChat rejected our appid or secret (errcode {errcode})"
-            ))
+            Error::CredentialsRejected {
+                errcode,
+                errmsg: errmsg.to_owned(),
+            }
         }
         (_, 40001 | 42001) => Error::AccessTokenStale(errcode),
         _ => Error::Upstream(format!("WeChat answered errcode {errcode}: {errmsg}")),
@@ -432,13 +435,17 @@ mod tests {
             let body = format!(r#"{{"errcode":{errcode},"errmsg":"x"}}"#);
             assert_eq!(parse_code2session(200, body.as_bytes()), Err(expected));
         }
-        for errcode in [40013, 40125, 99999] {
+        for errcode in [40013, 40125, 40164, 61004] {
             let body = format!(r#"{{"errcode":{errcode},"errmsg":"x"}}"#);
             assert!(matches!(
                 parse_code2session(200, body.as_bytes()),
-                Err(Error::Upstream(_))
+                Err(Error::CredentialsRejected { .. })
             ));
         }
+        assert!(matches!(
+            parse_code2session(200, br#"{"errcode":99999,"errmsg":"x"}"#),
+            Err(Error::Upstream(_))
+        ));
     }
 
     #[test]

@@ -106,10 +106,12 @@ impl Problem {
                 S::GATEWAY_TIMEOUT,
                 "WeChat did not answer in time; retry in a moment".into(),
             ),
-            Error::Upstream(_) | Error::AccessTokenStale(_) => (
-                S::BAD_GATEWAY,
-                "WeChat answered in a way the broker cannot use".into(),
-            ),
+            Error::Upstream(_) | Error::AccessTokenStale(_) | Error::CredentialsRejected { .. } => {
+                (
+                    S::BAD_GATEWAY,
+                    "WeChat answered in a way the broker cannot use".into(),
+                )
+            }
             Error::InvalidPhoneCode => (
                 S::BAD_REQUEST,
                 "the phone-number code is invalid or was already used; ask the user to tap the \

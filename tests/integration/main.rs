@@ -4,6 +4,7 @@
 mod backends;
 mod backup;
 mod binary;
+mod credentials;
 mod decrypt;
 mod forward_auth;
 mod login;

@@ -9,6 +9,7 @@ mod decrypt;
 mod forward_auth;
 mod login;
 mod miniprogram;
+mod nginx;
 mod openapi;
 mod operate;
 mod readme;

@@ -243,16 +243,22 @@ fn parse_body<T: DeserializeOwned>(
             .trim()
             .to_ascii_lowercase()
     });
+    // `curl -d '{...}'` sends JSON labelled as a form: say what to change.
+    let hint = if body.trim_ascii_start().starts_with(b"{") {
+        "; the body looks like JSON: send it with `Content-Type: application/json`"
+    } else {
+        ""
+    };
     let parsed = match media.as_deref() {
         None | Some("application/json") => serde_json::from_slice::<T>(body)
             .map_err(|e| format!("expected a JSON body {shape}: {e}")),
         Some("application/x-www-form-urlencoded") => serde_urlencoded::from_bytes::<T>(body)
-            .map_err(|e| format!("expected a form body with the fields of {shape}: {e}")),
+            .map_err(|e| format!("expected a form body with the fields of {shape}: {e}{hint}")),
         Some(_) => {
             return Err(warp::reject::custom(Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "send application/json or application/x-www-form-urlencoded",
+                format!("send application/json or application/x-www-form-urlencoded{hint}"),
             )));
         }
     };

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 
 use serde::Serialize;
 use warp::http::StatusCode;
-use warp::http::header::{CACHE_CONTROL, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
@@ -212,12 +212,23 @@ pub fn too_many_connections() -> Response {
     .into_response()
 }
 
-/// A JSON answer that no cache keeps (it may carry a token).
+/// A JSON answer that no cache keeps (it may carry a token). It ends with a newline, as a text
+/// document does: `curl` leaves the prompt on its own line, and line tools read the last line.
 pub fn json(status: StatusCode, body: &impl Serialize) -> Response {
-    let mut response = warp::reply::with_status(warp::reply::json(body), status).into_response();
-    response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut text = match serde_json::to_vec(body) {
+        Ok(text) => text,
+        // Our answer types always serialize; if one ever did not, say so without a body.
+        Err(err) => {
+            tracing::error!(error = %err, "an answer did not serialize");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    text.push(b'\n');
+    let mut response = Response::new(text.into());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -1,6 +1,7 @@
 //! Integration tests: the real broker over real HTTP on 127.0.0.1:0, a real sled database in a
 //! temporary directory, and a real loopback upstream (the sandbox or a fault server).
 
+mod answers;
 mod backends;
 mod backup;
 mod binary;

@@ -396,6 +396,16 @@ fn errcode_error(api: Api, errcode: i64, errmsg: &str) -> Error {
     }
 }
 
+/// The error of a client that did not build. The usual cause is a host (a container image) without
+/// CA certificates: rustls loads them when the client is built, even for a plain-HTTP sandbox.
+pub(crate) fn cannot_build_client(err: reqwest::Error) -> Error {
+    Error::Config(format!(
+        "cannot build the HTTP client ({err}); it loads the system's CA certificates, \
+         so check that they are installed (/etc/ssl/certs/ca-certificates.crt, Debian's \
+         ca-certificates package)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,14 +566,4 @@ mod tests {
             Duration::from_millis(3000 + 100 + 200)
         );
     }
-}
-
-/// The error of a client that did not build. The usual cause is a host (a container image) without
-/// CA certificates: rustls loads them when the client is built, even for a plain-HTTP sandbox.
-pub(crate) fn cannot_build_client(err: reqwest::Error) -> Error {
-    Error::Config(format!(
-        "cannot build the HTTP client ({err}); it loads the system's CA certificates, \
-         so check that they are installed (/etc/ssl/certs/ca-certificates.crt, Debian's \
-         ca-certificates package)"
-    ))
 }

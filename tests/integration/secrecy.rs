@@ -162,7 +162,7 @@ async fn secrets_never_reach_logs_or_responses() {
     signatures.push(signature(&key_before_reset));
     let logs = logs();
     assert!(
-        logs.contains("WeChat rejected our credentials"),
+        logs.contains("WeChat refused our credentials"),
         "the bad secret is logged loudly"
     );
     assert!(

@@ -152,6 +152,13 @@ pub struct Config {
     )]
     pub max_connections_per_ip: usize,
 
+    /// Reverse proxies (comma-separated addresses or CIDR networks) whose `X-Forwarded-For` or
+    /// `Forwarded: for=` is believed: from one of them, the client is the rightmost address there
+    /// that is not a trusted proxy. Rate limits, the admin failure limit and logs use it; the
+    /// connection caps count TCP peers. Default: none (the headers are ignored).
+    #[arg(long, env = "WXBROKER_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: crate::TrustedProxies,
+
     /// Milliseconds in-flight requests get to finish at shutdown.
     #[arg(long, env = "WXBROKER_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
     pub drain_timeout_ms: u64,
@@ -420,6 +427,7 @@ impl Config {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
+            trusted_proxies: self.trusted_proxies.clone(),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
         }
     }

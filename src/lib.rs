@@ -69,6 +69,7 @@ pub mod server_api;
 mod session;
 pub mod storage;
 pub mod tls;
+mod trusted_proxies;
 pub mod upstream;
 mod used_codes;
 mod user;
@@ -91,10 +92,11 @@ pub use fault::Fault;
 pub use http::{recover, require_session, routes};
 pub use metrics::Metrics;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
-pub use server::{LISTEN_BACKLOG, PeerAddr, bind};
+pub use server::{ClientAddr, LISTEN_BACKLOG, PeerAddr, bind};
 pub use session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
+pub use trusted_proxies::TrustedProxies;
 pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserRecord};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.

@@ -44,6 +44,7 @@ use warp::reject::Rejection;
 use warp::reply::Response;
 
 use crate::metrics::Metrics;
+use crate::trusted_proxies::TrustedProxies;
 
 /// The header that carries a request's id, in and out.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -51,6 +52,11 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The client's socket address, put into every request's extensions for the filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// The client's address as the limits and logs know it: the TCP peer, or behind a trusted proxy
+/// the address it forwarded for ([`TrustedProxies::client`]). In every request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
 
 /// Connections the kernel queues for `accept`. The usual default of 128 is overrun by a burst of
 /// clients connecting at once (a mini program opened by many users after a push; the broker's own
@@ -79,7 +85,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Connection limits of the server.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ServerLimits {
     /// Time a client has to send a request's headers, on a new or a kept-alive connection.
     pub header_read_timeout: Duration,
@@ -88,6 +94,8 @@ pub struct ServerLimits {
     /// Connections open at once from one client address ([`client_key`]); past it, that
     /// client's new connections are refused. 0: no such limit.
     pub max_connections_per_ip: usize,
+    /// The proxies whose forwarding headers name the client ([`ClientAddr`]).
+    pub trusted_proxies: TrustedProxies,
     /// Time in-flight requests get to finish once shutdown starts.
     pub drain_timeout: Duration,
 }
@@ -131,6 +139,7 @@ pub async fn serve_http<F>(
     let per_client = (limits.max_connections_per_ip > 0)
         .then(|| Arc::new(PerClient::new(limits.max_connections_per_ip)));
     let refusals = Refusals::new(refusal, metrics.connections_refused.clone());
+    let trusted_proxies = Arc::new(limits.trusted_proxies);
     let graceful = GracefulShutdown::new();
     // Every connection's task, so that whatever outlives the drain can be ended.
     let mut connections = tokio::task::JoinSet::new();
@@ -158,15 +167,19 @@ pub async fn serve_http<F>(
         };
         let slot = slots.open(permit, share);
         let service = service.clone();
+        let trusted_proxies = trusted_proxies.clone();
         let handler = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let (mut parts, body) = request.into_parts();
+            let client = trusted_proxies.client(peer.ip(), &parts.headers);
             parts.extensions.insert(PeerAddr(peer));
+            parts.extensions.insert(ClientAddr(client));
             let (body, read) = Tracked::new(body);
             let request = hyper::Request::from_parts(parts, body);
             let id = request_id(&request);
             let span = tracing::info_span!(
                 "request",
                 id = %id,
+                client = %client,
                 method = %request.method(),
                 path = %request.uri().path()
             );

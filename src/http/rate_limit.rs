@@ -20,7 +20,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection};
 
 use super::problem::Problem;
-use crate::server::{PeerAddr, client_key};
+use crate::server::{ClientAddr, client_key};
 
 /// How often (in checks) the table drops addresses whose buckets are full again.
 const PRUNE_EVERY: u64 = 4096;
@@ -84,17 +84,17 @@ pub fn login_limit(
         .untuple_one()
 }
 
-/// The client's IP address, if known.
+/// The client's IP address, if known: behind a trusted proxy, the address it forwarded for.
 pub fn client_ip()
 -> impl Filter<Extract = (Option<IpAddr>,), Error = std::convert::Infallible> + Clone {
-    // Our own server sets `PeerAddr`; under `warp::serve` (embedders) warp knows the address.
-    warp::ext::optional::<PeerAddr>()
+    // Our own server sets `ClientAddr`; under `warp::serve` (embedders) warp knows the peer.
+    warp::ext::optional::<ClientAddr>()
         .and(warp::addr::remote())
         .map(
-            |peer: Option<PeerAddr>, remote: Option<std::net::SocketAddr>| {
-                peer.map(|PeerAddr(addr)| addr)
-                    .or(remote)
-                    .map(|addr| addr.ip())
+            |client: Option<ClientAddr>, remote: Option<std::net::SocketAddr>| {
+                client
+                    .map(|ClientAddr(ip)| ip)
+                    .or(remote.map(|addr| addr.ip()))
             },
         )
 }

@@ -340,3 +340,90 @@ async fn nginx_keeps_admin_metrics_and_plain_http_away() {
         plain.headers()
     );
 }
+
+/// POST /v1/login through nginx from `client`, with an extra `X-Forwarded-For` the client forges.
+async fn login_through(
+    nginx: &Nginx,
+    client: &reqwest::Client,
+    code: &str,
+    forged: Option<&str>,
+) -> StatusCode {
+    let mut request = client
+        .post(format!("{}/v1/login", nginx.https))
+        .json(&json!({ "code": code }));
+    if let Some(forged) = forged {
+        request = request.header("x-forwarded-for", forged);
+    }
+    request.send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn the_login_limit_counts_the_client_nginx_forwards_for_not_nginx() {
+    let tb = TestBroker::start_with(|c| {
+        c.login_rate_per_min = 1;
+        c.login_burst = 2;
+        c.trusted_proxies = "127.0.0.1".parse().unwrap();
+    })
+    .await;
+    let nginx = Nginx::start(addr_of(&tb.url), business().await).await;
+    let first = nginx.client(Ipv4Addr::new(127, 0, 0, 6));
+    let second = nginx.client(Ipv4Addr::new(127, 0, 0, 7));
+    for i in 0..2 {
+        assert_eq!(
+            login_through(&nginx, &first, &format!("pam.{i}"), None).await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        login_through(&nginx, &first, "pam.3", None).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A forged X-Forwarded-For does not make another client: nginx appends the real address.
+    assert_eq!(
+        login_through(&nginx, &first, "pam.4", Some("198.51.100.1")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client behind the same nginx has its own bucket.
+    for i in 0..2 {
+        assert_eq!(
+            login_through(&nginx, &second, &format!("quin.{i}"), Some("198.51.100.1")).await,
+            StatusCode::OK
+        );
+    }
+    // The request log names the client, not nginx.
+    assert!(crate::support::logs().contains("client=127.0.0.7"));
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_peer_are_ignored() {
+    let tb = TestBroker::start_with(|c| {
+        c.login_rate_per_min = 1;
+        c.login_burst = 2;
+        c.trusted_proxies = "10.0.0.0/8".parse().unwrap();
+    })
+    .await;
+    for (i, forged) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        .into_iter()
+        .enumerate()
+    {
+        let status = tb
+            .http
+            .post(format!("{}/v1/login", tb.url))
+            .header("x-forwarded-for", forged)
+            .header("forwarded", format!("for={forged}"))
+            .json(&json!({ "code": format!("ray.{i}") }))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let expected = if i < 2 {
+            StatusCode::OK
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        assert_eq!(
+            status, expected,
+            "login {i} from 127.0.0.1 claiming {forged}"
+        );
+    }
+}

@@ -156,8 +156,8 @@ pub struct Config {
     /// `Forwarded: for=` is believed: from one of them, the client is the rightmost address there
     /// that is not a trusted proxy. Rate limits, the admin failure limit and logs use it; the
     /// connection caps count TCP peers. Default: none (the headers are ignored).
-    #[arg(long, env = "WXBROKER_TRUSTED_PROXIES", default_value = "")]
-    pub trusted_proxies: crate::TrustedProxies,
+    #[arg(long, env = "WXBROKER_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<crate::TrustedProxies>,
 
     /// Milliseconds in-flight requests get to finish at shutdown.
     #[arg(long, env = "WXBROKER_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
@@ -427,7 +427,7 @@ impl Config {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
-            trusted_proxies: self.trusted_proxies.clone(),
+            trusted_proxies: self.trusted_proxies.clone().unwrap_or_default(),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
         }
     }

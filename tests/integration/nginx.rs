@@ -362,7 +362,7 @@ async fn the_login_limit_counts_the_client_nginx_forwards_for_not_nginx() {
     let tb = TestBroker::start_with(|c| {
         c.login_rate_per_min = 1;
         c.login_burst = 2;
-        c.trusted_proxies = "127.0.0.1".parse().unwrap();
+        c.trusted_proxies = Some("127.0.0.1".parse().unwrap());
     })
     .await;
     let nginx = Nginx::start(addr_of(&tb.url), business().await).await;
@@ -399,7 +399,7 @@ async fn forwarding_headers_from_an_untrusted_peer_are_ignored() {
     let tb = TestBroker::start_with(|c| {
         c.login_rate_per_min = 1;
         c.login_burst = 2;
-        c.trusted_proxies = "10.0.0.0/8".parse().unwrap();
+        c.trusted_proxies = Some("10.0.0.0/8".parse().unwrap());
     })
     .await;
     for (i, forged) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]

@@ -5,6 +5,7 @@ mod backends;
 mod backup;
 mod binary;
 mod decrypt;
+mod deploy;
 mod login;
 mod miniprogram;
 mod openapi;

@@ -82,6 +82,11 @@ pub struct Config {
     #[arg(long, env = "WECHAT_SECRET", hide_env_values = true)]
     pub secret: Option<Secret>,
 
+    /// File holding the app secret, instead of `--secret`: a systemd credential or a container
+    /// secret, so that the secret is in no environment or command line. Read at start.
+    #[arg(long, env = "WECHAT_SECRET_FILE", value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+
     /// Base URL of WeChat's API (tests and the sandbox point it at loopback).
     #[arg(long, env = "WECHAT_API_BASE", default_value = DEFAULT_API_BASE)]
     pub api_base: Url,
@@ -180,6 +185,10 @@ pub struct Config {
     /// are off (404).
     #[arg(long, env = "WXBROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+
+    /// File holding the admin token, instead of `--admin-token` (as `--secret-file`).
+    #[arg(long, env = "WXBROKER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Milliseconds the built-in sandbox WeChat waits before each answer (sandbox mode only; for
     /// load tests that imitate WeChat's latency).
@@ -294,6 +303,20 @@ impl Config {
         let settings = file_settings(&cmd, path).ok()?;
         let secret = settings.iter().any(|(arg, _)| arg.is_hide_env_values_set());
         secret.then_some(path)
+    }
+
+    /// Reads the secrets named by `secret_file` and `admin_token_file` into `secret` and
+    /// `admin_token` (the file's text without its final line break), and clears those two
+    /// settings. [`crate::run`] calls it; an embedder that starts a [`crate::Broker`] itself calls
+    /// it first. A secret given both ways, or a file that cannot be read or is empty, is an error
+    /// naming the variable.
+    pub fn read_secret_files(&mut self) -> Result<(), Error> {
+        read_secret_file(&mut self.secret_file, &mut self.secret, "WECHAT_SECRET")?;
+        read_secret_file(
+            &mut self.admin_token_file,
+            &mut self.admin_token,
+            "WXBROKER_ADMIN_TOKEN",
+        )
     }
 
     /// The appid and secret, or `None` when neither is set (sandbox mode).
@@ -431,6 +454,33 @@ impl Config {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
         }
     }
+}
+
+/// Moves the content of the file `file` names into `secret` (see [`Config::read_secret_files`]);
+/// `name` is the secret's variable, the file's is `name` with `_FILE`.
+fn read_secret_file(
+    file: &mut Option<PathBuf>,
+    secret: &mut Option<Secret>,
+    name: &str,
+) -> Result<(), Error> {
+    let Some(path) = file.take() else {
+        return Ok(());
+    };
+    if secret.is_some() {
+        return Err(Error::Config(format!(
+            "set {name} or {name}_FILE, not both"
+        )));
+    }
+    let shown = path.display();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::Config(format!("{name}_FILE: cannot read {shown}: {e}")))?;
+    // `echo secret > file` adds a line break that is no part of the secret.
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(Error::Config(format!("{name}_FILE: {shown} is empty")));
+    }
+    *secret = Some(Secret::new(value));
+    Ok(())
 }
 
 /// Long flag names a config file cannot set: the file itself, and clap's own flags.
@@ -611,6 +661,7 @@ mod tests {
         assert_eq!(config.config_file, None);
         assert_eq!(config.appid, None);
         assert_eq!(config.secret, None);
+        assert_eq!(config.secret_file, None);
         assert_eq!(config.api_base.as_str(), format!("{DEFAULT_API_BASE}/"));
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.data_dir, Path::new(DEFAULT_DATA_DIR));
@@ -641,6 +692,7 @@ mod tests {
         assert_eq!(config.login_burst, DEFAULT_LOGIN_BURST);
         assert_eq!(config.wechat_calls_per_min, DEFAULT_WECHAT_CALLS_PER_MIN);
         assert_eq!(config.admin_token, None);
+        assert_eq!(config.admin_token_file, None);
         assert_eq!(config.sandbox_latency_ms, 0);
         assert_eq!(config.cache_mb, DEFAULT_CACHE_MB);
         assert_eq!(config.log_format, LogFormat::Human);
@@ -1022,5 +1074,80 @@ mod tests {
             ..Config::default()
         };
         assert!(matches!(config.validate(), Err(Error::Config(m)) if m.contains("IDLE_TTL")));
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_without_the_final_line_break() {
+        let secret = config_file("secret-from-a-file\n");
+        let token = config_file("admin-token-from-a-file-0123456789\r\n");
+        let mut config = Config {
+            appid: Some("wx1".into()),
+            secret_file: Some(secret.path().into()),
+            admin_token_file: Some(token.path().into()),
+            ..Config::default()
+        };
+        config.read_secret_files().unwrap();
+        assert_eq!(
+            config.secret.as_ref().map(Secret::expose),
+            Some("secret-from-a-file")
+        );
+        assert_eq!(
+            config.admin_token.as_ref().map(Secret::expose),
+            Some("admin-token-from-a-file-0123456789")
+        );
+        assert_eq!(
+            (
+                config.secret_file.as_ref(),
+                config.admin_token_file.as_ref()
+            ),
+            (None, None)
+        );
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("from-a-file"));
+        // Read once: a second call (the binary's, then run's) changes nothing.
+        config.read_secret_files().unwrap();
+        assert_eq!(
+            config.secret.as_ref().map(Secret::expose),
+            Some("secret-from-a-file")
+        );
+    }
+
+    #[test]
+    fn a_secret_file_mistake_names_the_variable() {
+        let file = config_file("s3cret\n");
+        let both = Config {
+            secret: Some(Secret::new("given")),
+            secret_file: Some(file.path().into()),
+            ..Config::default()
+        };
+        let empty = config_file("\n");
+        let cases = [
+            (
+                both,
+                "set WECHAT_SECRET or WECHAT_SECRET_FILE, not both".to_owned(),
+            ),
+            (
+                Config {
+                    admin_token_file: Some("/nonexistent/admin-token".into()),
+                    ..Config::default()
+                },
+                "WXBROKER_ADMIN_TOKEN_FILE: cannot read /nonexistent/admin-token".to_owned(),
+            ),
+            (
+                Config {
+                    secret_file: Some(empty.path().into()),
+                    ..Config::default()
+                },
+                format!("WECHAT_SECRET_FILE: {} is empty", empty.path().display()),
+            ),
+        ];
+        for (mut config, expected) in cases {
+            let err = config.read_secret_files().unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(&expected)),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
     }
 }

@@ -101,14 +101,16 @@ pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserR
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///
-/// Without credentials in `config`, starts a [`Sandbox`] and uses it (and says so loudly); only
-/// on a loopback `listener` unless `config.sandbox` says so ([`Config::check_sandbox`]), else an
+/// Reads the secret files `config` names ([`Config::read_secret_files`]). Without credentials in
+/// `config`, starts a [`Sandbox`] and uses it (and says so loudly); only on a loopback
+/// `listener` unless `config.sandbox` says so ([`Config::check_sandbox`]), else an
 /// [`Error::Config`]. Returns an error if the actors fail beyond their restart cap.
 pub async fn run(
     listener: TcpListener,
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    config.read_secret_files()?;
     config.validate()?;
     let listen = listener
         .local_addr()

@@ -1,11 +1,13 @@
 //! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`]; and the offline
-//! `export` / `import` / `migrate` commands ([`wxbroker::backup`]).
+//! `export` / `import` / `migrate` commands ([`wxbroker::backup`]); `healthcheck` for containers.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, IsTerminal};
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -40,7 +42,7 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// Offline commands: they open a stopped broker's data dir directly.
+/// Commands instead of serving: the offline ones open a stopped broker's data dir directly.
 #[derive(Subcommand)]
 enum Command {
     /// Write every user as one JSON object per line (never a session_key, token or session).
@@ -93,6 +95,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the broker for GET /healthz: exit 0 when it answers 200, 1 otherwise.
+    ///
+    /// For a container's HEALTHCHECK, where there is no curl. It asks the broker's listen
+    /// address (the --listen flag before the command, WXBROKER_LISTEN or the config file); an
+    /// unspecified one (0.0.0.0, [::]) on loopback. Gives up after 3 s.
+    Healthcheck,
 }
 
 #[tokio::main]
@@ -122,6 +130,7 @@ async fn main() -> ExitCode {
         Some(Command::Export { data_dir, output }) => export(&config, data_dir, output),
         Some(Command::Import { data_dir, input }) => import(&config, data_dir, input),
         Some(Command::Migrate { from, to, force }) => migrate(&config, &from, to, force).await,
+        Some(Command::Healthcheck) => healthcheck(config.listen),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,7 +168,8 @@ fn init_logging(json: bool, serving: bool) {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    config.read_secret_files()?;
     config.validate()?;
     // Before binding: a public address is not even opened for a sandbox by accident.
     config.check_sandbox(config.listen)?;
@@ -285,6 +295,45 @@ async fn migrate(
         "migrated to Redis"
     );
     Ok(())
+}
+
+/// How long `wxbroker healthcheck` waits for the connection, and again for the answer.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `wxbroker healthcheck`: `GET /healthz` on the listen address in plain HTTP/1.1 (no HTTP
+/// client: it would load the CA bundle first), Ok when the answer is 200.
+fn healthcheck(listen: SocketAddr) -> anyhow::Result<()> {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/healthz");
+    let status =
+        healthz_status(addr).with_context(|| format!("unhealthy: no answer from {url}"))?;
+    anyhow::ensure!(status == 200, "unhealthy: {url} answered {status}");
+    println!("healthy: {url} answered 200");
+    Ok(())
+}
+
+/// The status code of the answer to `GET /healthz` at `addr`.
+fn healthz_status(addr: SocketAddr) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, HEALTHCHECK_TIMEOUT)?;
+    stream.set_read_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    stream.set_write_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    // One write: `write!` would send the request in pieces.
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    // The status line is all it takes: "HTTP/1.1 200 OK".
+    let mut line = String::new();
+    BufReader::new(stream.take(1024)).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next().map(str::parse::<u16>)) {
+        (Some(version), Some(Ok(status))) if version.starts_with("HTTP/1.") => Ok(status),
+        _ => anyhow::bail!("not an HTTP answer: {:?}", line.trim_end()),
+    }
 }
 
 /// Resolves on ctrl-c or SIGTERM.

@@ -7,6 +7,7 @@ mod backup;
 mod binary;
 mod credentials;
 mod decrypt;
+mod deploy;
 mod forward_auth;
 mod login;
 mod miniprogram;

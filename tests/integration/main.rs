@@ -5,6 +5,7 @@ mod backends;
 mod backup;
 mod binary;
 mod decrypt;
+mod fuzz;
 mod login;
 mod miniprogram;
 mod openapi;

@@ -1,7 +1,7 @@
 //! Decryptor: opens `encryptedData` with a user's session_key and checks what comes out.
 //!
 //! The checks run in a fixed order, each with its own error: the input's shape (base64, 16-byte
-//! key and iv, whole blocks), then padding and JSON (a rotated session_key fails here), then the
+//! key and iv, whole blocks, a signature of 40 hex digits), then padding and JSON (a rotated session_key fails here), then the
 //! watermark's appid, then the openId, then the `rawData` signature. The decrypted text and the
 //! session_key are never logged.
 //!
@@ -118,6 +118,13 @@ pub fn open_profile(
     data: &EncryptedData,
 ) -> Result<Profile, Error> {
     let signed = match (&data.raw_data, &data.signature) {
+        (Some(_), Some(signature))
+            if signature.len() != 40 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            return Err(Error::InvalidRequest(
+                "signature must be 40 hex digits (a SHA-1)".into(),
+            ));
+        }
         (Some(raw_data), Some(signature)) => Some((raw_data, signature)),
         (None, None) => None,
         _ => {
@@ -244,6 +251,13 @@ mod tests {
             open_profile(APPID, KEY, "o1", &tampered),
             Err(Error::SignatureMismatch)
         );
+
+        let mut not_a_sha1 = tampered.clone();
+        not_a_sha1.signature = Some("0".repeat(39));
+        assert!(matches!(
+            open_profile(APPID, KEY, "o1", &not_a_sha1),
+            Err(Error::InvalidRequest(_))
+        ));
 
         let mut half = good.clone();
         half.raw_data = Some("{}".into());

@@ -2,7 +2,6 @@
 //! Without that secret configured, every admin route answers 404 as if it did not exist. A client
 //! address that presents wrong tokens gets 429 for the rest of the minute after a handful.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -11,7 +10,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::filters::{bearer, with_broker};
+use super::filters::{bearer, get, with_broker};
 use super::handlers::bearer_token;
 use super::problem::{Problem, json};
 use super::rate_limit::{AdminFailures, client_ip};
@@ -34,40 +33,53 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Re
 
 /// GET /admin/users/{uid}
 fn user_by_uid(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("users" / u64)
-        .and(warp::get())
+    warp::path!("users" / String)
+        .and(get())
         .and(with_broker(broker))
-        .and_then(|uid, broker: Broker| find(broker, UserKey::Uid(uid)))
+        .and_then(|uid: String, broker: Broker| async move {
+            find(broker, UserKey::Uid(parse_uid(&uid)?)).await
+        })
 }
 
 /// GET /admin/users?openid=X or ?unionid=Y
 fn user_by_query(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     warp::path!("users")
-        .and(warp::get())
-        .and(warp::query::<HashMap<String, String>>())
+        .and(get())
+        .and(query)
         .and(with_broker(broker))
         .and_then(
-            |query: HashMap<String, String>, broker: Broker| async move {
-                let key = match (query.get("openid"), query.get("unionid")) {
-                    (Some(openid), None) => UserKey::Openid(openid.clone()),
-                    (None, Some(unionid)) => UserKey::Unionid(unionid.clone()),
-                    _ => {
-                        return Err(Problem::reject(Error::InvalidRequest(
-                            "give exactly one of openid or unionid".into(),
-                        )));
-                    }
-                };
-                find(broker, key).await
-            },
+            |query: String, broker: Broker| async move { find(broker, user_key(&query)?).await },
         )
+}
+
+/// The user a `/admin/users` query names: exactly one of `openid` and `unionid`, given once and
+/// not empty (other parameters are ignored).
+fn user_key(query: &str) -> Result<UserKey, Rejection> {
+    let invalid = |message: &str| Problem::reject(Error::InvalidRequest(message.into()));
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query).map_err(|_| invalid("the query string is malformed"))?;
+    let mut keys = pairs
+        .into_iter()
+        .filter(|(name, _)| name == "openid" || name == "unionid");
+    let key = match (keys.next(), keys.next()) {
+        (Some((name, value)), None) if !value.is_empty() => match name.as_str() {
+            "openid" => UserKey::Openid(value),
+            _ => UserKey::Unionid(value),
+        },
+        (Some(_), None) => return Err(invalid("openid or unionid is empty")),
+        _ => return Err(invalid("give exactly one of openid or unionid, once")),
+    };
+    Ok(key)
 }
 
 /// GET /admin/users/{uid}/sessions
 fn user_sessions(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("users" / u64 / "sessions")
-        .and(warp::get())
+    warp::path!("users" / String / "sessions")
+        .and(get())
         .and(with_broker(broker))
-        .and_then(|uid, broker: Broker| async move {
+        .and_then(|uid: String, broker: Broker| async move {
+            let uid = parse_uid(&uid)?;
             let sessions = broker.user_sessions(uid).await.map_err(Problem::reject)?;
             Ok::<_, Rejection>(json(
                 StatusCode::OK,
@@ -82,6 +94,11 @@ fn revoke_session(broker: Broker) -> impl Filter<Extract = (Response,), Error = 
         .and(warp::delete())
         .and(with_broker(broker))
         .and_then(|id: String, broker: Broker| async move {
+            if !is_session_id(&id) {
+                return Err(Problem::reject(Error::InvalidRequest(
+                    "a session id is 64 lowercase hex digits, as the session list gives it".into(),
+                )));
+            }
             match broker.revoke_session(&id).await {
                 Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
                 Err(Error::InvalidSession) => Err(not_found(
@@ -97,10 +114,11 @@ fn revoke_session(broker: Broker) -> impl Filter<Extract = (Response,), Error = 
 fn revoke_user_sessions(
     broker: Broker,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("users" / u64 / "sessions")
+    warp::path!("users" / String / "sessions")
         .and(warp::delete())
         .and(with_broker(broker))
-        .and_then(|uid, broker: Broker| async move {
+        .and_then(|uid: String, broker: Broker| async move {
+            let uid = parse_uid(&uid)?;
             let revoked = broker
                 .revoke_user_sessions(uid)
                 .await
@@ -116,11 +134,11 @@ fn revoke_user_sessions(
 fn reset_session_key(
     broker: Broker,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("users" / u64 / "session-key" / "reset")
+    warp::path!("users" / String / "session-key" / "reset")
         .and(warp::post())
         .and(with_broker(broker))
-        .and_then(|uid, broker: Broker| async move {
-            match broker.reset_session_key(uid).await {
+        .and_then(|uid: String, broker: Broker| async move {
+            match broker.reset_session_key(parse_uid(&uid)?).await {
                 Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
                 Ok(false) => Err(not_found("user_not_found", "no such user")),
                 Err(e) => Err(Problem::reject_reset(e)),
@@ -131,7 +149,7 @@ fn reset_session_key(
 /// GET /admin/stats
 fn stats(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("stats")
-        .and(warp::get())
+        .and(get())
         .and(with_broker(broker))
         .and_then(|broker: Broker| async move {
             let stats = broker.stats().await.map_err(Problem::reject)?;
@@ -146,6 +164,29 @@ async fn find(broker: Broker, key: UserKey) -> Result<Response, Rejection> {
         Some(user) => Ok(json(StatusCode::OK, &user)),
         None => Err(not_found("user_not_found", "no such user")),
     }
+}
+
+/// A uid from a path, as the document bounds it: a whole number from 1 (uids start at 1) to
+/// `u64::MAX`, in decimal digits. Anything else is 400, so that no route answers for a uid that
+/// cannot exist as if it could (a session list of uid 0 would be an empty 200).
+fn parse_uid(segment: &str) -> Result<u64, Rejection> {
+    segment
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| segment.parse::<u64>().ok())
+        .flatten()
+        .filter(|uid| *uid >= 1)
+        .ok_or_else(|| {
+            Problem::reject(Error::InvalidRequest(format!(
+                "uid is a whole number from 1 to {}",
+                u64::MAX
+            )))
+        })
+}
+
+/// Whether `id` is a session id as the session list gives it: 64 lowercase hex digits.
+fn is_session_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn not_found(code: &'static str, message: &str) -> Rejection {

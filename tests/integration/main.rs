@@ -9,6 +9,7 @@ mod credentials;
 mod decrypt;
 mod deploy;
 mod forward_auth;
+mod fuzz;
 mod login;
 mod miniprogram;
 mod nginx;

@@ -31,6 +31,9 @@ use self::users::UserDb;
 use crate::Error;
 use crate::crypto::TokenHash;
 
+/// How long opening waits for another holder of the data dir's lock to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A broker's data dir, opened: the sled database (users) and the session log. Cheap to clone.
 #[derive(Clone)]
 pub struct DataDir {
@@ -59,17 +62,30 @@ impl DataDir {
                     ))
                 })?;
         }
-        let db = ::sled::Config::new()
+        let config = ::sled::Config::new()
             .path(dir)
-            .cache_capacity(cache_mb * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                Error::Storage(format!(
-                    "cannot open the database in {}: {e}. Check that the directory is writable \
-                     and that no other wxbroker uses it, or point WXBROKER_DATA_DIR elsewhere",
-                    dir.display()
-                ))
-            })?;
+            .cache_capacity(cache_mb * 1024 * 1024);
+        // A broker stopped a moment ago in this process (an embedder's restart) lets go of sled's
+        // lock when its last task ends, which can come just after its `shutdown` returned.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                opened => break opened,
+            }
+        }
+        .map_err(|e| {
+            Error::Storage(format!(
+                "cannot open the database in {}: {e}. Check that the directory is writable \
+                 and that no other wxbroker uses it, or point WXBROKER_DATA_DIR elsewhere",
+                dir.display()
+            ))
+        })?;
         let data = DataDir {
             users: UserDb::open(&db)?,
             log: Arc::new(SessionLog::open(dir)?),

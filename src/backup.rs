@@ -285,7 +285,7 @@ mod tests {
         // Cut inside the last line, and just before its newline (it parses, but what came after
         // it is missing).
         for cut in [whole.len() - 20, whole.len() - 1] {
-            let err = import(&data, whole[..cut].as_bytes()).unwrap_err();
+            let err = import(&data, &whole.as_bytes()[..cut]).unwrap_err();
             assert!(
                 matches!(&err, Error::InvalidRequest(m) if m.contains("line 2: ") && m.contains("cut short")),
                 "{cut}: {err}"

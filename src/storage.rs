@@ -358,11 +358,12 @@ impl UserExport {
             Walk::Sled { done: true, .. } | Walk::Redis { done: true, .. } => Ok(None),
             Walk::Sled { data, after, done } => {
                 let (users, from) = (data.users().clone(), after.clone());
-                let page = tokio::task::spawn_blocking(move || {
-                    users.page(from.as_deref(), EXPORT_PAGE)
-                })
-                .await
-                .map_err(|e| Error::Storage(format!("reading users for the export failed: {e}")))??;
+                let page =
+                    tokio::task::spawn_blocking(move || users.page(from.as_deref(), EXPORT_PAGE))
+                        .await
+                        .map_err(|e| {
+                            Error::Storage(format!("reading users for the export failed: {e}"))
+                        })??;
                 let Some(last) = page.last() else {
                     data.flush_users().await?;
                     *done = true;

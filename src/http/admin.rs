@@ -222,7 +222,10 @@ fn json_lines(first: Option<Vec<User>>, mut users: UserExport) -> Response {
     let body = futures_util::stream::poll_fn(move |cx| received.poll_recv(cx));
     let mut response = warp::reply::stream(body).into_response();
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

@@ -83,6 +83,9 @@ mod tests {
             assert!(!set.insert(uid), "{uid} twice");
         }
         assert!(matches!(set.blocks[&0], Block::Bitmap(_)));
-        assert!(matches!(set.blocks[&(u64::MAX >> BLOCK_BITS)], Block::List(_)));
+        assert!(matches!(
+            set.blocks[&(u64::MAX >> BLOCK_BITS)],
+            Block::List(_)
+        ));
     }
 }

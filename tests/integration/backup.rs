@@ -653,10 +653,18 @@ async fn the_admin_export_is_a_whole_backup_while_logins_go_on(kind: StoreKind) 
     let anonymous = tb.http.get(&url).send().await.unwrap();
     assert_error(anonymous, StatusCode::UNAUTHORIZED, "admin_unauthorized").await;
     let wrong = tb.http.get(&url).bearer_auth("x".repeat(40)).send().await;
-    assert_error(wrong.unwrap(), StatusCode::UNAUTHORIZED, "admin_unauthorized").await;
+    assert_error(
+        wrong.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "admin_unauthorized",
+    )
+    .await;
 
     // Four clients log in, new and returning users, from before the export to after it.
-    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let workers: Vec<_> = (0..4)
         .map(|worker| {
             let load = login_load(
@@ -816,7 +824,10 @@ async fn an_export_that_fails_midway_is_cut_short_never_complete() {
     for line in lines.iter().filter(|line| line.ends_with('\n')) {
         serde_json::from_str::<wxbroker::User>(line).unwrap();
     }
-    assert!(logs().contains("the export failed"), "the failure is logged");
+    assert!(
+        logs().contains("the export failed"),
+        "the failure is logged"
+    );
 
     // A copy cut inside a line, or before its newline, is refused naming the line.
     let whole = as_lines(&pre[..3]);

@@ -615,7 +615,9 @@ mod tests {
             // Between pages: a user before the cursor and one after it change, new ones come.
             users.upsert("o-00", "k2", None, 2).unwrap();
             users.upsert("o-24", "k2", None, 2).unwrap();
-            users.upsert(&format!("o-new-{round}"), "k", None, 2).unwrap();
+            users
+                .upsert(&format!("o-new-{round}"), "k", None, 2)
+                .unwrap();
         }
         let before: Vec<String> = (0..25).map(|i| format!("o-{i:02}")).collect();
         assert!(

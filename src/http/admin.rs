@@ -175,7 +175,7 @@ fn stats(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection
 /// (the client sees a broken transfer, `curl` exits non-zero), never as a complete export.
 fn export(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("export")
-        .and(warp::get())
+        .and(get())
         .and(with_broker(broker))
         .and_then(|broker: Broker| async move {
             let mut users = broker.export_users();

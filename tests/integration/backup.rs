@@ -792,7 +792,18 @@ async fn an_export_that_fails_midway_is_cut_short_never_complete() {
         let store = backup::open_for_import(data.path(), 8).unwrap();
         backup::import(&store, as_lines(&pre).as_bytes()).unwrap();
         drop(store);
-        let db = sled::open(data.path()).unwrap();
+        // The data dir's last handles may outlive the drop by a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match sled::open(data.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot open {}: {e}", data.path().display()),
+            }
+        };
         db.open_tree("users")
             .unwrap()
             .insert(unreadable.as_bytes(), "not a user")

@@ -205,7 +205,7 @@ fn json_lines(first: Option<Vec<User>>, mut users: UserExport) -> Response {
                 lines.push(b'\n');
             }
             if pages.send(Ok(Bytes::from(lines))).await.is_err() {
-                tracing::warn!(users = count, "the client left before the export ended");
+                tracing::info!(users = count, "the client left before the export ended");
                 return;
             }
             next = match users.next_page().await {

@@ -17,7 +17,7 @@ use crate::actors::user_registry::{UserRegistryArgs, UserRegistryMsg};
 use crate::actors::wechat_exchanger::{WeChatExchangerArgs, WeChatExchangerMsg};
 use crate::crypto::{TokenHash, is_token_shaped, parse_session_id, token_hash};
 use crate::session::{SessionInfo, SessionSummary};
-use crate::storage::{CallBudget, FastCheck, Health, Storage};
+use crate::storage::{CallBudget, FastCheck, Health, Storage, UserExport};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User, UserKey};
 use crate::verified_keys::VerifiedKeys;
@@ -500,6 +500,12 @@ impl Broker {
             |reply| UserRegistryMsg::Find(key, reply),
         )
         .await
+    }
+
+    /// Every registered user, a page at a time, read from the store while the broker serves (a
+    /// backup: `GET /admin/export`); see [`UserExport`] for what it gives.
+    pub fn export_users(&self) -> UserExport {
+        self.inner.storage.export_users()
     }
 
     /// The broker's metrics (rendered at `/metrics`).

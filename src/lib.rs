@@ -29,7 +29,8 @@
 //! - `verified_keys.rs`: WeChat's recent "this session_key is current" answers, reused briefly.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
-//! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
+//! - [`backup`]: offline export and import of the users as JSON lines (no session_key); a
+//!   serving broker streams the same lines at `GET /admin/export` ([`storage::UserExport`]).
 //! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
 //! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`].

@@ -48,7 +48,8 @@ enum Command {
     /// Write every user as one JSON object per line (never a session_key, token or session).
     ///
     /// Each line holds uid, openid, unionid, profile, phone, createdAt and updatedAt, as
-    /// /v1/me shows them. Run it on a stopped broker's data dir.
+    /// /v1/me shows them. Run it on a stopped broker's data dir (a serving broker gives the same
+    /// lines at GET /admin/export).
     Export {
         /// Data dir to read [default: the broker's --data-dir, from the flag before the command,
         /// WXBROKER_DATA_DIR or the config file]

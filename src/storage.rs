@@ -16,6 +16,7 @@
 pub mod call_budget;
 pub mod redis;
 pub mod sled;
+mod uid_set;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ use self::sled::group_commit::GroupCommit;
 pub use self::sled::sessions::FastCheck;
 use self::sled::sessions::{SessionTable, SledSessions};
 use self::sled::users::SledUsers;
+use self::uid_set::UidSet;
 use crate::crypto::{TokenHash, new_token};
 use crate::session::{Issued, SessionInfo, SessionPolicy, SessionSummary};
 use crate::upstream::Code2Session;
@@ -240,7 +242,8 @@ impl CallBudget {
     }
 }
 
-/// The part of the storage the broker itself uses: whether it answers, and the flush at shutdown.
+/// The part of the storage the broker itself uses: whether it answers, the flush at shutdown, and
+/// the export of users.
 /// It holds no group commit, whose task (and its handle on the database) must end with the
 /// actors, so that a stopped broker's data dir can be opened again at once.
 #[derive(Clone)]
@@ -288,6 +291,107 @@ impl Health {
                 Ok(())
             }
             Health::Redis(_) => Ok(()),
+        }
+    }
+}
+
+impl Health {
+    /// Every user, a page at a time, for a backup while the broker serves.
+    pub fn export_users(&self) -> UserExport {
+        UserExport(match self {
+            Health::Sled(data, _) => Walk::Sled {
+                data: data.clone(),
+                after: None,
+                done: false,
+            },
+            Health::Redis(redis) => Walk::Redis {
+                redis: redis.clone(),
+                cursor: 0,
+                seen: UidSet::default(),
+                done: false,
+            },
+        })
+    }
+}
+
+/// Users an export reads from the store at a time: a few hundred lines of JSON.
+pub const EXPORT_PAGE: usize = 256;
+
+/// Every registered user, read a page at a time while the broker serves (`GET /admin/export`):
+/// at most a page of users in memory, no lock a login waits for, no actor involved.
+///
+/// What a walk to its end gives: every user registered before it began, exactly once, each as
+/// stored at some instant of the walk (a user is read whole: one sled value, one `HGETALL`); a
+/// user registered meanwhile may come or not. With sled, the walk ends by putting the users'
+/// writes on disk, so no user it gave can be lost to a crash of the broker after it (a
+/// registration still being flushed when it was read, say).
+pub struct UserExport(Walk);
+
+/// Where a walk over the users is.
+enum Walk {
+    /// In openid order, through sled's tree, one page on tokio's blocking pool at a time.
+    Sled {
+        /// The data dir.
+        data: DataDir,
+        /// The openid of the last user given.
+        after: Option<String>,
+        /// Whether every user was given.
+        done: bool,
+    },
+    /// In Redis's `SCAN` order, dropping a key met again.
+    Redis {
+        /// The server.
+        redis: Redis,
+        /// `SCAN`'s cursor.
+        cursor: u64,
+        /// The uids given so far (compact: see [`UidSet`]).
+        seen: UidSet,
+        /// Whether `SCAN` has come back to 0.
+        done: bool,
+    },
+}
+
+impl UserExport {
+    /// The next users, or `None` once every user was given.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<User>>, Error> {
+        match &mut self.0 {
+            Walk::Sled { done: true, .. } | Walk::Redis { done: true, .. } => Ok(None),
+            Walk::Sled { data, after, done } => {
+                let (users, from) = (data.users().clone(), after.clone());
+                let page =
+                    tokio::task::spawn_blocking(move || users.page(from.as_deref(), EXPORT_PAGE))
+                        .await
+                        .map_err(|e| {
+                            Error::Storage(format!("reading users for the export failed: {e}"))
+                        })??;
+                let Some(last) = page.last() else {
+                    data.flush_users().await?;
+                    *done = true;
+                    return Ok(None);
+                };
+                *after = Some(last.openid.clone());
+                Ok(Some(page.into_iter().map(User::from).collect()))
+            }
+            Walk::Redis {
+                redis,
+                cursor,
+                seen,
+                done,
+            } => loop {
+                let (next, records) = redis.user_page(*cursor, EXPORT_PAGE).await?;
+                (*cursor, *done) = (next, next == 0);
+                let page: Vec<User> = records
+                    .into_iter()
+                    .filter(|user| seen.insert(user.uid))
+                    .map(User::from)
+                    .collect();
+                // SCAN may answer a step with no key that matches.
+                match (page.is_empty(), *done) {
+                    (false, _) => return Ok(Some(page)),
+                    (true, true) => return Ok(None),
+                    (true, false) => {}
+                }
+            },
         }
     }
 }

@@ -5,8 +5,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tracing::Instrument;
 use warp::http::StatusCode;
+use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -15,7 +19,8 @@ use super::handlers::bearer_token;
 use super::problem::{Problem, json};
 use super::rate_limit::{AdminFailures, client_ip};
 use crate::crypto::token_hash;
-use crate::{Broker, Error, UserKey};
+use crate::storage::UserExport;
+use crate::{Broker, Error, User, UserKey};
 
 /// Every admin route.
 pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
@@ -27,6 +32,7 @@ pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Re
             .or(revoke_session(broker.clone()))
             .or(revoke_user_sessions(broker.clone()))
             .or(reset_session_key(broker.clone()))
+            .or(export(broker.clone()))
             .or(stats(broker)),
     )
 }
@@ -157,6 +163,71 @@ fn stats(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection
                 serde_json::json!({ "users": stats.users, "liveSessions": stats.live_sessions });
             Ok::<_, Rejection>(json(StatusCode::OK, &body))
         })
+}
+
+/// GET /admin/export: every user as JSON lines, the format of `wxbroker export`, streamed while
+/// the broker serves
+///
+/// A chunked `application/x-ndjson` body, a page of users per chunk, produced by a task of its
+/// own through a channel of a few pages, so that a slow client holds back the reading instead of
+/// the broker holding the users. The first page is read before the answer, so a store that
+/// fails at once is an error status; a failure after it ends the body without its last chunk
+/// (the client sees a broken transfer, `curl` exits non-zero), never as a complete export.
+fn export(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("export")
+        .and(get())
+        .and(with_broker(broker))
+        .and_then(|broker: Broker| async move {
+            let mut users = broker.export_users();
+            let first = users.next_page().await.map_err(Problem::reject)?;
+            Ok::<_, Rejection>(json_lines(first, users))
+        })
+}
+
+/// Pages of users in flight between the reading task and the client.
+const EXPORT_PAGES_IN_FLIGHT: usize = 2;
+
+/// The streamed answer of [`export`]: `first`, then the rest of `users`.
+fn json_lines(first: Option<Vec<User>>, mut users: UserExport) -> Response {
+    let (pages, mut received) = mpsc::channel::<Result<Bytes, Error>>(EXPORT_PAGES_IN_FLIGHT);
+    let task = async move {
+        let mut next = first;
+        let mut count = 0usize;
+        loop {
+            let Some(page) = next else {
+                tracing::info!(users = count, "export finished");
+                return;
+            };
+            count += page.len();
+            let mut lines = Vec::with_capacity(page.len() * 256);
+            for user in &page {
+                serde_json::to_writer(&mut lines, user).expect("a user serializes");
+                lines.push(b'\n');
+            }
+            if pages.send(Ok(Bytes::from(lines))).await.is_err() {
+                tracing::info!(users = count, "the client left before the export ended");
+                return;
+            }
+            next = match users.next_page().await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %e, users = count, "the export failed: its answer is cut short");
+                    let _ = pages.send(Err(e)).await;
+                    return;
+                }
+            };
+        }
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
+    let body = futures_util::stream::poll_fn(move |cx| received.poll_recv(cx));
+    let mut response = warp::reply::stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 async fn find(broker: Broker, key: UserKey) -> Result<Response, Rejection> {

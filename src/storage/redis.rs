@@ -323,6 +323,43 @@ impl Redis {
         }))
     }
 
+    /// One step of a walk over every user (`SCAN` over `user:*`, from `cursor`, 0 at the start):
+    /// the cursor to go on from (0 once the walk is over) and the users of this step, each read
+    /// whole by one `HGETALL`. A walk meets every key that exists from its start to its end,
+    /// but may meet a key more than once (when Redis shrinks its table meanwhile): the caller
+    /// drops repeats.
+    pub(crate) async fn user_page(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<UserRecord>), Error> {
+        let mut con = self.con.clone();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{PREFIX}user:*"))
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut con)
+            .await
+            .map_err(storage)?;
+        if keys.is_empty() {
+            return Ok((next, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("HGETALL").arg(key);
+        }
+        let hashes: Vec<HashMap<String, String>> =
+            pipe.query_async(&mut con).await.map_err(storage)?;
+        let users = hashes
+            .into_iter()
+            .filter(|fields| !fields.is_empty())
+            .map(|fields| user_record(fields.into_iter().flat_map(|(f, v)| [f, v]).collect()))
+            .collect::<Result<_, _>>()?;
+        Ok((next, users))
+    }
+
     /// Writes a user from another store, keeping its uid (the uid counter moves past it); a user
     /// already here is kept as it is. Returns whether the user was written.
     pub fn import_user(&self, user: &UserRecord) -> Pending<bool> {

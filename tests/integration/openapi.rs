@@ -1048,6 +1048,17 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     api.send(get("/admin/stats").bearer_auth("wrong"), S::UNAUTHORIZED)
         .await;
 
+    // Admin: the export, every user as a line of JSON, each line a documented User.
+    let exported = api.send(admin(Method::GET, "/admin/export"), S::OK).await;
+    let exported = exported.as_str().unwrap();
+    assert_eq!(exported.lines().count(), 3, "{exported}");
+    let user = json!({ "$ref": "#/components/schemas/User" });
+    for line in exported.lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        api.validate(&user, &line, "a line of GET /admin/export");
+    }
+    api.send(get("/admin/export"), S::UNAUTHORIZED).await;
+
     // Admin: resetting a user's session_key at WeChat.
     let reset = |uid: u64| {
         admin(

@@ -43,8 +43,7 @@ pub fn open_for_import(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
 
 fn open_offline(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
     DataDir::open(dir, cache_mb).map_err(|err| match err {
-        // sled's message for a directory that another process (or this one) holds open.
-        Error::Storage(message) if message.contains("could not acquire lock") => {
+        Error::Storage(message) if message.contains(crate::storage::sled::LOCKED) => {
             Error::Storage(format!(
                 "the data dir {} is in use, most likely by a running wxbroker: stop the broker \
                  first (export and import work offline, on a stopped broker's data dir)",

@@ -31,6 +31,8 @@ use self::users::UserDb;
 use crate::Error;
 use crate::crypto::TokenHash;
 
+/// What sled says of a data dir that another process (or another broker in this one) holds open.
+pub const LOCKED: &str = "could not acquire lock";
 /// How long opening waits for another holder of the data dir's lock to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -71,8 +73,7 @@ impl DataDir {
         let db = loop {
             match config.open() {
                 Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
+                    if e.to_string().contains(LOCKED) && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }

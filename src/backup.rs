@@ -6,7 +6,8 @@
 //! stores a fresh session_key; until then, encrypted data of that user cannot be decrypted.
 //!
 //! Both work on the data dir of a stopped broker: sled locks the directory, so while a broker
-//! serves on it the open fails, with a message that says to stop the broker first.
+//! serves on it the open fails, with a message that says to stop the broker first. A serving
+//! broker, on sled or Redis, writes the same lines at `GET /admin/export`.
 //!
 //! [`migrate_to_redis`] (`wxbroker migrate`) moves a single-node deployment to a shared Redis:
 //! there the session_keys and live sessions go along, since they stay inside the deployment.
@@ -42,8 +43,7 @@ pub fn open_for_import(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
 
 fn open_offline(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
     DataDir::open(dir, cache_mb).map_err(|err| match err {
-        // sled's message for a directory that another process (or this one) holds open.
-        Error::Storage(message) if message.contains("could not acquire lock") => {
+        Error::Storage(message) if message.contains(crate::storage::sled::LOCKED) => {
             Error::Storage(format!(
                 "the data dir {} is in use, most likely by a running wxbroker: stop the broker \
                  first (export and import work offline, on a stopped broker's data dir)",
@@ -133,7 +133,8 @@ pub fn export(data: &DataDir, out: &mut impl Write) -> Result<u64, Error> {
 /// A user whose openid is already in the data dir is replaced, keeping the stored session_key (the
 /// one WeChat last gave); a new one gets an empty session_key until its next login. Blank lines
 /// are skipped. A bad line is an error naming its number; the lines before it stay imported
-/// and are flushed, and importing the same file again after fixing it is harmless.
+/// and are flushed, and importing the same file again after fixing it is harmless. A last line
+/// without its newline is a bad line: the file was cut short (an export ends every line).
 pub fn import(data: &DataDir, input: impl BufRead) -> Result<u64, Error> {
     let mut count = 0;
     let result = import_lines(data, input, &mut count);
@@ -142,19 +143,35 @@ pub fn import(data: &DataDir, input: impl BufRead) -> Result<u64, Error> {
     result.map(|()| count)
 }
 
-fn import_lines(data: &DataDir, input: impl BufRead, count: &mut u64) -> Result<(), Error> {
-    for (index, line) in input.lines().enumerate() {
-        let number = index + 1;
+fn import_lines(data: &DataDir, mut input: impl BufRead, count: &mut u64) -> Result<(), Error> {
+    let mut bytes = Vec::new();
+    for number in 1u64.. {
         let at_line = |what: String| {
             Error::InvalidRequest(format!(
                 "line {number}: {what}; users imported before it: {count}"
             ))
         };
-        let line = line.map_err(|e| at_line(format!("cannot be read: {e}")))?;
+        bytes.clear();
+        match input.read_until(b'\n', &mut bytes) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Err(at_line(format!("cannot be read: {e}"))),
+        }
+        let line = std::str::from_utf8(&bytes)
+            .map_err(|e| at_line(format!("cannot be read: not UTF-8 ({e})")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let user: User = serde_json::from_str(&line).map_err(|e| at_line(json_error(&e)))?;
+        // An export ends every line with a newline: a last line without one was cut short (an
+        // export over HTTP that failed midway, a copy that stopped), even if it parses.
+        let Some(line) = line.strip_suffix('\n') else {
+            return Err(at_line(
+                "has no newline at its end: the file was cut short, it is not a whole export"
+                    .into(),
+            ));
+        };
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let user: User = serde_json::from_str(line).map_err(|e| at_line(json_error(&e)))?;
         if user.uid == 0 || user.openid.is_empty() {
             return Err(at_line(
                 "uid must be at least 1 and openid must not be empty".into(),
@@ -220,7 +237,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = open_for_import(dir.path(), 8).unwrap();
         let (user, _) = data.users().upsert("o-a", "key-a", None, 1).unwrap();
-        import(&data, line(user.uid, "o-a").as_bytes()).unwrap();
+        import(&data, format!("{}\n", line(user.uid, "o-a")).as_bytes()).unwrap();
         let stored = data.users().find(&UserKey::Openid("o-a".into())).unwrap();
         assert_eq!(stored.unwrap().session_key, "key-a");
     }
@@ -257,6 +274,26 @@ mod tests {
             );
             assert_eq!(data.users().count(), 2, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_last_line_without_its_newline_is_refused_as_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = open_for_import(dir.path(), 8).unwrap();
+        let whole = format!("{}\n{}\n", line(1, "o-a"), line(2, "o-b"));
+        // Cut inside the last line, and just before its newline (it parses, but what came after
+        // it is missing).
+        for cut in [whole.len() - 20, whole.len() - 1] {
+            let err = import(&data, &whole.as_bytes()[..cut]).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidRequest(m) if m.contains("line 2: ") && m.contains("cut short")),
+                "{cut}: {err}"
+            );
+        }
+        assert_eq!(data.users().count(), 1);
+        // Windows line ends and blank lines (also a last one without a newline) are fine.
+        let crlf = format!("{}\r\n\n{}\r\n  ", line(1, "o-a"), line(2, "o-b"));
+        assert_eq!(import(&data, crlf.as_bytes()).unwrap(), 2);
     }
 
     #[test]

@@ -21,9 +21,10 @@ use crate::jwt::JwkSet;
 use crate::revocation::Cursor;
 use crate::session::{SessionInfo, SessionSummary};
 use crate::signer::{AccessToken, Rotation, Signer, Subject};
-use crate::storage::{FastCheck, Feed, Health, Storage};
+use crate::storage::{CallBudget, FastCheck, Feed, Health, Storage, UserExport};
 use crate::upstream::{Upstream, UpstreamConfig};
 use crate::user::{EncryptedData, Phone, Profile, User, UserKey};
+use crate::verified_keys::VerifiedKeys;
 use crate::{Config, Error, Metrics, Secret};
 
 /// Extra time a call gets when it waits for a disk flush.
@@ -72,6 +73,10 @@ struct Inner {
     storage: Health,
     /// For the server APIs, called from the request's own task.
     upstream: Upstream,
+    /// What each user's requests may still spend of WeChat's quota this minute.
+    call_budget: CallBudget,
+    /// WeChat's recent "this session_key is current" answers, reused for `verify=wechat`.
+    verified: VerifiedKeys,
     call_timeout: Duration,
     /// A call that may wait for a disk flush: a slow disk must not turn a write that will succeed
     /// into a 503 (a login's code would be spent for nothing).
@@ -165,6 +170,8 @@ impl Broker {
                 supervisor_alive,
                 storage: storage.health(),
                 upstream,
+                call_budget: storage.call_budget(config.wechat_calls_per_min),
+                verified: VerifiedKeys::default(),
                 call_timeout: config.call_timeout(),
                 durable_timeout: config.call_timeout() + FLUSH_ALLOWANCE,
                 exchange_timeout,
@@ -361,7 +368,10 @@ impl Broker {
 
     /// Decrypts the profile the session's user sent, stores it (durably) and returns it.
     ///
-    /// A unionid in the profile becomes the user's, and shows on all of its sessions.
+    /// The profile must name the session's openid. A unionid in it may confirm the user's or
+    /// give one to a user who has none (then it shows on all of the user's sessions); one that
+    /// differs from the user's own or belongs to another user is [`Error::UnionidConflict`], and
+    /// nothing is stored.
     pub async fn userinfo(&self, token: &str, data: EncryptedData) -> Result<Profile, Error> {
         let session = self.check_session(token).await?;
         let session_key = self.session_key(&session.openid).await?;
@@ -376,13 +386,25 @@ impl Broker {
                     reply,
                 },
             )
+            .await
+            .inspect_err(|e| self.doubt_session_key(session.uid, e))?;
+        // The store decides whether the unionid may be the user's (atomically, across brokers):
+        // only then does it go on the sessions, so a refused one shows nowhere.
+        let saved = profile.clone();
+        let user = self
+            .ask(
+                &self.inner.children.user_registry,
+                self.inner.durable_timeout,
+                |reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply),
+            )
             .await?;
         // Sent even when this session already shows it: the user's other sessions may not.
-        if let Some(unionid) = profile.union_id.clone() {
-            // Before the profile is saved, so that the profile's flush covers it too.
+        // Answered once on disk, like the profile: a crash between the two leaves the sessions
+        // without the unionid until the next login, never with one the user does not hold.
+        if let Some(unionid) = user.unionid.filter(|_| profile.union_id.is_some()) {
             self.ask(
                 &self.inner.children.session_keeper,
-                self.inner.call_timeout,
+                self.inner.durable_timeout,
                 |reply| SessionKeeperMsg::SetUnionid {
                     uid: session.uid,
                     unionid,
@@ -391,13 +413,6 @@ impl Broker {
             )
             .await?;
         }
-        let saved = profile.clone();
-        self.ask(
-            &self.inner.children.user_registry,
-            self.inner.durable_timeout,
-            |reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply),
-        )
-        .await?;
         Ok(profile)
     }
 
@@ -415,7 +430,8 @@ impl Broker {
                     reply,
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|e| self.doubt_session_key(session.uid, e))?;
         let saved = phone.clone();
         self.ask(
             &self.inner.children.user_registry,
@@ -429,9 +445,13 @@ impl Broker {
     /// Learns the phone number behind `code`, from the phone-number button, through WeChat's
     /// `getuserphonenumber`; stores it (durably) on the session's user and returns it. Unlike
     /// [`Broker::phone`] it needs no session_key, so a rotated key cannot make it fail.
+    ///
+    /// Each call spends one of the user's calls to WeChat (`WXBROKER_WECHAT_CALLS_PER_MIN`):
+    /// once they are spent, [`Error::RateLimited`] until the minute ends.
     pub async fn phone_by_code(&self, token: &str, code: &str) -> Result<Phone, Error> {
         let session = self.check_session(token).await?;
         check_code(code)?;
+        self.spend_wechat_call(session.uid).await?;
         let upstream = &self.inner.upstream;
         let phone = self
             .with_access_token(|access_token| async move {
@@ -452,15 +472,48 @@ impl Broker {
     /// whether the session_key stored for its user is still current:
     /// [`Error::SessionKeyExpired`] if the client has called `wx.login` since without logging in
     /// here, so that it logs in again before sending encrypted data.
+    ///
+    /// WeChat's answer that the key is current is reused for the same uid and key for
+    /// [`crate::verified_keys::REUSE_SECS`] seconds, at no cost; a call to WeChat spends one of
+    /// the user's calls (`WXBROKER_WECHAT_CALLS_PER_MIN`), and once they are spent the answer is
+    /// [`Error::RateLimited`] until the minute ends.
     pub async fn verify_session_key(&self, token: &str) -> Result<SessionInfo, Error> {
         let session = self.check_session(token).await?;
         let session_key = self.session_key(&session.openid).await?;
+        let verified = &self.inner.verified;
+        let now = self.inner.config.clock.now();
+        if verified.holds(session.uid, &session_key, now) {
+            return Ok(session);
+        }
+        self.spend_wechat_call(session.uid).await?;
         let (upstream, openid, key) = (&self.inner.upstream, &session.openid, &session_key);
-        self.with_access_token(|access_token| async move {
-            upstream.check_session_key(&access_token, openid, key).await
-        })
-        .await?;
+        match self
+            .with_access_token(|access_token| async move {
+                upstream.check_session_key(&access_token, openid, key).await
+            })
+            .await
+        {
+            Ok(()) => verified.insert(session.uid, &session_key, now),
+            Err(e) => {
+                self.doubt_session_key(session.uid, &e);
+                return Err(e);
+            }
+        }
         Ok(session)
+    }
+
+    /// Spends one call to WeChat of `uid`'s budget for this minute.
+    async fn spend_wechat_call(&self, uid: u64) -> Result<(), Error> {
+        let now = self.inner.config.clock.now();
+        self.inner.call_budget.spend(uid, now).wait().await
+    }
+
+    /// After `err`, a reused answer that `uid`'s session_key is current is not to be trusted:
+    /// WeChat called it stale, or data sealed with the current one did not open.
+    fn doubt_session_key(&self, uid: u64, err: &Error) {
+        if matches!(err, Error::SessionKeyExpired | Error::DecryptFailed) {
+            self.inner.verified.forget(uid);
+        }
     }
 
     /// Has WeChat replace the session_key of user `uid` (`resetusersessionkey`) and stores the
@@ -475,7 +528,10 @@ impl Broker {
             .with_access_token(|access_token| async move {
                 upstream.reset_session_key(&access_token, openid, key).await
             })
-            .await?;
+            .await;
+        // Whatever WeChat answered, the key it holds may have changed: ask it again next time.
+        self.inner.verified.forget(user.uid);
+        let new_key = new_key?;
         // A login meanwhile stored a newer key than the one reset: that one stays.
         self.ask(
             &self.inner.children.user_registry,
@@ -489,6 +545,20 @@ impl Broker {
         )
         .await?;
         Ok(true)
+    }
+
+    /// Asks WeChat for the app's access_token, as the start does with real credentials: `Ok`
+    /// when WeChat accepts the appid, the secret and this server's IP; otherwise why not
+    /// ([`Error::CredentialsRejected`] is the operator's to fix; anything else may pass). The
+    /// token is kept for the first call that needs one.
+    pub async fn check_credentials(&self) -> Result<(), Error> {
+        self.ask(
+            &self.inner.children.access_token_keeper,
+            self.inner.token_timeout,
+            AccessTokenKeeperMsg::Get,
+        )
+        .await
+        .map(drop)
     }
 
     /// Runs `call` with the app's access_token. If WeChat calls the token stale, a new one is
@@ -536,6 +606,12 @@ impl Broker {
             |reply| UserRegistryMsg::Find(key, reply),
         )
         .await
+    }
+
+    /// Every registered user, a page at a time, read from the store while the broker serves (a
+    /// backup: `GET /admin/export`); see [`UserExport`] for what it gives.
+    pub fn export_users(&self) -> UserExport {
+        self.inner.storage.export_users()
     }
 
     /// The broker's metrics (rendered at `/metrics`).
@@ -648,6 +724,14 @@ impl Broker {
     #[cfg(feature = "fault-injection")]
     pub fn inject(&self, kind: crate::ActorKind, fault: crate::Fault) {
         assert!(self.try_inject(kind, fault), "{kind:?} is not running");
+    }
+
+    /// Makes the next `n` group-commit flushes fail, as a disk that refuses writes would: every
+    /// write waiting for them gets an error. `false` on Redis. Only with the `fault-injection`
+    /// feature.
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_flushes(&self, n: u32) -> bool {
+        self.inner.storage.fail_flushes(n)
     }
 
     /// [`Broker::inject`], or `false` if that actor is not running.

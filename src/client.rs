@@ -25,14 +25,16 @@ impl BrokerClient {
     /// A client of the broker at `base_url` (e.g. `http://wxbroker.internal:8080`), with a
     /// 5-second timeout per call.
     pub fn new(base_url: &str) -> Result<BrokerClient, Error> {
+        crate::tls::install_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(crate::upstream::cannot_build_client)?;
         BrokerClient::with_http(base_url, http)
     }
 
-    /// As [`BrokerClient::new`], with a `reqwest::Client` of the caller's (timeouts, pool).
+    /// As [`BrokerClient::new`], with a `reqwest::Client` of the caller's (timeouts, pool), built
+    /// after [`crate::tls::install_provider`] or the host's own provider.
     pub fn with_http(base_url: &str, http: reqwest::Client) -> Result<BrokerClient, Error> {
         let base = Url::parse(base_url)
             .map_err(|e| Error::Config(format!("bad broker URL {base_url}: {e}")))?;

@@ -46,12 +46,18 @@ pub const DEFAULT_SWEEP_INTERVAL: u64 = 60;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Connections open at once from one client address (an IPv6 client's /64).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Fewest characters an admin token may have: a bearer secret must not be guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
 /// Time in-flight requests get to finish at shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Logins per minute from one client address, sustained (0 turns the limit off).
 pub const DEFAULT_LOGIN_RATE_PER_MIN: u32 = 120;
 /// Logins from one client address allowed at once before the rate applies.
 pub const DEFAULT_LOGIN_BURST: u32 = 30;
+/// Calls to WeChat per minute that one user's requests may cause (0 turns the budget off).
+pub const DEFAULT_WECHAT_CALLS_PER_MIN: u32 = 20;
 /// sled's page cache in MiB (sled's own default of 1 GiB is far more than a broker needs).
 pub const DEFAULT_CACHE_MB: u64 = 64;
 /// Seconds a signed access token lives (0 turns them off).
@@ -81,6 +87,11 @@ pub struct Config {
     /// The mini program's app secret. Never logged, never sent anywhere but WeChat.
     #[arg(long, env = "WECHAT_SECRET", hide_env_values = true)]
     pub secret: Option<Secret>,
+
+    /// File holding the app secret, instead of `--secret`: a systemd credential or a container
+    /// secret, so that the secret is in no environment or command line. Read at start.
+    #[arg(long, env = "WECHAT_SECRET_FILE", value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
 
     /// Base URL of WeChat's API (tests and the sandbox point it at loopback).
     #[arg(long, env = "WECHAT_API_BASE", default_value = DEFAULT_API_BASE)]
@@ -143,6 +154,22 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Connections open at once from one client IP (an IPv6 client's /64); beyond it that
+    /// client's new connections are refused at once (429); 0 turns the limit off.
+    #[arg(
+        long,
+        env = "WXBROKER_MAX_CONNECTIONS_PER_IP",
+        default_value_t = DEFAULT_MAX_CONNECTIONS_PER_IP
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// Reverse proxies (comma-separated addresses or CIDR networks) whose `X-Forwarded-For` or
+    /// `Forwarded: for=` is believed: from one of them, the client is the rightmost address there
+    /// that is not a trusted proxy. Rate limits, the admin failure limit and logs use it; the
+    /// connection caps count TCP peers. Default: none (the headers are ignored).
+    #[arg(long, env = "WXBROKER_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<crate::TrustedProxies>,
+
     /// Milliseconds in-flight requests get to finish at shutdown.
     #[arg(long, env = "WXBROKER_DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
     pub drain_timeout_ms: u64,
@@ -155,7 +182,13 @@ pub struct Config {
     #[arg(long, env = "WXBROKER_LOGIN_BURST", default_value_t = DEFAULT_LOGIN_BURST)]
     pub login_burst: u32,
 
-    /// Bearer secret of the admin routes (`/admin/...`); without it they are off (404).
+    /// Calls to WeChat per minute that one user's requests may cause (`verify=wechat`, phone
+    /// numbers by code), counted per uid, across brokers on Redis; 0 turns the budget off.
+    #[arg(long, env = "WXBROKER_WECHAT_CALLS_PER_MIN", default_value_t = DEFAULT_WECHAT_CALLS_PER_MIN)]
+    pub wechat_calls_per_min: u32,
+
+    /// Bearer secret of the admin routes (`/admin/...`), at least 32 characters; without it they
+    /// are off (404).
     #[arg(long, env = "WXBROKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
@@ -172,11 +205,27 @@ pub struct Config {
     /// (at least 32 characters); without it the feed is off (404).
     #[arg(long, env = "WXBROKER_VERIFIER_TOKEN", hide_env_values = true)]
     pub verifier_token: Option<Secret>,
+    /// File holding the admin token, instead of `--admin-token` (as `--secret-file`).
+    #[arg(long, env = "WXBROKER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Milliseconds the built-in sandbox WeChat waits before each answer (sandbox mode only; for
     /// load tests that imitate WeChat's latency).
     #[arg(long, env = "WXBROKER_SANDBOX_LATENCY_MS", default_value_t = 0)]
     pub sandbox_latency_ms: u64,
+
+    /// Serve the built-in sandbox WeChat even on an address that is not loopback (without
+    /// WECHAT_APPID and WECHAT_SECRET): anyone who reaches it can log in as anyone.
+    #[arg(
+        long,
+        env = "WXBROKER_SANDBOX",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value_t = false
+    )]
+    pub sandbox: bool,
 
     /// MiB of page cache for the embedded database.
     #[arg(long, env = "WXBROKER_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
@@ -259,6 +308,36 @@ impl Config {
         layer_file(&P::command(), args.into_iter().map(Into::into).collect())
     }
 
+    /// The config file (`--config`) if it holds a secret (a setting whose value is never shown:
+    /// the app secret, the admin token, the store URL) and the group or others may read it: the
+    /// binary warns about it at start. `None` without a file, or one it cannot read.
+    pub fn exposed_config_file(&self) -> Option<&Path> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.config_file.as_deref()?;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o044 == 0 {
+            return None;
+        }
+        let cmd = Config::command();
+        let settings = file_settings(&cmd, path).ok()?;
+        let secret = settings.iter().any(|(arg, _)| arg.is_hide_env_values_set());
+        secret.then_some(path)
+    }
+
+    /// Reads the secrets named by `secret_file` and `admin_token_file` into `secret` and
+    /// `admin_token` (the file's text without its final line break), and clears those two
+    /// settings. [`crate::run`] calls it; an embedder that starts a [`crate::Broker`] itself calls
+    /// it first. A secret given both ways, or a file that cannot be read or is empty, is an error
+    /// naming the variable.
+    pub fn read_secret_files(&mut self) -> Result<(), Error> {
+        read_secret_file(&mut self.secret_file, &mut self.secret, "WECHAT_SECRET")?;
+        read_secret_file(
+            &mut self.admin_token_file,
+            &mut self.admin_token,
+            "WXBROKER_ADMIN_TOKEN",
+        )
+    }
+
     /// The appid and secret, or `None` when neither is set (sandbox mode).
     ///
     /// Only one of them set is an error: it is almost always a typo in a deployment.
@@ -273,6 +352,23 @@ impl Config {
                     .into(),
             )),
         }
+    }
+
+    /// Whether the built-in sandbox WeChat may serve on `listen` when no credentials are set:
+    /// on a loopback address, or anywhere once the operator asked for it (`WXBROKER_SANDBOX`).
+    /// Anyone who reaches the sandbox can log in as anyone, so a public address without
+    /// credentials is refused rather than served by accident.
+    pub fn check_sandbox(&self, listen: SocketAddr) -> Result<(), Error> {
+        if self.credentials()?.is_some() || self.sandbox || listen.ip().to_canonical().is_loopback()
+        {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "WECHAT_APPID and WECHAT_SECRET are not set and {listen} is not a loopback address: \
+             the built-in sandbox WeChat would let anyone who reaches it log in as anyone. Set \
+             WECHAT_APPID and WECHAT_SECRET to serve real users, or WXBROKER_SANDBOX=1 \
+             (--sandbox) to serve the sandbox on this address anyway"
+        )))
     }
 
     /// Checks `store`: a URL the Redis backend can use, if set.
@@ -316,6 +412,16 @@ impl Config {
             if value == 0 {
                 return Err(Error::Config(format!("{name} must be greater than 0")));
             }
+        }
+        // An empty token turns the admin routes off, as an unset one does.
+        if let Some(token) = self.admin_token.as_ref().map(Secret::expose)
+            && !token.is_empty()
+            && token.chars().count() < MIN_ADMIN_TOKEN_LEN
+        {
+            return Err(Error::Config(format!(
+                "WXBROKER_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} characters (a \
+                 random one: openssl rand -hex 32)"
+            )));
         }
         // Bounds that keep the time arithmetic far from overflowing.
         const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
@@ -380,9 +486,38 @@ impl Config {
         crate::server::ServerLimits {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            trusted_proxies: self.trusted_proxies.clone().unwrap_or_default(),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
         }
     }
+}
+
+/// Moves the content of the file `file` names into `secret` (see [`Config::read_secret_files`]);
+/// `name` is the secret's variable, the file's is `name` with `_FILE`.
+fn read_secret_file(
+    file: &mut Option<PathBuf>,
+    secret: &mut Option<Secret>,
+    name: &str,
+) -> Result<(), Error> {
+    let Some(path) = file.take() else {
+        return Ok(());
+    };
+    if secret.is_some() {
+        return Err(Error::Config(format!(
+            "set {name} or {name}_FILE, not both"
+        )));
+    }
+    let shown = path.display();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::Config(format!("{name}_FILE: cannot read {shown}: {e}")))?;
+    // `echo secret > file` adds a line break that is no part of the secret.
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(Error::Config(format!("{name}_FILE: {shown} is empty")));
+    }
+    *secret = Some(Secret::new(value));
+    Ok(())
 }
 
 /// Long flag names a config file cannot set: the file itself, and clap's own flags.
@@ -563,6 +698,7 @@ mod tests {
         assert_eq!(config.config_file, None);
         assert_eq!(config.appid, None);
         assert_eq!(config.secret, None);
+        assert_eq!(config.secret_file, None);
         assert_eq!(config.api_base.as_str(), format!("{DEFAULT_API_BASE}/"));
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.data_dir, Path::new(DEFAULT_DATA_DIR));
@@ -583,13 +719,20 @@ mod tests {
             DEFAULT_HEADER_READ_TIMEOUT_MS
         );
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            config.max_connections_per_ip,
+            DEFAULT_MAX_CONNECTIONS_PER_IP
+        );
+        assert!(!config.sandbox);
         assert_eq!(config.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT_MS);
         assert_eq!(config.login_rate_per_min, DEFAULT_LOGIN_RATE_PER_MIN);
         assert_eq!(config.login_burst, DEFAULT_LOGIN_BURST);
+        assert_eq!(config.wechat_calls_per_min, DEFAULT_WECHAT_CALLS_PER_MIN);
         assert_eq!(config.admin_token, None);
         assert_eq!(config.access_token_ttl, DEFAULT_ACCESS_TOKEN_TTL);
         assert_eq!(config.issuer, DEFAULT_ISSUER);
         assert_eq!(config.verifier_token, None);
+        assert_eq!(config.admin_token_file, None);
         assert_eq!(config.sandbox_latency_ms, 0);
         assert_eq!(config.cache_mb, DEFAULT_CACHE_MB);
         assert_eq!(config.log_format, LogFormat::Human);
@@ -833,6 +976,33 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_with_a_secret_that_others_may_read_is_exposed() {
+        use std::os::unix::fs::PermissionsExt;
+        let exposed = |text: &str, mode: u32| {
+            let file = config_file(text);
+            std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let config = Config {
+                config_file: Some(file.path().to_owned()),
+                ..Config::default()
+            };
+            config.exposed_config_file() == Some(file.path())
+        };
+        let admin = "admin_token = \"an-admin-token-of-at-least-32-chars\"\n";
+        for secret in [
+            "secret = \"s\"\n",
+            admin,
+            "store = \"redis://:pw@127.0.0.1/\"\n",
+        ] {
+            assert!(exposed(secret, 0o644), "{secret}");
+            assert!(exposed(secret, 0o640), "{secret}");
+            assert!(exposed(secret, 0o604), "{secret}");
+            assert!(!exposed(secret, 0o600), "{secret}");
+        }
+        assert!(!exposed("session_idle_ttl = 60\n", 0o644));
+        assert_eq!(Config::default().exposed_config_file(), None);
+    }
+
+    #[test]
     fn a_bad_command_line_is_left_for_clap_to_report() {
         let args = Config::layered_args::<Config>(["wxbroker", "--no-such-flag"]).unwrap();
         assert_eq!(args, ["wxbroker", "--no-such-flag"]);
@@ -840,6 +1010,100 @@ mod tests {
         assert!(
             matches!(&err, Error::Config(m) if m.contains("--no-such-flag")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_serves_on_loopback_or_when_asked() {
+        let sandbox = Config::default();
+        for listen in [
+            "127.0.0.1:8080",
+            "127.0.0.2:0",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert_eq!(
+                sandbox.check_sandbox(listen.parse().unwrap()),
+                Ok(()),
+                "{listen}"
+            );
+        }
+        for listen in ["0.0.0.0:8080", "[::]:8080", "192.0.2.1:8080"] {
+            let err = sandbox.check_sandbox(listen.parse().unwrap()).unwrap_err();
+            let Error::Config(message) = &err else {
+                panic!("{err}")
+            };
+            for name in ["WECHAT_APPID", "WECHAT_SECRET", "WXBROKER_SANDBOX", listen] {
+                assert!(message.contains(name), "{message}");
+            }
+        }
+        let public = "0.0.0.0:8080".parse().unwrap();
+        let asked = Config {
+            sandbox: true,
+            ..Config::default()
+        };
+        assert_eq!(asked.check_sandbox(public), Ok(()));
+        let real = Config {
+            appid: Some("wx123".into()),
+            secret: Some(Secret::new("s")),
+            ..Config::default()
+        };
+        assert_eq!(
+            real.check_sandbox(public),
+            Ok(()),
+            "no sandbox with credentials"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_flag_comes_from_the_flag_the_environment_or_the_file() {
+        let cmd = command_with_env(&[("sandbox", UNSET)]);
+        assert!(!parse(&cmd, &["wxbroker"]).unwrap().sandbox);
+        assert!(parse(&cmd, &["wxbroker", "--sandbox"]).unwrap().sandbox);
+        assert!(
+            !parse(&cmd, &["wxbroker", "--sandbox=false"])
+                .unwrap()
+                .sandbox
+        );
+        // PATH is set in every test process: here it plays WXBROKER_SANDBOX, which is not a
+        // yes or a no.
+        let in_env = command_with_env(&[("sandbox", "PATH")]);
+        assert!(parse(&in_env, &["wxbroker"]).is_err());
+        // As WXBROKER_SANDBOX=1 would be, through the flag's own value parser.
+        for (value, expected) in [("1", true), ("true", true), ("0", false), ("no", false)] {
+            let config = parse(&cmd, &["wxbroker", &format!("--sandbox={value}")]).unwrap();
+            assert_eq!(config.sandbox, expected, "{value}");
+        }
+        let file = config_file("sandbox = true\n");
+        let path = file.path().to_str().unwrap();
+        assert!(
+            parse(&cmd, &["wxbroker", "--config", path])
+                .unwrap()
+                .sandbox
+        );
+        // Its value goes after `=` only: what follows it is never taken for its value.
+        let args = ["wxbroker", "--sandbox", "--listen", "127.0.0.1:0"];
+        assert!(parse(&cmd, &args).unwrap().sandbox);
+    }
+
+    #[test]
+    fn an_admin_token_is_at_least_32_characters() {
+        let with = |token: &str| Config {
+            admin_token: Some(Secret::new(token)),
+            ..Config::default()
+        };
+        let err = with("short-admin-token").validate().unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("WXBROKER_ADMIN_TOKEN") && m.contains("32")),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("short-admin-token"), "{err}");
+        assert!(with(&"x".repeat(31)).validate().is_err());
+        assert_eq!(with(&"x".repeat(32)).validate(), Ok(()));
+        assert_eq!(
+            with("").validate(),
+            Ok(()),
+            "empty: the admin routes are off"
         );
     }
 
@@ -883,6 +1147,81 @@ mod tests {
                 matches!(config.validate(), Err(Error::Config(_))),
                 "{config:?}"
             );
+        }
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_without_the_final_line_break() {
+        let secret = config_file("secret-from-a-file\n");
+        let token = config_file("admin-token-from-a-file-0123456789\r\n");
+        let mut config = Config {
+            appid: Some("wx1".into()),
+            secret_file: Some(secret.path().into()),
+            admin_token_file: Some(token.path().into()),
+            ..Config::default()
+        };
+        config.read_secret_files().unwrap();
+        assert_eq!(
+            config.secret.as_ref().map(Secret::expose),
+            Some("secret-from-a-file")
+        );
+        assert_eq!(
+            config.admin_token.as_ref().map(Secret::expose),
+            Some("admin-token-from-a-file-0123456789")
+        );
+        assert_eq!(
+            (
+                config.secret_file.as_ref(),
+                config.admin_token_file.as_ref()
+            ),
+            (None, None)
+        );
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("from-a-file"));
+        // Read once: a second call (the binary's, then run's) changes nothing.
+        config.read_secret_files().unwrap();
+        assert_eq!(
+            config.secret.as_ref().map(Secret::expose),
+            Some("secret-from-a-file")
+        );
+    }
+
+    #[test]
+    fn a_secret_file_mistake_names_the_variable() {
+        let file = config_file("s3cret\n");
+        let both = Config {
+            secret: Some(Secret::new("given")),
+            secret_file: Some(file.path().into()),
+            ..Config::default()
+        };
+        let empty = config_file("\n");
+        let cases = [
+            (
+                both,
+                "set WECHAT_SECRET or WECHAT_SECRET_FILE, not both".to_owned(),
+            ),
+            (
+                Config {
+                    admin_token_file: Some("/nonexistent/admin-token".into()),
+                    ..Config::default()
+                },
+                "WXBROKER_ADMIN_TOKEN_FILE: cannot read /nonexistent/admin-token".to_owned(),
+            ),
+            (
+                Config {
+                    secret_file: Some(empty.path().into()),
+                    ..Config::default()
+                },
+                format!("WECHAT_SECRET_FILE: {} is empty", empty.path().display()),
+            ),
+        ];
+        for (mut config, expected) in cases {
+            let err = config.read_secret_files().unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(&expected)),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("s3cret"), "{err}");
         }
     }
 }

@@ -17,8 +17,9 @@ pub enum Error {
     /// The code was already exchanged (errcode 40163, or seen by this broker before).
     #[error("the login code was already used")]
     CodeUsed,
-    /// WeChat's per-user minute quota is spent (errcode 45011).
-    #[error("WeChat's per-user quota is spent; retry after {retry_after_secs} s")]
+    /// WeChat's per-user minute quota is spent (errcode 45011), or the broker's own budget of
+    /// calls to WeChat per user (`WXBROKER_WECHAT_CALLS_PER_MIN`).
+    #[error("the user's quota of calls to WeChat is spent; retry after {retry_after_secs} s")]
     RateLimited {
         /// Seconds the client should wait, sent as `Retry-After`.
         retry_after_secs: u64,
@@ -43,6 +44,19 @@ pub enum Error {
     /// the client called `wx.login` without logging in here, so it must log in again.
     #[error("WeChat no longer accepts the stored session_key")]
     SessionKeyExpired,
+    /// WeChat refused the app's credentials or this server: a wrong appid (40013) or secret
+    /// (40125, or 40001 from the token endpoints), or a server IP missing from the mini program's
+    /// IP whitelist (40164, 61004). Only the operator can fix it; [`Error::credentials_fix`]
+    /// says how.
+    #[error(
+        "WeChat refused the app's credentials or this server's IP (errcode {errcode}: {errmsg})"
+    )]
+    CredentialsRejected {
+        /// WeChat's errcode.
+        errcode: i64,
+        /// WeChat's errmsg (for 40164 it names the refused IP).
+        errmsg: String,
+    },
     /// WeChat rejected our access_token as invalid or expired (errcode 40001/42001), even after
     /// a fresh one was fetched.
     #[error("WeChat rejected the access_token (errcode {0})")]
@@ -63,6 +77,10 @@ pub enum Error {
     /// `rawData` and `signature` do not match under the stored session_key.
     #[error("the rawData signature does not match")]
     SignatureMismatch,
+    /// Decrypted data names a unionid that another user holds, or that differs from the one this
+    /// user already has: encrypted data may confirm a user's unionid, never move or change one.
+    #[error("the data's unionid belongs to another user or differs from this user's")]
+    UnionidConflict,
     /// An actor is dead, restarting or too slow to answer within its call timeout.
     #[error("the broker is temporarily unavailable: {0}")]
     Unavailable(String),
@@ -88,15 +106,42 @@ impl Error {
             Error::Upstream(_) => "upstream_error",
             Error::InvalidPhoneCode => "invalid_phone_code",
             Error::SessionKeyExpired => "session_key_expired",
-            Error::AccessTokenStale(_) => "upstream_error",
+            Error::AccessTokenStale(_) | Error::CredentialsRejected { .. } => "upstream_error",
             Error::InvalidSession => "invalid_session",
             Error::DecryptFailed => "decrypt_failed",
             Error::WatermarkMismatch => "watermark_mismatch",
             Error::OpenidMismatch => "openid_mismatch",
             Error::SignatureMismatch => "signature_mismatch",
+            Error::UnionidConflict => "unionid_conflict",
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Storage(_) => "internal",
         }
+    }
+}
+
+impl Error {
+    /// For [`Error::CredentialsRejected`], a sentence naming what to fix in the WeChat console.
+    pub fn credentials_fix(&self, appid: &str) -> Option<String> {
+        let Error::CredentialsRejected { errcode, errmsg } = self else {
+            return None;
+        };
+        Some(match errcode {
+            40013 => format!(
+                "WeChat does not know the appid {appid:?} (errcode 40013: {errmsg}): set \
+                 WECHAT_APPID to the AppID shown in the mini program console under \
+                 Development > Development settings"
+            ),
+            40164 | 61004 => format!(
+                "WeChat refused this server's IP address (errcode {errcode}: {errmsg}): add the \
+                 server's public egress IP to the IP whitelist in the mini program console \
+                 (Development > Development settings > IP whitelist)"
+            ),
+            _ => format!(
+                "WeChat rejected the AppSecret of appid {appid:?} (errcode {errcode}: {errmsg}): \
+                 set WECHAT_SECRET to the current AppSecret from the mini program console \
+                 (Development > Development settings; it changes when someone resets it)"
+            ),
+        })
     }
 }
 

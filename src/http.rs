@@ -18,6 +18,7 @@ mod tokens;
 
 use std::convert::Infallible;
 
+use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::Broker;
@@ -26,12 +27,15 @@ pub use filters::require_session;
 pub(crate) use handlers::bearer_token;
 pub(crate) use problem::Problem;
 pub use problem::recover;
+pub(crate) use problem::too_many_connections;
 
-/// Every route of the broker, with errors turned into JSON.
-pub fn routes(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    filters::public(broker.clone())
+/// Every route of the broker, with errors turned into JSON (and `Allow` on a 405).
+pub fn routes(broker: Broker) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let routes = filters::public(broker.clone())
         .or(tokens::routes(broker.clone()))
         .or(revocations::route(broker.clone()))
         .or(admin::routes(broker))
         .recover(problem::recover)
+        .map(Reply::into_response);
+    problem::with_allow(routes)
 }

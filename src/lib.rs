@@ -11,7 +11,8 @@
 //!   graceful shutdown. Takes an already bound listener (see [`bind`] for one with a backlog
 //!   that survives a burst of connections) and a shutdown future. [`serve`] does the same for a
 //!   broker started by the caller.
-//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap, drain).
+//! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap and each
+//!   client's share of it, lingering close, drain).
 //! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,
@@ -25,12 +26,16 @@
 //!   over their own log, the group commit); `storage/redis.rs` and its Lua scripts, the store
 //!   several brokers share.
 //! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
+//! - `trusted_proxies.rs`: the client's address behind trusted reverse proxies ([`TrustedProxies`]).
+//! - [`tls`]: the process's rustls provider (ring), installed before every HTTPS client.
+//! - `verified_keys.rs`: WeChat's recent "this session_key is current" answers, reused briefly.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
 //! - Signed access tokens: [`jwt`] (the format), `keyring.rs` (signing keys), `signer.rs` (the
 //!   broker's signer), [`revocation`] and `feed.rs` (the revocation feed), and [`edge`]: the
 //!   verifier that edge hosts run, without a broker.
-//! - [`backup`]: offline export and import of the users as JSON lines (no session_key).
+//! - [`backup`]: offline export and import of the users as JSON lines (no session_key); a
+//!   serving broker streams the same lines at `GET /admin/export` ([`storage::UserExport`]).
 //! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
 //! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`].
@@ -75,9 +80,12 @@ pub mod server_api;
 mod session;
 mod signer;
 pub mod storage;
+pub mod tls;
+mod trusted_proxies;
 pub mod upstream;
 mod used_codes;
 mod user;
+mod verified_keys;
 
 use std::future::Future;
 
@@ -98,25 +106,41 @@ pub use http::{recover, require_session, routes};
 pub use keyring::{ACCESS_SLACK, AccessPolicy};
 pub use metrics::Metrics;
 pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
-pub use server::{LISTEN_BACKLOG, PeerAddr, bind};
+pub use server::{ClientAddr, LISTEN_BACKLOG, PeerAddr, bind};
 pub use session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
 pub use signer::{AccessToken, KeyInfo, Rotation};
+pub use trusted_proxies::TrustedProxies;
 pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserRecord};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///
-/// Without credentials in `config`, starts a [`Sandbox`] and uses it (and says so loudly).
-/// Returns an error if the actors fail beyond their restart cap.
+/// Reads the secret files `config` names ([`Config::read_secret_files`]). Without credentials in
+/// `config`, starts a [`Sandbox`] and uses it (and says so loudly); only on a loopback
+/// `listener` unless `config.sandbox` says so ([`Config::check_sandbox`]), else an
+/// [`Error::Config`]. Returns an error if the actors fail beyond their restart cap.
 pub async fn run(
     listener: TcpListener,
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    config.read_secret_files()?;
     config.validate()?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("the listener has no address: {e}")))?;
+    config.check_sandbox(listen)?;
     let sandbox = match config.credentials()? {
-        Some(_) => None,
+        Some(_) => {
+            if config.sandbox {
+                tracing::warn!(
+                    "WXBROKER_SANDBOX is set, but so are WECHAT_APPID and WECHAT_SECRET: \
+                     serving real WeChat, no sandbox"
+                );
+            }
+            None
+        }
         None => {
             let sandbox = Sandbox::start(SandboxOptions {
                 latency: std::time::Duration::from_millis(config.sandbox_latency_ms),
@@ -133,6 +157,9 @@ pub async fn run(
         }
     };
     let broker = Broker::start(&config).await?;
+    if sandbox.is_none() {
+        check_credentials(&broker).await?;
+    }
     #[cfg(feature = "fault-injection")]
     strike_from_env(&broker);
     let mut app = routes(broker.clone()).map(Reply::into_response).boxed();
@@ -140,6 +167,36 @@ pub async fn run(
         app = sandbox.client_routes().or(app).unify().boxed();
     }
     serve_app(listener, broker, app, shutdown).await
+}
+
+/// Stops the start when WeChat refuses the credentials or this server's IP, naming what to fix;
+/// a WeChat that cannot be reached only warns, since it may come back before the first login.
+async fn check_credentials(broker: &Broker) -> Result<(), Error> {
+    let appid = broker.config().appid.clone().unwrap_or_default();
+    let appid = appid.as_str();
+    match broker.check_credentials().await {
+        Ok(()) => {
+            tracing::info!(
+                appid,
+                "WeChat accepts the credentials: serving this mini program"
+            );
+            Ok(())
+        }
+        Err(err) => match err.credentials_fix(appid) {
+            Some(fix) => {
+                broker.shutdown().await?;
+                Err(Error::Config(fix))
+            }
+            None => {
+                tracing::warn!(
+                    appid,
+                    error = %err,
+                    "could not check the credentials with WeChat at start; serving anyway"
+                );
+                Ok(())
+            }
+        },
+    }
 }
 
 /// Serves a started broker's routes on `listener` until `shutdown` resolves (or the actors give
@@ -173,7 +230,8 @@ async fn serve_app(
         broker.drain();
     };
     let limits = broker.config().server_limits();
-    server::serve_http(listener, app, limits, broker.metrics(), stop).await;
+    let refusal = http::too_many_connections;
+    server::serve_http(listener, app, refusal, limits, broker.metrics(), stop).await;
     broker.shutdown().await?;
     if gave_up.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Unavailable(
@@ -186,17 +244,26 @@ async fn serve_app(
 
 /// Names the actor that the `fault-injection` build of the binary makes panic each time it runs,
 /// so that a test can watch the real binary give up past the restart cap (nothing else from
-/// outside can make an actor fail).
+/// outside can make an actor fail); or, as `flush:N`, makes the first N group-commit flushes fail.
 #[cfg(feature = "fault-injection")]
 const FAULT_ENV: &str = "WXBROKER_FAULT";
 
 #[cfg(feature = "fault-injection")]
 /// With [`FAULT_ENV`] set to an actor's name (`session_keeper`, ...), makes that actor panic each
-/// time it runs, until the broker stops.
+/// time it runs, until the broker stops; set to `flush:N`, fails the first N flushes.
 fn strike_from_env(broker: &Broker) {
     let Ok(name) = std::env::var(FAULT_ENV) else {
         return;
     };
+    if let Some(count) = name.strip_prefix("flush:") {
+        match count.parse() {
+            Ok(n) if broker.fail_flushes(n) => {
+                tracing::warn!(flushes = n, "{FAULT_ENV}: failing the first flushes")
+            }
+            _ => tracing::warn!(name, "{FAULT_ENV}: flush:N takes a count, and the data dir"),
+        }
+        return;
+    }
     let Some(kind) = ActorKind::ALL.into_iter().find(|kind| kind.name() == name) else {
         tracing::warn!(name, "{FAULT_ENV} names no actor");
         return;

@@ -1,10 +1,13 @@
 //! The `wxbroker` binary: configuration, logging, bind, [`wxbroker::run`]; and the offline
-//! `export` / `import` / `migrate` commands ([`wxbroker::backup`]).
+//! `export` / `import` / `migrate` commands ([`wxbroker::backup`]); `healthcheck` for containers.
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter, IsTerminal};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -39,13 +42,14 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// Offline commands: they open a stopped broker's data dir directly.
+/// Commands instead of serving: the offline ones open a stopped broker's data dir directly.
 #[derive(Subcommand)]
 enum Command {
     /// Write every user as one JSON object per line (never a session_key, token or session).
     ///
     /// Each line holds uid, openid, unionid, profile, phone, createdAt and updatedAt, as
-    /// /v1/me shows them. Run it on a stopped broker's data dir.
+    /// /v1/me shows them. Run it on a stopped broker's data dir (a serving broker gives the same
+    /// lines at GET /admin/export).
     Export {
         /// Data dir to read [default: the broker's --data-dir, from the flag before the command,
         /// WXBROKER_DATA_DIR or the config file]
@@ -92,6 +96,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the broker for GET /healthz: exit 0 when it answers 200, 1 otherwise.
+    ///
+    /// For a container's HEALTHCHECK, where there is no curl. It asks the broker's listen
+    /// address (the --listen flag before the command, WXBROKER_LISTEN or the config file); an
+    /// unspecified one (0.0.0.0, [::]) on loopback. Gives up after 3 s.
+    Healthcheck,
 }
 
 #[tokio::main]
@@ -106,11 +116,22 @@ async fn main() -> ExitCode {
     let Cli { config, command } = Cli::parse_from(args);
     let serving = command.is_none();
     init_logging(config.log_format.is_json(), serving);
+    // Every file this process writes holds users' data or secrets: the data dir's (sled's
+    // included, also those it creates later) and exports are nobody else's to read.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    if let Some(file) = config.exposed_config_file() {
+        tracing::warn!(
+            file = %file.display(),
+            "the config file holds a secret and its group or others may read it: chmod 600 it"
+        );
+    }
     let result = match command {
         None => serve(config).await,
         Some(Command::Export { data_dir, output }) => export(&config, data_dir, output),
         Some(Command::Import { data_dir, input }) => import(&config, data_dir, input),
         Some(Command::Migrate { from, to, force }) => migrate(&config, &from, to, force).await,
+        Some(Command::Healthcheck) => healthcheck(config.listen),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,8 +169,11 @@ fn init_logging(json: bool, serving: bool) {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(mut config: Config) -> anyhow::Result<()> {
+    config.read_secret_files()?;
     config.validate()?;
+    // Before binding: a public address is not even opened for a sandbox by accident.
+    config.check_sandbox(config.listen)?;
     let listener = wxbroker::bind(config.listen)
         .with_context(|| format!("cannot listen on {} (WXBROKER_LISTEN)", config.listen))?;
     wxbroker::run(listener, config, shutdown_signal()).await?;
@@ -176,14 +200,25 @@ fn export(
     Ok(())
 }
 
-/// Writes the export beside `path` and renames it into place once complete and on disk, so a
-/// failed export never replaces a good backup with half of one.
+/// Writes the export beside `path` (0600: it holds users' phone numbers) and renames it into
+/// place once complete and on disk, so a failed export never replaces a good backup with half of
+/// one.
 fn export_to_file(data: &wxbroker::storage::sled::DataDir, path: &Path) -> anyhow::Result<u64> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let written = (|| {
-        let file = File::create(&partial)
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .and_then(|file| {
+                // A leftover of an earlier export keeps its mode.
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                Ok(file)
+            })
             .with_context(|| format!("cannot create {}", partial.display()))?;
         let mut out = BufWriter::new(file);
         let count = backup::export(data, &mut out)?;
@@ -261,6 +296,45 @@ async fn migrate(
         "migrated to Redis"
     );
     Ok(())
+}
+
+/// How long `wxbroker healthcheck` waits for the connection, and again for the answer.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `wxbroker healthcheck`: `GET /healthz` on the listen address in plain HTTP/1.1 (no HTTP
+/// client: it would load the CA bundle first), Ok when the answer is 200.
+fn healthcheck(listen: SocketAddr) -> anyhow::Result<()> {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/healthz");
+    let status =
+        healthz_status(addr).with_context(|| format!("unhealthy: no answer from {url}"))?;
+    anyhow::ensure!(status == 200, "unhealthy: {url} answered {status}");
+    println!("healthy: {url} answered 200");
+    Ok(())
+}
+
+/// The status code of the answer to `GET /healthz` at `addr`.
+fn healthz_status(addr: SocketAddr) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, HEALTHCHECK_TIMEOUT)?;
+    stream.set_read_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    stream.set_write_timeout(Some(HEALTHCHECK_TIMEOUT))?;
+    // One write: `write!` would send the request in pieces.
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    // The status line is all it takes: "HTTP/1.1 200 OK".
+    let mut line = String::new();
+    BufReader::new(stream.take(1024)).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next().map(str::parse::<u16>)) {
+        (Some(version), Some(Ok(status))) if version.starts_with("HTTP/1.") => Ok(status),
+        _ => anyhow::bail!("not an HTTP answer: {:?}", line.trim_end()),
+    }
 }
 
 /// Resolves on ctrl-c or SIGTERM.

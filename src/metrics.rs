@@ -47,6 +47,9 @@ pub struct Metrics {
     pub access_tokens_signed: IntCounter,
     /// Revocation feeds being served now: the verifiers following this broker.
     pub revocation_feeds: IntGauge,
+    /// Connections refused because their client address already held
+    /// `WXBROKER_MAX_CONNECTIONS_PER_IP`.
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -128,6 +131,10 @@ impl Metrics {
             revocation_feeds: gauge(
                 "wxbroker_revocation_feeds_open",
                 "Revocation feeds being served to verifiers",
+            ),
+            connections_refused: plain_counter(
+                "wxbroker_connections_refused_total",
+                "Connections refused because their client address held its share of connections",
             ),
             registry,
         }

@@ -190,6 +190,18 @@ impl Sandbox {
         self.state.server_api.token_requests.load(Ordering::Relaxed)
     }
 
+    /// How many `getuserphonenumber` requests (phone numbers by code) the sandbox has answered,
+    /// errors included.
+    pub fn phone_number_requests(&self) -> u64 {
+        self.state.server_api.phone_requests.load(Ordering::Relaxed)
+    }
+
+    /// How many `checksession` requests the sandbox has answered, errors included.
+    pub fn checksession_requests(&self) -> u64 {
+        let checks = &self.state.server_api.checksession_requests;
+        checks.load(Ordering::Relaxed)
+    }
+
     /// Makes every access_token issued so far stale (errcode 40001 from the APIs that take
     /// one), as when WeChat drops tokens before their time. As WeChat's `stable_token` would,
     /// it keeps answering the stale token until asked with `force_refresh`.

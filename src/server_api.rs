@@ -194,7 +194,7 @@ mod tests {
         assert!(format!("{token:?}").contains("redacted"));
         assert!(matches!(
             parse_token(200, br#"{"errcode":40001,"errmsg":"invalid credential"}"#),
-            Err(Error::Upstream(_))
+            Err(Error::CredentialsRejected { errcode: 40001, .. })
         ));
         assert_eq!(
             parse_token(200, br#"{"errcode":-1,"errmsg":"busy"}"#).unwrap_err(),

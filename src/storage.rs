@@ -9,14 +9,20 @@
 //! Each operation returns a [`Pending`]: done at once (sled's in-memory work), or a future that
 //! the caller hands to a task of its own (a flush to wait for, a Redis round trip), so that an
 //! actor never waits for I/O between two messages. Nothing here knows of actors or HTTP.
+//!
+//! The broker's budget of calls to WeChat per user and minute ([`CallBudget`]) is counted here
+//! too: in memory with sled, on the server with Redis, so that brokers share it.
 
+pub mod call_budget;
 pub mod redis;
 pub mod sled;
+mod uid_set;
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
+use self::call_budget::LocalCounts;
 use self::redis::{Redis, RedisFeed};
 use self::sled::DataDir;
 use self::sled::group_commit::GroupCommit;
@@ -25,6 +31,7 @@ use self::sled::revocations::SledRevocations;
 pub use self::sled::sessions::FastCheck;
 use self::sled::sessions::{SessionTable, SledSessions};
 use self::sled::users::SledUsers;
+use self::uid_set::UidSet;
 use crate::crypto::{TokenHash, new_token};
 use crate::keyring::{AccessPolicy, KeyRecord};
 use crate::revocation::{Cursor, FeedEvent, Page};
@@ -163,6 +170,22 @@ impl Storage {
         }
     }
 
+    /// The budget of `per_min` calls to WeChat per user and minute (0: no budget): counted in
+    /// this broker's memory with sled, in Redis (shared by every broker) with Redis.
+    pub fn call_budget(&self, per_min: u32) -> CallBudget {
+        match self {
+            _ if per_min == 0 => CallBudget::Off,
+            Storage::Sled { .. } => CallBudget::Local {
+                counts: Arc::new(LocalCounts::default()),
+                per_min,
+            },
+            Storage::Redis(redis) => CallBudget::Redis {
+                redis: redis.clone(),
+                per_min,
+            },
+        }
+    }
+
     /// What the broker itself needs of the storage.
     pub fn health(&self) -> Health {
         match self {
@@ -204,7 +227,53 @@ impl CodeBook {
     }
 }
 
-/// The part of the storage the broker itself uses: whether it answers, and the flush at shutdown.
+/// How many calls to WeChat each user's requests may make per minute (see [`call_budget`]).
+/// Cheap to clone.
+#[derive(Clone)]
+pub enum CallBudget {
+    /// No budget (`WXBROKER_WECHAT_CALLS_PER_MIN=0`): nothing is counted.
+    Off,
+    /// Counted in this broker's memory (sled: one broker).
+    Local {
+        /// The current minute's counts.
+        counts: Arc<LocalCounts>,
+        /// Calls per user and minute.
+        per_min: u32,
+    },
+    /// Counted in Redis, so that every broker on it spends the same budget.
+    Redis {
+        /// The shared server.
+        redis: Redis,
+        /// Calls per user and minute.
+        per_min: u32,
+    },
+}
+
+impl CallBudget {
+    /// Spends one call to WeChat of `uid`'s budget at `now` (unix seconds); once the minute's
+    /// calls are spent, [`Error::RateLimited`] with the seconds left in the minute.
+    pub fn spend(&self, uid: u64, now: u64) -> Pending<()> {
+        let window = call_budget::window(now);
+        match self {
+            CallBudget::Off => Pending::Ready(Ok(())),
+            CallBudget::Local { counts, per_min } => Pending::Ready(call_budget::within(
+                counts.count(uid, window),
+                *per_min,
+                now,
+            )),
+            CallBudget::Redis { redis, per_min } => {
+                let (redis, per_min) = (redis.clone(), *per_min);
+                Pending::Later(Box::pin(async move {
+                    let count = redis.count_call(uid, window).await?;
+                    call_budget::within(count, per_min, now)
+                }))
+            }
+        }
+    }
+}
+
+/// The part of the storage the broker itself uses: whether it answers, the flush at shutdown, and
+/// the export of users.
 /// It holds no group commit, whose task (and its handle on the database) must end with the
 /// actors, so that a stopped broker's data dir can be opened again at once.
 #[derive(Clone)]
@@ -256,6 +325,122 @@ impl Health {
     }
 }
 
+impl Health {
+    /// Every user, a page at a time, for a backup while the broker serves.
+    pub fn export_users(&self) -> UserExport {
+        UserExport(match self {
+            Health::Sled(data, _) => Walk::Sled {
+                data: data.clone(),
+                after: None,
+                done: false,
+            },
+            Health::Redis(redis) => Walk::Redis {
+                redis: redis.clone(),
+                cursor: 0,
+                seen: UidSet::default(),
+                done: false,
+            },
+        })
+    }
+}
+
+/// Users an export reads from the store at a time: a few hundred lines of JSON.
+pub const EXPORT_PAGE: usize = 256;
+
+/// Every registered user, read a page at a time while the broker serves (`GET /admin/export`):
+/// at most a page of users in memory, no lock a login waits for, no actor involved.
+///
+/// What a walk to its end gives: every user registered before it began, exactly once, each as
+/// stored at some instant of the walk (a user is read whole: one sled value, one `HGETALL`); a
+/// user registered meanwhile may come or not. With sled, the walk ends by putting the users'
+/// writes on disk, so no user it gave can be lost to a crash of the broker after it (a
+/// registration still being flushed when it was read, say).
+pub struct UserExport(Walk);
+
+/// Where a walk over the users is.
+enum Walk {
+    /// In openid order, through sled's tree, one page on tokio's blocking pool at a time.
+    Sled {
+        /// The data dir.
+        data: DataDir,
+        /// The openid of the last user given.
+        after: Option<String>,
+        /// Whether every user was given.
+        done: bool,
+    },
+    /// In Redis's `SCAN` order, dropping a key met again.
+    Redis {
+        /// The server.
+        redis: Redis,
+        /// `SCAN`'s cursor.
+        cursor: u64,
+        /// The uids given so far (compact: see [`UidSet`]).
+        seen: UidSet,
+        /// Whether `SCAN` has come back to 0.
+        done: bool,
+    },
+}
+
+impl UserExport {
+    /// The next users, or `None` once every user was given.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<User>>, Error> {
+        match &mut self.0 {
+            Walk::Sled { done: true, .. } | Walk::Redis { done: true, .. } => Ok(None),
+            Walk::Sled { data, after, done } => {
+                let (users, from) = (data.users().clone(), after.clone());
+                let page =
+                    tokio::task::spawn_blocking(move || users.page(from.as_deref(), EXPORT_PAGE))
+                        .await
+                        .map_err(|e| {
+                            Error::Storage(format!("reading users for the export failed: {e}"))
+                        })??;
+                let Some(last) = page.last() else {
+                    data.flush_users().await?;
+                    *done = true;
+                    return Ok(None);
+                };
+                *after = Some(last.openid.clone());
+                Ok(Some(page.into_iter().map(User::from).collect()))
+            }
+            Walk::Redis {
+                redis,
+                cursor,
+                seen,
+                done,
+            } => loop {
+                let (next, records) = redis.user_page(*cursor, EXPORT_PAGE).await?;
+                (*cursor, *done) = (next, next == 0);
+                let page: Vec<User> = records
+                    .into_iter()
+                    .filter(|user| seen.insert(user.uid))
+                    .map(User::from)
+                    .collect();
+                // SCAN may answer a step with no key that matches.
+                match (page.is_empty(), *done) {
+                    (false, _) => return Ok(Some(page)),
+                    (true, true) => return Ok(None),
+                    (true, false) => {}
+                }
+            },
+        }
+    }
+}
+
+impl Health {
+    /// Makes the next `n` flushes of the group commit fail (`fault-injection` only); `false`
+    /// on Redis, which has none.
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_flushes(&self, n: u32) -> bool {
+        match self {
+            Health::Sled(data, _) => {
+                data.fail_flushes(n);
+                true
+            }
+            Health::Redis(_) => false,
+        }
+    }
+}
+
 /// The fast path of session checks: the keeper's table, read without a trip through its mailbox
 /// (sled only; with Redis every check is a script on the server).
 #[derive(Clone)]
@@ -293,7 +478,9 @@ impl Users {
         }
     }
 
-    /// Stores a decrypted profile (its unionId becomes the user's), durably.
+    /// Stores a decrypted profile, durably. Its unionId may confirm the user's unionid or give
+    /// one to a user who has none; one that differs from the user's own or is bound to another
+    /// uid is [`Error::UnionidConflict`], and nothing is stored.
     pub fn save_profile(&mut self, openid: String, profile: Profile, now: u64) -> Pending<User> {
         match self {
             Users::Sled(users) => users.save_profile(&openid, &profile, now),
@@ -399,10 +586,10 @@ impl Sessions {
         }
     }
 
-    /// Records a unionid learned after login on all of the user's sessions.
+    /// Records a unionid learned after login on all of the user's sessions, durably.
     pub fn set_unionid(&mut self, uid: u64, unionid: String) -> Pending<()> {
         match self {
-            Sessions::Sled(sessions) => Pending::Ready(sessions.set_unionid(uid, &unionid)),
+            Sessions::Sled(sessions) => sessions.set_unionid_durably(uid, &unionid),
             Sessions::Redis(redis, _) => redis.set_session_unionid(uid, unionid),
         }
     }

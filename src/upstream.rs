@@ -85,6 +85,7 @@ pub(crate) enum Api {
 impl Upstream {
     /// Builds the client; fails only if the TLS stack cannot start or the base URL is unusable.
     pub fn new(config: UpstreamConfig) -> Result<Upstream, Error> {
+        crate::tls::install_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
@@ -95,7 +96,7 @@ impl Upstream {
             // request in case it has to.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(cannot_build_client)?;
         let mut base = config.base.clone();
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
@@ -210,15 +211,60 @@ fn api_url(base: &Url, path: &str) -> Result<Url, Error> {
         .map_err(|e| Error::Config(format!("bad WECHAT_API_BASE: {e}")))
 }
 
-/// `detail` with every one of `secrets` replaced by `[redacted]`.
+/// `detail` with every one of `secrets` replaced by `[redacted]`: as it is, and as a URL carries
+/// it (WeChat's errmsg may echo the request's query), any of its bytes percent-encoded with hex
+/// digits of either case and a space as `+`.
 fn scrub<'a>(mut detail: String, secrets: impl IntoIterator<Item = &'a &'a str>) -> String {
     for secret in secrets {
         // An empty needle would match between every character.
         if !secret.is_empty() {
-            detail = detail.replace(*secret, "[redacted]");
+            detail = scrub_one(&detail, secret.as_bytes());
         }
     }
     detail
+}
+
+/// `detail` with every form of `secret` (see [`scrub`]) replaced.
+fn scrub_one(detail: &str, secret: &[u8]) -> String {
+    let text = detail.as_bytes();
+    let mut out = Vec::with_capacity(text.len());
+    let mut at = 0;
+    while at < text.len() {
+        match encoded_len(&text[at..], secret) {
+            Some(len) => {
+                out.extend_from_slice(b"[redacted]");
+                at += len;
+            }
+            None => {
+                out.push(text[at]);
+                at += 1;
+            }
+        }
+    }
+    // A match starts and ends on a character boundary (a byte of its own or an ASCII escape).
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// How long `secret` is at the start of `text`, each of its bytes there as itself, as `%XX` (hex
+/// digits of either case) or, for a space, as `+`; `None` if it is not there.
+fn encoded_len(text: &[u8], secret: &[u8]) -> Option<usize> {
+    let Some((&byte, rest)) = secret.split_first() else {
+        return Some(0);
+    };
+    let hex = |digit: u8| (digit as char).to_digit(16);
+    // The escape first: a `%` of the secret may be the start of `%25`, or itself.
+    if let [b'%', high, low, ..] = text
+        && hex(*high).zip(hex(*low)).map(|(h, l)| h * 16 + l) == Some(u32::from(byte))
+        && let Some(len) = encoded_len(&text[3..], rest)
+    {
+        return Some(3 + len);
+    }
+    match text.first() {
+        Some(&first) if first == byte || (byte == b' ' && first == b'+') => {
+            encoded_len(&text[1..], rest).map(|len| 1 + len)
+        }
+        _ => None,
+    }
 }
 
 /// The metric label of a failed call: the errcode where WeChat gave one; `phone_code` for a
@@ -333,18 +379,31 @@ fn errcode_error(api: Api, errcode: i64, errmsg: &str) -> Error {
             retry_after_secs: 60,
         },
         // From the token endpoints, 40001 means the secret is wrong.
-        (Api::AccessToken, 40001) | (_, 40013 | 40125) => {
+        (Api::AccessToken, 40001) | (_, 40013 | 40125 | 40164 | 61004) => {
             tracing::error!(
                 errcode,
-                "WeChat rejected our credentials: check WECHAT_APPID and WECHAT_SECRET"
+                errmsg,
+                "WeChat refused our credentials or our IP: check WECHAT_APPID, WECHAT_SECRET \
+                 and the IP whitelist"
             );
-            Error::Upstream(format!(
-                "WeChat rejected our appid or secret (errcode {errcode})"
-            ))
+            Error::CredentialsRejected {
+                errcode,
+                errmsg: errmsg.to_owned(),
+            }
         }
         (_, 40001 | 42001) => Error::AccessTokenStale(errcode),
         _ => Error::Upstream(format!("WeChat answered errcode {errcode}: {errmsg}")),
     }
+}
+
+/// The error of a client that did not build. The usual cause is a host (a container image) without
+/// CA certificates: rustls loads them when the client is built, even for a plain-HTTP sandbox.
+pub(crate) fn cannot_build_client(err: reqwest::Error) -> Error {
+    Error::Config(format!(
+        "cannot build the HTTP client ({err}); it loads the system's CA certificates, \
+         so check that they are installed (/etc/ssl/certs/ca-certificates.crt, Debian's \
+         ca-certificates package)"
+    ))
 }
 
 #[cfg(test)]
@@ -386,13 +445,17 @@ mod tests {
             let body = format!(r#"{{"errcode":{errcode},"errmsg":"x"}}"#);
             assert_eq!(parse_code2session(200, body.as_bytes()), Err(expected));
         }
-        for errcode in [40013, 40125, 99999] {
+        for errcode in [40013, 40125, 40164, 61004] {
             let body = format!(r#"{{"errcode":{errcode},"errmsg":"x"}}"#);
             assert!(matches!(
                 parse_code2session(200, body.as_bytes()),
-                Err(Error::Upstream(_))
+                Err(Error::CredentialsRejected { .. })
             ));
         }
+        assert!(matches!(
+            parse_code2session(200, br#"{"errcode":99999,"errmsg":"x"}"#),
+            Err(Error::Upstream(_))
+        ));
     }
 
     #[test]
@@ -448,6 +511,41 @@ mod tests {
         assert_eq!(
             scrubbed,
             "errmsg echoed secret=[redacted] access_token=[redacted] sig=[redacted] end"
+        );
+    }
+
+    #[test]
+    fn scrub_hides_a_secret_also_as_a_url_carries_it() {
+        let secret = "S3CRET+val/x= é%";
+        let forms = [
+            "S3CRET+val/x= é%",
+            // As reqwest's query encoding writes it, and with lower-case hex digits.
+            "S3CRET%2Bval%2Fx%3D+%C3%A9%25",
+            "S3CRET%2bval%2fx%3d+%c3%a9%25",
+            // Every byte escaped, a space as %20; a WHATWG query, which leaves `+/=` as they are.
+            "%53%33CRET%2Bval%2Fx%3D%20é%25",
+            "S3CRET+val/x=%20%C3%A9%",
+        ];
+        for form in forms {
+            let detail = format!("errmsg: /sns/jscode2session?secret={form}&js_code=c");
+            assert_eq!(
+                scrub(detail, &[secret]),
+                "errmsg: /sns/jscode2session?secret=[redacted]&js_code=c",
+                "{form}"
+            );
+        }
+        // Near misses stay: another byte, a bad escape, the secret cut short.
+        for near in [
+            "S3CRET%2Cval/x= é%",
+            "S3CRET%2val/x= é%",
+            "S3CRET+val/x= %C3",
+        ] {
+            assert_eq!(scrub(near.to_owned(), &[secret]), near);
+        }
+        assert_eq!(scrub("ab%".into(), &["b%"]), "a[redacted]");
+        assert_eq!(
+            scrub("a%25 %2525 %".into(), &["%25"]),
+            "a[redacted] [redacted] %"
         );
     }
 

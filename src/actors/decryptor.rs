@@ -1,9 +1,15 @@
 //! Decryptor: opens `encryptedData` with a user's session_key and checks what comes out.
 //!
 //! The checks run in a fixed order, each with its own error: the input's shape (base64, 16-byte
-//! key and iv, whole blocks), then padding and JSON (a rotated session_key fails here), then the
+//! key and iv, whole blocks, a signature of 40 hex digits), then padding and JSON (a rotated session_key fails here), then the
 //! watermark's appid, then the openId, then the `rawData` signature. The decrypted text and the
 //! session_key are never logged.
+//!
+//! CBC has no integrity of its own, and the client chooses the IV: it controls the first 16
+//! bytes of what decrypts (flipping the IV of a real profile turns `{"avatarUrl":"ht` into
+//! `{"unionId":"EVIL`). So a profile must name the session's openid in its `openId` (one that
+//! names none is refused too), and what it says of the unionid is checked by the storage: it may
+//! confirm the user's unionid, never change it nor take another user's.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Deserialize;
@@ -112,6 +118,13 @@ pub fn open_profile(
     data: &EncryptedData,
 ) -> Result<Profile, Error> {
     let signed = match (&data.raw_data, &data.signature) {
+        (Some(_), Some(signature))
+            if signature.len() != 40 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            return Err(Error::InvalidRequest(
+                "signature must be 40 hex digits (a SHA-1)".into(),
+            ));
+        }
         (Some(raw_data), Some(signature)) => Some((raw_data, signature)),
         (None, None) => None,
         _ => {
@@ -121,7 +134,8 @@ pub fn open_profile(
         }
     };
     let profile: Profile = open(appid, session_key, data)?;
-    if profile.open_id.as_deref().is_some_and(|id| id != openid) {
+    // WeChat always puts the openId in a profile: one without it was tampered with.
+    if profile.open_id.as_deref() != Some(openid) {
         return Err(Error::OpenidMismatch);
     }
     if let Some((raw_data, signature)) = signed
@@ -224,6 +238,11 @@ mod tests {
             open_profile(APPID, KEY, "o2", &good),
             Err(Error::OpenidMismatch)
         );
+        let without_openid = profile_json("o1", APPID).replace(r#""openId":"o1","#, "");
+        assert_eq!(
+            open_profile(APPID, KEY, "o1", &seal(KEY, &without_openid)),
+            Err(Error::OpenidMismatch)
+        );
 
         let mut tampered = good.clone();
         tampered.raw_data = Some(r#"{"nickName":"Ann"}"#.into());
@@ -232,6 +251,13 @@ mod tests {
             open_profile(APPID, KEY, "o1", &tampered),
             Err(Error::SignatureMismatch)
         );
+
+        let mut not_a_sha1 = tampered.clone();
+        not_a_sha1.signature = Some("0".repeat(39));
+        assert!(matches!(
+            open_profile(APPID, KEY, "o1", &not_a_sha1),
+            Err(Error::InvalidRequest(_))
+        ));
 
         let mut half = good.clone();
         half.raw_data = Some("{}".into());

@@ -74,7 +74,7 @@ pub enum SessionKeeperMsg {
         uid: u64,
         /// The unionid WeChat revealed.
         unionid: String,
-        /// Answered once the sessions are updated.
+        /// Answered once the sessions are updated, durably.
         reply: RpcReplyPort<Result<(), Error>>,
     },
     /// The live sessions of a user (for the admin).

@@ -38,7 +38,8 @@ pub enum UserRegistryMsg {
     Upsert(Code2Session, RpcReplyPort<Result<Registration, Error>>),
     /// The current session_key of the user with this openid.
     SessionKey(String, RpcReplyPort<Result<String, Error>>),
-    /// Store a decrypted profile on the user with this openid, durably.
+    /// Store a decrypted profile on the user with this openid, durably; refused
+    /// (`UnionidConflict`) when its unionid differs from the user's or is another user's.
     SaveProfile(String, Profile, RpcReplyPort<Result<User, Error>>),
     /// Store a decrypted phone number on the user with this openid, durably.
     SavePhone(String, Phone, RpcReplyPort<Result<User, Error>>),

@@ -30,6 +30,7 @@ pub(super) fn public(
     ));
     login(broker.clone(), limiter)
         .or(session(broker.clone()))
+        .or(auth(broker.clone()))
         .or(logout(broker.clone()))
         .or(userinfo(broker.clone()))
         .or(phone(broker.clone()))
@@ -85,11 +86,21 @@ fn session(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
         .or(warp::any().map(|| None))
         .unify();
     warp::path!("v1" / "session")
-        .and(warp::get())
+        .and(get())
         .and(query)
         .and(bearer())
         .and(with_broker(broker))
         .and_then(handlers::session)
+}
+
+/// ANY /v1/auth[/...] with `Authorization: Bearer TOKEN`: forward auth for a proxy (nginx
+/// `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`, APISIX `forward-auth`). Any method and
+/// any path below it, because some proxies send the original request's method and append its path.
+fn auth(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("v1" / "auth" / ..)
+        .and(bearer())
+        .and(with_broker(broker))
+        .and_then(handlers::auth)
 }
 
 /// POST /v1/logout with `Authorization: Bearer TOKEN`
@@ -126,7 +137,7 @@ fn phone(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejecti
 /// GET /v1/me with a Bearer token: the stored user
 fn me(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("v1" / "me")
-        .and(warp::get())
+        .and(get())
         .and(bearer())
         .and(with_broker(broker))
         .and_then(handlers::me)
@@ -135,7 +146,7 @@ fn me(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection>
 /// GET /healthz: 200 while every actor runs, 503 otherwise
 fn healthz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("healthz")
-        .and(warp::get())
+        .and(get())
         .and(with_broker(broker))
         .map(handlers::healthz)
 }
@@ -143,7 +154,7 @@ fn healthz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
 /// GET /readyz: 200 while every actor runs and the store answers, 503 otherwise
 fn readyz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("readyz")
-        .and(warp::get())
+        .and(get())
         .and(with_broker(broker))
         .and_then(handlers::readyz)
 }
@@ -151,7 +162,7 @@ fn readyz(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Reject
 /// GET /metrics: Prometheus text format
 fn metrics(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("metrics")
-        .and(warp::get())
+        .and(get())
         .and(with_broker(broker))
         .map(|broker: Broker| {
             warp::reply::with_header(
@@ -164,7 +175,7 @@ fn metrics(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
 
 /// GET /openapi.json: the OpenAPI 3 document of every route
 fn openapi() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("openapi.json").and(warp::get()).map(|| {
+    warp::path!("openapi.json").and(get()).map(|| {
         let reply = warp::reply::with_header(
             include_str!("../openapi.json"),
             "content-type",
@@ -172,6 +183,12 @@ fn openapi() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone 
         );
         warp::reply::with_header(reply, "cache-control", "no-store")
     })
+}
+
+/// GET, and HEAD with it: RFC 9110 asks HEAD wherever GET is served (load balancers probe
+/// `/healthz` with it); the server sends a HEAD answer's headers without its body.
+pub(super) fn get() -> impl Filter<Extract = (), Error = Rejection> + Copy {
+    warp::get().or(warp::head()).unify()
 }
 
 pub(super) fn with_broker(

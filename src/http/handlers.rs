@@ -4,6 +4,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
+use warp::http::header::{self, HeaderValue};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
@@ -105,6 +106,38 @@ pub async fn session(
             "verify takes one value: wechat".into(),
         ))),
     }
+}
+
+/// The forward-auth answer: 200 with who the user is in headers, or 401 with a challenge; no body
+/// either way, as proxies copy headers, not JSON. A broker that cannot answer still says why in
+/// JSON (a 5xx), which the proxy turns into its own error rather than a login prompt.
+pub async fn auth(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
+    let challenge = || {
+        let mut response = StatusCode::UNAUTHORIZED.into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Ok(response)
+    };
+    let Some(token) = bearer_value(authorization.as_deref()) else {
+        return challenge();
+    };
+    let session = match broker.check_session(token).await {
+        Ok(session) => session,
+        Err(Error::InvalidSession) => return challenge(),
+        Err(err) => return Err(Problem::reject(err)),
+    };
+    let mut response = StatusCode::OK.into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-wx-uid", HeaderValue::from(session.uid));
+    // WeChat's ids are ASCII; one that is not could not travel in a header, so it is left out.
+    if let Ok(openid) = HeaderValue::try_from(session.openid) {
+        headers.insert("x-wx-openid", openid);
+    }
+    if let Some(Ok(unionid)) = session.unionid.map(HeaderValue::try_from) {
+        headers.insert("x-wx-unionid", unionid);
+    }
+    Ok(response)
 }
 
 pub async fn logout(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
@@ -221,16 +254,22 @@ fn parse_body<T: DeserializeOwned>(
             .trim()
             .to_ascii_lowercase()
     });
+    // `curl -d '{...}'` sends JSON labelled as a form: say what to change.
+    let hint = if body.trim_ascii_start().starts_with(b"{") {
+        "; the body looks like JSON: send it with `Content-Type: application/json`"
+    } else {
+        ""
+    };
     let parsed = match media.as_deref() {
         None | Some("application/json") => serde_json::from_slice::<T>(body)
             .map_err(|e| format!("expected a JSON body {shape}: {e}")),
         Some("application/x-www-form-urlencoded") => serde_urlencoded::from_bytes::<T>(body)
-            .map_err(|e| format!("expected a form body with the fields of {shape}: {e}")),
+            .map_err(|e| format!("expected a form body with the fields of {shape}: {e}{hint}")),
         Some(_) => {
             return Err(warp::reject::custom(Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "send application/json or application/x-www-form-urlencoded",
+                format!("send application/json or application/x-www-form-urlencoded{hint}"),
             )));
         }
     };
@@ -239,11 +278,15 @@ fn parse_body<T: DeserializeOwned>(
 
 /// The token of an `Authorization: Bearer TOKEN` header; anything else is an invalid session.
 pub fn bearer_token(header: Option<&str>) -> Result<&str, Rejection> {
+    bearer_value(header).ok_or_else(|| Problem::reject(Error::InvalidSession))
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header, if that is what it is.
+fn bearer_value(header: Option<&str>) -> Option<&str> {
     header
         .and_then(|h| h.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
-        .ok_or_else(|| Problem::reject(Error::InvalidSession))
 }
 
 #[cfg(test)]

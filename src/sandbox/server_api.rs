@@ -32,6 +32,10 @@ pub(super) struct ServerApiState {
     tokens: Mutex<Tokens>,
     /// Token requests answered, errors included.
     pub(super) token_requests: AtomicU64,
+    /// `getuserphonenumber` requests answered, errors included.
+    pub(super) phone_requests: AtomicU64,
+    /// `checksession` requests answered, errors included.
+    pub(super) checksession_requests: AtomicU64,
     /// How many of the next requests to each token endpoint answer HTTP 500.
     failures: Mutex<Failures>,
     used_phone_codes: Mutex<HashSet<String>>,
@@ -255,6 +259,7 @@ fn phone_reply(
     body: &Value,
 ) -> Option<Value> {
     let api = &state.server_api;
+    api.phone_requests.fetch_add(1, Ordering::Relaxed);
     let token = query.get("access_token").map(String::as_str).unwrap_or("");
     if let Some(error) = api.token_error(token) {
         return Some(error);
@@ -293,6 +298,10 @@ fn session_key_reply(
     query: &HashMap<String, String>,
     reset: bool,
 ) -> Option<Value> {
+    if !reset {
+        let checks = &state.server_api.checksession_requests;
+        checks.fetch_add(1, Ordering::Relaxed);
+    }
     let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
     if let Some(error) = state.server_api.token_error(param("access_token")) {
         return Some(error);

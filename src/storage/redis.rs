@@ -20,6 +20,9 @@
 //!   `signing_keys:retired`: kid -> unix seconds of its retirement
 //! - `revocations`: the stream of the revocation feed; `revocations:origin`,
 //!   `revocations:horizon`
+//! - `calls:{uid}:{minute}`: the calls to WeChat the user's requests made in that minute (unix
+//!   seconds / 60), for the budget of `WXBROKER_WECHAT_CALLS_PER_MIN`; gone two minutes after
+//!   its first call
 //!
 //! The scripts are the `.lua` files beside this one, included at build time. They compute some of
 //! the keys they touch, so Redis Cluster is not supported: one
@@ -51,6 +54,9 @@ pub use self::revocations::RedisFeed;
 const PREFIX: &str = "wxb:";
 /// How long a login code is remembered: WeChat's codes live about five minutes.
 const CODE_LIFETIME_SECS: u64 = 300;
+/// How long a user's call counter for one minute lives: past its minute, with room for brokers
+/// whose clocks run a little behind the one that created it.
+const CALL_COUNTER_SECS: u64 = 2 * super::call_budget::WINDOW_SECS;
 
 /// A connection to the shared Redis (multiplexed, reconnecting). Cheap to clone.
 #[derive(Clone)]
@@ -187,6 +193,18 @@ impl Redis {
             .map_err(storage)
     }
 
+    /// Counts one call to WeChat made for `uid` in the budget window `window`; returns the
+    /// window's count so far, this call included, as every broker on this Redis has counted it.
+    pub async fn count_call(&self, uid: u64, window: u64) -> Result<u64, Error> {
+        let mut con = self.con.clone();
+        COUNT_CALL
+            .key(format!("{PREFIX}calls:{uid}:{window}"))
+            .arg(CALL_COUNTER_SECS)
+            .invoke_async(&mut con)
+            .await
+            .map_err(storage)
+    }
+
     /// Runs `invocation` in a task-owned future.
     fn run<T, R>(
         &self,
@@ -247,6 +265,9 @@ impl Redis {
         }))
     }
 
+    /// Stores a profile; its unionId may confirm the user's unionid or give one to a user who
+    /// has none, never change one nor take another uid's (`UnionidConflict`, nothing written),
+    /// checked and written in one script.
     pub(crate) fn save_profile(&self, openid: String, profile: Profile, now: u64) -> Pending<User> {
         let unionid = profile.union_id.clone().unwrap_or_default();
         let json = serde_json::to_string(&profile).expect("a profile serializes");
@@ -284,8 +305,13 @@ impl Redis {
             value,
         ];
         args.extend(expect);
-        self.run(&UPDATE_USER, args, move |fields: Option<Vec<String>>| {
-            let fields = fields.ok_or_else(|| Error::Storage(format!("no user {openid}")))?;
+        self.run(&UPDATE_USER, args, move |reply: redis::Value| {
+            let fields: Vec<String> = match reply {
+                redis::Value::Nil => return Err(Error::Storage(format!("no user {openid}"))),
+                redis::Value::Int(0) => return Err(Error::UnionidConflict),
+                fields => redis::from_redis_value(fields)
+                    .map_err(|e| Error::Storage(format!("Redis: a user update answered {e}")))?,
+            };
             user_record(fields).map(User::from)
         })
     }
@@ -318,6 +344,43 @@ impl Redis {
                 .map_err(storage)?;
             Ok(count.unwrap_or(0))
         }))
+    }
+
+    /// One step of a walk over every user (`SCAN` over `user:*`, from `cursor`, 0 at the start):
+    /// the cursor to go on from (0 once the walk is over) and the users of this step, each read
+    /// whole by one `HGETALL`. A walk meets every key that exists from its start to its end,
+    /// but may meet a key more than once (when Redis shrinks its table meanwhile): the caller
+    /// drops repeats.
+    pub(crate) async fn user_page(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<UserRecord>), Error> {
+        let mut con = self.con.clone();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{PREFIX}user:*"))
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut con)
+            .await
+            .map_err(storage)?;
+        if keys.is_empty() {
+            return Ok((next, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("HGETALL").arg(key);
+        }
+        let hashes: Vec<HashMap<String, String>> =
+            pipe.query_async(&mut con).await.map_err(storage)?;
+        let users = hashes
+            .into_iter()
+            .filter(|fields| !fields.is_empty())
+            .map(|fields| user_record(fields.into_iter().flat_map(|(f, v)| [f, v]).collect()))
+            .collect::<Result<_, _>>()?;
+        Ok((next, users))
     }
 
     /// Writes a user from another store, keeping its uid (the uid counter moves past it); a user
@@ -629,13 +692,18 @@ macro_rules! script {
 /// returns the booking another broker holds (`pending` or `done`).
 static BOOK_CODE: LazyLock<Script> = script!("book_code");
 
+/// KEYS: a user's call counter for one minute. ARGV: its lifetime in seconds. Counts one call
+/// (INCR, and EXPIRE on the first) and returns the count.
+static COUNT_CALL: LazyLock<Script> = script!("count_call");
+
 // The other scripts. ARGV[1] is always the key prefix.
 
 /// ARGV: openid, session_key, unionid ('' for none), now. Returns {is_new, uid, unionid or ''}.
 static UPSERT_USER: LazyLock<Script> = script!("bind_unionid", "upsert_user");
 
 /// ARGV: openid, now, unionid ('' for none), field, value[, expected current value of the field:
-/// if it holds another, it is kept]. Returns the user's fields, or nil.
+/// if it holds another, it is kept]. Returns the user's fields, nil (no user), or 0 when the
+/// unionid differs from the user's own or is bound to another uid (nothing written).
 static UPDATE_USER: LazyLock<Script> = script!("bind_unionid", "update_user");
 
 /// ARGV: 'uid' | 'openid' | 'unionid', value. Returns the user's fields, or nil.

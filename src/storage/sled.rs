@@ -5,6 +5,11 @@
 //! ([`group_commit`]). Everything here but the group commit is synchronous and free of actors, so
 //! it is tested directly.
 //!
+//! Who may read it? The directory is created 0700 and every file in it is made 0600 at opening
+//! (the database holds every user's session_key in plaintext); the session log creates its own
+//! files 0600. Files sled creates later follow the process umask (the binary sets 0077) inside the
+//! 0700 directory.
+//!
 //! When is a write durable? Registrations, profile, phone and session_key updates, logouts and
 //! revocations (with their events in the revocation feed) are answered only after the group
 //! commit's next flush; a session issued or slid
@@ -18,6 +23,7 @@ pub mod session_log;
 pub mod sessions;
 pub mod users;
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,6 +37,11 @@ use self::users::UserDb;
 use crate::Error;
 use crate::crypto::TokenHash;
 
+/// What sled says of a data dir that another process (or another broker in this one) holds open.
+pub const LOCKED: &str = "could not acquire lock";
+/// How long opening waits for another holder of the data dir's lock to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A broker's data dir, opened: the sled database (users) and the session log. Cheap to clone.
 #[derive(Clone)]
 pub struct DataDir {
@@ -41,31 +52,81 @@ pub struct DataDir {
     keys: SledKeys,
     /// The revocation feed.
     revocations: Arc<SledRevocations>,
+    /// Group-commit flushes still to fail on purpose (`fault-injection` only).
+    #[cfg(feature = "fault-injection")]
+    failing_flushes: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl DataDir {
     /// Opens (or creates) the data dir `dir` with a page cache of `cache_mb` MiB.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<DataDir, Error> {
-        let db = ::sled::Config::new()
+        // sled would create it with the umask's mode; an existing one is the operator's choice.
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    Error::Storage(format!(
+                        "cannot create the data dir {}: {e}. Point WXBROKER_DATA_DIR at a \
+                         writable place",
+                        dir.display()
+                    ))
+                })?;
+        }
+        let config = ::sled::Config::new()
             .path(dir)
-            .cache_capacity(cache_mb * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                Error::Storage(format!(
-                    "cannot open the database in {}: {e}. Check that the directory is writable \
-                     and that no other wxbroker uses it, or point WXBROKER_DATA_DIR elsewhere",
-                    dir.display()
-                ))
-            })?;
+            .cache_capacity(cache_mb * 1024 * 1024);
+        // A broker stopped a moment ago in this process (an embedder's restart) lets go of sled's
+        // lock when its last task ends, which can come just after its `shutdown` returned.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(e)
+                    if e.to_string().contains(LOCKED) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                opened => break opened,
+            }
+        }
+        .map_err(|e| {
+            Error::Storage(format!(
+                "cannot open the database in {}: {e}. Check that the directory is writable \
+                 and that no other wxbroker uses it, or point WXBROKER_DATA_DIR elsewhere",
+                dir.display()
+            ))
+        })?;
         let data = DataDir {
             users: UserDb::open(&db)?,
             log: Arc::new(SessionLog::open(dir)?),
             keys: SledKeys::open(&db)?,
             revocations: Arc::new(SledRevocations::open(&db)?),
             db,
+            #[cfg(feature = "fault-injection")]
+            failing_flushes: Arc::default(),
         };
         data.move_sessions_out_of_sled()?;
+        restrict_files(dir);
         Ok(data)
+    }
+
+    /// Makes the group commit's next `n` flushes fail without writing anything, as a disk that
+    /// refuses writes would (`fault-injection` only).
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_flushes(&self, n: u32) {
+        self.failing_flushes
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this flush is to fail on purpose (counting it).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn injected_flush_failure(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let failing = &self.failing_flushes;
+        failing
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// The users.
@@ -138,6 +199,34 @@ impl DataDir {
     }
 }
 
+/// Takes away what the group and others may do with the files in `dir` (sled's, written with the
+/// umask's mode) and its directories. A file that cannot be changed is named in a WARN, not an
+/// error: the broker still works.
+fn restrict_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let (path, Ok(meta)) = (entry.path(), entry.metadata()) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        let wanted = match meta.is_dir() {
+            true => mode & 0o700,
+            false => mode & 0o600,
+        };
+        if wanted != mode & 0o777 {
+            let restricted = std::fs::set_permissions(&path, PermissionsExt::from_mode(wanted));
+            if let Err(e) = restricted {
+                tracing::warn!(file = %path.display(), error = %e, "cannot restrict the mode");
+            }
+        }
+        if meta.is_dir() {
+            restrict_files(&path);
+        }
+    }
+}
+
 /// JSON, the encoding of sled's records.
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize to JSON")
@@ -206,6 +295,46 @@ mod tests {
 
         let data = open(&dir);
         assert_eq!(data.session_log().replay().unwrap(), moved);
+    }
+
+    /// The mode of `path` and of everything under it, as (path, mode) pairs.
+    fn modes(path: &Path) -> Vec<(std::path::PathBuf, u32)> {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let mut found = vec![(path.to_owned(), mode)];
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                found.extend(modes(&entry.unwrap().path()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_data_dir_is_created_0700_and_every_file_in_it_made_0600() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let data = DataDir::open(&dir, 8).unwrap();
+        data.users().upsert("o-1", "k", None, 1).unwrap();
+        data.session_log()
+            .put(&[1; 32], &SessionRecord::sample(1, None))
+            .unwrap();
+        data.flush().unwrap();
+        drop(data);
+        // As an earlier version (or a umask of 022) left them.
+        std::fs::write(dir.join("stray"), b"x").unwrap();
+        for (path, _) in modes(&dir).into_iter().skip(1) {
+            let open = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, PermissionsExt::from_mode(open)).unwrap();
+        }
+
+        let data = DataDir::open(&dir, 8).unwrap();
+        assert!(data.session_log().compact().unwrap().is_some());
+        let found = modes(&dir);
+        assert!(found.len() > 4, "{found:?}");
+        for (path, mode) in found {
+            let expected = if path.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode, expected, "{}", path.display());
+        }
     }
 
     #[test]

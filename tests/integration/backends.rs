@@ -12,7 +12,7 @@ use wxbroker::{MAX_SESSIONS_PER_USER, Sandbox, Secret};
 
 use crate::support::{StoreKind, T0, TestBroker, assert_error, me, parts, post};
 
-const ADMIN: &str = "backends-admin-secret";
+const ADMIN: &str = "backends-admin-secret-at-least-32-chars";
 
 /// Defines `sled::NAME` and `redis::NAME` for each `NAME(kind)` test function.
 macro_rules! on_every_store {

@@ -108,6 +108,71 @@ async fn an_unusable_data_dir_is_a_clear_message_and_exit_1() {
     );
 }
 
+/// The binary's stderr and exit code when it starts with `args` (no `WECHAT_*` or `WXBROKER_*`
+/// from the tests' environment, `RUST_LOG` off) and `env`.
+async fn start_failure(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wxbroker"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("WECHAT_") || name.starts_with("WXBROKER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "off")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output())
+        .await
+        .expect("it stops at once instead of serving")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
+/// Without credentials, a listen address that is not loopback would serve the sandbox WeChat,
+/// where anyone logs in as anyone: the binary refuses to start, naming what to set, before it
+/// opens the address or the data dir.
+#[tokio::test]
+async fn without_credentials_a_public_address_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let args = ["--listen", "0.0.0.0:0", "--data-dir", data_dir];
+    let (code, stderr) = start_failure(&args, &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    for name in [
+        "WECHAT_APPID",
+        "WECHAT_SECRET",
+        "WXBROKER_SANDBOX",
+        "0.0.0.0:0",
+    ] {
+        assert!(stderr.contains(name), "{stderr}");
+    }
+    assert!(!Path::new(data_dir).exists(), "nothing was started");
+}
+
+/// An admin token shorter than 32 characters could be guessed: the binary refuses to start,
+/// saying so, without showing the token.
+#[tokio::test]
+async fn a_short_admin_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let env = [("WXBROKER_ADMIN_TOKEN", "admin-token-of-31-characters-xx")];
+    let (code, stderr) = start_failure(&args, &env).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("WXBROKER_ADMIN_TOKEN") && stderr.contains("at least 32 characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("admin-token-of-31"), "{stderr}");
+}
+
 #[tokio::test]
 async fn sigterm_drains_flushes_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,9 +201,207 @@ async fn sigterm_drains_flushes_and_exits_0() {
     assert!(process.log.lock().unwrap().contains("stopped cleanly"));
 }
 
+/// Stops `process` with SIGTERM (a clean stop: everything written is flushed) and waits for it.
+async fn terminate(process: Process) {
+    let pid = process.child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut child = process.child;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// `POST /v1/login` with `code` on the broker at `url`: status and body.
+async fn login(http: &reqwest::Client, url: &str, code: &str) -> (StatusCode, Value) {
+    let response = http
+        .post(format!("{url}/v1/login"))
+        .form(&[("code", code)])
+        .send()
+        .await
+        .unwrap();
+    crate::support::parts(response).await
+}
+
+/// The status of `GET /v1/session` with `token`.
+async fn session_status(http: &reqwest::Client, url: &str, token: &str) -> StatusCode {
+    let response = http
+        .get(format!("{url}/v1/session"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    response.status()
+}
+
+/// The frames of a whole session log: offset and body kind (1 put, 0 removal) of each.
+fn frames(log: &[u8]) -> Vec<(usize, u8)> {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at < log.len() {
+        let len = u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+        found.push((at, log[at + 8]));
+        at += 8 + len;
+    }
+    found
+}
+
+/// The paths of `dir` and everything under it, with their permission bits.
+fn modes(path: &Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let mut found = vec![(path.to_owned(), mode)];
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            found.extend(modes(&entry.unwrap().path()));
+        }
+    }
+    found
+}
+
+/// A byte flipped in an early frame of the session log (the logout of the first user) while the
+/// broker is stopped: the binary starts on its own, sets the damaged file aside, never lets the
+/// logged-out token in again, drops the sessions written before the damage (whose logout may have
+/// been there too), keeps those written after it, and says so in one ERROR line. The data dir it
+/// created is 0700 and every file in it 0600, the damaged copy too.
+#[tokio::test]
+async fn a_damaged_session_log_never_brings_a_logout_back_nor_drops_what_follows() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let http = client();
+    let process = Process::start(&dir).await;
+    let mut tokens = HashMap::new();
+    for name in ["ann", "bob", "cid"] {
+        let (status, body) = login(&http, &process.url, &format!("{name}.1")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokens.insert(name, body["thirdSession"].as_str().unwrap().to_owned());
+    }
+    let logout = http
+        .post(format!("{}/v1/logout", process.url))
+        .bearer_auth(&tokens["ann"])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), StatusCode::NO_CONTENT);
+    for name in ["dee", "eve"] {
+        let (status, body) = login(&http, &process.url, &format!("{name}.1")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokens.insert(name, body["thirdSession"].as_str().unwrap().to_owned());
+    }
+    terminate(process).await;
+
+    let path = dir.join("sessions.log");
+    let mut log = std::fs::read(&path).unwrap();
+    let kinds: Vec<u8> = frames(&log).iter().map(|&(_, kind)| kind).collect();
+    assert_eq!(
+        kinds,
+        [1, 1, 1, 0, 1, 1],
+        "three puts, ann's logout, two puts"
+    );
+    let (logout_at, _) = frames(&log)[3];
+    log[logout_at + 8 + 12] ^= 0x40;
+    std::fs::write(&path, &log).unwrap();
+
+    let process = Process::start(&dir).await;
+    let ann = session_status(&http, &process.url, &tokens["ann"]).await;
+    assert_eq!(ann, StatusCode::UNAUTHORIZED, "a logout came back");
+    for name in ["bob", "cid"] {
+        // Written before the damage: dropped, as a logout of theirs may have been in it.
+        let status = session_status(&http, &process.url, &tokens[name]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{name}");
+    }
+    for name in ["dee", "eve"] {
+        let status = session_status(&http, &process.url, &tokens[name]).await;
+        assert_eq!(status, StatusCode::OK, "{name}: written after the damage");
+    }
+    let damaged: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let secs = name.strip_prefix("sessions.log.damaged.");
+            secs.is_some_and(|secs| secs.parse::<u64>().is_ok())
+        })
+        .map(|entry| std::fs::read(entry.path()).unwrap())
+        .collect();
+    assert_eq!(damaged, [log], "the damaged file is kept beside the log");
+    let errors: Vec<String> = {
+        let output = process.log.lock().unwrap();
+        let errors = output.lines().filter(|line| line.contains(" ERROR "));
+        errors.map(str::to_owned).collect()
+    };
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    for count in [
+        "kept_frames=2",
+        "kept_sessions=2",
+        "dropped_frames=3",
+        "dropped_sessions=3",
+    ] {
+        assert!(errors[0].contains(count), "{count}: {}", errors[0]);
+    }
+
+    // The log goes on from there: a new session, a clean stop, no damage found at the next start.
+    let (status, body) = login(&http, &process.url, "fay.1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokens.insert("fay", body["thirdSession"].as_str().unwrap().to_owned());
+    terminate(process).await;
+    let process = Process::start(&dir).await;
+    for name in ["dee", "eve", "fay"] {
+        let status = session_status(&http, &process.url, &tokens[name]).await;
+        assert_eq!(status, StatusCode::OK, "{name}");
+    }
+    assert!(!process.log.lock().unwrap().contains(" ERROR "));
+    terminate(process).await;
+    for (path, mode) in modes(&dir) {
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, expected, "{}", path.display());
+    }
+}
+
+/// A flush that fails keeps a new user's registration unacknowledged until one succeeds: no login
+/// of that user is answered before its registration is on disk. The `fault-injection` build's
+/// `WXBROKER_FAULT=flush:2` fails the first two flushes.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn no_login_is_answered_before_its_registration_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = client();
+    let mut command = command(dir.path());
+    command.env("WXBROKER_FAULT", "flush:2");
+    let process = Process::spawn(command).await;
+    // The registration's flush fails: not acknowledged.
+    let (status, body) = login(&http, &process.url, "gus.1").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    // The user is in memory, not on disk: the next login waits for a flush, which fails too.
+    let (status, body) = login(&http, &process.url, "gus.2").await;
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "answered before the registration was on disk: {body}"
+    );
+    let (status, body) = login(&http, &process.url, "gus.3").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let uid = body["uid"].as_u64().unwrap();
+    process.kill9().await;
+
+    let process = Process::start(dir.path()).await;
+    let (status, body) = login(&http, &process.url, "gus.4").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["uid"].as_u64(), body["isNew"].as_bool()),
+        (Some(uid), Some(false)),
+        "{body}"
+    );
+}
+
 /// The admin secret of the brokers of the crash tests (their clients reset session_keys and look
 /// users up through the admin routes).
-const ADMIN_TOKEN: &str = "crash-test-admin";
+const ADMIN_TOKEN: &str = "crash-test-admin-secret-at-least-32-chars";
 
 /// [`command`] for a broker that takes `sandbox`, in this test process, for WeChat, with the admin
 /// routes on. The sandbox outlives every kill, so it still holds each user's session_key when the
@@ -570,6 +833,7 @@ struct Client {
 impl Client {
     /// A client of no broker yet (see [`Client::at`]), playing the WeChat client with `sandbox`.
     fn new(sandbox: &Arc<Sandbox>) -> Client {
+        wxbroker::tls::install_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()

@@ -1,13 +1,19 @@
 //! Integration tests: the real broker over real HTTP on 127.0.0.1:0, a real sled database in a
 //! temporary directory, and a real loopback upstream (the sandbox or a fault server).
 
+mod answers;
 mod backends;
 mod backup;
 mod binary;
+mod credentials;
 mod decrypt;
 mod edge;
+mod deploy;
+mod forward_auth;
+mod fuzz;
 mod login;
 mod miniprogram;
+mod nginx;
 mod openapi;
 mod operate;
 mod readme;

@@ -6,12 +6,13 @@
 //! request is checked too: its body, query and path parameters must match what the document asks.
 //! At the end every operation of the document must have been exercised, so that the document
 //! cannot drift from the routes unnoticed; paths outside the document must answer 404, and
-//! methods a documented path does not take 405.
+//! methods a documented path does not take 405 with an `Allow` header naming the ones it takes,
+//! which `OPTIONS` answers too (204); `HEAD` is answered wherever GET is, as GET without the body.
 
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -20,9 +21,13 @@ use wxbroker::{SANDBOX_APPID, Sandbox, Secret};
 use crate::support::{TestBroker, fault_upstream};
 
 /// The admin secret of the broker under test.
-const ADMIN_TOKEN: &str = "openapi-test-admin-secret";
+const ADMIN_TOKEN: &str = "openapi-test-admin-secret-at-least-32-chars";
 /// The revocation feed's secret of the broker under test.
 const VERIFIER_TOKEN: &str = "openapi-test-verifier-secret-0123456789";
+
+/// The budget of calls to WeChat per user and minute of the broker under test: room for alice's
+/// phone numbers by code below, and few enough for bob to spend his.
+const WECHAT_CALLS_PER_MIN: u32 = 8;
 
 /// The methods an operation of the document may have (the broker serves no others).
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -111,6 +116,21 @@ impl Api {
                     })
             })
             .cloned()
+    }
+
+    /// What `Allow` must say for a documented path: its methods, HEAD with GET, and OPTIONS.
+    fn allowed(&self, template: &str) -> BTreeSet<String> {
+        let item = &self.doc["paths"][template];
+        let mut methods: BTreeSet<String> = METHODS
+            .into_iter()
+            .filter(|m| item.get(*m).is_some())
+            .map(str::to_uppercase)
+            .collect();
+        if item.get("get").is_some() {
+            methods.insert("HEAD".into());
+        }
+        methods.insert("OPTIONS".into());
+        methods
     }
 
     /// Every `(path, method)` of the document.
@@ -214,11 +234,52 @@ impl Api {
                 headers,
             );
         };
-        let Some(operation) = self.doc["paths"][&template].get(&method).cloned() else {
+        // HEAD is GET's answer without the body.
+        let head = method == "head" && self.doc["paths"][&template].get("get").is_some();
+        let operation = self.doc["paths"][&template]
+            .get(if head { "get" } else { &method })
+            .cloned();
+        if status == StatusCode::METHOD_NOT_ALLOWED
+            || (method == "options" && status == StatusCode::NO_CONTENT)
+        {
+            let allowed = self.allowed(&template);
+            let allow = headers
+                .get(ALLOW)
+                .unwrap_or_else(|| panic!("{what}: no Allow header"))
+                .to_str()
+                .unwrap();
+            let given: BTreeSet<String> = allow.split(',').map(|m| m.trim().to_owned()).collect();
+            assert_eq!(given, allowed, "{what}: Allow: {allow}");
+        }
+        if method == "options" && status == StatusCode::NO_CONTENT {
+            assert!(body.is_empty(), "{what}: a body");
+            return (Value::Null, headers);
+        }
+        if method == "head" {
+            assert!(body.is_empty(), "{what}: HEAD answered with a body");
+        }
+        if head && status != StatusCode::METHOD_NOT_ALLOWED {
+            let responses = &operation.as_ref().unwrap()["responses"];
+            let documented = responses
+                .get(status.as_str())
+                .unwrap_or_else(|| panic!("{what}: {status} is not documented for GET {template}"));
+            let documented = self.resolve(documented).clone();
+            let without_body =
+                json!({ "headers": documented.get("headers").cloned().unwrap_or(json!({})) });
+            self.check_answer(&what, &without_body, &headers, &body);
+            return (Value::Null, headers);
+        }
+        if method == "head" {
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{what}");
+            return (Value::Null, headers);
+        }
+        let Some(operation) = operation else {
             let generic = match status {
                 StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
-                // The admin routes answer 404 to everything while they are off.
+                // The admin routes answer 404 to everything while they are off, and 401 to
+                // everything without the admin token.
                 StatusCode::NOT_FOUND if template.starts_with("/admin/") => "NotFound",
+                StatusCode::UNAUTHORIZED if template.starts_with("/admin/") => "AdminUnauthorized",
                 _ => panic!(
                     "{what}: {template} takes no {method} in the document, yet it answered {status}"
                 ),
@@ -335,16 +396,39 @@ impl Api {
             .flatten()
             .map(|p| self.resolve(p))
             .collect();
+        // An exploded object parameter (`style: form`, `explode: true`) is sent as its
+        // properties, each a query parameter of its own.
+        let exploded = parameters
+            .iter()
+            .find(|p| p["in"] == "query" && p["explode"] == true && p["style"] == "form");
+        let mut object = serde_json::Map::new();
         for (name, value) in &sent.query {
-            let parameter = parameters
+            match parameters
                 .iter()
                 .find(|p| p["in"] == "query" && p["name"] == name.as_str())
-                .unwrap_or_else(|| panic!("{what}: succeeded with the undocumented query {name}"));
-            self.validate(
+            {
+                Some(parameter) => self.validate(
+                    &parameter["schema"],
+                    &Value::from(value.as_str()),
+                    &format!("{what}: query {name}"),
+                ),
+                None => {
+                    let fresh = object.insert(name.clone(), Value::from(value.as_str()));
+                    assert!(fresh.is_none(), "{what}: succeeded with {name} twice");
+                }
+            }
+        }
+        match exploded {
+            Some(parameter) => self.validate(
                 &parameter["schema"],
-                &Value::from(value.as_str()),
-                &format!("{what}: query {name}"),
-            );
+                &Value::Object(object),
+                &format!("{what}: query {}", parameter["name"]),
+            ),
+            None => assert!(
+                object.is_empty(),
+                "{what}: succeeded with the undocumented query {:?}",
+                object.keys().collect::<Vec<_>>()
+            ),
         }
         let segments = segments(url.path());
         for (part, segment) in template.split('/').zip(&segments) {
@@ -483,6 +567,26 @@ fn check_document(api: &Api) {
             responses.keys().any(|s| s.starts_with('2')),
             "{what}: no success response"
         );
+        // Links name an operation of the document, and path parameters it has.
+        for (status, response) in responses {
+            let links = api.resolve(response)["links"].as_object().cloned();
+            for (name, link) in links.into_iter().flatten() {
+                let target = link["operationId"].as_str().unwrap();
+                let (path, method) = api
+                    .operations()
+                    .into_iter()
+                    .find(|(p, m)| api.doc["paths"][p][m]["operationId"] == target)
+                    .unwrap_or_else(|| panic!("{what} {status} link {name}: no {target}"));
+                for parameter in link["parameters"].as_object().unwrap().keys() {
+                    if let Some(name) = parameter.strip_prefix("path.") {
+                        assert!(
+                            path.contains(&format!("{{{name}}}")),
+                            "{what} {status} link {name}: {method} {path} has no {parameter}"
+                        );
+                    }
+                }
+            }
+        }
         for (status, response) in responses {
             let response = api.resolve(response);
             assert!(
@@ -511,6 +615,7 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     let tb = TestBroker::start_with(|c| {
         c.admin_token = Some(Secret::new(ADMIN_TOKEN));
         c.verifier_token = Some(Secret::new(VERIFIER_TOKEN));
+        c.wechat_calls_per_min = WECHAT_CALLS_PER_MIN;
     })
     .await;
     let mut api = Api::fetch(&tb).await;
@@ -626,6 +731,14 @@ async fn the_document_describes_every_route_and_what_it_answers() {
         S::UNAUTHORIZED,
     )
     .await;
+    // Forward auth: the same answers in headers, without a body.
+    api.send(get("/v1/auth").bearer_auth(&alice_token), S::OK)
+        .await;
+    api.send(get("/v1/auth").bearer_auth(&bob_token), S::OK)
+        .await;
+    api.send(get("/v1/auth"), S::UNAUTHORIZED).await;
+    api.send(get("/v1/auth").bearer_auth("not-a-token"), S::UNAUTHORIZED)
+        .await;
 
     // The profile: signed, sparse (nulls), and each way it can be refused.
     let userinfo = |token: &str| post("/v1/userinfo").bearer_auth(token);
@@ -656,6 +769,10 @@ async fn the_document_describes_every_route_and_what_it_answers() {
         .await;
     api.send(post("/v1/userinfo").json(&profile), S::UNAUTHORIZED)
         .await;
+    let mut not_a_sha1 = profile.clone();
+    not_a_sha1.signature = Some("0".repeat(39));
+    api.send(userinfo(&alice_token).json(&not_a_sha1), S::BAD_REQUEST)
+        .await;
     let mut tampered = profile.clone();
     tampered.signature = Some("0".repeat(40));
     assert_eq!(
@@ -671,6 +788,18 @@ async fn the_document_describes_every_route_and_what_it_answers() {
         api.send(userinfo(&alice_token).json(&someone_else), S::FORBIDDEN)
             .await["error"],
         "openid_mismatch"
+    );
+    // A unionid other than the one alice's login gave is refused, whoever holds it.
+    let mut other_unionid: Value = serde_json::from_str(&sparse_profile("alice")).unwrap();
+    other_unionid["unionId"] = json!("u-not-alices");
+    let other_unionid = tb
+        .sandbox
+        .encrypt_for("alice", other_unionid.to_string().as_bytes())
+        .unwrap();
+    assert_eq!(
+        api.send(userinfo(&alice_token).json(&other_unionid), S::CONFLICT)
+            .await["error"],
+        "unionid_conflict"
     );
     api.send(
         userinfo(&alice_token).json(&json!({ "encryptedData": "a".repeat(70 * 1024), "iv": "x" })),
@@ -775,11 +904,22 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     )
     .await;
     tb.sandbox.rotate_session_key("bob");
+    // WeChat's "valid" is reused for a minute; then WeChat is asked again, in a new minute of
+    // the budget.
+    tb.clock.advance(60);
     let expired = api.send(verify(&bob_token), S::UNAUTHORIZED).await;
     assert_eq!(
         (&expired["error"], &expired["relogin"]),
         (&json!("session_key_expired"), &json!(true))
     );
+    // A stale key's answer is never reused: each check asks WeChat, until bob's calls to WeChat
+    // for this minute are spent.
+    for _ in 1..WECHAT_CALLS_PER_MIN {
+        api.send(verify(&bob_token), S::UNAUTHORIZED).await;
+    }
+    let (spent, headers) = api.exchange(verify(&bob_token), S::TOO_MANY_REQUESTS).await;
+    assert_eq!(spent["error"], "rate_limited");
+    assert!(headers.contains_key(RETRY_AFTER), "{headers:?}");
 
     // The session_key rotates with a new login: data obtained before it cannot be decrypted.
     let old_profile = tb.sandbox.encrypted_profile("alice").unwrap();
@@ -857,8 +997,25 @@ async fn the_document_describes_every_route_and_what_it_answers() {
             .await["error"],
         "user_not_found"
     );
-    api.send(admin(Method::GET, "/admin/users/alice"), S::NOT_FOUND)
-        .await;
+    // A uid is a whole number from 1 to u64::MAX on every route that takes one.
+    for uid in ["alice", "0", "-1", "+1", "1.0", "18446744073709551616"] {
+        for (method, path) in [
+            (Method::GET, format!("/admin/users/{uid}")),
+            (Method::GET, format!("/admin/users/{uid}/sessions")),
+            (Method::DELETE, format!("/admin/users/{uid}/sessions")),
+            (
+                Method::POST,
+                format!("/admin/users/{uid}/session-key/reset"),
+            ),
+        ] {
+            api.send(admin(method, &path), S::BAD_REQUEST).await;
+        }
+    }
+    let last = format!("/admin/users/{}/sessions", u64::MAX);
+    assert_eq!(
+        api.send(admin(Method::GET, &last), S::OK).await["sessions"],
+        json!([])
+    );
     let openid = Sandbox::openid_of("alice");
     let unionid = Sandbox::unionid_of("alice");
     let found = api
@@ -890,6 +1047,26 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     .await;
     api.send(admin(Method::GET, "/admin/users"), S::BAD_REQUEST)
         .await;
+    for query in [
+        "openid=".to_owned(),
+        "unionid=".to_owned(),
+        format!("openid={openid}&openid={openid}"),
+        format!("unionid={unionid}&unionid=u-other"),
+    ] {
+        api.send(
+            admin(Method::GET, &format!("/admin/users?{query}")),
+            S::BAD_REQUEST,
+        )
+        .await;
+    }
+    // Other query parameters are ignored.
+    let found = api
+        .send(
+            admin(Method::GET, &format!("/admin/users?openid={openid}&x=1")),
+            S::OK,
+        )
+        .await;
+    assert_eq!(found["uid"], alice_uid);
     api.send(
         get(&format!("/admin/users?openid={openid}")),
         S::UNAUTHORIZED,
@@ -924,6 +1101,17 @@ async fn the_document_describes_every_route_and_what_it_answers() {
     assert_eq!(stats["users"], 3);
     api.send(get("/admin/stats").bearer_auth("wrong"), S::UNAUTHORIZED)
         .await;
+
+    // Admin: the export, every user as a line of JSON, each line a documented User.
+    let exported = api.send(admin(Method::GET, "/admin/export"), S::OK).await;
+    let exported = exported.as_str().unwrap();
+    assert_eq!(exported.lines().count(), 3, "{exported}");
+    let user = json!({ "$ref": "#/components/schemas/User" });
+    for line in exported.lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        api.validate(&user, &line, "a line of GET /admin/export");
+    }
+    api.send(get("/admin/export"), S::UNAUTHORIZED).await;
 
     // Admin: resetting a user's session_key at WeChat.
     let reset = |uid: u64| {
@@ -961,11 +1149,18 @@ async fn the_document_describes_every_route_and_what_it_answers() {
         api.send(admin(Method::DELETE, &one), S::NOT_FOUND).await["error"],
         "session_not_found"
     );
-    api.send(
-        admin(Method::DELETE, "/admin/sessions/not-an-id"),
-        S::NOT_FOUND,
-    )
-    .await;
+    // A session id is 64 lowercase hex digits, as the list gives it.
+    for id in [
+        "not-an-id".to_owned(),
+        "0".repeat(63),
+        one[16..].to_uppercase(),
+    ] {
+        api.send(
+            admin(Method::DELETE, &format!("/admin/sessions/{id}")),
+            S::BAD_REQUEST,
+        )
+        .await;
+    }
     api.send(tb.http.delete(url(&one)), S::UNAUTHORIZED).await;
     let revoked = api.send(admin(Method::DELETE, &sessions_path), S::OK).await;
     assert_eq!(revoked["revoked"], 2);
@@ -1047,12 +1242,55 @@ async fn the_document_describes_every_route_and_what_it_answers() {
             )
         })
         .collect();
-    for (path, missing) in paths {
+    // Forward auth takes every method (proxies send the original one), as its description says.
+    for (path, missing) in paths.into_iter().filter(|(path, _)| path != "/v1/auth") {
         for method in missing {
             let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             api.send(admin(method, &concrete(&path)), S::METHOD_NOT_ALLOWED)
                 .await;
         }
+    }
+    // HEAD wherever GET is served: GET's status and headers without the body (load balancers
+    // probe /healthz with it); elsewhere 405. OPTIONS on every path: 204 and Allow.
+    let paths: Vec<(String, bool)> = api.doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(path, item)| (path.clone(), item.get("get").is_some()))
+        .collect();
+    for (path, has_get) in paths {
+        let mut concrete = concrete(&path);
+        if path == "/admin/users" {
+            concrete.push_str(&format!("?openid={openid}"));
+        }
+        let with_credentials = |method: Method| {
+            let request = tb.http.request(method, url(&concrete));
+            match path.split('/').nth(1) {
+                Some("admin") => request.bearer_auth(ADMIN_TOKEN),
+                Some("v1") => request.bearer_auth(&bob_token),
+                _ => request,
+            }
+        };
+        if path == "/v1/auth" {
+            // Forward auth answers every method as a check, OPTIONS too (a proxy may send the
+            // original request's): 200 with the user for a live session, as its description says.
+            let got = with_credentials(Method::OPTIONS).send().await.unwrap();
+            assert_eq!(got.status(), S::OK, "OPTIONS /v1/auth");
+            assert!(got.headers().contains_key("x-wx-uid"), "OPTIONS /v1/auth");
+        } else {
+            api.send(with_credentials(Method::OPTIONS), S::NO_CONTENT)
+                .await;
+        }
+        if !has_get {
+            api.send(with_credentials(Method::HEAD), S::METHOD_NOT_ALLOWED)
+                .await;
+            continue;
+        }
+        let got = with_credentials(Method::GET).send().await.unwrap();
+        let (status, media) = (got.status(), got.headers().get(CONTENT_TYPE).cloned());
+        assert!(status.is_success(), "GET {concrete}: {status}");
+        let (_, headers) = api.exchange(with_credentials(Method::HEAD), status).await;
+        assert_eq!(headers.get(CONTENT_TYPE), media.as_ref(), "HEAD {concrete}");
     }
     let undocumented = [
         "/",

@@ -7,7 +7,7 @@ use wxbroker::{BrokerClient, Error, Sandbox, Secret};
 
 use crate::support::{TestBroker, assert_error, metric, parts};
 
-const ADMIN: &str = "admin-secret-for-tests";
+const ADMIN: &str = "admin-secret-for-tests-at-least-32-chars";
 
 async fn admin(tb: &TestBroker, method: reqwest::Method, path: &str) -> reqwest::Response {
     tb.http

@@ -70,6 +70,59 @@ async fn a_logout_on_one_broker_is_refused_by_the_others_on_the_next_request() {
     }
 }
 
+/// Two users on two brokers claim one unionid in profiles at the same moment: the check and the
+/// write are one script, so exactly one gets it, and the index and the sessions name the winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_brokers_racing_for_one_unionid_bind_it_once() {
+    let redis = Arc::new(RedisServer::start().await);
+    let wechat = sandbox().await;
+    let a = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), |_| {}).await;
+    let b = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), |_| {}).await;
+    let claim = |name: &str, unionid: &str| {
+        let text = serde_json::json!({
+            "openId": Sandbox::openid_of(name),
+            "unionId": unionid,
+            "nickName": name,
+            "watermark": { "appid": SANDBOX_APPID, "timestamp": 1_790_000_000 },
+        });
+        wechat
+            .encrypt_for(name, text.to_string().as_bytes())
+            .unwrap()
+    };
+    for round in 0..10 {
+        let unionid = format!("u-raced-{round}");
+        let (x, y) = (format!("rx{round}"), format!("ry{round}"));
+        let (tx, ty) = (
+            a.token(&format!("{x}.1")).await,
+            b.token(&format!("{y}.1")).await,
+        );
+        let (cx, cy) = (claim(&x, &unionid), claim(&y, &unionid));
+        let (rx, ry) = tokio::join!(
+            crate::support::post(&a, "userinfo", &tx, &cx),
+            crate::support::post(&b, "userinfo", &ty, &cy),
+        );
+        let mut outcomes = [(rx.status(), &x, &tx), (ry.status(), &y, &ty)];
+        outcomes.sort_by_key(|(status, _, _)| *status);
+        let [(won, winner, winner_token), (lost, _, loser_token)] = outcomes;
+        assert_eq!(
+            (won, lost),
+            (StatusCode::OK, StatusCode::CONFLICT),
+            "round {round}"
+        );
+        let found = a
+            .broker
+            .find_user(wxbroker::UserKey::Unionid(unionid.clone()));
+        assert_eq!(
+            found.await.unwrap().unwrap().openid,
+            Sandbox::openid_of(winner)
+        );
+        let (_, session) = parts(b.session(winner_token).await).await;
+        assert_eq!(session["unionid"], unionid.as_str());
+        let (_, session) = parts(a.session(loser_token).await).await;
+        assert_eq!(session["unionid"], serde_json::Value::Null);
+    }
+}
+
 #[tokio::test]
 async fn a_lost_redis_is_a_503_and_not_ready_never_a_hang() {
     let tb = TestBroker::start_backend(crate::support::StoreKind::Redis, |_| {}).await;
@@ -560,4 +613,47 @@ async fn a_code_another_broker_is_exchanging_is_busy_then_used() {
     first.await.unwrap();
     assert_error(b.login("lu.1").await, StatusCode::UNAUTHORIZED, "code_used").await;
     assert_eq!(wechat.exchanges(), 1);
+}
+
+#[tokio::test]
+async fn brokers_on_one_redis_share_each_users_budget_of_wechat_calls() {
+    let redis = Arc::new(RedisServer::start().await);
+    let wechat = sandbox().await;
+    let clock = Clock::manual(T0);
+    let budget = |c: &mut wxbroker::Config| {
+        c.wechat_calls_per_min = 20;
+        c.clock = clock.clone();
+    };
+    let a = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), budget).await;
+    let b = TestBroker::start_shared(Some(redis.clone()), Some(wechat.clone()), budget).await;
+    let phone = |tb: &TestBroker, token: &str, i: usize| {
+        let request = tb
+            .http
+            .post(format!("{}/v1/phone", tb.url))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "code": format!("1370000{i:04}.r") }));
+        async move { request.send().await.unwrap() }
+    };
+    let token = a.token("kai.1").await;
+    // Ten calls through each broker: the user's twenty for this minute.
+    for i in 0..20 {
+        let broker = if i % 2 == 0 { &a } else { &b };
+        let (status, body) = parts(phone(broker, &token, i).await).await;
+        assert_eq!(status, StatusCode::OK, "call {i}: {body}");
+    }
+    for (i, broker) in [(20, &a), (21, &b)] {
+        let response = phone(broker, &token, i).await;
+        let retry_after = response.headers().get("retry-after").cloned();
+        assert_error(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+        let expected = (60 - T0 % 60).to_string();
+        assert_eq!(retry_after.unwrap().to_str().unwrap(), expected);
+    }
+    assert_eq!(wechat.phone_number_requests(), 20);
+    // Another user's budget is untouched, on either broker.
+    let other = b.token("lin.1").await;
+    assert_eq!(parts(phone(&b, &other, 30).await).await.0, StatusCode::OK);
+    // The next minute, on the next minute's counter.
+    clock.advance(60);
+    assert_eq!(parts(phone(&b, &token, 31).await).await.0, StatusCode::OK);
+    assert_eq!(wechat.phone_number_requests(), 22);
 }

@@ -5,11 +5,12 @@ use hmac::{Hmac, KeyInit, Mac};
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::Sha256;
+use warp::Filter;
 use wxbroker::{SANDBOX_APPID, Sandbox, Secret};
 
 use crate::support::{TestBroker, eventually, fault_upstream, logs, parts};
 
-const ADMIN: &str = "secrecy-admin-secret";
+const ADMIN: &str = "secrecy-admin-secret-at-least-32-chars";
 
 /// What WeChat's session_key APIs take as `signature`: as secret as the key for those APIs.
 fn signature(session_key: &str) -> String {
@@ -161,7 +162,7 @@ async fn secrets_never_reach_logs_or_responses() {
     signatures.push(signature(&key_before_reset));
     let logs = logs();
     assert!(
-        logs.contains("WeChat rejected our credentials"),
+        logs.contains("WeChat refused our credentials"),
         "the bad secret is logged loudly"
     );
     assert!(
@@ -271,5 +272,74 @@ async fn the_private_signing_keys_never_leave_the_store() {
         }
         // What is published is the public half.
         assert!(responses.contains(&key.kid));
+    }
+}
+
+/// A WeChat that echoes each request's path and query back in its error, as WeChat's errmsg has
+/// been seen to echo request parameters, so that the broker's error text carries the URL with the
+/// app secret as reqwest encoded it. The code picks how: `upper.N` the query as sent (escapes
+/// `%2B`), `lower.N` with lower-case escapes (`%2b`), `typed.N` as a string where WeChat puts a
+/// number, which the JSON error then quotes. Returns the base URL.
+async fn echoing_wechat() -> String {
+    let route = warp::path!("sns" / "jscode2session")
+        .and(warp::path::full())
+        .and(warp::query::raw())
+        .map(|path: warp::path::FullPath, query: String| {
+            let url = format!("{}?{query}", path.as_str());
+            let body = if query.contains("js_code=lower.") {
+                json!({ "errcode": 99999, "errmsg": format!("bad request {}", lower_escapes(&url)) })
+            } else if query.contains("js_code=typed.") {
+                json!({ "errcode": url })
+            } else {
+                json!({ "errcode": 99999, "errmsg": format!("bad request {url}") })
+            };
+            warp::reply::json(&body)
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    url
+}
+
+/// `url` with the hex digits of its escapes in lower case.
+fn lower_escapes(url: &str) -> String {
+    let mut bytes = url.as_bytes().to_vec();
+    for at in 0..bytes.len() {
+        if bytes[at] == b'%' {
+            bytes[at + 1..at + 3].make_ascii_lowercase();
+        }
+    }
+    String::from_utf8(bytes).unwrap()
+}
+
+/// An app secret with `+`, `/` and `=`, which a URL carries percent-encoded, is scrubbed in that
+/// form too (either case of hex digit), from the log and from every answer.
+#[tokio::test]
+async fn a_secret_is_scrubbed_also_in_the_form_a_url_carries_it() {
+    let secret = "S3CRET+val/x=4b7e";
+    let url = echoing_wechat().await;
+    let tb = TestBroker::start_with(|c| {
+        c.api_base = url.parse().unwrap();
+        c.secret = Some(Secret::new(secret));
+    })
+    .await;
+    let mut responses = String::new();
+    for code in ["upper.4b7e", "lower.4b7e", "typed.4b7e"] {
+        let (status, body) = parts(tb.login(code).await).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        responses.push_str(&body.to_string());
+    }
+    let logs = logs();
+    for code in ["upper.4b7e", "lower.4b7e", "typed.4b7e"] {
+        // The echo reached the log, scrubbed: else this test would show nothing.
+        let line = logs
+            .lines()
+            .find(|line| line.contains(&format!("js_code={code}")))
+            .unwrap_or_else(|| panic!("{code} was not logged"));
+        assert!(line.contains("secret=[redacted]&"), "{line}");
+    }
+    for form in [secret, "S3CRET%2Bval%2Fx%3D4b7e", "S3CRET%2bval%2fx%3d4b7e"] {
+        assert!(!logs.contains(form), "logged: {form}");
+        assert!(!responses.contains(form), "answered: {form}");
     }
 }

@@ -10,7 +10,7 @@ use wxbroker::{Sandbox, SandboxOptions, Secret};
 
 use crate::support::{TestBroker, assert_error, fault_upstream, me, metric, parts, post};
 
-const ADMIN: &str = "server-api-admin-secret";
+const ADMIN: &str = "server-api-admin-secret-at-least-32-chars";
 
 /// A fresh phone code for `phone`, from the sandbox's stand-in for the phone-number button.
 async fn phone_code(tb: &TestBroker, phone: &str) -> String {
@@ -349,6 +349,9 @@ async fn verify_wechat_tells_a_client_its_session_key_went_stale() {
     assert_eq!(body["openid"], Sandbox::openid_of("vic"));
 
     tb.sandbox.rotate_session_key("vic");
+    // WeChat's "valid" of a moment ago is reused for a minute (see the test below); past it,
+    // WeChat is asked again.
+    tb.clock.advance(60);
     let body = assert_error(
         verify(&tb, &token).await,
         StatusCode::UNAUTHORIZED,
@@ -433,4 +436,203 @@ async fn an_admin_reset_rotates_the_session_key_at_wechat_and_here() {
         !text.contains(&after),
         "the session_key never leaves the broker"
     );
+}
+
+/// `POST /v1/phone {"code"}` with a fresh code for a number of `i`: one call to WeChat each.
+async fn phone_by_new_code(tb: &TestBroker, token: &str, i: usize) -> reqwest::Response {
+    phone_by_code(tb, token, &format!("1390000{i:04}.n")).await
+}
+
+/// Asserts a 429 `rate_limited` whose `Retry-After` sends the client to the next minute of the
+/// broker's clock; returns the seconds.
+async fn assert_budget_spent(response: reqwest::Response, tb: &TestBroker) -> u64 {
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    assert_error(response, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    let to_next_minute = 60 - tb.clock.now() % 60;
+    assert_eq!(retry_after, Some(to_next_minute));
+    to_next_minute
+}
+
+#[tokio::test]
+async fn wechat_calls_are_rationed_per_user() {
+    let tb = TestBroker::start_with(|c| c.wechat_calls_per_min = 20).await;
+    let (yan, zoe) = (tb.token("yan.1").await, tb.token("zoe.1").await);
+    let mut answered = Vec::new();
+    for i in 0..25 {
+        let response = phone_by_new_code(&tb, &yan, i).await;
+        if i < 20 {
+            assert_eq!(parts(response).await.0, StatusCode::OK, "call {i}");
+        } else {
+            answered.push(assert_budget_spent(response, &tb).await);
+        }
+    }
+    assert_eq!(answered.len(), 5);
+    assert_eq!(
+        tb.sandbox.phone_number_requests(),
+        20,
+        "the rest never reached WeChat"
+    );
+    // The budget is the user's, whatever the route: a check with WeChat is refused too.
+    assert_budget_spent(verify(&tb, &yan).await, &tb).await;
+    assert_eq!(tb.sandbox.checksession_requests(), 0);
+    // And only the user's: another one is served.
+    assert_eq!(
+        parts(phone_by_new_code(&tb, &zoe, 100).await).await.0,
+        StatusCode::OK
+    );
+    // A check that WeChat answered "valid" is reused without spending: zoe checks far more
+    // often than her budget allows, and WeChat is asked once.
+    for _ in 0..25 {
+        assert_eq!(parts(verify(&tb, &zoe).await).await.0, StatusCode::OK);
+    }
+    assert_eq!(tb.sandbox.checksession_requests(), 1);
+    // Once the minute ends, yan may call again.
+    tb.clock.advance(answered[0]);
+    assert_eq!(
+        parts(phone_by_new_code(&tb, &yan, 200).await).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(tb.sandbox.phone_number_requests(), 22);
+}
+
+#[tokio::test]
+async fn a_budget_of_zero_rations_nothing() {
+    let tb = TestBroker::start_with(|c| c.wechat_calls_per_min = 0).await;
+    let token = tb.token("abe.1").await;
+    for i in 0..25 {
+        let (status, body) = parts(phone_by_new_code(&tb, &token, i).await).await;
+        assert_eq!(status, StatusCode::OK, "call {i}: {body}");
+    }
+    assert_eq!(tb.sandbox.phone_number_requests(), 25);
+}
+
+#[tokio::test]
+async fn a_valid_checksession_answer_is_reused_for_a_minute_per_session_key() {
+    let tb = TestBroker::start_with(|c| c.admin_token = Some(Secret::new(ADMIN))).await;
+    let checks = || tb.sandbox.checksession_requests();
+    let ok = |response: reqwest::Response| async {
+        let (status, body) = parts(response).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["sessionKeyValid"], true);
+    };
+    let token = tb.token("xia.1").await;
+    for _ in 0..5 {
+        ok(verify(&tb, &token).await).await;
+    }
+    assert_eq!(checks(), 1, "WeChat's answer was reused");
+
+    // For a minute.
+    tb.clock.advance(59);
+    ok(verify(&tb, &token).await).await;
+    assert_eq!(checks(), 1);
+    tb.clock.advance(1);
+    ok(verify(&tb, &token).await).await;
+    assert_eq!(checks(), 2, "asked again after a minute");
+
+    // For the session_key it was about: a new login stores another, for every session of the
+    // user.
+    let token2 = tb.token("xia.2").await;
+    ok(verify(&tb, &token2).await).await;
+    assert_eq!(checks(), 3);
+    ok(verify(&tb, &token).await).await;
+    assert_eq!(checks(), 3, "the other session has the same user and key");
+    // A reset stores another too.
+    assert_eq!(reset(&tb, 1).await.status(), StatusCode::NO_CONTENT);
+    ok(verify(&tb, &token).await).await;
+    assert_eq!(checks(), 4);
+
+    // What a reused answer cannot see: wx.login called behind the broker's back. Within the
+    // minute the answer is still "valid"; data sealed with the new key does not open, which
+    // drops the answer, and WeChat is asked again.
+    tb.sandbox.rotate_session_key("xia");
+    ok(verify(&tb, &token).await).await;
+    assert_eq!(checks(), 4);
+    let profile = tb.sandbox.encrypted_profile("xia").unwrap();
+    assert_error(
+        post(&tb, "userinfo", &token, &profile).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "decrypt_failed",
+    )
+    .await;
+    for expected in [5, 6] {
+        assert_error(
+            verify(&tb, &token).await,
+            StatusCode::UNAUTHORIZED,
+            "session_key_expired",
+        )
+        .await;
+        assert_eq!(checks(), expected, "a stale key's answer is never reused");
+    }
+}
+
+#[tokio::test]
+async fn the_binary_rations_wechat_calls_per_user() {
+    use crate::binary::{Process, command};
+    let dir = tempfile::tempdir().unwrap();
+    let mut started = command(dir.path());
+    started.args(["--wechat-calls-per-min", "2"]);
+    let process = Process::spawn(started).await;
+    let http = crate::support::client();
+    let login = http
+        .post(format!("{}/v1/login", process.url))
+        .json(&json!({ "code": "bin.1" }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = parts(login).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token = body["thirdSession"].as_str().unwrap().to_owned();
+    let minute = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 60
+    };
+    // Three calls within one minute of the wall clock: two are served, the third is refused.
+    // Calls that straddle a minute are made again in a minute none of them touched.
+    let mut fresh_from = minute();
+    for attempt in 0..3 {
+        let waiting = Instant::now();
+        while minute() < fresh_from {
+            assert!(waiting.elapsed() < Duration::from_secs(70));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let first_minute = minute();
+        let mut statuses = Vec::new();
+        let mut retry_after = None;
+        for i in 0..3 {
+            let response = http
+                .post(format!("{}/v1/phone", process.url))
+                .bearer_auth(&token)
+                .json(&json!({ "code": format!("1380000{attempt}{i:03}.b") }))
+                .send()
+                .await
+                .unwrap();
+            retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .cloned();
+            statuses.push(parts(response).await.0);
+        }
+        if minute() != first_minute {
+            fresh_from = minute() + 1;
+            continue;
+        }
+        assert_eq!(
+            statuses,
+            [
+                StatusCode::OK,
+                StatusCode::OK,
+                StatusCode::TOO_MANY_REQUESTS
+            ]
+        );
+        let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&secs), "{secs}");
+        return;
+    }
+    panic!("three calls never fitted in one minute");
 }

@@ -142,6 +142,31 @@ async fn each_actor_is_restarted_and_works_after() {
     }
 }
 
+/// A registration whose flush failed stays unacknowledged across a restart of the UserRegistry:
+/// the next login of that user still waits for a flush (which fails here too), and only once one
+/// succeeds is it answered. The binary's side: `binary::no_login_is_answered_before_its_registration_is_on_disk`.
+#[tokio::test]
+async fn a_registration_not_yet_on_disk_stays_unacknowledged_across_a_restart() {
+    let tb = start().await;
+    assert!(tb.broker.fail_flushes(2));
+    let (status, body) = parts(tb.login("una.1").await).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    fail(&tb, ActorKind::UserRegistry).await;
+    wait_ready(&tb).await;
+    let (status, body) = parts(tb.login("una.2").await).await;
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "answered before the registration was on disk: {body}"
+    );
+    let (status, body) = parts(tb.login("una.3").await).await;
+    assert_eq!(
+        (status, body["isNew"].as_bool()),
+        (StatusCode::OK, Some(false)),
+        "{body}"
+    );
+}
+
 /// The supervisor waits before each restart: 20 ms, doubling with each restart in the window, up
 /// to 2 s. Seen from outside as the time from a failure to readiness, which is at least that
 /// backoff every time (a busy machine only adds to it); at the cap it stays near 2 s, where

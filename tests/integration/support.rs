@@ -119,6 +119,9 @@ impl TestBroker {
             upstream_timeout_ms: 2000,
             // Every test client comes from 127.0.0.1; the limit has a test of its own.
             login_rate_per_min: 0,
+            // Tests call WeChat for one user more often than a user would; the budget has tests
+            // of its own.
+            wechat_calls_per_min: 0,
             ..Config::default()
         };
         sandbox.configure(&mut config);
@@ -227,6 +230,7 @@ impl Drop for TestBroker {
 
 /// A client that never waits long: a hang shows up as a test failure, not a stuck run.
 pub fn client() -> reqwest::Client {
+    wxbroker::tls::install_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()

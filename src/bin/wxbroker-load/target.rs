@@ -153,6 +153,8 @@ async fn start(launch: &Launch, data_dir: &Path) -> anyhow::Result<(Child, Socke
         .args(["--sandbox-latency-ms", &latency_ms])
         .args(["--max-inflight", &launch.max_inflight.to_string()])
         .args(["--max-connections", "16384"])
+        // Every connection of the load comes from 127.0.0.1.
+        .args(["--max-connections-per-ip", "0"])
         .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "warn,wxbroker=info")

@@ -100,6 +100,10 @@ impl GroupCommit {
 
 /// The users and the session log flushed side by side: one disk wait for both.
 async fn flush(data: &DataDir) -> Result<(), Error> {
+    #[cfg(feature = "fault-injection")]
+    if data.injected_flush_failure() {
+        return Err(Error::Storage("injected flush failure".into()));
+    }
     let (sessions, users) = tokio::join!(flush_sessions(data), data.flush_users());
     sessions?;
     users

@@ -10,14 +10,21 @@
 //!
 //! The file is a run of frames `[body length: u32 LE][CRC-32 of the body: u32 LE][body]`, a body
 //! being `1, hash, record` (a put) or `0, hash` (a removal). A crash can leave the last frame torn:
-//! opening stops at the first frame that is short or fails its CRC and cuts the file there, so that
-//! later frames follow whole ones.
+//! opening stops at the first frame that is short or fails its CRC and, when no whole frame follows
+//! it, cuts the file there, so that later frames follow whole ones.
+//!
+//! A frame that fails its check with whole frames after it is damage (a bad sector, a stray
+//! write), not a torn tail. The damaged bytes may have held the removal of any session put before
+//! them, so none of those is trusted any more: opening keeps the frames after the last damage
+//! (found again by looking, byte by byte, for the next frame that passes its check), drops
+//! every session put before it (its user logs in again), sets the damaged file aside beside the
+//! log (`sessions.log.damaged.<unix seconds>`) and logs one ERROR saying what it kept and dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::ControlFlow;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -40,6 +47,10 @@ const REMOVE: u8 = 0;
 const NO_STRING: u16 = u16::MAX;
 /// A compaction's file is the log's name, then this, then a name of its own.
 const COMPACTION_EXT: &str = "compact";
+/// A damaged log is set aside under its name, then this, then the unix time.
+pub const DAMAGED_EXT: &str = "damaged";
+/// The mode of every file the log writes: the sessions are nobody else's business.
+const FILE_MODE: u32 = 0o600;
 
 /// The session log of one data directory.
 pub struct SessionLog {
@@ -82,7 +93,8 @@ pub struct Compacted {
 }
 
 impl SessionLog {
-    /// Opens (or creates) the log in `dir`, cutting off a torn or damaged tail.
+    /// Opens (or creates) the log in `dir`, cutting off a torn tail and setting damage aside
+    /// (see the module docs).
     pub fn open(dir: &Path) -> Result<SessionLog, Error> {
         let path = dir.join(FILE_NAME);
         remove_compaction_leftovers(dir);
@@ -92,21 +104,29 @@ impl SessionLog {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(|e| storage(&path, "open", e))?;
         if created {
             sync_dir(&path).map_err(|e| storage(&path, "create", e))?;
+        } else {
+            // Written by a version that left it to the umask.
+            restrict(&file).map_err(|e| storage(&path, "restrict", e))?;
         }
         let read = |e| storage(&path, "read", e);
-        let (frames, whole) = scan(&mut file, |_, _| ControlFlow::Continue(())).map_err(read)?;
+        let (mut frames, mut whole) =
+            scan(&mut file, |_, _| ControlFlow::Continue(())).map_err(read)?;
         let len = file.metadata().map_err(read)?.len();
-        if whole < len {
+        if whole < len && next_frame(&file, whole + 1, len).map_err(read)?.is_some() {
+            let salvaged = salvage(&path, &file, len)?;
+            (file, frames, whole) = (salvaged.file, salvaged.frames, salvaged.len);
+        } else if whole < len {
             tracing::warn!(
                 file = %path.display(),
                 kept_bytes = whole,
                 dropped_bytes = len - whole,
-                "the session log ends in a torn or damaged frame (a crash while writing?); \
-                 cutting it there: the sessions after it log in again"
+                "the session log ends in a torn frame (a crash while writing?); cutting it there: \
+                 the sessions written last log in again"
             );
             file.set_len(whole)
                 .and_then(|()| file.sync_all())
@@ -200,8 +220,9 @@ impl SessionLog {
         };
         let mut sessions = HashMap::new();
         let mut undecodable = 0;
+        let total = len + buffered.len() as u64;
         let input = file.take(len).chain(buffered.as_slice());
-        scan(input, |_, body| {
+        let (_, whole) = scan(input, |_, body| {
             match decode(body) {
                 Some(Frame::Put(hash, record)) => drop(sessions.insert(hash, record)),
                 Some(Frame::Remove(hash)) => drop(sessions.remove(&hash)),
@@ -210,6 +231,11 @@ impl SessionLog {
             ControlFlow::Continue(())
         })
         .map_err(read)?;
+        if whole < total {
+            // Damaged since it was opened: what follows the damage may remove sessions put
+            // before it, so none is trusted. The next opening sets the damage aside.
+            return Err(damaged(&self.path, whole));
+        }
         if undecodable > 0 {
             // Whole frames (their CRC holds) of a kind this version does not know: skipped, as a
             // session can always be given up (its user logs in again).
@@ -262,7 +288,7 @@ impl SessionLog {
         };
         // Where the last put of each session not removed since starts.
         let mut latest: HashMap<TokenHash, u64> = HashMap::new();
-        let (read_frames, _) = scan((&old).take(start), |offset, body| {
+        let (read_frames, whole) = scan((&old).take(start), |offset, body| {
             if let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) {
                 match body[0] {
                     PUT => drop(latest.insert(hash, offset)),
@@ -275,6 +301,11 @@ impl SessionLog {
         })
         .map_err(read)?;
         self.check_open()?;
+        if whole < start {
+            // Damaged since it was opened: rewritten, the frames after the damage would be lost,
+            // and with them the removal of sessions put before it. Left for the next opening.
+            return Err(damaged(&self.path, whole).into());
+        }
         let mut keep: Vec<u64> = latest.into_values().collect();
         keep.sort_unstable();
 
@@ -505,7 +536,17 @@ fn create_new(path: &Path) -> std::io::Result<File> {
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(FILE_MODE)
         .open(path)
+}
+
+/// Takes away what the group and others may do with `file`.
+fn restrict(file: &File) -> std::io::Result<()> {
+    let mode = file.metadata()?.permissions().mode();
+    match mode & 0o077 {
+        0 => Ok(()),
+        _ => file.set_permissions(std::fs::Permissions::from_mode(mode & FILE_MODE)),
+    }
 }
 
 /// Syncs the directory holding `path`, which makes a file created or renamed there durable.
@@ -514,6 +555,155 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
         Some(dir) => File::open(dir)?.sync_all(),
         None => Ok(()),
     }
+}
+
+/// A damaged log, salvaged: the file now at the log's path, its frames and length.
+struct Salvaged {
+    file: File,
+    frames: u64,
+    len: u64,
+}
+
+/// Sets the damaged log at `path` (`file`, `len` bytes long, with whole frames after a bad one)
+/// aside and puts a log with the frames after its last damage in its place.
+///
+/// The file is read as runs of whole frames, each run ended by damage (bytes up to the next
+/// frame that passes its check) but the last, which the file's end or a torn tail ends. The
+/// sessions put in every run but the last are dropped, and the frames of the last kept. The new
+/// log is written and synced beside the old one, the old one linked (or copied) to its damaged
+/// name, and the new one renamed in: a crash at any moment leaves the damaged log in place, to be
+/// salvaged again.
+fn salvage(path: &Path, file: &File, len: u64) -> Result<Salvaged, Error> {
+    let read = |e| storage(path, "read", e);
+    // Live at the start of the current run (every frame before it replayed in order, whatever
+    // damage lies between), then live and touched within the run.
+    let (mut before, mut live, mut touched) = (HashSet::new(), HashSet::new(), HashSet::new());
+    let (mut at, mut dropped_frames, mut regions, mut damaged_bytes) = (0, 0, 0, 0);
+    let (kept_frames, end) = loop {
+        let mut run = file;
+        run.seek(SeekFrom::Start(at)).map_err(read)?;
+        let (frames, whole) = scan(run.take(len - at), |_, body| {
+            if let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) {
+                match body[0] {
+                    PUT => drop(live.insert(hash)),
+                    REMOVE => drop(live.remove(&hash)),
+                    // Unknown kinds are skipped, as replaying skips them.
+                    _ => return ControlFlow::Continue(()),
+                }
+                touched.insert(hash);
+            }
+            ControlFlow::Continue(())
+        })
+        .map_err(read)?;
+        let end = at + whole;
+        let Some(next) = next_frame(file, end + 1, len).map_err(read)? else {
+            break (frames, end);
+        };
+        before.retain(|hash| !touched.contains(hash));
+        before.extend(live.drain());
+        touched.clear();
+        (dropped_frames, regions, damaged_bytes) = (
+            dropped_frames + frames,
+            regions + 1,
+            damaged_bytes + next - end,
+        );
+        at = next;
+    };
+    let kept_sessions = live.len();
+    let dropped_sessions = before.difference(&touched).count();
+
+    let tmp = compaction_path(path);
+    let write = |e| storage(&tmp, "write", e);
+    let written = (|| -> Result<(File, PathBuf), Error> {
+        let mut out = create_new(&tmp).map_err(write)?;
+        let mut kept = file;
+        kept.seek(SeekFrom::Start(at)).map_err(read)?;
+        std::io::copy(&mut kept.take(end - at), &mut out).map_err(write)?;
+        out.sync_all().map_err(write)?;
+        let aside = set_aside(path).map_err(|e| storage(path, "set aside", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| storage(path, "replace", e))?;
+        sync_dir(path).map_err(|e| storage(path, "replace", e))?;
+        Ok((out, aside))
+    })();
+    let (out, aside) = written.inspect_err(|_| drop(std::fs::remove_file(&tmp)))?;
+    tracing::error!(
+        file = %path.display(),
+        damaged_copy = %aside.display(),
+        damaged_regions = regions,
+        damaged_bytes,
+        torn_tail_bytes = len - end,
+        kept_frames,
+        kept_sessions,
+        dropped_frames,
+        dropped_sessions,
+        "the session log is damaged: frames that fail their check with whole frames after them. \
+         Kept the frames after the damage; dropped the sessions written before it, whose logout \
+         may have been in the damaged bytes (their users log in again). The damaged file is kept \
+         beside the log"
+    );
+    Ok(Salvaged {
+        file: out,
+        frames: kept_frames,
+        len: end - at,
+    })
+}
+
+/// Keeps the log at `path` under its damaged name (a link, or else a copy), synced; returns
+/// that name.
+fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let name = format!("{FILE_NAME}.{DAMAGED_EXT}.{secs}");
+    // A second salvage within the same second (a crash before the first one's rename).
+    let aside = (0..100)
+        .map(|n| match n {
+            0 => path.with_file_name(&name),
+            n => path.with_file_name(format!("{name}-{n}")),
+        })
+        .find(|aside| !aside.exists())
+        .ok_or_else(|| std::io::Error::other(format!("{name} is taken")))?;
+    if std::fs::hard_link(path, &aside).is_err() {
+        let mut copy = create_new(&aside)?;
+        std::io::copy(&mut File::open(path)?, &mut copy)?;
+        copy.sync_all()?;
+    }
+    sync_dir(&aside)?;
+    Ok(aside)
+}
+
+/// Where the first frame that passes its check starts, at or after `from` and before `len` in
+/// `file`: after damage, frames start anew there. Looks at every byte, through a window.
+fn next_frame(file: &File, from: u64, len: u64) -> std::io::Result<Option<u64>> {
+    const WINDOW: usize = 1 << 20;
+    let mut window = Vec::new();
+    let mut at = from;
+    while at + ((HEADER + MIN_BODY) as u64) <= len {
+        // A frame starting in the first WINDOW bytes fits in the window, or is cut by the end.
+        let read = ((len - at) as usize).min(WINDOW + HEADER + MAX_BODY);
+        window.resize(read, 0);
+        file.read_exact_at(&mut window, at)?;
+        let starts = match at + read as u64 == len {
+            true => read,
+            false => WINDOW,
+        };
+        if let Some(i) = (0..starts).find(|&i| whole_frame(&window[i..]).is_some()) {
+            return Ok(Some(at + i as u64));
+        }
+        at += starts as u64;
+    }
+    Ok(None)
+}
+
+/// The body of the frame at the start of `bytes`, if it is whole and passes its check.
+fn whole_frame(bytes: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(bytes.get(4..HEADER)?.try_into().ok()?);
+    if !(MIN_BODY..=MAX_BODY).contains(&len) {
+        return None;
+    }
+    let body = bytes.get(HEADER..HEADER + len)?;
+    (crc32fast::hash(body) == crc).then_some(body)
 }
 
 enum Frame {
@@ -648,6 +838,15 @@ fn storage(path: &Path, what: &str, e: std::io::Error) -> Error {
     Error::Storage(format!("cannot {what} {}: {e}", path.display()))
 }
 
+/// The log at `path` fails a check at byte `at`, after it was opened.
+fn damaged(path: &Path, at: u64) -> Error {
+    Error::Storage(format!(
+        "{} is damaged at byte {at} (a frame fails its check); the broker's next start sets the \
+         damage aside",
+        path.display()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,13 +908,188 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64);
         drop(log);
 
-        // A flipped bit in the first frame: nothing from there on is trusted.
+        // A flipped bit in the first frame, a whole one after it: damage, not a torn tail.
         let mut damaged = whole.clone();
         damaged[HEADER + 5] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
         let log = SessionLog::open(dir.path()).unwrap();
-        assert!(log.replay().unwrap().is_empty());
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert_eq!(log.replay().unwrap().keys().collect::<Vec<_>>(), [&[2; 32]]);
+        assert_eq!(set_aside(dir.path()), [damaged]);
+    }
+
+    /// The offsets of the frames of a whole log, and its length last.
+    fn boundaries(log: &[u8]) -> Vec<usize> {
+        let mut at = vec![0];
+        while *at.last().unwrap() < log.len() {
+            let start = *at.last().unwrap();
+            let len = u32::from_le_bytes(log[start..start + 4].try_into().unwrap()) as usize;
+            at.push(start + HEADER + len);
+        }
+        at
+    }
+
+    /// The contents of the damaged logs set aside in `dir`.
+    fn set_aside(dir: &Path) -> Vec<Vec<u8>> {
+        let mut found: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let secs = name.strip_prefix(&format!("{FILE_NAME}.{DAMAGED_EXT}."));
+                secs.is_some_and(|secs| secs.split('-').next().unwrap().parse::<u64>().is_ok())
+            })
+            .map(|entry| {
+                let mode = entry.metadata().unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{:?}", entry.file_name());
+                std::fs::read(entry.path()).unwrap()
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn damage_before_whole_frames_drops_the_sessions_before_it_and_keeps_the_frames_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let log = SessionLog::open(dir.path()).unwrap();
+        for uid in 1..=4u8 {
+            log.put(&[uid; 32], &SessionRecord::sample(uid.into(), None))
+                .unwrap();
+        }
+        // Frame 4: session 1 logs out (the frame about to be damaged).
+        log.remove(&[[1; 32]]);
+        // Then: a new session, session 2 slid (a put of it again), session 3 logs out.
+        log.put(&[5; 32], &SessionRecord::sample(5, None)).unwrap();
+        log.put(&[2; 32], &SessionRecord::sample(20, None)).unwrap();
+        log.remove(&[[3; 32]]);
+        log.flush().unwrap();
+        drop(log);
+        let whole = std::fs::read(&path).unwrap();
+        let at = boundaries(&whole);
+        assert_eq!(at.len(), 9);
+
+        let mut damaged = whole.clone();
+        damaged[at[4] + HEADER + 7] ^= 0x10;
+        std::fs::write(&path, &damaged).unwrap();
+        let log = SessionLog::open(dir.path()).unwrap();
+        let sessions = log.replay().unwrap();
+        // Session 1's logout is what was damaged: it must not come back, nor can session 4,
+        // whose logout could have been there as well. Sessions 2 and 5 were written after it.
+        let mut kept: Vec<_> = sessions.iter().map(|(hash, r)| (hash[0], r.uid)).collect();
+        kept.sort();
+        assert_eq!(kept, [(2, 20), (5, 5)]);
+        assert_eq!(log.frames(), 3);
+        // The log holds the frames after the damage, the damaged file is kept whole beside it.
+        assert_eq!(std::fs::read(&path).unwrap(), &whole[at[5]..]);
+        assert_eq!(set_aside(dir.path()), [damaged.clone()]);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // It goes on as a log: written, compacted, opened again without more damage found.
+        log.put(&[6; 32], &SessionRecord::sample(6, None)).unwrap();
+        log.flush().unwrap();
+        assert!(log.compact().unwrap().is_some());
+        drop(log);
+        let log = SessionLog::open(dir.path()).unwrap();
+        let mut uids: Vec<_> = log.replay().unwrap().values().map(|r| r.uid).collect();
+        uids.sort();
+        assert_eq!(uids, [5, 6, 20]);
+        assert_eq!(set_aside(dir.path()), [damaged]);
+    }
+
+    #[test]
+    fn frames_are_found_again_after_any_damage_and_only_what_follows_the_last_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let log = SessionLog::open(dir.path()).unwrap();
+        for uid in 0..12u8 {
+            log.put(&[uid; 32], &SessionRecord::sample(uid.into(), None))
+                .unwrap();
+        }
+        log.flush().unwrap();
+        drop(log);
+        let whole = std::fs::read(&path).unwrap();
+        let at = boundaries(&whole);
+        let kept_after = |first: usize| -> Vec<u8> { (first as u8..12).collect() };
+        /// What a case does to the log.
+        type Damage<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+        let cases: [(&str, Damage, Vec<u8>); 6] = [
+            (
+                "a length that reaches past the next frames",
+                Box::new(|log| log[at[3]..at[3] + 4].copy_from_slice(&4000u32.to_le_bytes())),
+                kept_after(4),
+            ),
+            (
+                "a length too short for any frame",
+                Box::new(|log| log[at[3]..at[3] + 4].copy_from_slice(&3u32.to_le_bytes())),
+                kept_after(4),
+            ),
+            (
+                "a wrong CRC",
+                Box::new(|log| log[at[3] + 4] ^= 1),
+                kept_after(4),
+            ),
+            (
+                "zeros over three frames and into a fourth",
+                Box::new(|log| log[at[2]..at[5] + 9].fill(0)),
+                kept_after(6),
+            ),
+            (
+                "two damaged places",
+                Box::new(|log| {
+                    log[at[1] + 20] ^= 0xff;
+                    log[at[7] + 40] ^= 0xff;
+                }),
+                kept_after(8),
+            ),
+            (
+                "damage, whole frames, then a torn tail",
+                Box::new(|log| {
+                    log[at[2] + 20] ^= 0xff;
+                    log.truncate(at[11] + 30);
+                }),
+                (3..11).collect(),
+            ),
+        ];
+        for (case, damage, kept) in cases {
+            let _ = std::fs::remove_dir_all(dir.path());
+            std::fs::create_dir(dir.path()).unwrap();
+            let mut damaged = whole.clone();
+            damage(&mut damaged);
+            std::fs::write(&path, &damaged).unwrap();
+            let log = SessionLog::open(dir.path()).unwrap();
+            let mut found: Vec<u8> = log.replay().unwrap().keys().map(|h| h[0]).collect();
+            found.sort();
+            assert_eq!(found, kept, "{case}");
+            assert_eq!(log.frames(), kept.len() as u64, "{case}");
+            assert_eq!(set_aside(dir.path()), [damaged], "{case}");
+        }
+    }
+
+    #[test]
+    fn a_log_damaged_while_open_is_neither_replayed_nor_rewritten_past_the_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let log = SessionLog::open(dir.path()).unwrap();
+        log.put(&[1; 32], &SessionRecord::sample(1, None)).unwrap();
+        log.remove(&[[1; 32]]);
+        log.put(&[2; 32], &SessionRecord::sample(2, None)).unwrap();
+        log.put(&[2; 32], &SessionRecord::sample(3, None)).unwrap();
+        log.flush().unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        let at = boundaries(&whole);
+        // The removal goes bad on the disk.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff], (at[1] + HEADER + 3) as u64)
+            .unwrap();
+        assert!(matches!(log.replay(), Err(Error::Storage(m)) if m.contains("damaged")));
+        assert!(matches!(log.compact(), Err(Error::Storage(m)) if m.contains("damaged")));
+        assert_eq!(std::fs::read(&path).unwrap().len(), whole.len());
+        drop(log);
+        let log = SessionLog::open(dir.path()).unwrap();
+        let sessions = log.replay().unwrap();
+        assert_eq!(sessions.keys().collect::<Vec<_>>(), [&[2; 32]]);
     }
 
     #[test]

@@ -363,7 +363,16 @@ impl SledSessions {
             .collect()
     }
 
-    pub(crate) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<(), Error> {
+    /// As [`SledSessions::set_unionid`], answered once on disk if any session changed.
+    pub(crate) fn set_unionid_durably(&mut self, uid: u64, unionid: &str) -> Pending<()> {
+        match self.set_unionid(uid, unionid) {
+            Ok(true) => self.commit.after(Ok(())),
+            other => Pending::Ready(other.map(drop)),
+        }
+    }
+
+    /// Puts `unionid` on every session of the user; whether any changed.
+    pub(crate) fn set_unionid(&mut self, uid: u64, unionid: &str) -> Result<bool, Error> {
         let mut changed = Vec::new();
         for hash in self.by_uid.get(&uid).into_iter().flatten() {
             if let Some(live) = self.table.write(hash).get_mut(hash)
@@ -377,7 +386,7 @@ impl SledSessions {
         for (hash, record) in &changed {
             self.log().put(hash, record)?;
         }
-        Ok(())
+        Ok(!changed.is_empty())
     }
 
     /// Persists every last use that was only held in memory (at a clean stop).

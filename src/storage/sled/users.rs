@@ -9,7 +9,7 @@
 //! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64) (the revocation feed keeps its
 //!   origin and horizon there too: `revocations.rs`)
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use ::sled::Transactional;
@@ -33,6 +33,9 @@ pub struct UserDb {
     uids: ::sled::Tree,
     meta: ::sled::Tree,
     unionids: ::sled::Tree,
+    /// Openids whose registration is not known to be on disk (see [`SledUsers`]): kept here,
+    /// with the trees, so that a UserRegistry restarted meanwhile still sees them.
+    unflushed: Arc<Mutex<HashSet<String>>>,
 }
 
 impl UserDb {
@@ -43,6 +46,7 @@ impl UserDb {
             uids: db.open_tree("uids")?,
             meta: db.open_tree("meta")?,
             unionids: db.open_tree("unionids")?,
+            unflushed: Arc::default(),
         };
         users.drop_unfinished_registration()?;
         Ok(users)
@@ -143,16 +147,21 @@ impl UserDb {
         Ok(())
     }
 
-    /// Stores a decrypted profile on the user; its unionId, if any, becomes the user's unionid.
+    /// Stores a decrypted profile on the user. Its unionId, if any, may confirm the user's
+    /// unionid or give one to a user who has none; it never changes one (a login's, WeChat's own
+    /// word, or an earlier profile's) nor takes one bound to another uid: then
+    /// [`Error::UnionidConflict`] and nothing is stored. The client chooses the IV, so it can
+    /// rewrite the start of what decrypts.
     pub fn save_profile(
         &self,
         openid: &str,
         profile: &Profile,
         now: u64,
     ) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, |user| {
-            if let Some(unionid) = &profile.union_id {
-                user.unionid = Some(unionid.clone());
+        let claim = profile.union_id.as_deref();
+        self.update_user(openid, now, claim, |user| {
+            if let Some(unionid) = claim {
+                user.unionid = Some(unionid.to_owned());
             }
             user.profile = Some(profile.clone());
         })
@@ -160,7 +169,7 @@ impl UserDb {
 
     /// Stores a decrypted phone number on the user.
     pub fn save_phone(&self, openid: &str, phone: &Phone, now: u64) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, |user| user.phone = Some(phone.clone()))
+        self.update_user(openid, now, None, |user| user.phone = Some(phone.clone()))
     }
 
     /// Replaces the user's session_key `old` by `new` (after WeChat reset it); a key that
@@ -172,17 +181,20 @@ impl UserDb {
         new: &str,
         now: u64,
     ) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, |user| {
+        self.update_user(openid, now, None, |user| {
             if user.session_key == old {
                 user.session_key = new.to_owned();
             }
         })
     }
 
+    /// Changes the user in one transaction. `claim` is a unionid the change names (from
+    /// encrypted data): checked against the user's own and the index in the same transaction.
     fn update_user(
         &self,
         openid: &str,
         now: u64,
+        claim: Option<&str>,
         change: impl Fn(&mut UserRecord),
     ) -> Result<UserRecord, Error> {
         let trees = (&self.users, &self.unionids);
@@ -191,6 +203,14 @@ impl UserDb {
                 ConflictableTransactionError::Abort(Error::Storage(format!("no user {openid}")))
             })?;
             let old: UserRecord = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+            if let Some(claim) = claim {
+                let own = old.unionid.as_deref().is_none_or(|own| own == claim);
+                let holder = unionids.get(claim.as_bytes())?;
+                let free = holder.is_none_or(|uid| *uid == old.uid.to_be_bytes());
+                if !(own && free) {
+                    return Err(ConflictableTransactionError::Abort(Error::UnionidConflict));
+                }
+            }
             let mut user = old.clone();
             change(&mut user);
             user.updated_at = now;
@@ -221,6 +241,21 @@ impl UserDb {
     /// Every user, in openid order (for export).
     pub fn iter(&self) -> impl Iterator<Item = Result<UserRecord, Error>> + '_ {
         self.users.iter().map(|entry| decode(&entry?.1))
+    }
+
+    /// Up to `limit` users in openid order, those after the openid `after` (from the first without
+    /// one): a page of an export while the broker serves. Each user is read whole, as last
+    /// written; sled's iterators take no lock a writer waits for, and a user's key (its openid)
+    /// never changes, so a walk from page to page meets every user stored all along exactly once.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Result<Vec<UserRecord>, Error> {
+        let entries = match after {
+            Some(after) => self.users.range::<&[u8], _>((
+                std::ops::Bound::Excluded(after.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.users.iter(),
+        };
+        entries.take(limit).map(|entry| decode(&entry?.1)).collect()
     }
 
     /// How many users are registered. sled counts by walking the tree: for the admin's stats,
@@ -306,23 +341,21 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
     Ok(u64::from_be_bytes(array))
 }
 
-/// The users in sled, and the registrations written but not yet on disk.
+/// The users in sled, answered once durable.
+///
+/// A registration is marked not yet durable when it is written ([`UserDb`] keeps the marks), and
+/// the mark is cleared by the first flush after it that succeeds (a failed one leaves it). A login
+/// of a marked user waits for a flush too: answering it earlier would acknowledge a uid a crash
+/// could still take back.
 pub struct SledUsers {
     users: UserDb,
     commit: GroupCommit,
-    /// Openids whose registration waits for its flush. A second login of such a user must wait
-    /// for it too: answering it earlier would acknowledge a uid a crash could still take back.
-    pending: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl SledUsers {
     /// The users in `users`, made durable by `commit`.
     pub fn new(users: UserDb, commit: GroupCommit) -> SledUsers {
-        SledUsers {
-            users,
-            commit,
-            pending: Arc::default(),
-        }
+        SledUsers { users, commit }
     }
 
     pub(crate) fn upsert(&mut self, login: Code2Session, now: u64) -> Pending<Registration> {
@@ -344,21 +377,18 @@ impl SledUsers {
         };
         let openid = registration.openid.clone();
         {
-            let mut pending = self.pending.lock().expect("pending lock");
-            if !is_new && !pending.contains_key(&openid) {
+            let mut pending = self.users.unflushed.lock().expect("unflushed lock");
+            if !is_new && !pending.contains(&openid) {
                 return Pending::Ready(Ok(registration));
             }
-            *pending.entry(openid.clone()).or_default() += 1;
+            pending.insert(openid.clone());
         }
-        let (commit, pending) = (self.commit.clone(), self.pending.clone());
+        let (commit, pending) = (self.commit.clone(), self.users.unflushed.clone());
         Pending::Later(Box::pin(async move {
             let durable = commit.durable().await;
-            let mut pending = pending.lock().expect("pending lock");
-            if let Some(waiting) = pending.get_mut(&openid) {
-                *waiting -= 1;
-                if *waiting == 0 {
-                    pending.remove(&openid);
-                }
+            if durable.is_ok() {
+                // This flush began after the registration was written, whichever login waited.
+                pending.lock().expect("unflushed lock").remove(&openid);
             }
             durable.map(|()| registration)
         }))
@@ -524,6 +554,80 @@ mod tests {
             users.save_phone("o-nobody", &phone, 7),
             Err(Error::Storage(_))
         ));
+    }
+
+    #[test]
+    fn a_profile_confirms_a_unionid_but_never_changes_nor_moves_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, users) = open(&dir);
+        users.upsert("o-ann", "k", Some("u-ann"), 1).unwrap();
+        users.upsert("o-bob", "k", None, 1).unwrap();
+        let claiming = |unionid: &str| Profile {
+            union_id: Some(unionid.into()),
+            nick_name: Some("forged".into()),
+            ..Profile::default()
+        };
+        // Another user's unionid, and a unionid other than the one the login gave.
+        for (openid, unionid) in [("o-bob", "u-ann"), ("o-ann", "u-evil")] {
+            assert_eq!(
+                users.save_profile(openid, &claiming(unionid), 2),
+                Err(Error::UnionidConflict)
+            );
+        }
+        let ann = users
+            .find(&UserKey::Openid("o-ann".into()))
+            .unwrap()
+            .unwrap();
+        let bob = users
+            .find(&UserKey::Openid("o-bob".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((ann.unionid.as_deref(), ann.profile), (Some("u-ann"), None));
+        assert_eq!((bob.unionid, bob.profile, bob.updated_at), (None, None, 1));
+        let index = |unionid: &str| users.find(&UserKey::Unionid(unionid.into())).unwrap();
+        assert_eq!(index("u-ann").unwrap().openid, "o-ann");
+        assert_eq!(index("u-evil"), None);
+
+        // The same unionid again is fine; a free one goes to a user without any, then stays.
+        users.save_profile("o-ann", &claiming("u-ann"), 3).unwrap();
+        users.save_profile("o-bob", &claiming("u-bob"), 3).unwrap();
+        assert_eq!(index("u-bob").unwrap().openid, "o-bob");
+        assert_eq!(
+            users.save_profile("o-bob", &claiming("u-bob2"), 4),
+            Err(Error::UnionidConflict)
+        );
+        assert_eq!(index("u-bob2"), None);
+    }
+
+    #[test]
+    fn pages_give_every_user_once_while_users_come_and_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, users) = open(&dir);
+        for i in 0..25 {
+            users.upsert(&format!("o-{i:02}"), "k", None, 1).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        for round in 0.. {
+            let page = users.page(after.as_deref(), 10).unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.openid.clone());
+            seen.extend(page.iter().map(|user| user.openid.clone()));
+            // Between pages: a user before the cursor and one after it change, new ones come.
+            users.upsert("o-00", "k2", None, 2).unwrap();
+            users.upsert("o-24", "k2", None, 2).unwrap();
+            users
+                .upsert(&format!("o-new-{round}"), "k", None, 2)
+                .unwrap();
+        }
+        let before: Vec<String> = (0..25).map(|i| format!("o-{i:02}")).collect();
+        assert!(
+            seen.windows(2).all(|pair| pair[0] < pair[1]),
+            "in openid order, none twice: {seen:?}"
+        );
+        for openid in &before {
+            assert!(seen.contains(openid), "{openid}");
+        }
     }
 
     #[test]

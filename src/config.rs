@@ -308,6 +308,13 @@ impl Config {
         layer_file(&P::command(), args.into_iter().map(Into::into).collect())
     }
 
+    /// Parses `args` (from [`Config::layered_args`]) into `P`, as `P::try_parse_from` does, but a
+    /// value refused that came from an environment variable is named by that variable: the
+    /// operator looks for it in a unit or compose file, not in a command line no one typed.
+    pub fn parse_layered<P: Parser>(args: Vec<OsString>) -> Result<P, clap::Error> {
+        P::try_parse_from(&args).map_err(|err| name_the_variable(P::command(), &args, err))
+    }
+
     /// The config file (`--config`) if it holds a secret (a setting whose value is never shown:
     /// the app secret, the admin token, the store URL) and the group or others may read it: the
     /// binary warns about it at start. `None` without a file, or one it cannot read.
@@ -548,6 +555,59 @@ fn layer_file(cmd: &Command, mut args: Vec<OsString>) -> Result<Vec<OsString>, E
     let at = args.len().min(1);
     args.splice(at..at, flags);
     Ok(args)
+}
+
+/// `err` about a flag's value, reworded to name the environment variable it came from when the
+/// flag is not on the command line and the variable is set; any other error unchanged.
+fn name_the_variable(mut cmd: Command, args: &[OsString], err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return err;
+    }
+    // clap shows the flag as `--listen <LISTEN>`.
+    let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let Some(long) = shown.strip_prefix("--").and_then(|s| s.split(' ').next()) else {
+        return err;
+    };
+    let Some(arg) = cmd.get_arguments().find(|arg| arg.get_long() == Some(long)) else {
+        return err;
+    };
+    let Some(var) = arg.get_env() else {
+        return err;
+    };
+    let flag = format!("--{long}");
+    let typed = args.iter().skip(1).any(|given| {
+        let given = given.to_string_lossy();
+        given == flag || given.starts_with(&format!("{flag}="))
+    });
+    if typed || std::env::var_os(var).is_none() {
+        return err;
+    }
+    let var = var.to_string_lossy();
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(value)) if !arg.is_hide_env_values_set() => {
+            format!(" '{value}'")
+        }
+        _ => String::new(),
+    };
+    let why = match (
+        err.get(ContextKind::ValidValue),
+        std::error::Error::source(&err),
+    ) {
+        (Some(ContextValue::Strings(valid)), _) => format!("possible values: {}", valid.join(", ")),
+        (_, Some(source)) => source.to_string(),
+        _ => "not a valid value".into(),
+    };
+    clap::Error::raw(
+        err.kind(),
+        format!("invalid value{value} for the environment variable {var}: {why}"),
+    )
+    .format(&mut cmd)
 }
 
 /// The config file named on the command line or in the environment, if any.

@@ -113,7 +113,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Cli { config, command } = Cli::parse_from(args);
+    let Cli { config, command } = Config::parse_layered(args).unwrap_or_else(|e| e.exit());
     let serving = command.is_none();
     init_logging(config.log_format.is_json(), serving);
     // Every file this process writes holds users' data or secrets: the data dir's (sled's

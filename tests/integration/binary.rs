@@ -152,6 +152,47 @@ async fn without_credentials_a_public_address_is_refused_at_start() {
     assert!(!Path::new(data_dir).exists(), "nothing was started");
 }
 
+/// A bad value from an environment variable is named by the variable, which is where the operator
+/// set it (a unit, a compose file), not by the flag; from the command line, by the flag.
+#[tokio::test]
+async fn a_bad_value_is_named_where_it_was_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &[(&str, &str)], &str, &str); 4] = [
+        (
+            &[],
+            &[("WXBROKER_LISTEN", "localhost:eighty")],
+            "WXBROKER_LISTEN",
+            "--listen",
+        ),
+        (
+            &[],
+            &[("WXBROKER_SESSION_IDLE_TTL", "two hours")],
+            "WXBROKER_SESSION_IDLE_TTL",
+            "--session-idle-ttl",
+        ),
+        (
+            &[],
+            &[("WXBROKER_LOG_FORMAT", "xml")],
+            "WXBROKER_LOG_FORMAT",
+            "--log-format",
+        ),
+        (
+            &["--listen", "localhost:eighty"],
+            &[("WXBROKER_LISTEN", "127.0.0.1:0")],
+            "--listen",
+            "WXBROKER_LISTEN",
+        ),
+    ];
+    for (args, env, named, not_named) in cases {
+        let args = [args, &["--data-dir", data_dir]].concat();
+        let (code, stderr) = start_failure(&args, env).await;
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(named), "{named}: {stderr}");
+        assert!(!stderr.contains(not_named), "{not_named}: {stderr}");
+    }
+}
+
 /// An admin token shorter than 32 characters could be guessed: the binary refuses to start,
 /// saying so, without showing the token.
 #[tokio::test]

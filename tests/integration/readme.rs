@@ -68,6 +68,32 @@ fn the_reliability_table_names_only_tests_that_exist() {
     );
 }
 
+/// The README's nginx snippet is an excerpt of `deploy/nginx.conf`, which the nginx tests run:
+/// every directive it shows is there, as written.
+#[test]
+fn the_readme_nginx_snippet_is_from_the_tested_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let config = std::fs::read_to_string(root.join("deploy/nginx.conf")).unwrap();
+    let directive = |line: &str| line.split('#').next().unwrap().trim().to_owned();
+    let shipped: Vec<String> = config.lines().map(directive).collect();
+    let snippet = readme
+        .split("```nginx\n")
+        .nth(1)
+        .expect("README.md shows nginx's configuration")
+        .split("```")
+        .next()
+        .unwrap();
+    let shown: Vec<String> = snippet
+        .lines()
+        .map(directive)
+        .filter(|line| !line.is_empty())
+        .collect();
+    assert!(shown.len() > 10, "{snippet}");
+    let missing: Vec<&String> = shown.iter().filter(|l| !shipped.contains(l)).collect();
+    assert!(missing.is_empty(), "not in deploy/nginx.conf: {missing:?}");
+}
+
 /// Whether `span` is a Rust path (`a::b::c`, `a::*`).
 fn is_path(span: &str) -> bool {
     span.split("::").all(|part| {

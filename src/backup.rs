@@ -184,6 +184,7 @@ fn import_lines(data: &DataDir, mut input: impl BufRead, count: &mut u64) -> Res
             .unwrap_or_default();
         let record = UserRecord {
             uid: user.uid,
+            appid: user.appid,
             openid: user.openid,
             unionid: user.unionid,
             session_key,

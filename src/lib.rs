@@ -97,7 +97,7 @@ pub use actors::supervisor::ActorKind;
 pub use broker::{Broker, Login, MAX_CODE_LEN, Stats};
 pub use client::BrokerClient;
 pub use clock::Clock;
-pub use config::{Config, LogFormat, Secret};
+pub use config::{App, Config, LogFormat, Secret};
 pub use error::Error;
 #[cfg(feature = "fault-injection")]
 pub use fault::Fault;
@@ -112,7 +112,9 @@ pub use session::{
 };
 pub use signer::{AccessToken, KeyInfo, Rotation};
 pub use trusted_proxies::TrustedProxies;
-pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserRecord};
+pub use user::{
+    EncryptedData, Identity, Phone, Profile, Registration, User, UserKey, UserRecord, identity_key,
+};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///

@@ -105,7 +105,7 @@ pub use feed::{FeedItem, FeedStream};
 pub use http::{recover, require_session, routes};
 pub use keyring::{ACCESS_SLACK, AccessPolicy};
 pub use metrics::Metrics;
-pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
+pub use sandbox::{SANDBOX_APPID, SANDBOX_APPIDS, SANDBOX_LITE_APPID, Sandbox, SandboxOptions};
 pub use server::{ClientAddr, LISTEN_BACKLOG, PeerAddr, bind};
 pub use session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
@@ -171,34 +171,32 @@ pub async fn run(
     serve_app(listener, broker, app, shutdown).await
 }
 
-/// Stops the start when WeChat refuses the credentials or this server's IP, naming what to fix;
-/// a WeChat that cannot be reached only warns, since it may come back before the first login.
+/// Stops the start when WeChat refuses the credentials of an app or this server's IP, naming
+/// what to fix; a WeChat that cannot be reached only warns, since it may come back before the
+/// first login.
 async fn check_credentials(broker: &Broker) -> Result<(), Error> {
-    let appid = broker.config().appid.clone().unwrap_or_default();
-    let appid = appid.as_str();
-    match broker.check_credentials().await {
-        Ok(()) => {
-            tracing::info!(
+    let appids: Vec<String> = broker.appids().map(str::to_owned).collect();
+    for (index, appid) in appids.iter().enumerate() {
+        let appid = appid.as_str();
+        match broker.check_credentials_of(index).await {
+            Ok(()) => tracing::info!(
                 appid,
                 "WeChat accepts the credentials: serving this mini program"
-            );
-            Ok(())
-        }
-        Err(err) => match err.credentials_fix(appid) {
-            Some(fix) => {
-                broker.shutdown().await?;
-                Err(Error::Config(fix))
-            }
-            None => {
-                tracing::warn!(
+            ),
+            Err(err) => match err.credentials_fix(appid) {
+                Some(fix) => {
+                    broker.shutdown().await?;
+                    return Err(Error::Config(fix));
+                }
+                None => tracing::warn!(
                     appid,
                     error = %err,
                     "could not check the credentials with WeChat at start; serving anyway"
-                );
-                Ok(())
-            }
-        },
+                ),
+            },
+        }
     }
+    Ok(())
 }
 
 /// Serves a started broker's routes on `listener` until `shutdown` resolves (or the actors give

@@ -35,6 +35,9 @@ impl AppHeaders {
     }
 }
 
+/// Longest appid a login may name (as `src/openapi.json` bounds it; WeChat's are 18).
+const MAX_APPID_LEN: usize = 64;
+
 /// The login request, as JSON or as a form.
 #[derive(Deserialize)]
 struct LoginRequest {
@@ -65,6 +68,13 @@ pub async fn login(
 ) -> Result<Response, Rejection> {
     let LoginRequest { code, appid } =
         parse_body(content_type.as_deref(), &body, r#"{"code": "..."}"#)?;
+    if let Some(appid) = &appid
+        && !(1..=MAX_APPID_LEN).contains(&appid.len())
+    {
+        return Err(Problem::reject(Error::InvalidRequest(format!(
+            "appid must be 1 to {MAX_APPID_LEN} characters"
+        ))));
+    }
     let login = broker
         .login_to(appid.as_deref(), &code)
         .await

@@ -107,6 +107,7 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(anonymous.body()).unwrap();
         assert_eq!(body["error"], "invalid_session");
 
+        wxbroker::tls::install_provider();
         let http = reqwest::Client::new();
         let login: serde_json::Value = http
             .post(format!("{url}/v1/login"))

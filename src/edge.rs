@@ -202,6 +202,7 @@ impl Verifier {
                 "a verifier's leeway is at most {MAX_LEEWAY} s"
             )));
         }
+        crate::tls::install_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(follow::CONNECT_TIMEOUT)
             .build()

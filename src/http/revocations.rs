@@ -19,7 +19,7 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Rejection, Reply};
 
-use super::filters::{bearer, with_broker};
+use super::filters::{bearer, get, with_broker};
 use super::handlers::bearer_token;
 use super::problem::Problem;
 use super::tokens::signing;
@@ -48,7 +48,7 @@ pub(super) fn route(
         .unify();
     warp::path!("v1" / "revocations")
         .and(signing(broker.clone()))
-        .and(warp::get())
+        .and(get())
         .and(verifier_auth(broker.clone()))
         .and(warp::header::optional::<String>("last-event-id"))
         .and(query)

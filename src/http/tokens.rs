@@ -7,7 +7,7 @@ use warp::http::header::{CACHE_CONTROL, HeaderValue};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use super::filters::{bearer, with_broker};
+use super::filters::{bearer, get, with_broker};
 use super::handlers::bearer_token;
 use super::problem::{Problem, json};
 use crate::Broker;
@@ -47,7 +47,7 @@ fn token(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection
 fn jwks(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!(".well-known" / "jwks.json")
         .and(signing(broker.clone()))
-        .and(warp::get())
+        .and(get())
         .and(with_broker(broker))
         .and_then(|broker: Broker| async move {
             let keys = broker.jwks().await.map_err(Problem::reject)?;

@@ -1267,6 +1267,7 @@ async fn the_document_describes_every_route_and_what_it_answers() {
             let request = tb.http.request(method, url(&concrete));
             match path.split('/').nth(1) {
                 Some("admin") => request.bearer_auth(ADMIN_TOKEN),
+                _ if path == "/v1/revocations" => request.bearer_auth(VERIFIER_TOKEN),
                 Some("v1") => request.bearer_auth(&bob_token),
                 _ => request,
             }

@@ -75,7 +75,9 @@ fn upsert(c: &mut Criterion) {
     c.bench_function("upsert_new_user_flushed", |b| {
         b.iter(|| {
             n += 1;
-            users.upsert(None, &format!("new{n}"), KEY, None, 2).unwrap();
+            users
+                .upsert(None, &format!("new{n}"), KEY, None, 2)
+                .unwrap();
             data.flush().unwrap()
         })
     });

@@ -641,8 +641,7 @@ impl Broker {
         self.inner.verified.forget(user.uid);
         for identity in &user.identities {
             // An identity of an app no longer served cannot be reset: its app's token is gone.
-            let Some(app) = (identity.appid.as_deref()).and_then(|a| self.app_index(a).ok())
-            else {
+            let Some(app) = (identity.appid.as_deref()).and_then(|a| self.app_index(a).ok()) else {
                 continue;
             };
             let key = identity_key(self.stored_app(app), &identity.openid).into_owned();

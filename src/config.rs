@@ -382,13 +382,11 @@ impl Config {
     /// listed twice, or an app without its appid or secret, is an error naming it.
     pub fn served_apps(&self) -> Result<Vec<App>, Error> {
         let single = match (&self.appid, &self.secret) {
-            (Some(appid), Some(secret)) if !appid.is_empty() && !secret.0.is_empty() => {
-                Some(App {
-                    appid: appid.clone(),
-                    secret: secret.clone(),
-                    name: None,
-                })
-            }
+            (Some(appid), Some(secret)) if !appid.is_empty() && !secret.0.is_empty() => Some(App {
+                appid: appid.clone(),
+                secret: secret.clone(),
+                name: None,
+            }),
             (None, None) => None,
             _ => {
                 return Err(Error::Config(
@@ -397,7 +395,10 @@ impl Config {
                 ));
             }
         };
-        let apps: Vec<App> = single.into_iter().chain(self.apps.iter().cloned()).collect();
+        let apps: Vec<App> = single
+            .into_iter()
+            .chain(self.apps.iter().cloned())
+            .collect();
         let mut seen = HashSet::new();
         for app in &apps {
             if app.appid.is_empty() || app.secret.0.is_empty() {
@@ -438,9 +439,8 @@ impl Config {
                 toml_error(&text, &e)
             ))
         })?;
-        self.apps = app_list(&table).map_err(|what| {
-            Error::Config(format!("config file {shown}, {what}"))
-        })?;
+        self.apps = app_list(&table)
+            .map_err(|what| Error::Config(format!("config file {shown}, {what}")))?;
         Ok(())
     }
 
@@ -1362,5 +1362,103 @@ mod tests {
             );
             assert!(!err.to_string().contains("s3cret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_app_list_adds_apps_after_the_single_app_settings() {
+        let file = config_file(
+            "session_idle_ttl = 60\n\n[[apps]]\nappid = \"wx-lite\"\nsecret = \"lite-secret\"\n\
+             name = \"Lite\"\n\n[[apps]]\nappid = \"wx-third\"\nsecret = \"third-secret\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let cmd = command_with_env(&[("appid", UNSET), ("secret", UNSET)]);
+        let mut config = parse(&cmd, &["wxbroker", "--config", path]).unwrap();
+        assert_eq!(
+            config.session_idle_ttl, 60,
+            "the other keys are read as before"
+        );
+        config.read_app_list().unwrap();
+        let appids = |config: &Config| -> Vec<String> {
+            let apps = config.served_apps().unwrap();
+            apps.into_iter().map(|app| app.appid).collect()
+        };
+        // Without WECHAT_APPID, the list's first app is the default.
+        assert_eq!(appids(&config), ["wx-lite", "wx-third"]);
+        assert_eq!(config.apps[0].name.as_deref(), Some("Lite"));
+        let (appid, secret) = config.credentials().unwrap().unwrap();
+        assert_eq!(
+            (appid.as_str(), secret.expose()),
+            ("wx-lite", "lite-secret")
+        );
+        // With it, the single app is the default and the list follows.
+        config.appid = Some("wx-main".into());
+        config.secret = Some(Secret::new("main-secret"));
+        assert_eq!(appids(&config), ["wx-main", "wx-lite", "wx-third"]);
+        // The secrets stay out of Debug; reading twice does not add the apps twice.
+        let shown = format!("{config:?}");
+        for secret in ["lite-secret", "third-secret", "main-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        config.read_secret_files().unwrap();
+        assert_eq!(config.apps.len(), 2);
+        // The public entry point reads the list too.
+        let loaded = Config::load_from(["wxbroker", "--config", path]).unwrap();
+        assert_eq!(loaded.apps.len(), 2);
+        // A file with a list is one holding secrets.
+        let exposed = Config {
+            config_file: Some(file.path().to_owned()),
+            ..Config::default()
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(exposed.exposed_config_file(), Some(file.path()));
+    }
+
+    #[test]
+    fn a_bad_app_list_is_an_error_naming_the_place_never_the_secret() {
+        let cases = [
+            ("apps = \"wx\"\n", "key `apps`"),
+            (
+                "[[apps]]\nsecret = \"hunter2-secret\"\n",
+                "[[apps]] number 1: key `appid` is missing",
+            ),
+            (
+                "[[apps]]\nappid = \"wx1\"\n",
+                "[[apps]] number 1: key `secret` is missing",
+            ),
+            (
+                "[[apps]]\nappid = \"wx1\"\nsecret = \"hunter2-secret\"\n[[apps]]\nappid = \"wx2\"\n\
+                 secret = \"hunter2-secret\"\nsecrets = \"hunter2-secret\"\n",
+                "[[apps]] number 2: key `secrets`: unknown",
+            ),
+            (
+                "[[apps]]\nappid = \"wx1\"\nsecret = 12345\n",
+                "key `secret`: expected a string",
+            ),
+        ];
+        for (text, expected) in cases {
+            let file = config_file(text);
+            let mut config = Config {
+                config_file: Some(file.path().to_owned()),
+                ..Config::default()
+            };
+            let err = config.read_app_list().unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(!err.contains("hunter2") && !err.contains("12345"), "{err}");
+        }
+        // Twice the same appid, once as WECHAT_APPID: named, and which setting is the first.
+        let twice = Config {
+            appid: Some("wx1".into()),
+            secret: Some(Secret::new("hunter2-secret")),
+            apps: vec![App {
+                appid: "wx1".into(),
+                secret: Secret::new("hunter2-secret"),
+                name: None,
+            }],
+            ..Config::default()
+        };
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("wx1 is listed twice"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -211,7 +211,11 @@ impl Expect {
         if claims.iss != self.issuer {
             return Err(Refusal::Issuer);
         }
-        if !self.audiences.iter().any(|audience| *audience == claims.aud) {
+        if !self
+            .audiences
+            .iter()
+            .any(|audience| *audience == claims.aud)
+        {
             return Err(Refusal::Audience);
         }
         if now >= claims.exp.saturating_add(self.leeway) {

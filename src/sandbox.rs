@@ -187,7 +187,12 @@ impl Sandbox {
     }
 
     /// As [`Sandbox::encrypted_phone`], in the mini program `appid`.
-    pub fn encrypted_phone_in(&self, appid: &str, name: &str, phone: &str) -> Option<EncryptedData> {
+    pub fn encrypted_phone_in(
+        &self,
+        appid: &str,
+        name: &str,
+        phone: &str,
+    ) -> Option<EncryptedData> {
         self.state.encrypted_phone(appid, name, phone)
     }
 
@@ -620,5 +625,46 @@ mod tests {
         query.insert("appid".into(), SANDBOX_APPID.into());
         query.insert("secret".into(), "wrong".into());
         assert_eq!(state.code2session(&query)["errcode"], 40125);
+    }
+
+    #[test]
+    fn each_app_has_its_secret_openids_and_codes_and_shares_the_unionid() {
+        let state = state();
+        let ask_in = |appid: &str, secret: &str, code: &str| {
+            let query = [
+                ("appid", appid),
+                ("secret", secret),
+                ("js_code", code),
+                ("grant_type", "authorization_code"),
+            ];
+            state.code2session(
+                &query
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let main = ask_in(SANDBOX_APPID, "s", "amy.union.1");
+        let lite = ask_in(SANDBOX_LITE_APPID, "s2", "amy.union.1");
+        assert_eq!(
+            lite["openid"],
+            Sandbox::openid_in(SANDBOX_LITE_APPID, "amy")
+        );
+        assert_ne!(lite["openid"], main["openid"]);
+        assert_eq!(main["openid"], Sandbox::openid_in(SANDBOX_APPID, "amy"));
+        assert_eq!(lite["unionid"], main["unionid"]);
+        assert_eq!(
+            ask_in(SANDBOX_LITE_APPID, "s2", "amy.union.1")["errcode"],
+            40163
+        );
+        assert_eq!(ask_in(SANDBOX_LITE_APPID, "s", "amy.2")["errcode"], 40125);
+        // Each app's data carries its own watermark, under its own session_key.
+        let data = state
+            .encrypted_phone(SANDBOX_LITE_APPID, "amy", "1")
+            .unwrap();
+        let key = lite["session_key"].as_str().unwrap();
+        let plain = crate::crypto::decrypt_encrypted_data(key, &data.iv, &data.encrypted_data);
+        let plain: serde_json::Value = serde_json::from_slice(&plain.unwrap()).unwrap();
+        assert_eq!(plain["watermark"]["appid"], SANDBOX_LITE_APPID);
     }
 }

@@ -48,7 +48,9 @@ use crate::session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
 use crate::upstream::Code2Session;
-use crate::user::{Identity, Phone, Profile, Registration, User, UserKey, UserRecord, identity_key};
+use crate::user::{
+    Identity, Phone, Profile, Registration, User, UserKey, UserRecord, identity_key,
+};
 
 pub use self::revocations::RedisFeed;
 

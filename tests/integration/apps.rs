@@ -13,9 +13,7 @@ use serde_json::{Value, json};
 use wxbroker::{SANDBOX_APPID, SANDBOX_LITE_APPID, Sandbox, SandboxOptions};
 
 use crate::edge::{VERIFIER_TOKEN, access, claims, verifier, with_secrets};
-use crate::support::{
-    RedisServer, T0, TestBroker, assert_error, me, metric, parts, post,
-};
+use crate::support::{RedisServer, T0, TestBroker, assert_error, me, metric, parts, post};
 
 /// The admin secret in these tests.
 const ADMIN: &str = "apps-test-admin-secret-0123456789abcdef";
@@ -90,7 +88,10 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
 
     // Alice, through the main app, then the lite one: the same code text is each app's own.
     let first = logged_in(&tb, None, "alice.union.1").await;
-    assert_eq!((first["uid"].as_u64(), first["isNew"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(
+        (first["uid"].as_u64(), first["isNew"].as_bool()),
+        (Some(1), Some(true))
+    );
     let second = logged_in(&tb, lite, "alice.union.1").await;
     assert_eq!(
         (second["uid"].as_u64(), second["isNew"].as_bool()),
@@ -121,7 +122,10 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
 
     // Bob has no unionid: a stranger in the second app, with a uid of his own.
     let bob = logged_in(&tb, None, "bob.1").await;
-    assert_eq!((bob["uid"].as_u64(), bob["isNew"].as_bool()), (Some(2), Some(true)));
+    assert_eq!(
+        (bob["uid"].as_u64(), bob["isNew"].as_bool()),
+        (Some(2), Some(true))
+    );
     let response = tb
         .http
         .post(format!("{}/v1/login", tb.url))
@@ -147,7 +151,11 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
     // The admin finds alice by either identity, and by uid, with both identities.
     let lite_openid = Sandbox::openid_in(SANDBOX_LITE_APPID, "alice");
     let by_lite = format!("users?openid={lite_openid}&appid={SANDBOX_LITE_APPID}");
-    for path in [by_lite, format!("users?openid={}", Sandbox::openid_of("alice")), "users/1".into()] {
+    for path in [
+        by_lite,
+        format!("users?openid={}", Sandbox::openid_of("alice")),
+        "users/1".into(),
+    ] {
         let (status, user) = admin_get(&tb, &path).await;
         assert_eq!(status, StatusCode::OK, "{path}: {user}");
         assert_eq!(user["uid"], 1, "{path}");
@@ -170,7 +178,12 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
     assert_eq!(response.headers()["x-wx-uid"], "1");
 
     // Logins are counted per app.
-    let metrics = tb.http.get(format!("{}/metrics", tb.url)).send().await.unwrap();
+    let metrics = tb
+        .http
+        .get(format!("{}/metrics", tb.url))
+        .send()
+        .await
+        .unwrap();
     let metrics = metrics.text().await.unwrap();
     let count = |appid: &str, outcome: &str| {
         let series = format!(r#"wxbroker_app_logins_total{{appid="{appid}",outcome="{outcome}"}}"#);
@@ -246,8 +259,8 @@ async fn decrypting_uses_the_session_apps_key_and_watermark() {
             "watermark": { "appid": watermark, "timestamp": T0 },
         });
         let iv = [7u8; 16];
-        let data = wxbroker::crypto::encrypt_for_client(&key, &iv, text.to_string().as_bytes())
-            .unwrap();
+        let data =
+            wxbroker::crypto::encrypt_for_client(&key, &iv, text.to_string().as_bytes()).unwrap();
         use base64::Engine;
         json!({
             "encryptedData": data,
@@ -261,7 +274,10 @@ async fn decrypting_uses_the_session_apps_key_and_watermark() {
     )
     .await;
     let (status, body) = parts(post(&tb, "phone", &lite, &sealed(SANDBOX_LITE_APPID)).await).await;
-    assert_eq!((status, body["phoneNumber"].as_str()), (StatusCode::OK, Some("13900000001")));
+    assert_eq!(
+        (status, body["phoneNumber"].as_str()),
+        (StatusCode::OK, Some("13900000001"))
+    );
     // Stored on the lite identity: the main one shows the profile only.
     let lite_me = me(&tb, &lite).await;
     assert_eq!(lite_me["phone"]["phoneNumber"], "13900000001");
@@ -281,10 +297,17 @@ async fn decrypting_uses_the_session_apps_key_and_watermark() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["sessionKeyValid"], true);
     }
-    let code = tb.http.get(format!("{}/sandbox/phonecode?phone=13700000002", tb.sandbox.url()));
+    let code = tb.http.get(format!(
+        "{}sandbox/phonecode?phone=13700000002",
+        tb.sandbox.url()
+    ));
     let code: Value = code.send().await.unwrap().json().await.unwrap();
-    let (status, body) = parts(post(&tb, "phone", &lite, &json!({ "code": code["code"] })).await).await;
-    assert_eq!((status, body["phoneNumber"].as_str()), (StatusCode::OK, Some("13700000002")));
+    let (status, body) =
+        parts(post(&tb, "phone", &lite, &json!({ "code": code["code"] })).await).await;
+    assert_eq!(
+        (status, body["phoneNumber"].as_str()),
+        (StatusCode::OK, Some("13700000002"))
+    );
     assert_eq!(tb.sandbox.token_requests(), 2, "one token per app");
 }
 
@@ -303,16 +326,26 @@ async fn the_admin_reset_replaces_the_session_key_of_every_identity() {
         .send()
         .await
         .unwrap();
-    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
     // Data sealed with each app's key as WeChat now holds it opens under that app's session.
     let (main, lite) = (token(&main), token(&lite));
     let profile = tb.sandbox.encrypted_profile("erin").unwrap();
-    assert_eq!(post(&tb, "userinfo", main, &profile).await.status(), StatusCode::OK);
+    assert_eq!(
+        post(&tb, "userinfo", main, &profile).await.status(),
+        StatusCode::OK
+    );
     let profile = tb
         .sandbox
         .encrypted_profile_in(SANDBOX_LITE_APPID, "erin")
         .unwrap();
-    assert_eq!(post(&tb, "userinfo", lite, &profile).await.status(), StatusCode::OK);
+    assert_eq!(
+        post(&tb, "userinfo", lite, &profile).await.status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -358,19 +391,31 @@ async fn signed_access_tokens_name_the_sessions_app_and_a_verifier_takes_both() 
     let response = tb
         .http
         .post(format!("{}/v1/token", tb.url))
-        .bearer_auth(logged_in(&tb, Some(SANDBOX_LITE_APPID), "fay.2").await["thirdSession"].as_str().unwrap())
+        .bearer_auth(
+            logged_in(&tb, Some(SANDBOX_LITE_APPID), "fay.2").await["thirdSession"]
+                .as_str()
+                .unwrap(),
+        )
         .send()
         .await
         .unwrap();
     let (status, body) = parts(response).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(claims(body["accessToken"].as_str().unwrap()).aud, SANDBOX_LITE_APPID);
+    assert_eq!(
+        claims(body["accessToken"].as_str().unwrap()).aud,
+        SANDBOX_LITE_APPID
+    );
 }
 
 /// Concurrent first logins of `people` persons named `{prefix}{n}`, each through both apps at
 /// once (on `main` and `lite`): each person ends with one uid, which both logins report, one of
 /// them as new.
-async fn concurrent_first_logins(main: &TestBroker, lite: &TestBroker, prefix: &str, people: usize) {
+async fn concurrent_first_logins(
+    main: &TestBroker,
+    lite: &TestBroker,
+    prefix: &str,
+    people: usize,
+) {
     let logins = (0..people).map(|n| async move {
         let code = format!("{prefix}{n}.union.1");
         let (a, b) = tokio::join!(
@@ -402,21 +447,29 @@ async fn three_brokers_on_redis_link_identities_and_agree_on_one_uid() {
     let mut brokers = Vec::new();
     for _ in 0..3 {
         let admin = |c: &mut wxbroker::Config| c.admin_token = Some(wxbroker::Secret::new(ADMIN));
-        brokers.push(TestBroker::start_shared(Some(redis.clone()), Some(sandbox.clone()), admin).await);
+        brokers.push(
+            TestBroker::start_shared(Some(redis.clone()), Some(sandbox.clone()), admin).await,
+        );
     }
     let [a, b, c] = [&brokers[0], &brokers[1], &brokers[2]];
 
     // Linked through two brokers; the third sees the session's app and both identities.
     let first = logged_in(a, None, "gus.union.1").await;
     let second = logged_in(b, Some(SANDBOX_LITE_APPID), "gus.union.1").await;
-    assert_eq!((second["uid"].clone(), second["isNew"].clone()), (first["uid"].clone(), json!(false)));
+    assert_eq!(
+        (second["uid"].clone(), second["isNew"].clone()),
+        (first["uid"].clone(), json!(false))
+    );
     let lite_session = session(c, token(&second)).await;
     assert_eq!(lite_session["appid"], SANDBOX_LITE_APPID);
     assert_eq!(session(c, token(&first)).await["appid"], SANDBOX_APPID);
     assert_eq!(identities(&me(c, token(&second)).await), both("gus"));
     let lite_openid = Sandbox::openid_in(SANDBOX_LITE_APPID, "gus");
-    let (status, user) =
-        admin_get(c, &format!("users?openid={lite_openid}&appid={SANDBOX_LITE_APPID}")).await;
+    let (status, user) = admin_get(
+        c,
+        &format!("users?openid={lite_openid}&appid={SANDBOX_LITE_APPID}"),
+    )
+    .await;
     assert_eq!((status, identities(&user)), (StatusCode::OK, both("gus")));
 
     // Without a unionid: strangers.
@@ -435,7 +488,9 @@ async fn three_brokers_on_redis_link_identities_and_agree_on_one_uid() {
     .await;
 
     // Decrypting on a third broker uses the lite identity's key.
-    let profile = sandbox.encrypted_profile_in(SANDBOX_LITE_APPID, "gus").unwrap();
+    let profile = sandbox
+        .encrypted_profile_in(SANDBOX_LITE_APPID, "gus")
+        .unwrap();
     let (status, body) = parts(post(c, "userinfo", token(&second), &profile).await).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
@@ -457,10 +512,22 @@ async fn a_data_dir_of_one_app_keeps_working_as_the_default_apps() {
             "uid": 7, "openid": openid, "unionid": unionid, "session_key": "a2V5LW9mLWl2eS0xMjM0NQ==",
             "created_at": T0 - 100, "updated_at": T0 - 100, "profile": null, "phone": null,
         });
-        db.open_tree("users").unwrap().insert(openid.as_bytes(), user.to_string().as_bytes()).unwrap();
-        db.open_tree("uids").unwrap().insert(7u64.to_be_bytes(), openid.as_bytes()).unwrap();
-        db.open_tree("unionids").unwrap().insert(unionid.as_bytes(), &7u64.to_be_bytes()).unwrap();
-        db.open_tree("meta").unwrap().insert("next_uid", &8u64.to_be_bytes()).unwrap();
+        db.open_tree("users")
+            .unwrap()
+            .insert(openid.as_bytes(), user.to_string().as_bytes())
+            .unwrap();
+        db.open_tree("uids")
+            .unwrap()
+            .insert(7u64.to_be_bytes(), openid.as_bytes())
+            .unwrap();
+        db.open_tree("unionids")
+            .unwrap()
+            .insert(unionid.as_bytes(), &7u64.to_be_bytes())
+            .unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("next_uid", &8u64.to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
         drop(db);
         // The session log, one frame as written before sessions named their app: length, CRC,
@@ -484,15 +551,27 @@ async fn a_data_dir_of_one_app_keeps_working_as_the_default_apps() {
 
     // The old session holds, as the default app's.
     let old = session(&tb, &token).await;
-    assert_eq!((old["uid"].as_u64(), old["appid"].as_str()), (Some(7), Some(SANDBOX_APPID)));
+    assert_eq!(
+        (old["uid"].as_u64(), old["appid"].as_str()),
+        (Some(7), Some(SANDBOX_APPID))
+    );
     let user = me(&tb, &token).await;
     assert_eq!(user["appid"], SANDBOX_APPID);
-    assert_eq!(identities(&user), vec![(SANDBOX_APPID.to_owned(), openid.clone())]);
+    assert_eq!(
+        identities(&user),
+        vec![(SANDBOX_APPID.to_owned(), openid.clone())]
+    );
     // A login through the default app finds the user; through the lite app it joins the uid.
     let main = logged_in(&tb, None, "ivy.1").await;
-    assert_eq!((main["uid"].as_u64(), main["isNew"].as_bool()), (Some(7), Some(false)));
+    assert_eq!(
+        (main["uid"].as_u64(), main["isNew"].as_bool()),
+        (Some(7), Some(false))
+    );
     let lite = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ivy.union.1").await;
-    assert_eq!((lite["uid"].as_u64(), lite["isNew"].as_bool()), (Some(7), Some(false)));
+    assert_eq!(
+        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
+        (Some(7), Some(false))
+    );
     assert_eq!(identities(&me(&tb, &token).await), both("ivy"));
     // New people come after the old uids.
     assert_eq!(logged_in(&tb, None, "jon.1").await["uid"], 8);
@@ -511,17 +590,23 @@ async fn a_redis_of_one_app_keeps_working_as_the_default_apps() {
         let mut con = client.get_multiplexed_async_connection().await.unwrap();
         let mut pipe = redis::pipe();
         pipe.cmd("HSET").arg(format!("wxb:user:{openid}")).arg(&[
-            ("uid", "3"), ("openid", &openid), ("unionid", &unionid),
+            ("uid", "3"),
+            ("openid", &openid),
+            ("unionid", &unionid),
             ("session_key", "a2V5LW9mLWtpbS0xMjM0NQ=="),
-            ("created_at", &(T0 - 100).to_string()), ("updated_at", &(T0 - 100).to_string()),
+            ("created_at", &(T0 - 100).to_string()),
+            ("updated_at", &(T0 - 100).to_string()),
         ]);
         pipe.cmd("SET").arg("wxb:uid:3").arg(&openid);
         pipe.cmd("SET").arg(format!("wxb:unionid:{unionid}")).arg(3);
         pipe.cmd("SET").arg("wxb:next_uid").arg(3);
         pipe.cmd("SET").arg("wxb:user_count").arg(1);
         pipe.cmd("HSET").arg(format!("wxb:session:{id}")).arg(&[
-            ("uid", "3"), ("openid", &openid), ("unionid", &unionid),
-            ("created_at", &(T0 - 10).to_string()), ("last_seen", &(T0 - 10).to_string()),
+            ("uid", "3"),
+            ("openid", &openid),
+            ("unionid", &unionid),
+            ("created_at", &(T0 - 10).to_string()),
+            ("last_seen", &(T0 - 10).to_string()),
             ("expires_at", &(T0 + 80_000).to_string()),
         ]);
         pipe.cmd("ZADD").arg("wxb:sessions:3").arg(T0 - 10).arg(&id);
@@ -529,11 +614,20 @@ async fn a_redis_of_one_app_keeps_working_as_the_default_apps() {
     }
     let tb = TestBroker::start_shared(Some(redis), None, |_| {}).await;
     let old = session(&tb, &token).await;
-    assert_eq!((old["uid"].as_u64(), old["appid"].as_str()), (Some(3), Some(SANDBOX_APPID)));
+    assert_eq!(
+        (old["uid"].as_u64(), old["appid"].as_str()),
+        (Some(3), Some(SANDBOX_APPID))
+    );
     let main = logged_in(&tb, None, "kim.1").await;
-    assert_eq!((main["uid"].as_u64(), main["isNew"].as_bool()), (Some(3), Some(false)));
+    assert_eq!(
+        (main["uid"].as_u64(), main["isNew"].as_bool()),
+        (Some(3), Some(false))
+    );
     let lite = logged_in(&tb, Some(SANDBOX_LITE_APPID), "kim.union.1").await;
-    assert_eq!((lite["uid"].as_u64(), lite["isNew"].as_bool()), (Some(3), Some(false)));
+    assert_eq!(
+        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
+        (Some(3), Some(false))
+    );
     assert_eq!(identities(&me(&tb, &token).await), both("kim"));
     assert_eq!(logged_in(&tb, None, "lea.1").await["uid"], 4);
 }
@@ -554,9 +648,15 @@ async fn exports_carry_the_identities_and_an_old_export_imports_into_the_default
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let export = response.text().await.unwrap();
-    let lines: Vec<Value> = export.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3, "{export}");
-    let lite_lines = lines.iter().filter(|l| l["appid"] == SANDBOX_LITE_APPID).count();
+    let lite_lines = lines
+        .iter()
+        .filter(|l| l["appid"] == SANDBOX_LITE_APPID)
+        .count();
     let default_lines = lines.iter().filter(|l| l.get("appid").is_none()).count();
     assert_eq!((lite_lines, default_lines), (2, 1), "{export}");
 
@@ -568,7 +668,10 @@ async fn exports_carry_the_identities_and_an_old_export_imports_into_the_default
     let dir = tempfile::tempdir().unwrap();
     let data = wxbroker::backup::open_for_import(dir.path(), 8).unwrap();
     let input = format!("{export}{old_line}\n");
-    assert_eq!(wxbroker::backup::import(&data, input.as_bytes()).unwrap(), 4);
+    assert_eq!(
+        wxbroker::backup::import(&data, input.as_bytes()).unwrap(),
+        4
+    );
     drop(data);
     let path = dir.path().to_owned();
     let restored = TestBroker::start_with(|c| {
@@ -578,11 +681,24 @@ async fn exports_carry_the_identities_and_an_old_export_imports_into_the_default
     .await;
     let (status, max) = admin_get(&restored, "users/1").await;
     assert_eq!((status, identities(&max)), (StatusCode::OK, both("max")));
-    let (status, old) = admin_get(&restored, &format!("users?openid={}", Sandbox::openid_of("old"))).await;
-    assert_eq!((status, old["uid"].as_u64(), old["appid"].as_str()), (StatusCode::OK, Some(40), Some(SANDBOX_APPID)));
+    let (status, old) = admin_get(
+        &restored,
+        &format!("users?openid={}", Sandbox::openid_of("old")),
+    )
+    .await;
+    assert_eq!(
+        (status, old["uid"].as_u64(), old["appid"].as_str()),
+        (StatusCode::OK, Some(40), Some(SANDBOX_APPID))
+    );
     // The restored identities log in to their uids.
     let lite = logged_in(&restored, Some(SANDBOX_LITE_APPID), "max.2").await;
-    assert_eq!((lite["uid"].as_u64(), lite["isNew"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
+        (Some(1), Some(false))
+    );
     let old = logged_in(&restored, None, "old.1").await;
-    assert_eq!((old["uid"].as_u64(), old["isNew"].as_bool()), (Some(40), Some(false)));
+    assert_eq!(
+        (old["uid"].as_u64(), old["isNew"].as_bool()),
+        (Some(40), Some(false))
+    );
 }

@@ -199,9 +199,7 @@ impl SledSessions {
         now: u64,
     ) -> Result<Issued, Error> {
         let hash = token_hash(&token);
-        let record = self
-            .policy()
-            .fresh_record(uid, appid, openid, unionid, now);
+        let record = self.policy().fresh_record(uid, appid, openid, unionid, now);
         let oldest = self
             .by_uid
             .get(&uid)
@@ -488,12 +486,20 @@ mod tests {
             idle_ttl: 1000,
             max_ttl: 5000,
         };
-        SledSessions::load(data, commit, policy, "wx-default".into(), Default::default())
+        SledSessions::load(
+            data,
+            commit,
+            policy,
+            "wx-default".into(),
+            Default::default(),
+        )
     }
 
     fn issue(table: &mut SledSessions, uid: u64, openid: &str, now: u64) -> TokenHash {
         let token = new_token().unwrap();
-        let issued = table.issue(token, uid, None, openid.into(), None, now).unwrap();
+        let issued = table
+            .issue(token, uid, None, openid.into(), None, now)
+            .unwrap();
         token_hash(&issued.token)
     }
 
@@ -595,7 +601,13 @@ mod tests {
         }
         // A restart reads the sessions back in no particular order, not by age.
         let (data, commit, policy) = (table.data.clone(), table.commit.clone(), table.policy());
-        let mut table = SledSessions::load(data, commit, policy, "wx-default".into(), Default::default());
+        let mut table = SledSessions::load(
+            data,
+            commit,
+            policy,
+            "wx-default".into(),
+            Default::default(),
+        );
         for (i, oldest) in hashes.iter().enumerate() {
             let now = 10_100 + i as u64;
             issue(&mut table, 1, "o1", now);

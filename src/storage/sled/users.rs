@@ -158,9 +158,10 @@ impl UserDb {
         let prefix = uid.to_be_bytes();
         let first = self.uids.get(prefix)?;
         let joined = self.identities.scan_prefix(prefix).keys();
-        let keys = first.into_iter().map(Ok).chain(joined.map(|key| {
-            key.map(|key| ::sled::IVec::from(&key[prefix.len()..]))
-        }));
+        let keys = first
+            .into_iter()
+            .map(Ok)
+            .chain(joined.map(|key| key.map(|key| ::sled::IVec::from(&key[prefix.len()..]))));
         let mut identities = Vec::new();
         for key in keys {
             let Some(bytes) = self.users.get(key?)? else {
@@ -366,9 +367,11 @@ impl UserDb {
                 // Another identity of the uid: of another app it joins the uid (an export of
                 // several apps), of the same app it is a conflict.
                 let owner_app = match users.get(&owner)? {
-                    Some(bytes) => decode::<UserRecord>(&bytes)
-                        .map_err(ConflictableTransactionError::Abort)?
-                        .appid,
+                    Some(bytes) => {
+                        decode::<UserRecord>(&bytes)
+                            .map_err(ConflictableTransactionError::Abort)?
+                            .appid
+                    }
                     None => None,
                 };
                 if owner_app == user.appid {
@@ -433,7 +436,9 @@ fn write_user(
         // The index names the uid that first held a unionid: an identity that gets one later
         // (its app bound to the Open Platform since) keeps its own uid and takes no other's.
         if let Some(old_unionid) = old_unionid
-            && unionids.get(old_unionid.as_bytes())?.is_some_and(|held| *held == uid)
+            && unionids
+                .get(old_unionid.as_bytes())?
+                .is_some_and(|held| *held == uid)
         {
             unionids.remove(old_unionid.as_bytes())?;
         }
@@ -606,7 +611,9 @@ mod tests {
         assert!(new);
         assert_eq!(bob.uid, 2);
 
-        let (again, new) = users.upsert(None, "o-alice", "k3", Some("u-alice"), 200).unwrap();
+        let (again, new) = users
+            .upsert(None, "o-alice", "k3", Some("u-alice"), 200)
+            .unwrap();
         assert!(!new);
         assert_eq!(again.uid, 1);
         assert_eq!(again.session_key, "k3");
@@ -723,7 +730,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_db, users) = open(&dir);
         for i in 0..25 {
-            users.upsert(None, &format!("o-{i:02}"), "k", None, 1).unwrap();
+            users
+                .upsert(None, &format!("o-{i:02}"), "k", None, 1)
+                .unwrap();
         }
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
@@ -735,7 +744,8 @@ mod tests {
             // Between pages: a user before the cursor and one after it change, new ones come.
             users.upsert(None, "o-00", "k2", None, 2).unwrap();
             users.upsert(None, "o-24", "k2", None, 2).unwrap();
-            users.upsert(None, &format!("o-new-{round}"), "k", None, 2)
+            users
+                .upsert(None, &format!("o-new-{round}"), "k", None, 2)
                 .unwrap();
         }
         let before: Vec<String> = (0..25).map(|i| format!("o-{i:02}")).collect();
@@ -763,5 +773,60 @@ mod tests {
         assert_eq!(user.uid, 3);
         let (old, new) = users.upsert(None, "o-1", "k2", None, 3).unwrap();
         assert_eq!((old.uid, new), (1, false));
+    }
+
+    #[test]
+    fn an_identity_of_another_app_joins_the_uid_of_its_unionid_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (db, users) = open(&dir);
+            let (main, new) = users.upsert(None, "o-ann", "k1", Some("u-ann"), 1).unwrap();
+            assert_eq!((main.uid, new), (1, true));
+            let (lite, new) = users
+                .upsert(Some("wx-lite"), "l-ann", "k2", Some("u-ann"), 2)
+                .unwrap();
+            assert_eq!(
+                (lite.uid, new, lite.appid.as_deref()),
+                (1, false, Some("wx-lite"))
+            );
+            // Without a unionid, a stranger; a unionid nobody holds, a new uid too.
+            let (bob, new) = users
+                .upsert(Some("wx-lite"), "l-bob", "k", None, 3)
+                .unwrap();
+            assert_eq!((bob.uid, new), (2, true));
+            let (cy, new) = users
+                .upsert(Some("wx-lite"), "l-cy", "k", Some("u-cy"), 3)
+                .unwrap();
+            assert_eq!((cy.uid, new), (3, true));
+            db.flush().unwrap();
+        }
+        let (_db, users) = open(&dir);
+        let ann = users.find_user(&UserKey::Uid(1)).unwrap().unwrap();
+        assert_eq!((ann.appid, ann.openid.as_str()), (None, "o-ann"));
+        let listed: Vec<_> = ann
+            .identities
+            .iter()
+            .map(|id| (id.appid.as_deref(), id.openid.as_str()))
+            .collect();
+        assert_eq!(listed, [(None, "o-ann"), (Some("wx-lite"), "l-ann")]);
+        // Each identity keeps its own session_key; the default app's key is its openid alone.
+        let lite = Identity {
+            appid: Some("wx-lite".into()),
+            openid: "l-ann".into(),
+        };
+        let found = users.find(&UserKey::Identity(lite)).unwrap().unwrap();
+        assert_eq!((found.uid, found.session_key.as_str()), (1, "k2"));
+        assert_eq!(users.find(&UserKey::Openid("l-ann".into())).unwrap(), None);
+        assert_eq!(
+            users
+                .find(&UserKey::Openid("o-ann".into()))
+                .unwrap()
+                .unwrap()
+                .session_key,
+            "k1"
+        );
+        // The next new person after reopening gets a fresh uid.
+        let (dee, new) = users.upsert(None, "o-dee", "k", None, 4).unwrap();
+        assert_eq!((dee.uid, new), (4, true));
     }
 }

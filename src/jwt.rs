@@ -211,10 +211,7 @@ impl Expect {
         if claims.iss != self.issuer {
             return Err(Refusal::Issuer);
         }
-        if !self
-            .audiences
-            .iter()
-            .any(|audience| *audience == claims.aud)
+        if !self.audiences.contains(&claims.aud)
         {
             return Err(Refusal::Audience);
         }

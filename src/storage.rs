@@ -574,7 +574,8 @@ impl Sessions {
                 Pending::Ready(sessions.issue(token, uid, appid, openid, unionid, now))
             }
             Sessions::Redis(redis, policy, _) => {
-                redis.issue_session(*policy, token, uid, appid, openid, unionid, now)
+                let record = policy.fresh_record(uid, appid, openid, unionid, now);
+                redis.issue_session(*policy, token, record, now)
             }
         }
     }

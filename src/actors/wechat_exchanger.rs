@@ -38,6 +38,9 @@ pub struct WeChatExchangerArgs {
     pub metrics: Arc<Metrics>,
 }
 
+/// Everyone waiting for the exchange of one code.
+type Waiters = Vec<RpcReplyPort<Result<Code2Session, Error>>>;
+
 /// Codes in flight and codes already used.
 pub struct WeChatExchangerState {
     metrics: Arc<Metrics>,
@@ -45,7 +48,7 @@ pub struct WeChatExchangerState {
     claims: Option<CodeBook>,
     max_inflight: usize,
     /// (app, code) -> everyone waiting for its exchange (the first caller and any duplicates).
-    inflight: HashMap<(usize, String), Vec<RpcReplyPort<Result<Code2Session, Error>>>>,
+    inflight: HashMap<(usize, String), Waiters>,
     /// Per app, the codes exchanged in the last five minutes: WeChat would refuse them.
     used: Vec<UsedCodes>,
 }

@@ -438,13 +438,10 @@ impl Redis {
         &self,
         policy: SessionPolicy,
         token: String,
-        uid: u64,
-        appid: Option<Arc<str>>,
-        openid: String,
-        unionid: Option<String>,
+        record: SessionRecord,
         now: u64,
     ) -> Pending<Issued> {
-        let record = policy.fresh_record(uid, appid, openid, unionid, now);
+        let uid = record.uid;
         let put = self.put_session(policy, &token_hash(&token), &record, now);
         // A unionid WeChat reports now also belongs on the user's older sessions.
         let spread = record

@@ -211,8 +211,7 @@ impl Expect {
         if claims.iss != self.issuer {
             return Err(Refusal::Issuer);
         }
-        if !self.audiences.contains(&claims.aud)
-        {
+        if !self.audiences.contains(&claims.aud) {
             return Err(Refusal::Audience);
         }
         if now >= claims.exp.saturating_add(self.leeway) {

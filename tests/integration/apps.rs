@@ -407,6 +407,27 @@ async fn signed_access_tokens_name_the_sessions_app_and_a_verifier_takes_both() 
     );
 }
 
+#[tokio::test]
+async fn a_sessions_app_and_identities_survive_a_restart() {
+    let tb = TestBroker::start().await;
+    let main = logged_in(&tb, None, "ora.union.1").await;
+    let lite = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ora.union.1").await;
+    let (main, lite) = (token(&main).to_owned(), token(&lite).to_owned());
+    let tb = tb.restart().await;
+    // The session log kept each session's app; the lite identity its own session_key.
+    assert_eq!(session(&tb, &lite).await["appid"], SANDBOX_LITE_APPID);
+    assert_eq!(session(&tb, &main).await["appid"], SANDBOX_APPID);
+    assert_eq!(identities(&me(&tb, &lite).await), both("ora"));
+    let profile = tb
+        .sandbox
+        .encrypted_profile_in(SANDBOX_LITE_APPID, "ora")
+        .unwrap();
+    let (status, body) = parts(post(&tb, "userinfo", &lite, &profile).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let again = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ora.2").await;
+    assert_eq!((again["uid"].as_u64(), again["isNew"].as_bool()), (Some(1), Some(false)));
+}
+
 /// Concurrent first logins of `people` persons named `{prefix}{n}`, each through both apps at
 /// once (on `main` and `lite`): each person ends with one uid, which both logins report, one of
 /// them as new.

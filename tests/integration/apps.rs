@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use wxbroker::{SANDBOX_APPID, SANDBOX_LITE_APPID, Sandbox, SandboxOptions};
 
 use crate::edge::{VERIFIER_TOKEN, access, claims, verifier, with_secrets};
-use crate::support::{RedisServer, T0, TestBroker, assert_error, me, metric, parts, post};
+use crate::support::{
+    RedisServer, StoreKind, T0, TestBroker, assert_error, me, metric, parts, post,
+};
 
 /// The admin secret in these tests.
 const ADMIN: &str = "apps-test-admin-secret-0123456789abcdef";
@@ -425,7 +427,10 @@ async fn a_sessions_app_and_identities_survive_a_restart() {
     let (status, body) = parts(post(&tb, "userinfo", &lite, &profile).await).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let again = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ora.2").await;
-    assert_eq!((again["uid"].as_u64(), again["isNew"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (again["uid"].as_u64(), again["isNew"].as_bool()),
+        (Some(1), Some(false))
+    );
 }
 
 /// Concurrent first logins of `people` persons named `{prefix}{n}`, each through both apps at
@@ -654,9 +659,19 @@ async fn a_redis_of_one_app_keeps_working_as_the_default_apps() {
 }
 
 #[tokio::test]
-async fn exports_carry_the_identities_and_an_old_export_imports_into_the_default_app() {
+async fn exports_on_sled_carry_the_identities_and_an_old_export_imports_into_the_default_app() {
+    exports_carry_the_identities(StoreKind::Sled).await;
+}
+
+#[tokio::test]
+async fn exports_on_redis_carry_the_identities_and_an_old_export_imports_into_the_default_app() {
+    exports_carry_the_identities(StoreKind::Redis).await;
+}
+
+async fn exports_carry_the_identities(kind: StoreKind) {
     // A person through both apps, exported while serving.
-    let tb = TestBroker::start_with(|c| c.admin_token = Some(wxbroker::Secret::new(ADMIN))).await;
+    let admin = |c: &mut wxbroker::Config| c.admin_token = Some(wxbroker::Secret::new(ADMIN));
+    let tb = TestBroker::start_backend(kind, admin).await;
     logged_in(&tb, None, "max.union.1").await;
     logged_in(&tb, Some(SANDBOX_LITE_APPID), "max.union.1").await;
     logged_in(&tb, Some(SANDBOX_LITE_APPID), "ned.1").await;
@@ -721,5 +736,38 @@ async fn exports_carry_the_identities_and_an_old_export_imports_into_the_default
     assert_eq!(
         (old["uid"].as_u64(), old["isNew"].as_bool()),
         (Some(40), Some(false))
+    );
+
+    // The restored data dir, stopped, moved to a fresh Redis: the identities come along.
+    let mut restored = restored;
+    restored.stop().await;
+    let policy = restored.config.session_policy();
+    drop(restored);
+    let redis = Arc::new(RedisServer::start().await);
+    let store = wxbroker::storage::redis::Redis::connect(&redis.url)
+        .await
+        .unwrap();
+    // The stopped broker lets go of its database a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let data = loop {
+        match wxbroker::backup::open_for_export(dir.path(), 8) {
+            Ok(data) => break data,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("in use") => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    wxbroker::backup::migrate_to_redis(&data, &store, policy, T0, false)
+        .await
+        .unwrap();
+    drop(data);
+    let on_redis = TestBroker::start_shared(Some(redis), None, admin).await;
+    let (status, max) = admin_get(&on_redis, "users/1").await;
+    assert_eq!((status, identities(&max)), (StatusCode::OK, both("max")));
+    let lite = logged_in(&on_redis, Some(SANDBOX_LITE_APPID), "max.3").await;
+    assert_eq!(
+        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
+        (Some(1), Some(false))
     );
 }

@@ -22,7 +22,11 @@ if appid ~= '' then redis.call('HSET', ukey, 'appid', appid) end
 bind_unionid(p, ukey, uid, unionid)
 if ARGV[8] ~= '' then redis.call('HSET', ukey, 'profile', ARGV[8]) end
 if ARGV[9] ~= '' then redis.call('HSET', ukey, 'phone', ARGV[9]) end
-if joins then
+if joins and appid == '' then
+  -- The default app's identity is a uid's first, whatever order the lines come in.
+  redis.call('SADD', p .. 'identities:' .. uid, owner)
+  redis.call('SET', p .. 'uid:' .. uid, ikey)
+elseif joins then
   redis.call('SADD', p .. 'identities:' .. uid, ikey)
 else
   redis.call('SET', p .. 'uid:' .. uid, ikey)

@@ -360,7 +360,7 @@ impl UserDb {
         );
         let result = trees.transaction(|(users, uids, meta, unionids, identities)| {
             let key = user.key();
-            let mut joins = false;
+            let mut joins = None;
             if let Some(owner) = uids.get(user.uid.to_be_bytes())?
                 && owner != key.as_bytes()
             {
@@ -379,7 +379,7 @@ impl UserDb {
                         format!("uid {} already belongs to another openid", user.uid),
                     )));
                 }
-                joins = true;
+                joins = Some(owner);
             }
             let old = match users.get(key.as_bytes())? {
                 Some(bytes) => Some(
@@ -404,10 +404,19 @@ impl UserDb {
                 })?;
                 meta.insert(NEXT_UID, &after.to_be_bytes())?;
             }
-            if joins {
-                identities.insert(link(user.uid, &key), &[])?;
-            } else {
-                uids.insert(&user.uid.to_be_bytes(), key.as_bytes())?;
+            match joins {
+                // The default app's identity is a uid's first, whatever order the lines come in.
+                Some(owner) if user.appid.is_none() => {
+                    let owner = String::from_utf8_lossy(&owner);
+                    identities.insert(link(user.uid, &owner), &[])?;
+                    uids.insert(&user.uid.to_be_bytes(), key.as_bytes())?;
+                }
+                Some(_) => {
+                    identities.insert(link(user.uid, &key), &[])?;
+                }
+                None => {
+                    uids.insert(&user.uid.to_be_bytes(), key.as_bytes())?;
+                }
             }
             write_user(users, unionids, old.as_ref(), user)?;
             Ok(())

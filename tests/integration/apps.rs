@@ -167,6 +167,10 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
     let (status, _) = admin_get(&tb, &format!("users?openid={lite_openid}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // The stats count persons: three uids, four identities.
+    let (status, stats) = admin_get(&tb, "stats").await;
+    assert_eq!((status, stats["users"].as_u64()), (StatusCode::OK, Some(3)));
+
     // Forward auth names the session's app.
     let response = tb
         .http
@@ -497,6 +501,8 @@ async fn three_brokers_on_redis_link_identities_and_agree_on_one_uid() {
     )
     .await;
     assert_eq!((status, identities(&user)), (StatusCode::OK, both("gus")));
+    let (status, stats) = admin_get(c, "stats").await;
+    assert_eq!((status, stats["users"].as_u64()), (StatusCode::OK, Some(1)));
 
     // Without a unionid: strangers.
     let h1 = logged_in(a, None, "hal.1").await;

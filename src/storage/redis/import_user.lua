@@ -15,7 +15,7 @@ if owner and owner ~= ikey then
 end
 local ukey = p .. 'user:' .. ikey
 if redis.call('EXISTS', ukey) == 1 then return 0 end
-redis.call('INCR', p .. 'user_count')
+if not joins then redis.call('INCR', p .. 'user_count') end
 redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'session_key', ARGV[5],
   'created_at', ARGV[6], 'updated_at', ARGV[7])
 if appid ~= '' then redis.call('HSET', ukey, 'appid', appid) end

@@ -15,9 +15,9 @@ if not uid then
   else
     uid = redis.call('INCR', p .. 'next_uid')
     redis.call('SET', p .. 'uid:' .. uid, ikey)
+    redis.call('INCR', p .. 'user_count')
     is_new = 1
   end
-  redis.call('INCR', p .. 'user_count')
   redis.call('HSET', ukey, 'uid', uid, 'openid', openid, 'created_at', now)
   if appid ~= '' then redis.call('HSET', ukey, 'appid', appid) end
 end

@@ -342,10 +342,10 @@ impl UserDb {
         entries.take(limit).map(|entry| decode(&entry?.1)).collect()
     }
 
-    /// How many users are registered. sled counts by walking the tree: for the admin's stats,
-    /// not for anything per request.
+    /// How many users (uids: persons, however many apps they logged in through) are registered.
+    /// sled counts by walking the tree: for the admin's stats, not for anything per request.
     pub fn count(&self) -> usize {
-        self.users.len()
+        self.uids.len()
     }
 
     /// Writes a user as it was exported, keeping its uid; the uid counter moves past it so that

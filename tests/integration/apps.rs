@@ -777,3 +777,43 @@ async fn exports_carry_the_identities(kind: StoreKind) {
         (Some(1), Some(false))
     );
 }
+
+#[tokio::test]
+async fn another_apps_secret_session_keys_and_tokens_stay_out_of_answers_and_logs() {
+    let tb = TestBroker::start().await;
+    let lite = Some(SANDBOX_LITE_APPID);
+    let secret = tb.sandbox.secret_of(SANDBOX_LITE_APPID).unwrap();
+    assert!(!format!("{:?}", tb.config).contains(secret.expose()));
+    let mut answers = String::new();
+    let first = logged_in(&tb, lite, "pia.union.1").await;
+    answers.push_str(&first.to_string());
+    for code in ["err40029.p", "err-1.p", "err40125.p"] {
+        answers.push_str(&login_to(&tb, lite, code).await.text().await.unwrap());
+    }
+    let token = token(&first);
+    let verify = tb
+        .http
+        .get(format!("{}/v1/session?verify=wechat", tb.url))
+        .bearer_auth(token);
+    answers.push_str(&verify.send().await.unwrap().text().await.unwrap());
+    // The sandbox's errmsg for errNNNNN phone codes echoes the access_token.
+    for code in ["13800138001.p", "err99999.p"] {
+        let response = post(&tb, "phone", token, &json!({ "code": code })).await;
+        answers.push_str(&response.text().await.unwrap());
+    }
+    let key = tb
+        .sandbox
+        .session_key(&Sandbox::openid_in(SANDBOX_LITE_APPID, "pia"))
+        .unwrap();
+    let logs = crate::support::logs();
+    let mut hidden = vec![secret.expose().to_owned(), key];
+    hidden.extend(tb.sandbox.issued_access_tokens());
+    assert!(hidden.len() >= 3, "the lite app's access_token was fetched");
+    for hidden in &hidden {
+        assert!(
+            !answers.contains(hidden.as_str()),
+            "an answer holds a secret"
+        );
+        assert!(!logs.contains(hidden.as_str()), "the log holds a secret");
+    }
+}

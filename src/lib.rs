@@ -38,6 +38,8 @@
 //!   serving broker streams the same lines at `GET /admin/export` ([`storage::UserExport`]).
 //! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
+//! - Several mini programs: [`App`] (`config.rs`, the config file's `[[apps]]`) and
+//!   [`Identity`] (`user.rs`): one uid per person, an identity per app, linked by unionid.
 //! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`].
 //!
 //! # Embedding

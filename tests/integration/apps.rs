@@ -817,3 +817,22 @@ async fn another_apps_secret_session_keys_and_tokens_stay_out_of_answers_and_log
         assert!(!logs.contains(hidden.as_str()), "the log holds a secret");
     }
 }
+
+/// A joined identity acknowledges a uid, so its login waits for the flush that puts it on disk,
+/// as a new user's does: a failed flush is a failed login, and the next login of that identity
+/// waits for a flush that succeeds.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_joined_identity_is_answered_only_once_on_disk() {
+    let tb = TestBroker::start().await;
+    logged_in(&tb, None, "quinn.union.1").await;
+    assert!(tb.broker.fail_flushes(1));
+    let (status, body) =
+        parts(login_to(&tb, Some(SANDBOX_LITE_APPID), "quinn.union.1").await).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let again = logged_in(&tb, Some(SANDBOX_LITE_APPID), "quinn.union.2").await;
+    assert_eq!(
+        (again["uid"].as_u64(), again["isNew"].as_bool()),
+        (Some(1), Some(false))
+    );
+}

@@ -80,6 +80,19 @@ impl UserDb {
         unionid: Option<&str>,
         now: u64,
     ) -> Result<(UserRecord, bool), Error> {
+        let (user, registered) = self.register(appid, openid, session_key, unionid, now)?;
+        Ok((user, registered == Registered::NewUid))
+    }
+
+    /// [`UserDb::upsert`], saying also whether an identity was written for the first time.
+    fn register(
+        &self,
+        appid: Option<&str>,
+        openid: &str,
+        session_key: &str,
+        unionid: Option<&str>,
+        now: u64,
+    ) -> Result<(UserRecord, Registered), Error> {
         let key = identity_key(appid, openid);
         let Some(bytes) = self.users.get(key.as_bytes())? else {
             if let Some(uid) = self.holder(unionid)? {
@@ -98,7 +111,7 @@ impl UserDb {
                 // listing skips, and the next login joins again.
                 self.identities.insert(link(uid, &key), &[])?;
                 self.users.insert(key.as_bytes(), encode(&user))?;
-                return Ok((user, false));
+                return Ok((user, Registered::Joined));
             }
             let user = UserRecord {
                 uid: self.next_uid()?,
@@ -118,7 +131,7 @@ impl UserDb {
             }
             self.users.insert(key.as_bytes(), encode(&user))?;
             self.meta.insert(NEXT_UID, &(user.uid + 1).to_be_bytes())?;
-            return Ok((user, true));
+            return Ok((user, Registered::NewUid));
         };
         let old: UserRecord = decode(&bytes)?;
         let mut user = old.clone();
@@ -138,7 +151,7 @@ impl UserDb {
                 })
                 .map_err(abort_or_storage)?;
         }
-        Ok((user, false))
+        Ok((user, Registered::Known))
     }
 
     /// The uid that `unionid` belongs to, if it is indexed (to a uid that still has its first
@@ -425,6 +438,17 @@ impl UserDb {
     }
 }
 
+/// What a login did to the users' trees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Registered {
+    /// A new identity with a new uid: a new user.
+    NewUid,
+    /// A new identity that joined the uid of its unionid.
+    Joined,
+    /// An identity already stored.
+    Known,
+}
+
 /// The `identities` key that links the identity `key` to `uid`.
 fn link(uid: u64, key: &str) -> Vec<u8> {
     let mut link = uid.to_be_bytes().to_vec();
@@ -498,17 +522,20 @@ impl SledUsers {
         login: Code2Session,
         now: u64,
     ) -> Pending<Registration> {
-        let upserted = self.users.upsert(
+        let upserted = self.users.register(
             appid,
             &login.openid,
             &login.session_key,
             login.unionid.as_deref(),
             now,
         );
-        let (user, is_new) = match upserted {
+        let (user, registered) = match upserted {
             Ok(upserted) => upserted,
             Err(e) => return Pending::Ready(Err(e)),
         };
+        let is_new = registered == Registered::NewUid;
+        // A joined identity is answered once durable too: its uid is acknowledged with it.
+        let written = registered != Registered::Known;
         let key = user.key().into_owned();
         let registration = Registration {
             uid: user.uid,
@@ -518,7 +545,7 @@ impl SledUsers {
         };
         {
             let mut pending = self.users.unflushed.lock().expect("unflushed lock");
-            if !is_new && !pending.contains(&key) {
+            if !written && !pending.contains(&key) {
                 return Pending::Ready(Ok(registration));
             }
             pending.insert(key.clone());

@@ -61,21 +61,23 @@ fn upsert(c: &mut Criterion) {
     let data = DataDir::open(dir.path(), 64).unwrap();
     let users = data.users();
     for i in 0..10_000 {
-        users.upsert(&format!("o{i}"), KEY, None, 1).unwrap();
+        users.upsert(None, &format!("o{i}"), KEY, None, 1).unwrap();
     }
     let mut n = 0u64;
     c.bench_function("upsert_returning_user", |b| {
         b.iter(|| {
             n += 1;
             users
-                .upsert(&format!("o{}", n % 10_000), KEY, None, 2)
+                .upsert(None, &format!("o{}", n % 10_000), KEY, None, 2)
                 .unwrap()
         })
     });
     c.bench_function("upsert_new_user_flushed", |b| {
         b.iter(|| {
             n += 1;
-            users.upsert(&format!("new{n}"), KEY, None, 2).unwrap();
+            users
+                .upsert(None, &format!("new{n}"), KEY, None, 2)
+                .unwrap();
             data.flush().unwrap()
         })
     });
@@ -86,6 +88,7 @@ fn session_log(c: &mut Criterion) {
     let log = SessionLog::open(dir.path()).unwrap();
     let record = |uid: u64| SessionRecord {
         uid,
+        appid: None,
         openid: OPENID.to_owned(),
         unionid: None,
         created_at: 1,

@@ -23,6 +23,7 @@ fn signing(c: &mut Criterion) {
     let claims = AccessClaims {
         iss: "wxbroker".into(),
         aud: SANDBOX_APPID.into(),
+        appid: Some(SANDBOX_APPID.into()),
         sub: "123456".into(),
         openid: "oGZUI0egBJY1zhBYw2KhdUfwVJJE".into(),
         unionid: Some("ocMvos6NjeKLIBqg5Mr9QjxrP1FA".into()),

@@ -18,7 +18,7 @@ use std::path::Path;
 use crate::session::SessionPolicy;
 use crate::storage::redis::Redis;
 use crate::storage::sled::DataDir;
-use crate::user::{UserKey, UserRecord};
+use crate::user::{Identity, UserKey, UserRecord};
 use crate::{Error, User};
 
 /// Opens the data dir of a stopped broker to export from it.
@@ -179,11 +179,15 @@ fn import_lines(data: &DataDir, mut input: impl BufRead, count: &mut u64) -> Res
         }
         let session_key = data
             .users()
-            .find(&UserKey::Openid(user.openid.clone()))?
+            .find(&UserKey::Identity(Identity {
+                appid: user.appid.clone(),
+                openid: user.openid.clone(),
+            }))?
             .map(|stored| stored.session_key)
             .unwrap_or_default();
         let record = UserRecord {
             uid: user.uid,
+            appid: user.appid,
             openid: user.openid,
             unionid: user.unionid,
             session_key,
@@ -228,7 +232,7 @@ mod tests {
         assert_eq!(import(&data, input.as_bytes()).unwrap(), 2);
         let b = data.users().find(&UserKey::Uid(3)).unwrap().unwrap();
         assert_eq!((b.openid.as_str(), b.session_key.as_str()), ("o-b", ""));
-        let (new, is_new) = data.users().upsert("o-new", "k", None, 5).unwrap();
+        let (new, is_new) = data.users().upsert(None, "o-new", "k", None, 5).unwrap();
         assert_eq!((new.uid, is_new), (8, true));
     }
 
@@ -236,7 +240,7 @@ mod tests {
     fn a_user_already_stored_keeps_its_session_key() {
         let dir = tempfile::tempdir().unwrap();
         let data = open_for_import(dir.path(), 8).unwrap();
-        let (user, _) = data.users().upsert("o-a", "key-a", None, 1).unwrap();
+        let (user, _) = data.users().upsert(None, "o-a", "key-a", None, 1).unwrap();
         import(&data, format!("{}\n", line(user.uid, "o-a")).as_bytes()).unwrap();
         let stored = data.users().find(&UserKey::Openid("o-a".into())).unwrap();
         assert_eq!(stored.unwrap().session_key, "key-a");

@@ -23,7 +23,7 @@ use crate::session::{SessionInfo, SessionSummary};
 use crate::signer::{AccessToken, Rotation, Signer, Subject};
 use crate::storage::{CallBudget, FastCheck, Feed, Health, Storage, UserExport};
 use crate::upstream::{Upstream, UpstreamConfig};
-use crate::user::{EncryptedData, Phone, Profile, User, UserKey};
+use crate::user::{EncryptedData, Identity, Phone, Profile, User, UserKey, identity_key};
 use crate::verified_keys::VerifiedKeys;
 use crate::{Config, Error, Metrics, Secret};
 
@@ -71,8 +71,8 @@ struct Inner {
     /// Turns `false` when the supervisor has stopped (shut down or gave up).
     supervisor_alive: watch::Receiver<bool>,
     storage: Health,
-    /// For the server APIs, called from the request's own task.
-    upstream: Upstream,
+    /// The apps served, the default first; a message to an actor names one by its index.
+    apps: Vec<ServedApp>,
     /// What each user's requests may still spend of WeChat's quota this minute.
     call_budget: CallBudget,
     /// WeChat's recent "this session_key is current" answers, reused for `verify=wechat`.
@@ -93,18 +93,32 @@ struct Inner {
     draining: watch::Sender<bool>,
 }
 
+/// One mini program the broker serves.
+struct ServedApp {
+    /// Its appid, shared by every session of the app (no copy per check).
+    appid: Arc<str>,
+    /// Its WeChat client, for the server APIs called from the request's own task.
+    upstream: Upstream,
+    /// `wxbroker_app_logins_total` for the two outcomes of a login that worked, resolved once.
+    new_logins: prometheus::IntCounter,
+    returning_logins: prometheus::IntCounter,
+}
+
 impl Broker {
     /// Opens the storage and starts the supervised actors.
     ///
     /// Needs WeChat credentials in `config` (see [`crate::Sandbox`] to try it without WeChat).
     pub async fn start(config: &Config) -> Result<Broker, Error> {
         config.validate()?;
-        let (appid, secret) = config.credentials()?.ok_or_else(|| {
-            Error::Config("Broker::start needs WECHAT_APPID and WECHAT_SECRET".into())
-        })?;
+        let apps = config.served_apps()?;
+        let Some(default) = apps.first() else {
+            return Err(Error::Config(
+                "Broker::start needs WECHAT_APPID and WECHAT_SECRET (or [[apps]])".into(),
+            ));
+        };
         let metrics = Arc::new(Metrics::new());
         let storage = Storage::open(config, &metrics).await?;
-        let signer = Signer::start(&storage, config, appid.clone()).await?;
+        let signer = Signer::start(&storage, config).await?;
         let feed = signer.as_ref().map(|_| storage.feed(config.clock.clone()));
         if let Some(feed) = &feed {
             // Marks the feed's origin, if this is its first use: tokens can be issued from now on.
@@ -114,13 +128,32 @@ impl Broker {
         }
         let upstream = Upstream::new(UpstreamConfig {
             base: config.api_base.clone(),
-            appid: appid.clone(),
-            secret,
+            appid: default.appid.clone(),
+            secret: default.secret.clone(),
             connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
             timeout: Duration::from_millis(config.upstream_timeout_ms),
             retries: config.upstream_retries,
             metrics: metrics.clone(),
         })?;
+        let upstreams = apps
+            .iter()
+            .map(|app| upstream.for_app(&app.appid, app.secret.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let served: Vec<ServedApp> = upstreams
+            .iter()
+            .map(|upstream| {
+                let logins = |outcome: &str| {
+                    let labels = [upstream.appid(), outcome];
+                    metrics.app_logins.with_label_values(&labels)
+                };
+                ServedApp {
+                    appid: Arc::from(upstream.appid()),
+                    upstream: upstream.clone(),
+                    new_logins: logins("new"),
+                    returning_logins: logins("returning"),
+                }
+            })
+            .collect();
         let exchange_timeout = upstream.worst_case() + config.call_timeout();
         // Room for two fetches (a stale token: plain, then forced), each of which may fall back
         // from stable_token to cgi-bin/token.
@@ -129,7 +162,7 @@ impl Broker {
         let args = SupervisorArgs {
             children: children.clone(),
             wechat_exchanger: WeChatExchangerArgs {
-                upstream: upstream.clone(),
+                upstreams: upstreams.clone(),
                 claims: storage.code_book(),
                 max_inflight: config.max_inflight,
                 metrics: metrics.clone(),
@@ -142,13 +175,14 @@ impl Broker {
                 storage: storage.clone(),
                 clock: config.clock.clone(),
                 policy: config.session_policy(),
+                default_app: served[0].appid.clone(),
                 sweep_interval: Duration::from_secs(config.sweep_interval_secs),
                 metrics: metrics.clone(),
                 reader: children.session_reader.clone(),
             },
-            decryptor: DecryptorArgs { appid },
+            decryptor: DecryptorArgs,
             access_token_keeper: AccessTokenKeeperArgs {
-                upstream: upstream.clone(),
+                upstreams,
                 metrics: metrics.clone(),
             },
             metrics: metrics.clone(),
@@ -169,7 +203,7 @@ impl Broker {
                 supervisor,
                 supervisor_alive,
                 storage: storage.health(),
-                upstream,
+                apps: served,
                 call_budget: storage.call_budget(config.wechat_calls_per_min),
                 verified: VerifiedKeys::default(),
                 call_timeout: config.call_timeout(),
@@ -183,44 +217,75 @@ impl Broker {
         })
     }
 
-    /// Logs a user in with a code from `wx.login`: exchange, register, issue a token.
+    /// Logs a user in with a code from `wx.login` of the default app: exchange, register, issue
+    /// a token.
     pub async fn login(&self, code: &str) -> Result<Login, Error> {
-        let outcome = self.login_inner(code).await;
+        self.login_to(None, code).await
+    }
+
+    /// Logs a user in with a code from `wx.login` of the mini program `appid` (`None`: the
+    /// default app): exchange with that app's credentials, register (a person WeChat gives a
+    /// unionid that a uid already holds joins that uid), issue a token for that app.
+    /// [`Error::UnknownApp`] if the broker does not serve `appid`.
+    pub async fn login_to(&self, appid: Option<&str>, code: &str) -> Result<Login, Error> {
+        let app = match appid {
+            None => Ok(0),
+            Some(appid) => self.app_index(appid),
+        };
+        let outcome = match &app {
+            Ok(app) => self.login_inner(*app, code).await,
+            Err(e) => Err(e.clone()),
+        };
         let label = match &outcome {
             Ok(login) if login.is_new => "new",
             Ok(_) => "returning",
             Err(e) => e.code(),
         };
-        self.inner.metrics.logins.with_label_values(&[label]).inc();
+        let metrics = &self.inner.metrics;
+        metrics.logins.with_label_values(&[label]).inc();
+        if let Ok(app) = app {
+            let served = &self.inner.apps[app];
+            match &outcome {
+                Ok(login) if login.is_new => served.new_logins.inc(),
+                Ok(_) => served.returning_logins.inc(),
+                Err(e) => {
+                    let labels = [&*served.appid, e.code()];
+                    metrics.app_logins.with_label_values(&labels).inc()
+                }
+            }
+        }
         outcome
     }
 
-    async fn login_inner(&self, code: &str) -> Result<Login, Error> {
+    async fn login_inner(&self, app: usize, code: &str) -> Result<Login, Error> {
         check_code(code)?;
         let wechat = self
             .ask(
                 &self.inner.children.wechat_exchanger,
                 self.inner.exchange_timeout,
-                |reply| WeChatExchangerMsg::Exchange(code.to_owned(), reply),
+                |reply| WeChatExchangerMsg::Exchange(app, code.to_owned(), reply),
             )
             .await?;
+        let stored_app = self.stored_app(app).map(str::to_owned);
         let user = self
             .ask(
                 &self.inner.children.user_registry,
                 self.inner.durable_timeout,
-                |reply| UserRegistryMsg::Upsert(wechat, reply),
+                |reply| UserRegistryMsg::Upsert(stored_app, wechat, reply),
             )
             .await?;
         let (openid, unionid) = match &self.inner.signer {
             Some(_) => (user.openid.clone(), user.unionid.clone()),
             None => Default::default(),
         };
+        let appid = &self.inner.apps[app].appid;
         let issued = self
             .ask(
                 &self.inner.children.session_keeper,
                 self.inner.call_timeout,
                 |reply| SessionKeeperMsg::Issue {
                     uid: user.uid,
+                    appid: (app != 0).then(|| appid.clone()),
                     openid: user.openid,
                     unionid: user.unionid,
                     reply,
@@ -231,6 +296,7 @@ impl Broker {
             let now = self.inner.config.clock.now();
             let subject = Subject {
                 uid: user.uid,
+                appid,
                 openid: &openid,
                 unionid: unionid.as_deref(),
                 sid: session_id(&token_hash(&issued.token)),
@@ -246,6 +312,46 @@ impl Broker {
             uid: user.uid,
             access_token,
         })
+    }
+
+    /// The appids the broker serves, the default first.
+    pub fn appids(&self) -> impl Iterator<Item = &str> {
+        self.inner.apps.iter().map(|app| &*app.appid)
+    }
+
+    /// The index of the app `appid` among those served; [`Error::UnknownApp`] if none.
+    fn app_index(&self, appid: &str) -> Result<usize, Error> {
+        self.inner
+            .apps
+            .iter()
+            .position(|app| &*app.appid == appid)
+            .ok_or(Error::UnknownApp)
+    }
+
+    /// How the stores name the app of index `app`: `None` for the default app (so that data from
+    /// before several apps stays the default app's), its appid for the others.
+    fn stored_app(&self, app: usize) -> Option<&str> {
+        (app != 0).then(|| &*self.inner.apps[app].appid)
+    }
+
+    /// The app of `session` and the key its identity is stored under; a session of an app no
+    /// longer served is invalid (its user logs in again).
+    fn identity_of(&self, session: &SessionInfo) -> Result<(usize, String), Error> {
+        let app = self
+            .app_index(&session.appid)
+            .map_err(|_| Error::InvalidSession)?;
+        let key = identity_key(self.stored_app(app), &session.openid).into_owned();
+        Ok((app, key))
+    }
+
+    /// `user` as answered: its appid and those of its identities named, the default app's too.
+    fn name_apps(&self, mut user: User) -> User {
+        let default = &self.inner.apps[0].appid;
+        user.appid.get_or_insert_with(|| default.to_string());
+        for identity in &mut user.identities {
+            identity.appid.get_or_insert_with(|| default.to_string());
+        }
+        user
     }
 
     /// Whether the broker signs access tokens (`WXBROKER_ACCESS_TOKEN_TTL` is not 0).
@@ -268,6 +374,7 @@ impl Broker {
         let session = self.check_session(token).await?;
         let subject = Subject {
             uid: session.uid,
+            appid: &session.appid,
             openid: &session.openid,
             unionid: session.unionid.as_deref(),
             sid: session_id(&token_hash(token)),
@@ -374,12 +481,14 @@ impl Broker {
     /// nothing is stored.
     pub async fn userinfo(&self, token: &str, data: EncryptedData) -> Result<Profile, Error> {
         let session = self.check_session(token).await?;
-        let session_key = self.session_key(&session.openid).await?;
+        let (_, key) = self.identity_of(&session)?;
+        let session_key = self.session_key(&key).await?;
         let profile = self
             .ask(
                 &self.inner.children.decryptor,
                 self.inner.call_timeout,
                 |reply| DecryptorMsg::Profile {
+                    appid: session.appid.clone(),
                     session_key,
                     openid: session.openid.clone(),
                     data,
@@ -395,7 +504,7 @@ impl Broker {
             .ask(
                 &self.inner.children.user_registry,
                 self.inner.durable_timeout,
-                |reply| UserRegistryMsg::SaveProfile(session.openid, saved, reply),
+                |reply| UserRegistryMsg::SaveProfile(key, saved, reply),
             )
             .await?;
         // Sent even when this session already shows it: the user's other sessions may not.
@@ -419,12 +528,14 @@ impl Broker {
     /// Decrypts the phone number the session's user sent, stores it (durably) and returns it.
     pub async fn phone(&self, token: &str, data: EncryptedData) -> Result<Phone, Error> {
         let session = self.check_session(token).await?;
-        let session_key = self.session_key(&session.openid).await?;
+        let (_, key) = self.identity_of(&session)?;
+        let session_key = self.session_key(&key).await?;
         let phone = self
             .ask(
                 &self.inner.children.decryptor,
                 self.inner.call_timeout,
                 |reply| DecryptorMsg::Phone {
+                    appid: session.appid.clone(),
                     session_key,
                     data,
                     reply,
@@ -436,7 +547,7 @@ impl Broker {
         self.ask(
             &self.inner.children.user_registry,
             self.inner.durable_timeout,
-            |reply| UserRegistryMsg::SavePhone(session.openid, saved, reply),
+            |reply| UserRegistryMsg::SavePhone(key, saved, reply),
         )
         .await?;
         Ok(phone)
@@ -451,10 +562,11 @@ impl Broker {
     pub async fn phone_by_code(&self, token: &str, code: &str) -> Result<Phone, Error> {
         let session = self.check_session(token).await?;
         check_code(code)?;
+        let (app, key) = self.identity_of(&session)?;
         self.spend_wechat_call(session.uid).await?;
-        let upstream = &self.inner.upstream;
+        let upstream = &self.inner.apps[app].upstream;
         let phone = self
-            .with_access_token(|access_token| async move {
+            .with_access_token(app, |access_token| async move {
                 upstream.phone_number(&access_token, code).await
             })
             .await?;
@@ -462,7 +574,7 @@ impl Broker {
         self.ask(
             &self.inner.children.user_registry,
             self.inner.durable_timeout,
-            |reply| UserRegistryMsg::SavePhone(session.openid, saved, reply),
+            |reply| UserRegistryMsg::SavePhone(key, saved, reply),
         )
         .await?;
         Ok(phone)
@@ -479,16 +591,18 @@ impl Broker {
     /// [`Error::RateLimited`] until the minute ends.
     pub async fn verify_session_key(&self, token: &str) -> Result<SessionInfo, Error> {
         let session = self.check_session(token).await?;
-        let session_key = self.session_key(&session.openid).await?;
+        let (app, key) = self.identity_of(&session)?;
+        let session_key = self.session_key(&key).await?;
         let verified = &self.inner.verified;
         let now = self.inner.config.clock.now();
         if verified.holds(session.uid, &session_key, now) {
             return Ok(session);
         }
         self.spend_wechat_call(session.uid).await?;
-        let (upstream, openid, key) = (&self.inner.upstream, &session.openid, &session_key);
+        let upstream = &self.inner.apps[app].upstream;
+        let (openid, key) = (&session.openid, &session_key);
         match self
-            .with_access_token(|access_token| async move {
+            .with_access_token(app, |access_token| async move {
                 upstream.check_session_key(&access_token, openid, key).await
             })
             .await
@@ -516,34 +630,43 @@ impl Broker {
         }
     }
 
-    /// Has WeChat replace the session_key of user `uid` (`resetusersessionkey`) and stores the
-    /// new one, durably. Returns whether the user exists.
+    /// Has WeChat replace the session_key of each identity of user `uid`
+    /// (`resetusersessionkey`, with the access_token of the identity's app) and stores the new
+    /// ones, durably. Returns whether the user exists.
     pub async fn reset_session_key(&self, uid: u64) -> Result<bool, Error> {
         let Some(user) = self.find_user(UserKey::Uid(uid)).await? else {
             return Ok(false);
         };
-        let session_key = self.session_key(&user.openid).await?;
-        let (upstream, openid, key) = (&self.inner.upstream, &user.openid, &session_key);
-        let new_key = self
-            .with_access_token(|access_token| async move {
-                upstream.reset_session_key(&access_token, openid, key).await
-            })
-            .await;
-        // Whatever WeChat answered, the key it holds may have changed: ask it again next time.
+        // Whatever WeChat answers, the keys it holds may change: ask it again next time.
         self.inner.verified.forget(user.uid);
-        let new_key = new_key?;
-        // A login meanwhile stored a newer key than the one reset: that one stays.
-        self.ask(
-            &self.inner.children.user_registry,
-            self.inner.durable_timeout,
-            |reply| UserRegistryMsg::ReplaceSessionKey {
-                openid: user.openid.clone(),
-                old: session_key.clone(),
-                new: new_key,
-                reply,
-            },
-        )
-        .await?;
+        for identity in &user.identities {
+            // An identity of an app no longer served cannot be reset: its app's token is gone.
+            let Some(app) = (identity.appid.as_deref()).and_then(|a| self.app_index(a).ok()) else {
+                continue;
+            };
+            let key = identity_key(self.stored_app(app), &identity.openid).into_owned();
+            let session_key = self.session_key(&key).await?;
+            let upstream = &self.inner.apps[app].upstream;
+            let (openid, old) = (&identity.openid, &session_key);
+            let new_key = self
+                .with_access_token(app, |access_token| async move {
+                    upstream.reset_session_key(&access_token, openid, old).await
+                })
+                .await?;
+            // A login meanwhile stored a newer key than the one reset: that one stays.
+            self.ask(
+                &self.inner.children.user_registry,
+                self.inner.durable_timeout,
+                |reply| UserRegistryMsg::ReplaceSessionKey {
+                    openid: key,
+                    old: session_key.clone(),
+                    new: new_key,
+                    reply,
+                },
+            )
+            .await?;
+        }
+        self.inner.verified.forget(user.uid);
         Ok(true)
     }
 
@@ -552,10 +675,15 @@ impl Broker {
     /// ([`Error::CredentialsRejected`] is the operator's to fix; anything else may pass). The
     /// token is kept for the first call that needs one.
     pub async fn check_credentials(&self) -> Result<(), Error> {
+        self.check_credentials_of(0).await
+    }
+
+    /// [`Broker::check_credentials`] for the app of index `app` (in [`Broker::appids`] order).
+    pub async fn check_credentials_of(&self, app: usize) -> Result<(), Error> {
         self.ask(
             &self.inner.children.access_token_keeper,
             self.inner.token_timeout,
-            AccessTokenKeeperMsg::Get,
+            |reply| AccessTokenKeeperMsg::Get(app, reply),
         )
         .await
         .map(drop)
@@ -563,7 +691,7 @@ impl Broker {
 
     /// Runs `call` with the app's access_token. If WeChat calls the token stale, a new one is
     /// fetched (one fetch, however many callers meet the stale token) and `call` runs once more.
-    async fn with_access_token<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    async fn with_access_token<T, F, Fut>(&self, app: usize, call: F) -> Result<T, Error>
     where
         F: Fn(Secret) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
@@ -572,7 +700,7 @@ impl Broker {
             .ask(
                 &self.inner.children.access_token_keeper,
                 self.inner.token_timeout,
-                AccessTokenKeeperMsg::Get,
+                |reply| AccessTokenKeeperMsg::Get(app, reply),
             )
             .await?;
         match call(token.clone()).await {
@@ -581,7 +709,7 @@ impl Broker {
                     .ask(
                         &self.inner.children.access_token_keeper,
                         self.inner.token_timeout,
-                        |reply| AccessTokenKeeperMsg::Stale(token, reply),
+                        |reply| AccessTokenKeeperMsg::Stale(app, token, reply),
                     )
                     .await?;
                 call(fresh).await
@@ -590,22 +718,39 @@ impl Broker {
         }
     }
 
-    /// The stored user behind `token`.
+    /// The stored identity behind `token` (the session's app and openid), with every identity
+    /// of its uid.
     pub async fn me(&self, token: &str) -> Result<User, Error> {
         let session = self.check_session(token).await?;
-        self.find_user(UserKey::Uid(session.uid))
+        let (app, _) = self.identity_of(&session)?;
+        let identity = Identity {
+            appid: self.stored_app(app).map(str::to_owned),
+            openid: session.openid,
+        };
+        self.find_user(UserKey::Identity(identity))
             .await?
             .ok_or(Error::InvalidSession)
     }
 
-    /// Finds a user by uid, openid or unionid (for business backends; not exposed over HTTP).
+    /// Finds a user by uid (its first identity), openid (in the default app), an identity or
+    /// unionid, with every identity of its uid; appids are named, the default app's too.
     pub async fn find_user(&self, key: UserKey) -> Result<Option<User>, Error> {
-        self.ask(
-            &self.inner.children.user_registry,
-            self.inner.call_timeout,
-            |reply| UserRegistryMsg::Find(key, reply),
-        )
-        .await
+        // The stores file the default app's identities without an appid.
+        let key = match key {
+            UserKey::Identity(Identity {
+                appid: Some(appid),
+                openid,
+            }) if *appid == *self.inner.apps[0].appid => UserKey::Openid(openid),
+            key => key,
+        };
+        let found = self
+            .ask(
+                &self.inner.children.user_registry,
+                self.inner.call_timeout,
+                |reply| UserRegistryMsg::Find(key, reply),
+            )
+            .await?;
+        Ok(found.map(|user| self.name_apps(user)))
     }
 
     /// Every registered user, a page at a time, read from the store while the broker serves (a
@@ -755,11 +900,11 @@ impl Broker {
         }
     }
 
-    async fn session_key(&self, openid: &str) -> Result<String, Error> {
+    async fn session_key(&self, key: &str) -> Result<String, Error> {
         self.ask(
             &self.inner.children.user_registry,
             self.inner.call_timeout,
-            |reply| UserRegistryMsg::SessionKey(openid.to_owned(), reply),
+            |reply| UserRegistryMsg::SessionKey(key.to_owned(), reply),
         )
         .await
     }

@@ -238,6 +238,22 @@ pub struct Config {
     /// Source of wall-clock time; tests replace it with a manual clock.
     #[arg(skip)]
     pub clock: Clock,
+
+    /// More mini programs, from the config file's `[[apps]]` ([`Config::read_app_list`]): after
+    /// the one `appid`/`secret` name, if they do; else the first of them is the default app.
+    #[arg(skip)]
+    pub apps: Vec<App>,
+}
+
+/// One mini program the broker serves: `[[apps]]` in the config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct App {
+    /// Its appid.
+    pub appid: String,
+    /// Its app secret (redacted in `Debug`).
+    pub secret: Secret,
+    /// A name for people (logs, the README's examples); optional.
+    pub name: Option<String>,
 }
 
 /// What clap gives for an empty command line, so that each default is written once, in its
@@ -291,7 +307,10 @@ impl Config {
     /// help output and exit codes.
     pub fn load_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result<Config, Error> {
         let args = Config::layered_args::<Config>(args)?;
-        Config::try_parse_from(args).map_err(|e| Error::Config(clap_message(&e)))
+        let mut config =
+            Config::try_parse_from(args).map_err(|e| Error::Config(clap_message(&e)))?;
+        config.read_app_list()?;
+        Ok(config)
     }
 
     /// The command line `args` with the settings of the config file (`--config`, or
@@ -328,7 +347,12 @@ impl Config {
         let cmd = Config::command();
         let settings = file_settings(&cmd, path).ok()?;
         let secret = settings.iter().any(|(arg, _)| arg.is_hide_env_values_set());
-        secret.then_some(path)
+        // Every app of `[[apps]]` holds its secret.
+        let apps = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .is_some_and(|table| table.contains_key(APPS_KEY));
+        (secret || apps).then_some(path)
     }
 
     /// Reads the secrets named by `secret_file` and `admin_token_file` into `secret` and
@@ -336,7 +360,11 @@ impl Config {
     /// settings. [`crate::run`] calls it; an embedder that starts a [`crate::Broker`] itself calls
     /// it first. A secret given both ways, or a file that cannot be read or is empty, is an error
     /// naming the variable.
+    ///
+    /// It also reads the config file's `[[apps]]` ([`Config::read_app_list`]), which hold secrets
+    /// too.
     pub fn read_secret_files(&mut self) -> Result<(), Error> {
+        self.read_app_list()?;
         read_secret_file(&mut self.secret_file, &mut self.secret, "WECHAT_SECRET")?;
         read_secret_file(
             &mut self.admin_token_file,
@@ -345,20 +373,82 @@ impl Config {
         )
     }
 
-    /// The appid and secret, or `None` when neither is set (sandbox mode).
+    /// The default app's appid and secret, or `None` when no app is set (sandbox mode).
     ///
-    /// Only one of them set is an error: it is almost always a typo in a deployment.
+    /// Only one of appid and secret set is an error: it is almost always a typo in a deployment.
     pub fn credentials(&self) -> Result<Option<(String, Secret)>, Error> {
-        match (&self.appid, &self.secret) {
-            (Some(appid), Some(secret)) if !appid.is_empty() && !secret.0.is_empty() => {
-                Ok(Some((appid.clone(), secret.clone())))
+        Ok(self
+            .served_apps()?
+            .into_iter()
+            .next()
+            .map(|app| (app.appid, app.secret)))
+    }
+
+    /// Every app the broker serves, the default first: the one `appid`/`secret` name (if they
+    /// do), then the config file's `[[apps]]`. Empty in sandbox mode (no app set). An appid
+    /// listed twice, or an app without its appid or secret, is an error naming it.
+    pub fn served_apps(&self) -> Result<Vec<App>, Error> {
+        let single = match (&self.appid, &self.secret) {
+            (Some(appid), Some(secret)) if !appid.is_empty() && !secret.0.is_empty() => Some(App {
+                appid: appid.clone(),
+                secret: secret.clone(),
+                name: None,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "set both WECHAT_APPID and WECHAT_SECRET (or neither, for the sandbox WeChat)"
+                        .into(),
+                ));
             }
-            (None, None) => Ok(None),
-            _ => Err(Error::Config(
-                "set both WECHAT_APPID and WECHAT_SECRET (or neither, for the sandbox WeChat)"
-                    .into(),
-            )),
+        };
+        let apps: Vec<App> = single
+            .into_iter()
+            .chain(self.apps.iter().cloned())
+            .collect();
+        let mut seen = HashSet::new();
+        for app in &apps {
+            if app.appid.is_empty() || app.secret.0.is_empty() {
+                return Err(Error::Config(
+                    "[[apps]]: every app needs a non-empty appid and secret".into(),
+                ));
+            }
+            if app.appid.contains(':') || app.appid.len() > 64 {
+                return Err(Error::Config(format!(
+                    "[[apps]]: appid {} is not an appid (at most 64 characters, no `:`)",
+                    app.appid
+                )));
+            }
+            if !seen.insert(app.appid.as_str()) {
+                return Err(Error::Config(format!(
+                    "[[apps]]: appid {} is listed twice (WECHAT_APPID is the first app, when set)",
+                    app.appid
+                )));
+            }
         }
+        Ok(apps)
+    }
+
+    /// Reads the config file's `[[apps]]` (`appid`, `secret`, optional `name`) into `apps`,
+    /// replacing what it held; nothing without a config file. A key other than those three, or a
+    /// value that is not a string, is an error naming the app's place in the list and the key
+    /// (never the value: it may be the secret).
+    pub fn read_app_list(&mut self) -> Result<(), Error> {
+        let Some(path) = &self.config_file else {
+            return Ok(());
+        };
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read the config file {shown}: {e}")))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            Error::Config(format!(
+                "the config file {shown} is not valid TOML: {}",
+                toml_error(&text, &e)
+            ))
+        })?;
+        self.apps = app_list(&table)
+            .map_err(|what| Error::Config(format!("config file {shown}, {what}")))?;
+        Ok(())
     }
 
     /// Whether the built-in sandbox WeChat may serve on `listen` when no credentials are set:
@@ -527,6 +617,51 @@ fn read_secret_file(
     Ok(())
 }
 
+/// The key of the app list in the config file (a list of tables, not a flag).
+const APPS_KEY: &str = "apps";
+
+/// The apps of `[[apps]]` in a parsed config file (see [`Config::read_app_list`]); the error
+/// names the place, never a value.
+fn app_list(table: &toml::Table) -> Result<Vec<App>, String> {
+    let Some(list) = table.get(APPS_KEY) else {
+        return Ok(Vec::new());
+    };
+    let toml::Value::Array(list) = list else {
+        return Err("key `apps`: expected a list of tables ([[apps]])".into());
+    };
+    let mut apps = Vec::new();
+    for (n, entry) in list.iter().enumerate() {
+        let at = |what: &str| format!("[[apps]] number {}: {what}", n + 1);
+        let toml::Value::Table(entry) = entry else {
+            return Err(at("expected a table with appid and secret"));
+        };
+        let text = |key: &str| -> Result<Option<String>, String> {
+            match entry.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(value)) => Ok(Some(value.clone())),
+                Some(_) => Err(at(&format!("key `{key}`: expected a string"))),
+            }
+        };
+        let (appid, secret, name) = (text("appid")?, text("secret")?, text("name")?);
+        if let Some(key) = entry
+            .keys()
+            .find(|key| !["appid", "secret", "name"].contains(&key.as_str()))
+        {
+            return Err(at(&format!(
+                "key `{key}`: unknown (an app takes appid, secret and name)"
+            )));
+        }
+        let appid = appid.ok_or_else(|| at("key `appid` is missing"))?;
+        let secret = secret.ok_or_else(|| at("key `secret` is missing"))?;
+        apps.push(App {
+            appid,
+            secret: Secret(secret),
+            name,
+        });
+    }
+    Ok(apps)
+}
+
 /// Long flag names a config file cannot set: the file itself, and clap's own flags.
 const NOT_FROM_FILE: [&str; 3] = ["config", "help", "version"];
 
@@ -634,6 +769,10 @@ fn file_settings<'c>(cmd: &'c Command, path: &Path) -> Result<Vec<(&'c Arg, Stri
     let mut seen = HashSet::new();
     let mut settings = Vec::new();
     for (key, value) in &table {
+        // The app list is read by `Config::read_app_list`.
+        if key == APPS_KEY && value.is_array() {
+            continue;
+        }
         let at = |what: String| Error::Config(format!("config file {shown}, key `{key}`: {what}"));
         let long = key.replace('_', "-");
         if long == "config" {
@@ -1283,5 +1422,103 @@ mod tests {
             );
             assert!(!err.to_string().contains("s3cret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_app_list_adds_apps_after_the_single_app_settings() {
+        let file = config_file(
+            "session_idle_ttl = 60\n\n[[apps]]\nappid = \"wx-lite\"\nsecret = \"lite-secret\"\n\
+             name = \"Lite\"\n\n[[apps]]\nappid = \"wx-third\"\nsecret = \"third-secret\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let cmd = command_with_env(&[("appid", UNSET), ("secret", UNSET)]);
+        let mut config = parse(&cmd, &["wxbroker", "--config", path]).unwrap();
+        assert_eq!(
+            config.session_idle_ttl, 60,
+            "the other keys are read as before"
+        );
+        config.read_app_list().unwrap();
+        let appids = |config: &Config| -> Vec<String> {
+            let apps = config.served_apps().unwrap();
+            apps.into_iter().map(|app| app.appid).collect()
+        };
+        // Without WECHAT_APPID, the list's first app is the default.
+        assert_eq!(appids(&config), ["wx-lite", "wx-third"]);
+        assert_eq!(config.apps[0].name.as_deref(), Some("Lite"));
+        let (appid, secret) = config.credentials().unwrap().unwrap();
+        assert_eq!(
+            (appid.as_str(), secret.expose()),
+            ("wx-lite", "lite-secret")
+        );
+        // With it, the single app is the default and the list follows.
+        config.appid = Some("wx-main".into());
+        config.secret = Some(Secret::new("main-secret"));
+        assert_eq!(appids(&config), ["wx-main", "wx-lite", "wx-third"]);
+        // The secrets stay out of Debug; reading twice does not add the apps twice.
+        let shown = format!("{config:?}");
+        for secret in ["lite-secret", "third-secret", "main-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        config.read_secret_files().unwrap();
+        assert_eq!(config.apps.len(), 2);
+        // The public entry point reads the list too.
+        let loaded = Config::load_from(["wxbroker", "--config", path]).unwrap();
+        assert_eq!(loaded.apps.len(), 2);
+        // A file with a list is one holding secrets.
+        let exposed = Config {
+            config_file: Some(file.path().to_owned()),
+            ..Config::default()
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(exposed.exposed_config_file(), Some(file.path()));
+    }
+
+    #[test]
+    fn a_bad_app_list_is_an_error_naming_the_place_never_the_secret() {
+        let cases = [
+            ("apps = \"wx\"\n", "key `apps`"),
+            (
+                "[[apps]]\nsecret = \"hunter2-secret\"\n",
+                "[[apps]] number 1: key `appid` is missing",
+            ),
+            (
+                "[[apps]]\nappid = \"wx1\"\n",
+                "[[apps]] number 1: key `secret` is missing",
+            ),
+            (
+                "[[apps]]\nappid = \"wx1\"\nsecret = \"hunter2-secret\"\n[[apps]]\nappid = \"wx2\"\n\
+                 secret = \"hunter2-secret\"\nsecrets = \"hunter2-secret\"\n",
+                "[[apps]] number 2: key `secrets`: unknown",
+            ),
+            (
+                "[[apps]]\nappid = \"wx1\"\nsecret = 12345\n",
+                "key `secret`: expected a string",
+            ),
+        ];
+        for (text, expected) in cases {
+            let file = config_file(text);
+            let mut config = Config {
+                config_file: Some(file.path().to_owned()),
+                ..Config::default()
+            };
+            let err = config.read_app_list().unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(!err.contains("hunter2") && !err.contains("12345"), "{err}");
+        }
+        // Twice the same appid, once as WECHAT_APPID: named, and which setting is the first.
+        let twice = Config {
+            appid: Some("wx1".into()),
+            secret: Some(Secret::new("hunter2-secret")),
+            apps: vec![App {
+                appid: "wx1".into(),
+                secret: Secret::new("hunter2-secret"),
+                name: None,
+            }],
+            ..Config::default()
+        };
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("wx1 is listed twice"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -61,6 +61,9 @@ pub struct VerifierOptions {
     pub broker: String,
     /// The tokens' expected `aud`: the mini program's appid.
     pub audience: String,
+    /// More accepted `aud`s: the other appids of a broker that serves several mini programs
+    /// (a token's `aud` is the app its session was opened through).
+    pub more_audiences: Vec<String>,
     /// The tokens' expected `iss`: the broker's `WXBROKER_ISSUER`.
     pub issuer: String,
     /// The feed's secret: the broker's `WXBROKER_VERIFIER_TOKEN`.
@@ -90,6 +93,7 @@ impl VerifierOptions {
         VerifierOptions {
             broker: broker.into(),
             audience: audience.into(),
+            more_audiences: Vec::new(),
             issuer: DEFAULT_ISSUER.into(),
             verifier_token: Secret::new(verifier_token),
             leeway: 5,
@@ -99,6 +103,22 @@ impl VerifierOptions {
             max_backoff: Duration::from_secs(5),
             clock: Clock::system(),
         }
+    }
+}
+
+impl VerifierOptions {
+    /// The defaults for a broker that serves several mini programs: tokens for any of
+    /// `audiences` (their appids; the first is `audience`) are accepted.
+    pub fn for_apps(
+        broker: impl Into<String>,
+        audiences: impl IntoIterator<Item = impl Into<String>>,
+        verifier_token: impl Into<String>,
+    ) -> VerifierOptions {
+        let mut audiences = audiences.into_iter().map(Into::into);
+        let first = audiences.next().unwrap_or_default();
+        let mut options = VerifierOptions::new(broker, first, verifier_token);
+        options.more_audiences = audiences.collect();
+        options
     }
 }
 
@@ -193,7 +213,9 @@ impl Verifier {
             verifier_token: options.verifier_token,
             expect: Expect {
                 issuer: options.issuer,
-                audience: options.audience,
+                audiences: std::iter::once(options.audience)
+                    .chain(options.more_audiences)
+                    .collect(),
                 leeway: options.leeway,
             },
             clock: options.clock,

@@ -11,6 +11,9 @@ pub enum Error {
     /// The request itself is malformed (missing or oversized field); the sentence says which.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The login names an appid the broker does not serve (not in its configured apps).
+    #[error("the broker does not serve this appid")]
+    UnknownApp,
     /// WeChat does not know the code (errcode 40029): the client must call `wx.login` again.
     #[error("the login code is invalid")]
     InvalidCode,
@@ -97,6 +100,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidRequest(_) => "invalid_request",
+            Error::UnknownApp => "unknown_app",
             Error::InvalidCode => "invalid_code",
             Error::CodeUsed => "code_used",
             Error::RateLimited { .. } => "rate_limited",

@@ -20,8 +20,12 @@ pub const ALG: &str = "EdDSA";
 pub struct AccessClaims {
     /// Who issued it: the broker's `WXBROKER_ISSUER`.
     pub iss: String,
-    /// Whom it is for: the mini program's appid.
+    /// Whom it is for: the appid of the mini program the session was opened through.
     pub aud: String,
+    /// The same appid, under a name of its own (absent from tokens of brokers before several
+    /// apps, whose `aud` was their one appid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appid: Option<String>,
     /// The user's uid, as a string (JWT's `sub` is a string).
     pub sub: String,
     /// The user's openid.
@@ -195,8 +199,8 @@ impl Unverified<'_> {
 pub struct Expect {
     /// The issuer (`iss`).
     pub issuer: String,
-    /// The audience (`aud`): the appid.
-    pub audience: String,
+    /// The audiences (`aud`) accepted: the appids of the mini programs whose tokens are.
+    pub audiences: Vec<String>,
     /// Seconds of clock difference forgiven on `exp` and `iat`.
     pub leeway: u64,
 }
@@ -207,7 +211,7 @@ impl Expect {
         if claims.iss != self.issuer {
             return Err(Refusal::Issuer);
         }
-        if claims.aud != self.audience {
+        if !self.audiences.contains(&claims.aud) {
             return Err(Refusal::Audience);
         }
         if now >= claims.exp.saturating_add(self.leeway) {
@@ -301,6 +305,7 @@ mod tests {
         AccessClaims {
             iss: "wxbroker".into(),
             aud: "wx-app".into(),
+            appid: Some("wx-app".into()),
             sub: "7".into(),
             openid: "o7".into(),
             unionid: None,
@@ -314,7 +319,7 @@ mod tests {
     fn expect() -> Expect {
         Expect {
             issuer: "wxbroker".into(),
-            audience: "wx-app".into(),
+            audiences: vec!["wx-app".into(), "wx-lite".into()],
             leeway: 5,
         }
     }
@@ -394,6 +399,11 @@ mod tests {
             ..claims.clone()
         };
         assert_eq!(expect.check(&other, 1100), Err(Refusal::Audience));
+        let lite = AccessClaims {
+            aud: "wx-lite".into(),
+            ..claims.clone()
+        };
+        assert_eq!(expect.check(&lite, 1100), Ok(()), "any of the audiences");
         let other = AccessClaims {
             iss: "someone".into(),
             ..claims

@@ -38,6 +38,8 @@
 //!   serving broker streams the same lines at `GET /admin/export` ([`storage::UserExport`]).
 //! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
+//! - Several mini programs: [`App`] (`config.rs`, the config file's `[[apps]]`) and
+//!   [`Identity`] (`user.rs`): one uid per person, an identity per app, linked by unionid.
 //! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`].
 //!
 //! # Embedding
@@ -97,7 +99,7 @@ pub use actors::supervisor::ActorKind;
 pub use broker::{Broker, Login, MAX_CODE_LEN, Stats};
 pub use client::BrokerClient;
 pub use clock::Clock;
-pub use config::{Config, LogFormat, Secret};
+pub use config::{App, Config, LogFormat, Secret};
 pub use error::Error;
 #[cfg(feature = "fault-injection")]
 pub use fault::Fault;
@@ -105,14 +107,16 @@ pub use feed::{FeedItem, FeedStream};
 pub use http::{recover, require_session, routes};
 pub use keyring::{ACCESS_SLACK, AccessPolicy};
 pub use metrics::Metrics;
-pub use sandbox::{SANDBOX_APPID, Sandbox, SandboxOptions};
+pub use sandbox::{SANDBOX_APPID, SANDBOX_APPIDS, SANDBOX_LITE_APPID, Sandbox, SandboxOptions};
 pub use server::{ClientAddr, LISTEN_BACKLOG, PeerAddr, bind};
 pub use session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
 pub use signer::{AccessToken, KeyInfo, Rotation};
 pub use trusted_proxies::TrustedProxies;
-pub use user::{EncryptedData, Phone, Profile, Registration, User, UserKey, UserRecord};
+pub use user::{
+    EncryptedData, Identity, Phone, Profile, Registration, User, UserKey, UserRecord, identity_key,
+};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then drains and flushes.
 ///
@@ -169,34 +173,32 @@ pub async fn run(
     serve_app(listener, broker, app, shutdown).await
 }
 
-/// Stops the start when WeChat refuses the credentials or this server's IP, naming what to fix;
-/// a WeChat that cannot be reached only warns, since it may come back before the first login.
+/// Stops the start when WeChat refuses the credentials of an app or this server's IP, naming
+/// what to fix; a WeChat that cannot be reached only warns, since it may come back before the
+/// first login.
 async fn check_credentials(broker: &Broker) -> Result<(), Error> {
-    let appid = broker.config().appid.clone().unwrap_or_default();
-    let appid = appid.as_str();
-    match broker.check_credentials().await {
-        Ok(()) => {
-            tracing::info!(
+    let appids: Vec<String> = broker.appids().map(str::to_owned).collect();
+    for (index, appid) in appids.iter().enumerate() {
+        let appid = appid.as_str();
+        match broker.check_credentials_of(index).await {
+            Ok(()) => tracing::info!(
                 appid,
                 "WeChat accepts the credentials: serving this mini program"
-            );
-            Ok(())
-        }
-        Err(err) => match err.credentials_fix(appid) {
-            Some(fix) => {
-                broker.shutdown().await?;
-                Err(Error::Config(fix))
-            }
-            None => {
-                tracing::warn!(
+            ),
+            Err(err) => match err.credentials_fix(appid) {
+                Some(fix) => {
+                    broker.shutdown().await?;
+                    return Err(Error::Config(fix));
+                }
+                None => tracing::warn!(
                     appid,
                     error = %err,
                     "could not check the credentials with WeChat at start; serving anyway"
-                );
-                Ok(())
-            }
-        },
+                ),
+            },
+        }
     }
+    Ok(())
 }
 
 /// Serves a started broker's routes on `listener` until `shutdown` resolves (or the actors give

@@ -50,6 +50,10 @@ pub struct Metrics {
     /// Connections refused because their client address already held
     /// `WXBROKER_MAX_CONNECTIONS_PER_IP`.
     pub connections_refused: IntCounter,
+    /// Logins by app and outcome (`appid`: one of the configured apps, never a request's word).
+    pub app_logins: IntCounterVec,
+    /// Calls to WeChat by app and outcome (`ok`, or the errcode or kind as in `upstream_errors`).
+    pub app_upstream_calls: IntCounterVec,
 }
 
 impl Metrics {
@@ -135,6 +139,23 @@ impl Metrics {
             connections_refused: plain_counter(
                 "wxbroker_connections_refused_total",
                 "Connections refused because their client address held its share of connections",
+            ),
+            app_logins: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("wxbroker_app_logins_total", "Logins by app and outcome"),
+                    &["appid", "outcome"],
+                ),
+            ),
+            app_upstream_calls: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "wxbroker_app_upstream_calls_total",
+                        "Calls to WeChat by app and outcome",
+                    ),
+                    &["appid", "outcome"],
+                ),
             ),
             registry,
         }

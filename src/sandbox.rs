@@ -14,11 +14,19 @@
 //! answered 40163 ("code been used"). Anything else is 40029 ("invalid code"). A wrong appid is
 //! 40013 and a wrong secret 40125, as from WeChat. Bodies are JSON sent as `text/plain`.
 //!
+//! It serves two mini programs of one company, each with its own appid ([`SANDBOX_APPID`] and
+//! [`SANDBOX_LITE_APPID`]) and secret: the same user gets a different openid in each, and the
+//! same unionid (with `.union` codes), as WeChat does for apps bound to one Open Platform
+//! account. A code is an app's own: `alice.1` may be used once through each.
+//!
 //! It also plays the WeChat client's part for encrypted user data, encrypting with the session_key
 //! of the user's latest login, as `wx.getUserProfile` and the phone-number button would:
 //!
-//! - `GET /sandbox/userinfo?user=NAME`: `{"encryptedData", "iv", "rawData", "signature"}`
-//! - `GET /sandbox/phone?user=NAME[&phone=DIGITS]`: `{"encryptedData", "iv"}`
+//! - `GET /sandbox/userinfo?user=NAME[&appid=APPID]`: `{"encryptedData", "iv", "rawData",
+//!   "signature"}`
+//! - `GET /sandbox/phone?user=NAME[&phone=DIGITS][&appid=APPID]`: `{"encryptedData", "iv"}`
+//!
+//! (the user's data in that app, the default [`SANDBOX_APPID`]: its session_key and watermark)
 //!
 //! - `GET /sandbox/phonecode[?phone=DIGITS]`: `{"code"}` for `POST /v1/phone`
 //!
@@ -53,8 +61,15 @@ use crate::{Config, EncryptedData, Error};
 /// How long the sandbox refuses a code it exchanged, as WeChat does for a code's life.
 const CODE_LIFETIME: Duration = Duration::from_secs(300);
 
-/// The appid the sandbox expects: not a real one, so it can never be mistaken for production.
+/// The appid of the sandbox's first mini program: not a real one, so it can never be mistaken
+/// for production.
 pub const SANDBOX_APPID: &str = "wxsandbox0000000";
+
+/// The appid of the sandbox's second mini program (a "lite" one of the same company).
+pub const SANDBOX_LITE_APPID: &str = "wxsandbox0000001";
+
+/// Both apps of the sandbox, the default first.
+pub const SANDBOX_APPIDS: [&str; 2] = [SANDBOX_APPID, SANDBOX_LITE_APPID];
 
 /// How the sandbox behaves.
 #[derive(Clone, Debug, Default)]
@@ -73,7 +88,8 @@ pub struct Sandbox {
 }
 
 struct SandboxState {
-    secret: String,
+    /// The secret of each app of [`SANDBOX_APPIDS`], in that order.
+    secrets: [String; 2],
     latency: Duration,
     access_token_lifetime: Duration,
     used_codes: Mutex<UsedCodes>,
@@ -86,6 +102,8 @@ struct SandboxState {
 /// What the sandbox last answered for a user, as the WeChat client would know it.
 #[derive(Clone)]
 struct SandboxLogin {
+    /// The app the user logged in through.
+    appid: &'static str,
     session_key: String,
     unionid: Option<String>,
 }
@@ -97,7 +115,7 @@ impl Sandbox {
     /// Starts a sandbox on `127.0.0.1` on a free port, with a random secret.
     pub async fn start(options: SandboxOptions) -> Result<Sandbox, Error> {
         let state = Arc::new(SandboxState {
-            secret: URL_SAFE_NO_PAD.encode(random_bytes::<24>()),
+            secrets: [(); 2].map(|()| URL_SAFE_NO_PAD.encode(random_bytes::<24>())),
             latency: options.latency,
             access_token_lifetime: options
                 .access_token_lifetime
@@ -149,17 +167,33 @@ impl Sandbox {
     /// `encryptedData` for `plaintext` under the session_key of `name`'s latest login, as the
     /// WeChat client would make it; `None` if `name` never logged in.
     pub fn encrypt_for(&self, name: &str, plaintext: &[u8]) -> Option<EncryptedData> {
-        self.state.encrypt_for(name, plaintext)
+        self.state.encrypt_for(SANDBOX_APPID, name, plaintext)
     }
 
     /// What `wx.getUserProfile` would give `name` now (signed `rawData` included).
     pub fn encrypted_profile(&self, name: &str) -> Option<EncryptedData> {
-        self.state.encrypted_profile(name)
+        self.state.encrypted_profile(SANDBOX_APPID, name)
     }
 
     /// What the phone-number button would give `name` now, for `phone` (digits).
     pub fn encrypted_phone(&self, name: &str, phone: &str) -> Option<EncryptedData> {
-        self.state.encrypted_phone(name, phone)
+        self.state.encrypted_phone(SANDBOX_APPID, name, phone)
+    }
+
+    /// As [`Sandbox::encrypted_profile`], in the mini program `appid`: under the session_key
+    /// of `name`'s latest login through it, with its watermark.
+    pub fn encrypted_profile_in(&self, appid: &str, name: &str) -> Option<EncryptedData> {
+        self.state.encrypted_profile(appid, name)
+    }
+
+    /// As [`Sandbox::encrypted_phone`], in the mini program `appid`.
+    pub fn encrypted_phone_in(
+        &self,
+        appid: &str,
+        name: &str,
+        phone: &str,
+    ) -> Option<EncryptedData> {
+        self.state.encrypted_phone(appid, name, phone)
     }
 
     /// The base URL to use as `WECHAT_API_BASE`.
@@ -167,15 +201,27 @@ impl Sandbox {
         Url::parse(&format!("http://{}/", self.addr)).expect("a socket address makes a URL")
     }
 
-    /// The secret this sandbox accepts.
+    /// The secret this sandbox accepts for [`SANDBOX_APPID`].
     pub fn secret(&self) -> Secret {
-        Secret::new(self.state.secret.clone())
+        Secret::new(self.state.secrets[0].clone())
     }
 
-    /// Points `config` at this sandbox: its URL, appid and secret.
+    /// The secret this sandbox accepts for `appid` (one of [`SANDBOX_APPIDS`]).
+    pub fn secret_of(&self, appid: &str) -> Option<Secret> {
+        let index = SANDBOX_APPIDS.iter().position(|app| *app == appid)?;
+        Some(Secret::new(self.state.secrets[index].clone()))
+    }
+
+    /// Points `config` at this sandbox: its URL, and both apps (appid and secret):
+    /// [`SANDBOX_APPID`] the default, [`SANDBOX_LITE_APPID`] in `apps`.
     pub fn configure(&self, config: &mut Config) {
         config.appid = Some(SANDBOX_APPID.to_owned());
         config.secret = Some(self.secret());
+        config.apps = vec![crate::App {
+            appid: SANDBOX_LITE_APPID.to_owned(),
+            secret: Secret::new(self.state.secrets[1].clone()),
+            name: Some("sandbox lite".into()),
+        }];
         config.api_base = self.url();
     }
 
@@ -235,9 +281,17 @@ impl Sandbox {
         }
     }
 
-    /// The openid the sandbox gives the user `name`.
+    /// The openid the sandbox gives the user `name` in [`SANDBOX_APPID`].
     pub fn openid_of(name: &str) -> String {
         derived_id('o', "openid", name)
+    }
+
+    /// The openid the sandbox gives the user `name` in the mini program `appid`.
+    pub fn openid_in(appid: &str, name: &str) -> String {
+        match appid {
+            SANDBOX_APPID => Sandbox::openid_of(name),
+            _ => derived_id('o', &format!("openid:{appid}"), name),
+        }
     }
 
     /// The unionid the sandbox gives the user `name` (for codes with `.union`).
@@ -261,10 +315,11 @@ impl SandboxState {
     fn code2session(&self, query: &HashMap<String, String>) -> serde_json::Value {
         self.exchanges.fetch_add(1, Ordering::Relaxed);
         let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
-        if param("appid") != SANDBOX_APPID {
+        let Some(app) = SANDBOX_APPIDS.iter().position(|app| *app == param("appid")) else {
             return wechat_error(40013, "invalid appid");
-        }
-        if param("secret") != self.secret {
+        };
+        let appid = SANDBOX_APPIDS[app];
+        if param("secret") != self.secrets[app] {
             return wechat_error(40125, "invalid appsecret");
         }
         if param("grant_type") != "authorization_code" {
@@ -284,16 +339,22 @@ impl SandboxState {
         if !valid_name {
             return wechat_error(40029, "invalid code");
         }
+        // A code is an app's own: the default app's as it is, the other's under its appid.
+        let used = match app {
+            0 => code.to_owned(),
+            _ => format!("{appid}:{code}"),
+        };
         if !self
             .used_codes
             .lock()
             .expect("sandbox lock")
-            .insert(code, tokio::time::Instant::now())
+            .insert(&used, tokio::time::Instant::now())
         {
             return wechat_error(40163, "code been used");
         }
-        let openid = Sandbox::openid_of(name);
+        let openid = Sandbox::openid_in(appid, name);
         let login = SandboxLogin {
+            appid,
             session_key: STANDARD.encode(random_bytes::<16>()),
             unionid: parts
                 .any(|flag| flag == "union")
@@ -318,8 +379,8 @@ impl SandboxState {
             .cloned()
     }
 
-    fn encrypt_for(&self, name: &str, plaintext: &[u8]) -> Option<EncryptedData> {
-        let login = self.login_of(&Sandbox::openid_of(name))?;
+    fn encrypt_for(&self, appid: &str, name: &str, plaintext: &[u8]) -> Option<EncryptedData> {
+        let login = self.login_of(&Sandbox::openid_in(appid, name))?;
         let iv = random_bytes::<16>();
         let sealed = encrypt_for_client(&login.session_key, &iv, plaintext)
             .expect("sandbox session_keys are 16 bytes");
@@ -331,8 +392,8 @@ impl SandboxState {
         })
     }
 
-    fn encrypted_profile(&self, name: &str) -> Option<EncryptedData> {
-        let openid = Sandbox::openid_of(name);
+    fn encrypted_profile(&self, appid: &str, name: &str) -> Option<EncryptedData> {
+        let openid = Sandbox::openid_in(appid, name);
         let login = self.login_of(&openid)?;
         let public = json!({
             "nickName": name,
@@ -349,30 +410,31 @@ impl SandboxState {
         if let Some(unionid) = &login.unionid {
             full["unionId"] = json!(unionid);
         }
-        full["watermark"] = watermark();
-        let mut data = self.encrypt_for(name, full.to_string().as_bytes())?;
+        full["watermark"] = watermark(login.appid);
+        let mut data = self.encrypt_for(appid, name, full.to_string().as_bytes())?;
         data.signature = Some(raw_data_signature(&raw_data, &login.session_key));
         data.raw_data = Some(raw_data);
         Some(data)
     }
 
-    fn encrypted_phone(&self, name: &str, phone: &str) -> Option<EncryptedData> {
+    fn encrypted_phone(&self, appid: &str, name: &str, phone: &str) -> Option<EncryptedData> {
         let text = json!({
             "phoneNumber": phone,
             "purePhoneNumber": phone,
             "countryCode": "86",
-            "watermark": watermark(),
+            "watermark": watermark(appid),
         });
-        self.encrypt_for(name, text.to_string().as_bytes())
+        self.encrypt_for(appid, name, text.to_string().as_bytes())
     }
 }
 
-fn watermark() -> serde_json::Value {
+/// The watermark WeChat puts in data decrypted for the mini program `appid`.
+fn watermark(appid: &str) -> serde_json::Value {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    json!({ "appid": SANDBOX_APPID, "timestamp": timestamp })
+    json!({ "appid": appid, "timestamp": timestamp })
 }
 
 /// The query of the client-side routes.
@@ -380,6 +442,14 @@ fn watermark() -> serde_json::Value {
 struct ClientQuery {
     user: String,
     phone: Option<String>,
+    /// The mini program; [`SANDBOX_APPID`] without it.
+    appid: Option<String>,
+}
+
+impl ClientQuery {
+    fn appid(&self) -> &str {
+        self.appid.as_deref().unwrap_or(SANDBOX_APPID)
+    }
 }
 
 fn client_routes(state: Arc<SandboxState>) -> BoxedFilter<(Response,)> {
@@ -388,7 +458,8 @@ fn client_routes(state: Arc<SandboxState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(warp::query::<ClientQuery>())
         .map(move |query: ClientQuery| {
-            client_answer(&query.user, userinfo_state.encrypted_profile(&query.user))
+            let profile = userinfo_state.encrypted_profile(query.appid(), &query.user);
+            client_answer(&query.user, profile)
         });
     let phone = warp::path!("sandbox" / "phone")
         .and(warp::get())
@@ -398,7 +469,8 @@ fn client_routes(state: Arc<SandboxState>) -> BoxedFilter<(Response,)> {
             if !is_phone(phone) {
                 return bad_phone();
             }
-            client_answer(&query.user, state.encrypted_phone(&query.user, phone))
+            let phone = state.encrypted_phone(query.appid(), &query.user, phone);
+            client_answer(&query.user, phone)
         });
     userinfo
         .or(phone)
@@ -477,7 +549,7 @@ mod tests {
 
     fn state() -> SandboxState {
         SandboxState {
-            secret: "s".into(),
+            secrets: ["s".into(), "s2".into()],
             latency: Duration::ZERO,
             access_token_lifetime: Duration::from_secs(7200),
             used_codes: Mutex::new(UsedCodes::new(CODE_LIFETIME)),
@@ -531,7 +603,7 @@ mod tests {
         assert_eq!(ask(&state, &"a".repeat(33))["errcode"], 40029);
         assert_eq!(Sandbox::openid_of("bob").len(), 28);
         assert!(
-            state.encrypted_profile("bob").is_none(),
+            state.encrypted_profile(SANDBOX_APPID, "bob").is_none(),
             "bob never logged in"
         );
         assert_ne!(Sandbox::openid_of("bob"), Sandbox::openid_of("alice"));
@@ -553,5 +625,46 @@ mod tests {
         query.insert("appid".into(), SANDBOX_APPID.into());
         query.insert("secret".into(), "wrong".into());
         assert_eq!(state.code2session(&query)["errcode"], 40125);
+    }
+
+    #[test]
+    fn each_app_has_its_secret_openids_and_codes_and_shares_the_unionid() {
+        let state = state();
+        let ask_in = |appid: &str, secret: &str, code: &str| {
+            let query = [
+                ("appid", appid),
+                ("secret", secret),
+                ("js_code", code),
+                ("grant_type", "authorization_code"),
+            ];
+            state.code2session(
+                &query
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let main = ask_in(SANDBOX_APPID, "s", "amy.union.1");
+        let lite = ask_in(SANDBOX_LITE_APPID, "s2", "amy.union.1");
+        assert_eq!(
+            lite["openid"],
+            Sandbox::openid_in(SANDBOX_LITE_APPID, "amy")
+        );
+        assert_ne!(lite["openid"], main["openid"]);
+        assert_eq!(main["openid"], Sandbox::openid_in(SANDBOX_APPID, "amy"));
+        assert_eq!(lite["unionid"], main["unionid"]);
+        assert_eq!(
+            ask_in(SANDBOX_LITE_APPID, "s2", "amy.union.1")["errcode"],
+            40163
+        );
+        assert_eq!(ask_in(SANDBOX_LITE_APPID, "s", "amy.2")["errcode"], 40125);
+        // Each app's data carries its own watermark, under its own session_key.
+        let data = state
+            .encrypted_phone(SANDBOX_LITE_APPID, "amy", "1")
+            .unwrap();
+        let key = lite["session_key"].as_str().unwrap();
+        let plain = crate::crypto::decrypt_encrypted_data(key, &data.iv, &data.encrypted_data);
+        let plain: serde_json::Value = serde_json::from_slice(&plain.unwrap()).unwrap();
+        assert_eq!(plain["watermark"]["appid"], SANDBOX_LITE_APPID);
     }
 }

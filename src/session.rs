@@ -1,6 +1,8 @@
 //! The domain's words for sessions: what a session is, how long it lives, what a caller learns of
 //! it. Both stores and the SessionKeeper speak them; they depend on nothing of ours but `error`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// Live sessions one user may hold; a login beyond it ends the user's oldest session. It bounds
@@ -22,6 +24,8 @@ pub struct Issued {
 pub struct SessionInfo {
     /// The user's stable id.
     pub uid: u64,
+    /// The mini program the session was opened through (shared, not copied, per check).
+    pub appid: Arc<str>,
     /// The user's openid.
     pub openid: String,
     /// The user's unionid, if known.
@@ -50,6 +54,10 @@ pub struct SessionSummary {
 pub struct SessionRecord {
     /// The user the session belongs to.
     pub uid: u64,
+    /// The mini program the session was opened through; `None`: the default app (a record
+    /// written before several apps has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appid: Option<Arc<str>>,
     /// Copied from the user so that a check needs no second lookup.
     pub openid: String,
     /// Copied from the user at login.
@@ -68,6 +76,7 @@ impl SessionRecord {
     pub(crate) fn sample(uid: u64, unionid: Option<&str>) -> SessionRecord {
         SessionRecord {
             uid,
+            appid: None,
             openid: format!("o{uid}"),
             unionid: unionid.map(str::to_owned),
             created_at: 10,
@@ -91,12 +100,14 @@ impl SessionPolicy {
     pub fn fresh_record(
         &self,
         uid: u64,
+        appid: Option<Arc<str>>,
         openid: String,
         unionid: Option<String>,
         now: u64,
     ) -> SessionRecord {
         SessionRecord {
             uid,
+            appid,
             openid,
             unionid,
             created_at: now,

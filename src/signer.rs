@@ -33,7 +33,9 @@ pub struct AccessToken {
 pub(crate) struct Subject<'a> {
     /// The user's uid.
     pub uid: u64,
-    /// The user's openid.
+    /// The session's app: the token's `aud` and `appid`.
+    pub appid: &'a str,
+    /// The user's openid in that app.
     pub openid: &'a str,
     /// The user's unionid, if known.
     pub unionid: Option<&'a str>,
@@ -74,8 +76,6 @@ pub(crate) struct Signer {
     keys: Keys,
     policy: AccessPolicy,
     issuer: String,
-    /// The appid: every token's `aud`.
-    audience: String,
     clock: Clock,
     ring: RwLock<Arc<KeyRing>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
@@ -87,7 +87,6 @@ impl Signer {
     pub(crate) async fn start(
         storage: &Storage,
         config: &Config,
-        audience: String,
     ) -> Result<Option<Arc<Signer>>, Error> {
         let Some(policy) = config.access_policy() else {
             return Ok(None);
@@ -100,7 +99,6 @@ impl Signer {
             keys,
             policy,
             issuer: config.issuer.clone(),
-            audience,
             clock,
             ring: RwLock::new(Arc::new(ring)),
             refresher: Mutex::new(None),
@@ -117,7 +115,8 @@ impl Signer {
             .min(subject.session_expires_at);
         let claims = AccessClaims {
             iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            aud: subject.appid.to_owned(),
+            appid: Some(subject.appid.to_owned()),
             sub: subject.uid.to_string(),
             openid: subject.openid.to_owned(),
             unionid: subject.unionid.map(str::to_owned),

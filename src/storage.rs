@@ -141,8 +141,14 @@ impl Storage {
         }
     }
 
-    /// The SessionKeeper's view; with sled, the table is read from the session log here.
-    pub async fn load_sessions(&self, policy: SessionPolicy, metrics: Arc<Metrics>) -> Sessions {
+    /// The SessionKeeper's view; with sled, the table is read from the session log here. A
+    /// session whose record names no app is `default_app`'s.
+    pub async fn load_sessions(
+        &self,
+        policy: SessionPolicy,
+        default_app: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Sessions {
         match self {
             Storage::Sled { data, commit } => {
                 let (data, commit) = (data.clone(), commit.clone());
@@ -150,14 +156,14 @@ impl Storage {
                 // the tasks queued there, and a keeper restarted by its supervisor loads while
                 // the broker serves.
                 let loaded = tokio::task::spawn_blocking(move || {
-                    SledSessions::load(data, commit, policy, metrics)
+                    SledSessions::load(data, commit, policy, default_app, metrics)
                 })
                 .await;
                 // A panic while loading panics here, as before: the keeper fails to start and is
                 // restarted. (Cancelled only as the runtime shuts down; `into_panic` panics then.)
                 Sessions::Sled(loaded.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
             }
-            Storage::Redis(redis) => Sessions::Redis(redis.clone(), policy),
+            Storage::Redis(redis) => Sessions::Redis(redis.clone(), policy, default_app),
         }
     }
 
@@ -337,7 +343,7 @@ impl Health {
             Health::Redis(redis) => Walk::Redis {
                 redis: redis.clone(),
                 cursor: 0,
-                seen: UidSet::default(),
+                seen: Default::default(),
                 done: false,
             },
         })
@@ -359,11 +365,11 @@ pub struct UserExport(Walk);
 
 /// Where a walk over the users is.
 enum Walk {
-    /// In openid order, through sled's tree, one page on tokio's blocking pool at a time.
+    /// In key order, through sled's tree, one page on tokio's blocking pool at a time.
     Sled {
         /// The data dir.
         data: DataDir,
-        /// The openid of the last user given.
+        /// The key of the last identity given.
         after: Option<String>,
         /// Whether every user was given.
         done: bool,
@@ -374,8 +380,9 @@ enum Walk {
         redis: Redis,
         /// `SCAN`'s cursor.
         cursor: u64,
-        /// The uids given so far (compact: see [`UidSet`]).
-        seen: UidSet,
+        /// The uids given so far, per app (compact: see [`UidSet`]; a uid has one identity per
+        /// app).
+        seen: std::collections::HashMap<Option<String>, UidSet>,
         /// Whether `SCAN` has come back to 0.
         done: bool,
     },
@@ -399,7 +406,7 @@ impl UserExport {
                     *done = true;
                     return Ok(None);
                 };
-                *after = Some(last.openid.clone());
+                *after = Some(last.key().into_owned());
                 Ok(Some(page.into_iter().map(User::from).collect()))
             }
             Walk::Redis {
@@ -412,7 +419,7 @@ impl UserExport {
                 (*cursor, *done) = (next, next == 0);
                 let page: Vec<User> = records
                     .into_iter()
-                    .filter(|user| seen.insert(user.uid))
+                    .filter(|user| seen.entry(user.appid.clone()).or_default().insert(user.uid))
                     .map(User::from)
                     .collect();
                 // SCAN may answer a step with no key that matches.
@@ -462,19 +469,27 @@ pub enum Users {
 }
 
 impl Users {
-    /// Registers the user WeChat named, or stores its new session_key (and unionid).
-    pub fn upsert(&mut self, login: Code2Session, now: u64) -> Pending<Registration> {
+    /// Registers the identity WeChat named in the app `appid` (`None`: the default app), or
+    /// stores its new session_key (and unionid). A new identity whose unionid belongs to a uid
+    /// joins it (not new), in the same atomic step.
+    pub fn upsert(
+        &mut self,
+        appid: Option<&str>,
+        login: Code2Session,
+        now: u64,
+    ) -> Pending<Registration> {
         match self {
-            Users::Sled(users) => users.upsert(login, now),
-            Users::Redis(redis) => redis.upsert_user(login, now),
+            Users::Sled(users) => users.upsert(appid, login, now),
+            Users::Redis(redis) => redis.upsert_user(appid, login, now),
         }
     }
 
-    /// The current session_key of the user with this openid.
-    pub fn session_key(&self, openid: String) -> Pending<String> {
+    /// The current session_key of the identity filed under `key` (see
+    /// [`crate::user::identity_key`]); the other methods name identities so too.
+    pub fn session_key(&self, key: String) -> Pending<String> {
         match self {
-            Users::Sled(users) => users.session_key(&openid),
-            Users::Redis(redis) => redis.session_key(openid),
+            Users::Sled(users) => users.session_key(&key),
+            Users::Redis(redis) => redis.session_key(key),
         }
     }
 
@@ -532,8 +547,9 @@ impl Users {
 pub enum Sessions {
     /// In memory, written to the session log.
     Sled(SledSessions),
-    /// In a Redis server shared by every broker; expiry is Redis's own TTL.
-    Redis(Redis, SessionPolicy),
+    /// In a Redis server shared by every broker; expiry is Redis's own TTL. With the appid of
+    /// sessions stored without one.
+    Redis(Redis, SessionPolicy, Arc<str>),
 }
 
 impl Sessions {
@@ -542,6 +558,7 @@ impl Sessions {
     pub fn issue(
         &mut self,
         uid: u64,
+        appid: Option<Arc<str>>,
         openid: String,
         unionid: Option<String>,
         now: u64,
@@ -554,10 +571,11 @@ impl Sessions {
         };
         match self {
             Sessions::Sled(sessions) => {
-                Pending::Ready(sessions.issue(token, uid, openid, unionid, now))
+                Pending::Ready(sessions.issue(token, uid, appid, openid, unionid, now))
             }
-            Sessions::Redis(redis, policy) => {
-                redis.issue_session(*policy, token, uid, openid, unionid, now)
+            Sessions::Redis(redis, policy, _) => {
+                let record = policy.fresh_record(uid, appid, openid, unionid, now);
+                redis.issue_session(*policy, token, record, now)
             }
         }
     }
@@ -566,7 +584,9 @@ impl Sessions {
     pub fn check(&mut self, hash: TokenHash, now: u64) -> Pending<SessionInfo> {
         match self {
             Sessions::Sled(sessions) => Pending::Ready(sessions.check(&hash, now)),
-            Sessions::Redis(redis, policy) => redis.check_session(*policy, hash, now),
+            Sessions::Redis(redis, policy, default_app) => {
+                redis.check_session(*policy, default_app.clone(), hash, now)
+            }
         }
     }
 
@@ -574,7 +594,7 @@ impl Sessions {
     pub fn revoke(&mut self, hash: TokenHash, now: u64) -> Pending<()> {
         match self {
             Sessions::Sled(sessions) => sessions.revoke(&hash, now),
-            Sessions::Redis(redis, policy) => redis.revoke_session(*policy, hash, now),
+            Sessions::Redis(redis, policy, _) => redis.revoke_session(*policy, hash, now),
         }
     }
 
@@ -582,7 +602,7 @@ impl Sessions {
     pub fn revoke_user(&mut self, uid: u64, now: u64) -> Pending<usize> {
         match self {
             Sessions::Sled(sessions) => sessions.revoke_user(uid, now),
-            Sessions::Redis(redis, policy) => redis.revoke_user_sessions(*policy, uid, now),
+            Sessions::Redis(redis, policy, _) => redis.revoke_user_sessions(*policy, uid, now),
         }
     }
 
@@ -590,7 +610,7 @@ impl Sessions {
     pub fn set_unionid(&mut self, uid: u64, unionid: String) -> Pending<()> {
         match self {
             Sessions::Sled(sessions) => sessions.set_unionid_durably(uid, &unionid),
-            Sessions::Redis(redis, _) => redis.set_session_unionid(uid, unionid),
+            Sessions::Redis(redis, ..) => redis.set_session_unionid(uid, unionid),
         }
     }
 
@@ -598,7 +618,7 @@ impl Sessions {
     pub fn list(&self, uid: u64, now: u64) -> Pending<Vec<SessionSummary>> {
         match self {
             Sessions::Sled(sessions) => Pending::Ready(Ok(sessions.list(uid, now))),
-            Sessions::Redis(redis, policy) => redis.list_sessions(*policy, uid, now),
+            Sessions::Redis(redis, policy, _) => redis.list_sessions(*policy, uid, now),
         }
     }
 
@@ -606,7 +626,7 @@ impl Sessions {
     pub fn count(&self) -> Pending<usize> {
         match self {
             Sessions::Sled(sessions) => Pending::Ready(Ok(sessions.len())),
-            Sessions::Redis(redis, _) => redis.session_count(),
+            Sessions::Redis(redis, ..) => redis.session_count(),
         }
     }
 

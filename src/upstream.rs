@@ -116,6 +116,31 @@ impl Upstream {
         })
     }
 
+    /// The same client (its connection pool shared) for another app: `appid` and `secret`.
+    pub fn for_app(&self, appid: &str, secret: Secret) -> Result<Upstream, Error> {
+        let mut code2session = api_url(&self.base, "sns/jscode2session")?;
+        code2session
+            .query_pairs_mut()
+            .append_pair("appid", appid)
+            .append_pair("secret", secret.expose())
+            .append_pair("grant_type", "authorization_code");
+        Ok(Upstream {
+            http: self.http.clone(),
+            config: UpstreamConfig {
+                appid: appid.to_owned(),
+                secret,
+                ..self.config.clone()
+            },
+            base: self.base.clone(),
+            code2session,
+        })
+    }
+
+    /// The app this client calls WeChat for.
+    pub fn appid(&self) -> &str {
+        &self.config.appid
+    }
+
     /// The URL of WeChat's API at `path` (relative to the base).
     pub(crate) fn url(&self, path: &str) -> Result<Url, Error> {
         api_url(&self.base, path)
@@ -188,12 +213,18 @@ impl Upstream {
         }
         .await;
         timer.observe_duration();
-        if let Err(e) = &outcome {
-            metrics
-                .upstream_errors
-                .with_label_values(&[&error_label(e)])
-                .inc();
-        }
+        let label = match &outcome {
+            Ok(_) => std::borrow::Cow::Borrowed("ok"),
+            Err(e) => {
+                let label = error_label(e);
+                metrics.upstream_errors.with_label_values(&[&label]).inc();
+                label.into()
+            }
+        };
+        metrics
+            .app_upstream_calls
+            .with_label_values(&[self.config.appid.as_str(), &label])
+            .inc();
         outcome.map_err(|e| match e {
             // WeChat's errmsg has been seen to echo request parameters back.
             Error::Upstream(detail) => {

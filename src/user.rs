@@ -5,6 +5,8 @@
 //! The field names of [`Profile`], [`Phone`] and [`EncryptedData`] are WeChat's own, so the same
 //! shapes serve for decrypting, storing and answering.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// A user as the broker stores it, without the session_key. Its JSON form (camelCase) is the
@@ -14,10 +16,19 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct User {
     /// The user's stable id.
     pub uid: u64,
+    /// The mini program of this identity. Absent in an export line of the default app's
+    /// identities (and in every line of an export from before several apps); `/v1/me` and the
+    /// admin always name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appid: Option<String>,
     /// The user's id within this mini program.
     pub openid: String,
     /// The user's id across the company's WeChat apps, once known.
     pub unionid: Option<String>,
+    /// Every identity of the uid, (appid, openid), in `/v1/me` and the admin's lookup; an export
+    /// line is one identity and lists none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<Identity>,
     /// The profile from the latest `/v1/userinfo`, if any.
     pub profile: Option<Profile>,
     /// The phone number from the latest `/v1/phone`, if any.
@@ -33,6 +44,10 @@ pub struct User {
 pub struct UserRecord {
     /// Our own stable id for the user: handed out once, never reused.
     pub uid: u64,
+    /// The mini program of this identity; `None`: the default app (so a record written before
+    /// several apps, which has none, is the default app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appid: Option<String>,
     /// The user's id within this mini program.
     pub openid: String,
     /// The user's id across the company's WeChat apps, once WeChat reveals it.
@@ -55,8 +70,10 @@ impl From<UserRecord> for User {
     fn from(record: UserRecord) -> User {
         User {
             uid: record.uid,
+            appid: record.appid,
             openid: record.openid,
             unionid: record.unionid,
+            identities: Vec::new(),
             profile: record.profile,
             phone: record.phone,
             created_at: record.created_at,
@@ -65,13 +82,43 @@ impl From<UserRecord> for User {
     }
 }
 
+impl UserRecord {
+    /// Where the record is stored: see [`identity_key`].
+    pub fn key(&self) -> Cow<'_, str> {
+        identity_key(self.appid.as_deref(), &self.openid)
+    }
+}
+
+/// One identity of a user: who the person is in one mini program. A uid has one per app the
+/// person logged in through, linked by the unionid WeChat gives them all.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// The mini program (`None` inside the stores: the default app).
+    pub appid: Option<String>,
+    /// The person's id within that mini program.
+    pub openid: String,
+}
+
+/// The key a store files the identity (`appid`, `openid`) under: the openid alone for the
+/// default app (`None`), as before several apps, so that existing data stays the default app's;
+/// `appid:openid` for the others (neither holds a `:`).
+pub fn identity_key<'a>(appid: Option<&str>, openid: &'a str) -> Cow<'a, str> {
+    match appid {
+        None => Cow::Borrowed(openid),
+        Some(appid) => Cow::Owned(format!("{appid}:{openid}")),
+    }
+}
+
 /// How to find a user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UserKey {
-    /// By our uid.
+    /// By our uid (the uid's first identity).
     Uid(u64),
-    /// By openid.
+    /// By openid in the default app.
     Openid(String),
+    /// By openid in a mini program (`None`: the default app).
+    Identity(Identity),
     /// By unionid.
     Unionid(String),
 }

@@ -26,6 +26,9 @@ const DEFAULT_STORAGE_KEY = 'wxbroker_session'
  * @param {object} [options.wx]  the WeChat API; defaults to the `wx` global. Tests pass a stand-in.
  * @param {string} [options.storageKey]  the storage key of the token ('wxbroker_session').
  * @param {string} [options.loginPath]  the broker's login route ('/v1/login').
+ * @param {string} [options.appid]  this mini program's appid, sent with the code, for a broker that
+ *   serves several (`wx.getAccountInfoSync().miniProgram.appId`); without it, the broker's default
+ *   app.
  */
 function createAuth(options) {
   const opts = options || {}
@@ -41,6 +44,7 @@ function createAuth(options) {
   const baseUrl = opts.baseUrl.replace(/\/+$/, '')
   const storageKey = opts.storageKey || DEFAULT_STORAGE_KEY
   const loginPath = opts.loginPath || '/v1/login'
+  const appid = opts.appid
 
   // The login being made right now, shared by everyone who needs a token meanwhile. Without it, a
   // page that fires five requests on load with an expired token would spend five wx.login codes
@@ -85,7 +89,7 @@ function createAuth(options) {
         url: baseUrl + loginPath,
         method: 'POST',
         header: { 'content-type': 'application/json' },
-        data: { code: loginResult.code }
+        data: appid ? { code: loginResult.code, appid } : { code: loginResult.code }
       })
     } catch (err) {
       throw brokerError('network', 'could not reach the broker to log in: ' + describe(err), {

@@ -1,4 +1,6 @@
-//! AccessTokenKeeper: holds the app's access_token for WeChat's server APIs and keeps it fresh.
+//! AccessTokenKeeper: holds each app's access_token for WeChat's server APIs and keeps it fresh.
+//! Each app the broker serves has a token of its own, with everything below kept per app
+//! (messages name the app by its index, the default app 0).
 //!
 //! One fetch at most is in flight: callers that need a token while it runs wait for its outcome,
 //! however many they are. The fetch runs in a spawned task and reports back as a message, so the
@@ -44,8 +46,8 @@ pub struct AccessTokenKeeper;
 /// What the keeper is started with.
 #[derive(Clone)]
 pub struct AccessTokenKeeperArgs {
-    /// The WeChat client.
-    pub upstream: Upstream,
+    /// The WeChat client of each app, the default first.
+    pub upstreams: Vec<Upstream>,
     /// Where fetches are counted.
     pub metrics: Arc<Metrics>,
 }
@@ -56,9 +58,17 @@ type TokenReply = RpcReplyPort<Result<Secret, Error>>;
 /// A pending `RefreshDue`, as `send_after` returns it.
 type Timer = JoinHandle<Result<(), MessagingErr<AccessTokenKeeperMsg>>>;
 
-/// The token, the fetch in flight and the recent failures.
+/// Each app's token.
 pub struct AccessTokenKeeperState {
-    args: AccessTokenKeeperArgs,
+    apps: Vec<AppToken>,
+}
+
+/// One app's token, the fetch in flight and the recent failures.
+struct AppToken {
+    /// The app's index, which its messages carry.
+    app: usize,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
     current: Option<Current>,
     /// The fetch in flight, if one runs.
     fetching: Option<Fetch>,
@@ -92,14 +102,14 @@ struct Current {
 
 /// Messages of the keeper.
 pub enum AccessTokenKeeperMsg {
-    /// The current token, fetched first if there is none.
-    Get(TokenReply),
-    /// WeChat answered 40001/42001 to this token: answer with a new one.
-    Stale(Secret, TokenReply),
-    /// Time to refresh ahead of expiry, or to retry a failed background refresh.
-    RefreshDue,
-    /// The fetch in flight has finished.
-    Fetched(Result<AccessToken, Error>),
+    /// The current token of the app, fetched first if there is none.
+    Get(usize, TokenReply),
+    /// WeChat answered 40001/42001 to this token of the app: answer with a new one.
+    Stale(usize, Secret, TokenReply),
+    /// Time to refresh the app's token ahead of expiry, or to retry a failed background refresh.
+    RefreshDue(usize),
+    /// The app's fetch in flight has finished.
+    Fetched(usize, Result<AccessToken, Error>),
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
     Inject(crate::Fault),
@@ -115,16 +125,21 @@ impl Actor for AccessTokenKeeper {
         _myself: ActorRef<Self::Msg>,
         args: AccessTokenKeeperArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(AccessTokenKeeperState {
-            args,
-            current: None,
-            fetching: None,
-            stale: None,
-            failed: None,
-            failures: 0,
-            last_forced: None,
-            timer: None,
-        })
+        let apps = (args.upstreams.into_iter().enumerate())
+            .map(|(app, upstream)| AppToken {
+                app,
+                upstream,
+                metrics: args.metrics.clone(),
+                current: None,
+                fetching: None,
+                stale: None,
+                failed: None,
+                failures: 0,
+                last_forced: None,
+                timer: None,
+            })
+            .collect();
+        Ok(AccessTokenKeeperState { apps })
     }
 
     async fn post_stop(
@@ -132,8 +147,10 @@ impl Actor for AccessTokenKeeper {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(timer) = state.timer.take() {
-            timer.abort();
+        for app in &mut state.apps {
+            if let Some(timer) = app.timer.take() {
+                timer.abort();
+            }
         }
         Ok(())
     }
@@ -144,11 +161,26 @@ impl Actor for AccessTokenKeeper {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let apps = &mut state.apps;
         match message {
-            AccessTokenKeeperMsg::Get(reply) => state.get(&myself, reply),
-            AccessTokenKeeperMsg::Stale(token, reply) => state.stale(&myself, token, reply),
-            AccessTokenKeeperMsg::RefreshDue => state.refresh_due(&myself),
-            AccessTokenKeeperMsg::Fetched(outcome) => state.fetched(&myself, outcome),
+            AccessTokenKeeperMsg::Get(index, reply) => match apps.get_mut(index) {
+                Some(app) => app.get(&myself, reply),
+                None => drop(reply.send(Err(Error::UnknownApp))),
+            },
+            AccessTokenKeeperMsg::Stale(index, token, reply) => match apps.get_mut(index) {
+                Some(app) => app.stale(&myself, token, reply),
+                None => drop(reply.send(Err(Error::UnknownApp))),
+            },
+            AccessTokenKeeperMsg::RefreshDue(index) => {
+                if let Some(app) = apps.get_mut(index) {
+                    app.refresh_due(&myself)
+                }
+            }
+            AccessTokenKeeperMsg::Fetched(index, outcome) => {
+                if let Some(app) = apps.get_mut(index) {
+                    app.fetched(&myself, outcome)
+                }
+            }
             #[cfg(feature = "fault-injection")]
             AccessTokenKeeperMsg::Inject(fault) => fault.strike("AccessTokenKeeper").await,
         }
@@ -156,7 +188,7 @@ impl Actor for AccessTokenKeeper {
     }
 }
 
-impl AccessTokenKeeperState {
+impl AppToken {
     fn get(&mut self, myself: &ActorRef<AccessTokenKeeperMsg>, reply: TokenReply) {
         let now = Instant::now();
         if let Some(current) = self.current.as_ref().filter(|c| now < c.expires_at) {
@@ -178,7 +210,10 @@ impl AccessTokenKeeperState {
             self.get(myself, reply);
             return;
         }
-        tracing::warn!("WeChat called the access_token stale; fetching a new one");
+        tracing::warn!(
+            appid = self.upstream.appid(),
+            "WeChat called the access_token stale; fetching a new one"
+        );
         self.current = None;
         self.stale = Some(token);
         // Plain first: WeChat may already hold a new token, and forced fetches are limited.
@@ -222,7 +257,7 @@ impl AccessTokenKeeperState {
             waiters,
             forced: force,
         });
-        let upstream = self.args.upstream.clone();
+        let (upstream, app) = (self.upstream.clone(), self.app);
         let fetch = tokio::spawn(async move { upstream.fetch_access_token(force).await });
         let myself = myself.clone();
         tokio::spawn(async move {
@@ -233,7 +268,7 @@ impl AccessTokenKeeperState {
                 )))
             });
             // If the actor died meanwhile, its waiters were already answered with an error.
-            let _ = myself.send_message(AccessTokenKeeperMsg::Fetched(outcome));
+            let _ = myself.send_message(AccessTokenKeeperMsg::Fetched(app, outcome));
         });
     }
 
@@ -248,7 +283,8 @@ impl AccessTokenKeeperState {
         if let Some(old) = self.timer.take() {
             old.abort();
         }
-        self.timer = Some(myself.send_after(wait, || AccessTokenKeeperMsg::RefreshDue));
+        let app = self.app;
+        self.timer = Some(myself.send_after(wait, move || AccessTokenKeeperMsg::RefreshDue(app)));
     }
 
     fn fetched(
@@ -263,8 +299,7 @@ impl AccessTokenKeeperState {
             Ok(_) => "ok",
             Err(e) => e.code(),
         };
-        self.args
-            .metrics
+        self.metrics
             .access_token_fetches
             .with_label_values(&[label])
             .inc();
@@ -337,20 +372,20 @@ mod tests {
         })
         .unwrap();
         let args = AccessTokenKeeperArgs {
-            upstream,
+            upstreams: vec![upstream],
             metrics: Arc::default(),
         };
         Actor::spawn(None, AccessTokenKeeper, args).await.unwrap().0
     }
 
     async fn get(keeper: &ActorRef<AccessTokenKeeperMsg>) -> String {
-        let token = ractor::call!(keeper, AccessTokenKeeperMsg::Get).unwrap();
+        let token = ractor::call!(keeper, |reply| AccessTokenKeeperMsg::Get(0, reply)).unwrap();
         token.unwrap().expose().to_owned()
     }
 
     async fn stale(keeper: &ActorRef<AccessTokenKeeperMsg>, token: &str) -> String {
         let token = ractor::call!(keeper, |reply| {
-            AccessTokenKeeperMsg::Stale(Secret::new(token), reply)
+            AccessTokenKeeperMsg::Stale(0, Secret::new(token), reply)
         })
         .unwrap();
         token.unwrap().expose().to_owned()

@@ -11,6 +11,8 @@
 //! names none is refused too), and what it says of the unionid is checked by the storage: it may
 //! confirm the user's unionid, never change it nor take another user's.
 
+use std::sync::Arc;
+
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -22,18 +24,18 @@ use crate::user::{EncryptedData, Phone, Profile};
 /// The actor. Configuration comes in [`DecryptorArgs`].
 pub struct Decryptor;
 
-/// What the decryptor is started with (and its whole state).
-#[derive(Clone, Debug)]
-pub struct DecryptorArgs {
-    /// Our appid: decrypted data must carry it in its watermark.
-    pub appid: String,
-}
+/// What the decryptor is started with (and its whole state): nothing, each message names the
+/// app whose watermark the data must carry.
+#[derive(Clone, Debug, Default)]
+pub struct DecryptorArgs;
 
 /// Messages of the decryptor.
 pub enum DecryptorMsg {
     /// Open a profile from `wx.getUserInfo` / `getUserProfile`.
     Profile {
-        /// The user's stored session_key.
+        /// The session's app: the data's watermark must name it.
+        appid: Arc<str>,
+        /// The identity's stored session_key.
         session_key: String,
         /// The session's openid, which the profile's openId must equal.
         openid: String,
@@ -44,7 +46,9 @@ pub enum DecryptorMsg {
     },
     /// Open a phone number from the phone-number button.
     Phone {
-        /// The user's stored session_key.
+        /// The session's app: the data's watermark must name it.
+        appid: Arc<str>,
+        /// The identity's stored session_key.
         session_key: String,
         /// What the client sent.
         data: EncryptedData,
@@ -73,23 +77,25 @@ impl Actor for Decryptor {
         &self,
         _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        state: &mut Self::State,
+        _state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             DecryptorMsg::Profile {
+                appid,
                 session_key,
                 openid,
                 data,
                 reply,
             } => {
-                let _ = reply.send(open_profile(&state.appid, &session_key, &openid, &data));
+                let _ = reply.send(open_profile(&appid, &session_key, &openid, &data));
             }
             DecryptorMsg::Phone {
+                appid,
                 session_key,
                 data,
                 reply,
             } => {
-                let _ = reply.send(open_phone(&state.appid, &session_key, &data));
+                let _ = reply.send(open_phone(&appid, &session_key, &data));
             }
             #[cfg(feature = "fault-injection")]
             DecryptorMsg::Inject(fault) => fault.strike("Decryptor").await,

@@ -29,6 +29,8 @@ pub struct SessionKeeperArgs {
     pub clock: Clock,
     /// How long sessions live.
     pub policy: SessionPolicy,
+    /// The default app's appid: the app of sessions stored without one.
+    pub default_app: Arc<str>,
     /// Time between sweeps of expired sessions.
     pub sweep_interval: Duration,
     /// Where the live-session gauge is kept.
@@ -57,7 +59,9 @@ pub enum SessionKeeperMsg {
     Issue {
         /// The user's uid.
         uid: u64,
-        /// The user's openid.
+        /// The app logged in through (`None`: the default app).
+        appid: Option<Arc<str>>,
+        /// The user's openid in that app.
         openid: String,
         /// The user's unionid, if known.
         unionid: Option<String>,
@@ -103,7 +107,10 @@ impl Actor for SessionKeeper {
         args: SessionKeeperArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let sweeper = myself.send_interval(args.sweep_interval, || SessionKeeperMsg::Sweep);
-        let sessions = args.storage.load_sessions(args.policy, args.metrics).await;
+        let sessions = args
+            .storage
+            .load_sessions(args.policy, args.default_app, args.metrics)
+            .await;
         *args.reader.write().unwrap_or_else(|p| p.into_inner()) = sessions.reader();
         Ok(SessionKeeperState {
             sessions,
@@ -136,10 +143,11 @@ impl Actor for SessionKeeper {
         match message {
             SessionKeeperMsg::Issue {
                 uid,
+                appid,
                 openid,
                 unionid,
                 reply,
-            } => answer(sessions.issue(uid, openid, unionid, now), reply),
+            } => answer(sessions.issue(uid, appid, openid, unionid, now), reply),
             SessionKeeperMsg::Check(hash, reply) => answer(sessions.check(hash, now), reply),
             SessionKeeperMsg::Revoke(hash, reply) => answer(sessions.revoke(hash, now), reply),
             SessionKeeperMsg::SetUnionid {

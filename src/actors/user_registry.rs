@@ -34,9 +34,15 @@ pub struct UserRegistryState {
 
 /// Messages of the registry.
 pub enum UserRegistryMsg {
-    /// Register the user WeChat named, or store its new session_key.
-    Upsert(Code2Session, RpcReplyPort<Result<Registration, Error>>),
-    /// The current session_key of the user with this openid.
+    /// Register the identity WeChat named in the app (`None`: the default app), or store its new
+    /// session_key; a new identity whose unionid a uid holds joins that uid.
+    Upsert(
+        Option<String>,
+        Code2Session,
+        RpcReplyPort<Result<Registration, Error>>,
+    ),
+    /// The current session_key of the identity with this key (`crate::user::identity_key`;
+    /// the messages below name identities so too).
     SessionKey(String, RpcReplyPort<Result<String, Error>>),
     /// Store a decrypted profile on the user with this openid, durably; refused
     /// (`UnionidConflict`) when its unionid differs from the user's or is another user's.
@@ -89,7 +95,9 @@ impl Actor for UserRegistry {
         let now = state.clock.now();
         let users = &mut state.users;
         match message {
-            UserRegistryMsg::Upsert(login, reply) => answer(users.upsert(login, now), reply),
+            UserRegistryMsg::Upsert(appid, login, reply) => {
+                answer(users.upsert(appid.as_deref(), login, now), reply)
+            }
             UserRegistryMsg::SessionKey(openid, reply) => answer(users.session_key(openid), reply),
             UserRegistryMsg::SaveProfile(openid, profile, reply) => {
                 answer(users.save_profile(openid, profile, now), reply)

@@ -156,6 +156,7 @@ mod tests {
         Arc::new(AccessClaims {
             iss: "i".into(),
             aud: "a".into(),
+            appid: None,
             sub: "1".into(),
             openid: "o".into(),
             unionid: None,

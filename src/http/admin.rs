@@ -48,7 +48,7 @@ fn user_by_uid(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rej
         })
 }
 
-/// GET /admin/users?openid=X or ?unionid=Y
+/// GET /admin/users?openid=X[&appid=A] or ?unionid=Y
 fn user_by_query(broker: Broker) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     warp::path!("users")
@@ -61,17 +61,28 @@ fn user_by_query(broker: Broker) -> impl Filter<Extract = (Response,), Error = R
 }
 
 /// The user a `/admin/users` query names: exactly one of `openid` and `unionid`, given once and
-/// not empty (other parameters are ignored).
+/// not empty; an openid is the default app's unless `appid` names another (other parameters are
+/// ignored).
 fn user_key(query: &str) -> Result<UserKey, Rejection> {
     let invalid = |message: &str| Problem::reject(Error::InvalidRequest(message.into()));
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query).map_err(|_| invalid("the query string is malformed"))?;
+    let appid = pairs
+        .iter()
+        .find(|(name, value)| name == "appid" && !value.is_empty())
+        .map(|(_, value)| value.clone());
     let mut keys = pairs
         .into_iter()
         .filter(|(name, _)| name == "openid" || name == "unionid");
     let key = match (keys.next(), keys.next()) {
         (Some((name, value)), None) if !value.is_empty() => match name.as_str() {
-            "openid" => UserKey::Openid(value),
+            "openid" => match appid {
+                Some(appid) => UserKey::Identity(crate::Identity {
+                    appid: Some(appid),
+                    openid: value,
+                }),
+                None => UserKey::Openid(value),
+            },
             _ => UserKey::Unionid(value),
         },
         (Some(_), None) => return Err(invalid("openid or unionid is empty")),

@@ -97,9 +97,11 @@ fn session(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejec
 /// `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`, APISIX `forward-auth`). Any method and
 /// any path below it, because some proxies send the original request's method and append its path.
 fn auth(broker: Broker) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    let apps = Arc::new(handlers::AppHeaders::of(&broker));
     warp::path!("v1" / "auth" / ..)
         .and(bearer())
         .and(with_broker(broker))
+        .and(warp::any().map(move || apps.clone()))
         .and_then(handlers::auth)
 }
 

@@ -1,5 +1,7 @@
 //! The handlers: parse what the filters extracted, call the broker, answer JSON.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -11,10 +13,37 @@ use warp::{Rejection, Reply};
 use super::problem::{Problem, json};
 use crate::{Broker, EncryptedData, Error, SessionInfo, User};
 
+/// The `X-Wx-Appid` value of each app the broker serves, made once: the forward-auth answer
+/// copies one instead of building it per request.
+pub struct AppHeaders(Vec<(Arc<str>, HeaderValue)>);
+
+impl AppHeaders {
+    /// The headers of `broker`'s apps (an appid that cannot be a header value is left out).
+    pub fn of(broker: &Broker) -> AppHeaders {
+        let apps = broker.appids().filter_map(|appid| {
+            let value = HeaderValue::from_str(appid).ok()?;
+            Some((Arc::from(appid), value))
+        });
+        AppHeaders(apps.collect())
+    }
+
+    /// The header of `appid`, if it is one of the broker's apps.
+    fn header(&self, appid: &str) -> Option<HeaderValue> {
+        let mut apps = self.0.iter();
+        apps.find(|(app, _)| &**app == appid)
+            .map(|(_, value)| value.clone())
+    }
+}
+
+/// Longest appid a login may name (as `src/openapi.json` bounds it; WeChat's are 18).
+const MAX_APPID_LEN: usize = 64;
+
 /// The login request, as JSON or as a form.
 #[derive(Deserialize)]
 struct LoginRequest {
     code: String,
+    /// The mini program the code is from; the default app without it.
+    appid: Option<String>,
 }
 
 /// The login answer: the token and what the client may want to know about it.
@@ -37,8 +66,19 @@ pub async fn login(
     body: Bytes,
     broker: Broker,
 ) -> Result<Response, Rejection> {
-    let LoginRequest { code } = parse_body(content_type.as_deref(), &body, r#"{"code": "..."}"#)?;
-    let login = broker.login(&code).await.map_err(Problem::reject)?;
+    let LoginRequest { code, appid } =
+        parse_body(content_type.as_deref(), &body, r#"{"code": "..."}"#)?;
+    if let Some(appid) = &appid
+        && !(1..=MAX_APPID_LEN).contains(&appid.len())
+    {
+        return Err(Problem::reject(Error::InvalidRequest(format!(
+            "appid must be 1 to {MAX_APPID_LEN} characters"
+        ))));
+    }
+    let login = broker
+        .login_to(appid.as_deref(), &code)
+        .await
+        .map_err(Problem::reject)?;
     let (access_token, access_token_expires_in) = match login.access_token {
         Some(access) => (Some(access.token), Some(access.expires_in)),
         None => (None, None),
@@ -111,7 +151,11 @@ pub async fn session(
 /// The forward-auth answer: 200 with who the user is in headers, or 401 with a challenge; no body
 /// either way, as proxies copy headers, not JSON. A broker that cannot answer still says why in
 /// JSON (a 5xx), which the proxy turns into its own error rather than a login prompt.
-pub async fn auth(authorization: Option<String>, broker: Broker) -> Result<Response, Rejection> {
+pub async fn auth(
+    authorization: Option<String>,
+    broker: Broker,
+    apps: Arc<AppHeaders>,
+) -> Result<Response, Rejection> {
     let challenge = || {
         let mut response = StatusCode::UNAUTHORIZED.into_response();
         response
@@ -130,6 +174,9 @@ pub async fn auth(authorization: Option<String>, broker: Broker) -> Result<Respo
     let mut response = StatusCode::OK.into_response();
     let headers = response.headers_mut();
     headers.insert("x-wx-uid", HeaderValue::from(session.uid));
+    if let Some(appid) = apps.header(&session.appid) {
+        headers.insert("x-wx-appid", appid);
+    }
     // WeChat's ids are ASCII; one that is not could not travel in a header, so it is left out.
     if let Ok(openid) = HeaderValue::try_from(session.openid) {
         headers.insert("x-wx-openid", openid);

@@ -84,6 +84,12 @@ impl Problem {
         use StatusCode as S;
         let (status, message) = match err {
             Error::InvalidRequest(detail) => (S::BAD_REQUEST, detail.clone()),
+            Error::UnknownApp => (
+                S::BAD_REQUEST,
+                "this broker does not serve the appid given; send one of its mini programs' \
+                 appids, or none for the default app"
+                    .into(),
+            ),
             Error::InvalidCode => (
                 S::UNAUTHORIZED,
                 "the login code is invalid; call wx.login again".into(),

@@ -24,7 +24,7 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use super::{SANDBOX_APPID, SandboxState, random_bytes, watermark, wechat_error};
+use super::{SANDBOX_APPIDS, SandboxState, random_bytes, watermark, wechat_error};
 
 /// What the sandbox knows about access tokens and phone codes.
 #[derive(Default)]
@@ -43,10 +43,10 @@ pub(super) struct ServerApiState {
 
 #[derive(Default)]
 struct Tokens {
-    /// What `stable_token` gives without `force_refresh`, valid or not.
-    stable: Option<String>,
-    /// Every token that WeChat would accept now.
-    valid: HashSet<String>,
+    /// Per app: what `stable_token` gives without `force_refresh`, valid or not.
+    stable: HashMap<&'static str, String>,
+    /// Every token that WeChat would accept now, and the app it was issued to.
+    valid: HashMap<String, &'static str>,
     /// Every token ever issued, for tests that look for them where they must not be.
     issued: Vec<String>,
 }
@@ -77,25 +77,21 @@ impl ServerApiState {
         };
     }
 
-    fn issue(&self, tokens: &mut Tokens) -> String {
+    fn issue(&self, tokens: &mut Tokens, appid: &'static str) -> String {
         let token = URL_SAFE_NO_PAD.encode(random_bytes::<48>());
-        tokens.valid.insert(token.clone());
+        tokens.valid.insert(token.clone(), appid);
         tokens.issued.push(token.clone());
         token
     }
 
     /// WeChat's answer to an API call with an access_token it does not accept (now), if so.
-    fn token_error(&self, token: &str) -> Option<Value> {
-        let valid = self
-            .tokens
-            .lock()
-            .expect("sandbox lock")
-            .valid
-            .contains(token);
-        (!valid).then(|| wechat_error(40001, "invalid credential, access_token is invalid"))
+    /// The app `token` was issued to, or WeChat's answer to a token it does not hold.
+    fn token_app(&self, token: &str) -> Result<&'static str, Value> {
+        let tokens = self.tokens.lock().expect("sandbox lock");
+        let app = tokens.valid.get(token).copied();
+        app.ok_or_else(|| wechat_error(40001, "invalid credential, access_token is invalid"))
     }
 
-    /// Takes one planned failure of an endpoint, if any is left.
     fn take_failure(&self, pick: impl FnOnce(&mut Failures) -> &mut u32) -> bool {
         let mut failures = self.failures.lock().expect("sandbox lock");
         let left = pick(&mut failures);
@@ -196,18 +192,18 @@ async fn answer(
     }
 }
 
-/// The credentials check of both token endpoints, as WeChat's errcodes.
-fn credentials_error(state: &SandboxState, appid: &str, secret: &str) -> Option<Value> {
-    if appid != SANDBOX_APPID {
-        return Some(wechat_error(40013, "invalid appid"));
-    }
-    if secret != state.secret {
-        return Some(wechat_error(
+/// The credentials check of both token endpoints: the app they name, or WeChat's errcode.
+fn credentials_app(state: &SandboxState, appid: &str, secret: &str) -> Result<&'static str, Value> {
+    let Some(app) = SANDBOX_APPIDS.iter().position(|app| *app == appid) else {
+        return Err(wechat_error(40013, "invalid appid"));
+    };
+    if secret != state.secrets[app] {
+        return Err(wechat_error(
             40001,
             "invalid credential, access_token is invalid",
         ));
     }
-    None
+    Ok(SANDBOX_APPIDS[app])
 }
 
 fn stable_token_reply(state: &SandboxState, body: &Value) -> Option<Value> {
@@ -220,16 +216,17 @@ fn stable_token_reply(state: &SandboxState, body: &Value) -> Option<Value> {
     if field("grant_type") != "client_credential" {
         return Some(wechat_error(40002, "invalid grant_type"));
     }
-    if let Some(error) = credentials_error(state, field("appid"), field("secret")) {
-        return Some(error);
-    }
+    let app = match credentials_app(state, field("appid"), field("secret")) {
+        Ok(app) => app,
+        Err(error) => return Some(error),
+    };
     let force = body["force_refresh"].as_bool().unwrap_or(false);
     let mut tokens = api.tokens.lock().expect("sandbox lock");
-    let token = match tokens.stable.clone() {
+    let token = match tokens.stable.get(app).cloned() {
         Some(token) if !force => token,
         _ => {
-            let token = api.issue(&mut tokens);
-            tokens.stable = Some(token.clone());
+            let token = api.issue(&mut tokens, app);
+            tokens.stable.insert(app, token.clone());
             token
         }
     };
@@ -246,10 +243,11 @@ fn token_reply(state: &SandboxState, query: &HashMap<String, String>) -> Option<
     if param("grant_type") != "client_credential" {
         return Some(wechat_error(40002, "invalid grant_type"));
     }
-    if let Some(error) = credentials_error(state, param("appid"), param("secret")) {
-        return Some(error);
-    }
-    let token = api.issue(&mut api.tokens.lock().expect("sandbox lock"));
+    let app = match credentials_app(state, param("appid"), param("secret")) {
+        Ok(app) => app,
+        Err(error) => return Some(error),
+    };
+    let token = api.issue(&mut api.tokens.lock().expect("sandbox lock"), app);
     Some(json!({ "access_token": token, "expires_in": state.access_token_lifetime.as_secs() }))
 }
 
@@ -261,9 +259,10 @@ fn phone_reply(
     let api = &state.server_api;
     api.phone_requests.fetch_add(1, Ordering::Relaxed);
     let token = query.get("access_token").map(String::as_str).unwrap_or("");
-    if let Some(error) = api.token_error(token) {
-        return Some(error);
-    }
+    let app = match api.token_app(token) {
+        Ok(app) => app,
+        Err(error) => return Some(error),
+    };
     let code = body["code"].as_str().unwrap_or("");
     let number = code.split('.').next().unwrap_or("");
     if let Some(errcode) = number
@@ -288,7 +287,7 @@ fn phone_reply(
             "phoneNumber": number,
             "purePhoneNumber": number,
             "countryCode": "86",
-            "watermark": watermark(),
+            "watermark": watermark(app),
         },
     }))
 }
@@ -303,15 +302,17 @@ fn session_key_reply(
         checks.fetch_add(1, Ordering::Relaxed);
     }
     let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
-    if let Some(error) = state.server_api.token_error(param("access_token")) {
-        return Some(error);
-    }
+    let app = match state.server_api.token_app(param("access_token")) {
+        Ok(app) => app,
+        Err(error) => return Some(error),
+    };
     if param("sig_method") != "hmac_sha256" {
         return Some(wechat_error(87009, "invalid signature"));
     }
     let openid = param("openid");
     let mut logins = state.logins.lock().expect("sandbox lock");
-    let Some(login) = logins.get_mut(openid) else {
+    // An openid is an app's own: another app's token does not know it.
+    let Some(login) = logins.get_mut(openid).filter(|login| login.appid == app) else {
         return Some(wechat_error(40003, "invalid openid"));
     };
     if param("signature") != signature(&login.session_key) {

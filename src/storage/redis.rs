@@ -7,15 +7,17 @@
 //! by a tenth of the idle TTL.
 //!
 //! Keys, all under `wxb:`:
-//! - `user:{openid}`: hash of `uid`, `openid`, `unionid`, `session_key`, `created_at`,
-//!   `updated_at`, `profile` and `phone` (JSON)
-//! - `uid:{uid}` -> openid; `unionid:{unionid}` -> uid; `next_uid`: the last uid handed out;
-//!   `user_count`
-//! - `session:{id}` (id: hex SHA-256 of the token): hash of `uid`, `openid`, `unionid`,
-//!   `created_at`, `last_seen`, `expires_at`; TTL = the idle deadline
+//! - `user:{key}`: an identity (key: the openid for the default app, the only key before several
+//!   apps; `appid:openid` for the others): hash of `uid`, `appid` (not for the default app),
+//!   `openid`, `unionid`, `session_key`, `created_at`, `updated_at`, `profile` and `phone` (JSON)
+//! - `uid:{uid}` -> the key of the uid's first identity; `identities:{uid}`: set of the keys of
+//!   the identities that joined the uid later (through another app, by unionid);
+//!   `unionid:{unionid}` -> uid; `next_uid`: the last uid handed out; `user_count` (uids)
+//! - `session:{id}` (id: hex SHA-256 of the token): hash of `uid`, `appid` (not for the default
+//!   app), `openid`, `unionid`, `created_at`, `last_seen`, `expires_at`; TTL = the idle deadline
 //! - `sessions:{uid}`: sorted set of the user's session ids by creation
-//! - `code:{hex SHA-256 of the code}`: a login code exchanged (or being exchanged) by some broker,
-//!   for the code's 5-minute life
+//! - `code:{hex SHA-256 of the code}` (of `appid:code` for another app than the default): a login
+//!   code exchanged (or being exchanged) by some broker, for the code's 5-minute life
 //! - `signing_keys`: hash of kid -> the access-token signing key (JSON, with its private seed);
 //!   `signing_keys:retired`: kid -> unix seconds of its retirement
 //! - `revocations`: the stream of the revocation feed; `revocations:origin`,
@@ -32,7 +34,7 @@ mod keys;
 mod revocations;
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -46,7 +48,9 @@ use crate::session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
 use crate::upstream::Code2Session;
-use crate::user::{Phone, Profile, Registration, User, UserKey, UserRecord};
+use crate::user::{
+    Identity, Phone, Profile, Registration, User, UserKey, UserRecord, identity_key,
+};
 
 pub use self::revocations::RedisFeed;
 
@@ -230,12 +234,19 @@ impl Redis {
 
     // Users.
 
-    pub(crate) fn upsert_user(&self, login: Code2Session, now: u64) -> Pending<Registration> {
+    pub(crate) fn upsert_user(
+        &self,
+        appid: Option<&str>,
+        login: Code2Session,
+        now: u64,
+    ) -> Pending<Registration> {
         let args = vec![
+            identity_key(appid, &login.openid).into_owned(),
             login.openid.clone(),
             login.session_key,
             login.unionid.unwrap_or_default(),
             now.to_string(),
+            appid.unwrap_or_default().to_owned(),
         ];
         let openid = login.openid;
         self.run(
@@ -252,11 +263,11 @@ impl Redis {
         )
     }
 
-    pub(crate) fn session_key(&self, openid: String) -> Pending<String> {
+    pub(crate) fn session_key(&self, key: String) -> Pending<String> {
         let mut con = self.con.clone();
         Pending::Later(Box::pin(async move {
             let key: Option<String> = redis::cmd("HGET")
-                .arg(format!("{PREFIX}user:{openid}"))
+                .arg(format!("{PREFIX}user:{key}"))
                 .arg("session_key")
                 .query_async(&mut con)
                 .await
@@ -316,21 +327,32 @@ impl Redis {
         })
     }
 
+    /// The identity `key` finds, with every identity of its uid.
     pub(crate) fn find_user(&self, key: UserKey) -> Pending<Option<User>> {
-        self.find_record(key).map(|record| record.map(User::from))
-    }
-
-    /// The whole stored user, session_key included.
-    fn find_record(&self, key: UserKey) -> Pending<Option<UserRecord>> {
         let (kind, value) = match key {
             UserKey::Uid(uid) => ("uid", uid.to_string()),
-            UserKey::Openid(openid) => ("openid", openid),
+            UserKey::Openid(openid) => ("key", openid),
+            UserKey::Identity(id) => (
+                "key",
+                identity_key(id.appid.as_deref(), &id.openid).into_owned(),
+            ),
             UserKey::Unionid(unionid) => ("unionid", unionid),
         };
         self.run(
             &FIND_USER,
             vec![kind.into(), value],
-            |fields: Option<Vec<String>>| fields.map(user_record).transpose(),
+            |found: Option<(Vec<String>, Vec<String>)>| {
+                let Some((fields, ids)) = found else {
+                    return Ok(None);
+                };
+                let mut user = User::from(user_record(fields)?);
+                let mut ids = ids.into_iter();
+                while let (Some(appid), Some(openid)) = (ids.next(), ids.next()) {
+                    let appid = Some(appid).filter(|appid| !appid.is_empty());
+                    user.identities.push(Identity { appid, openid });
+                }
+                Ok(Some(user))
+            },
         )
     }
 
@@ -404,6 +426,8 @@ impl Redis {
                     .as_ref()
                     .map(|p| serde_json::to_string(p).expect("serializes")),
             ),
+            user.key().into_owned(),
+            user.appid.clone().unwrap_or_default(),
         ];
         self.run(&IMPORT_USER, args, |imported: i64| Ok(imported == 1))
     }
@@ -414,12 +438,10 @@ impl Redis {
         &self,
         policy: SessionPolicy,
         token: String,
-        uid: u64,
-        openid: String,
-        unionid: Option<String>,
+        record: SessionRecord,
         now: u64,
     ) -> Pending<Issued> {
-        let record = policy.fresh_record(uid, openid, unionid, now);
+        let uid = record.uid;
         let put = self.put_session(policy, &token_hash(&token), &record, now);
         // A unionid WeChat reports now also belongs on the user's older sessions.
         let spread = record
@@ -483,6 +505,7 @@ impl Redis {
             (record.expires_at.saturating_sub(now) * 1000).to_string(),
             MAX_SESSIONS_PER_USER.to_string(),
             if only_new { "new" } else { "" }.to_owned(),
+            record.appid.as_deref().unwrap_or_default().to_owned(),
         ];
         self.run(&PUT_SESSION, args, |written: i64| Ok(written == 1))
     }
@@ -490,6 +513,7 @@ impl Redis {
     pub(crate) fn check_session(
         &self,
         policy: SessionPolicy,
+        default_app: Arc<str>,
         hash: TokenHash,
         now: u64,
     ) -> Pending<SessionInfo> {
@@ -502,10 +526,15 @@ impl Redis {
         self.run(
             &CHECK_SESSION,
             args,
-            |found: Option<(u64, String, String, u64)>| {
-                let (uid, openid, unionid, expires_at) = found.ok_or(Error::InvalidSession)?;
+            move |found: Option<(u64, String, String, u64, String)>| {
+                let (uid, openid, unionid, expires_at, appid) =
+                    found.ok_or(Error::InvalidSession)?;
                 Ok(SessionInfo {
                     uid,
+                    appid: match appid.is_empty() {
+                        true => default_app,
+                        false => Arc::from(appid),
+                    },
                     openid,
                     unionid: Some(unionid).filter(|u| !u.is_empty()),
                     expires_at,
@@ -662,8 +691,10 @@ fn user_record(fields: Vec<String>) -> Result<UserRecord, Error> {
             .map(|v| serde_json::from_str(v).map_err(|_| bad(field)))
             .transpose()
     };
+    let appid = map.get("appid").cloned();
     Ok(UserRecord {
         uid: number("uid")?,
+        appid,
         created_at: number("created_at")?,
         updated_at: number("updated_at")?,
         profile: json("profile")?
@@ -698,29 +729,32 @@ static COUNT_CALL: LazyLock<Script> = script!("count_call");
 
 // The other scripts. ARGV[1] is always the key prefix.
 
-/// ARGV: openid, session_key, unionid ('' for none), now. Returns {is_new, uid, unionid or ''}.
+/// ARGV: identity key, openid, session_key, unionid ('' for none), now, appid ('' for the default
+/// app). Returns {is_new, uid, unionid or ''}; a new identity whose unionid a uid holds joins it.
 static UPSERT_USER: LazyLock<Script> = script!("bind_unionid", "upsert_user");
 
-/// ARGV: openid, now, unionid ('' for none), field, value[, expected current value of the field:
+/// ARGV: identity key, now, unionid ('' for none), field, value[, expected current value of the field:
 /// if it holds another, it is kept]. Returns the user's fields, nil (no user), or 0 when the
 /// unionid differs from the user's own or is bound to another uid (nothing written).
 static UPDATE_USER: LazyLock<Script> = script!("bind_unionid", "update_user");
 
-/// ARGV: 'uid' | 'openid' | 'unionid', value. Returns the user's fields, or nil.
+/// ARGV: 'uid' | 'key' | 'unionid', value. Returns the identity's fields and the uid's identities
+/// (appid or '', openid, ...), or nil.
 static FIND_USER: LazyLock<Script> = script!("find_user");
 
-/// ARGV: uid, openid, unionid, session_key, created_at, updated_at, profile, phone ('' for none).
-/// A user already in Redis is kept as it is (it may have logged in there since): returns 0.
+/// ARGV: uid, openid, unionid, session_key, created_at, updated_at, profile, phone ('' for none),
+/// identity key, appid ('' for the default app). A user already in Redis is kept as it is (it may
+/// have logged in there since): returns 0. An identity of another app joins the uid.
 static IMPORT_USER: LazyLock<Script> = script!("bind_unionid", "import_user");
 
 /// ARGV: id, uid, openid, unionid, created_at, last_seen, expires_at, ttl_ms (to the idle
-/// deadline), life_ms (to the absolute one), max_per_user, 'new' to keep an existing session.
-/// Ends the user's oldest sessions beyond the cap first. The user's index lives as long as its
+/// deadline), life_ms (to the absolute one), max_per_user, 'new' to keep an existing session,
+/// appid ('' for the default app). Ends the user's oldest sessions beyond the cap first. The user's index lives as long as its
 /// longest-lived session (its TTL only ever grows). Returns 1 if written.
 static PUT_SESSION: LazyLock<Script> = script!("put_session");
 
-/// ARGV: id, now, idle_ttl, step. Returns {uid, openid, unionid or '', deadline}, or nil when the
-/// session is unknown or dead (then it is deleted).
+/// ARGV: id, now, idle_ttl, step. Returns {uid, openid, unionid or '', deadline, appid or ''}, or
+/// nil when the session is unknown or dead (then it is deleted).
 static CHECK_SESSION: LazyLock<Script> = script!("check_session");
 
 /// ARGV: id, now, idle_ttl, keep. Returns 1 if a live session ended (recorded in the revocation

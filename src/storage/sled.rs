@@ -314,7 +314,7 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("data");
         let data = DataDir::open(&dir, 8).unwrap();
-        data.users().upsert("o-1", "k", None, 1).unwrap();
+        data.users().upsert(None, "o-1", "k", None, 1).unwrap();
         data.session_log()
             .put(&[1; 32], &SessionRecord::sample(1, None))
             .unwrap();

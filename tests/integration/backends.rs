@@ -365,7 +365,7 @@ async fn a_session_key_replaced_meanwhile_is_kept(kind: StoreKind) {
         session_key: key.into(),
         unionid: None,
     };
-    users.upsert(login("k1"), T0).wait().await.unwrap();
+    users.upsert(None, login("k1"), T0).wait().await.unwrap();
     let key = |users: &wxbroker::storage::Users| users.session_key("o-key".into()).wait();
     users
         .replace_session_key("o-key".into(), "k0".into(), "k2".into(), T0)

@@ -802,6 +802,7 @@ fn append_ended_sessions(dir: &Path, round: u64) {
         hash[..8].copy_from_slice(&(round * ENDED_SESSIONS + n).to_le_bytes());
         let record = wxbroker::SessionRecord {
             uid: u64::MAX - n,
+            appid: None,
             openid: "o-ended".into(),
             unionid: None,
             created_at: 1,

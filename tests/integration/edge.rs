@@ -125,6 +125,7 @@ async fn a_login_signs_an_access_token_that_names_its_session() {
         (c.iss.as_str(), c.aud.as_str(), c.sub.as_str()),
         ("wxbroker", SANDBOX_APPID, uid.to_string().as_str())
     );
+    assert_eq!(c.appid.as_deref(), Some(SANDBOX_APPID));
     assert_eq!((c.iat, c.exp), (T0, T0 + 300));
     assert_eq!(c.openid, wxbroker::Sandbox::openid_of("alice"));
     assert_eq!(c.unionid, Some(wxbroker::Sandbox::unionid_of("alice")));
@@ -145,7 +146,7 @@ async fn a_login_signs_an_access_token_that_names_its_session() {
     assert_eq!(
         names,
         [
-            "aud", "exp", "iat", "iss", "jti", "openid", "sid", "sub", "unionid"
+            "appid", "aud", "exp", "iat", "iss", "jti", "openid", "sid", "sub", "unionid"
         ]
     );
 

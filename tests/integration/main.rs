@@ -2,6 +2,7 @@
 //! temporary directory, and a real loopback upstream (the sandbox or a fault server).
 
 mod answers;
+mod apps;
 mod backends;
 mod backup;
 mod binary;

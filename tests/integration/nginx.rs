@@ -204,6 +204,7 @@ async fn business() -> SocketAddr {
                     "method": method.as_str(),
                     "path": path.as_str(),
                     "uid": header("x-wx-uid"),
+                    "appid": header("x-wx-appid"),
                     "openid": header("x-wx-openid"),
                     "unionid": header("x-wx-unionid"),
                 }))
@@ -250,6 +251,7 @@ async fn logins_through_nginx_reach_the_business_backend_with_the_user() {
         .bearer_auth(&token)
         .header("x-wx-uid", "1")
         .header("x-wx-openid", "forged")
+        .header("x-wx-appid", "wxforged")
         .json(&json!({ "item": 7 }))
         .send()
         .await
@@ -259,6 +261,8 @@ async fn logins_through_nginx_reach_the_business_backend_with_the_user() {
     assert_eq!(seen["method"], "POST");
     assert_eq!(seen["path"], "/api/orders");
     assert_eq!(seen["uid"], uid.to_string());
+    assert_eq!(seen["appid"], session["appid"]);
+    assert!(seen["appid"].is_string(), "{session}");
     assert_eq!(seen["openid"], session["openid"]);
     assert_eq!(seen["unionid"], session["unionid"]);
 

@@ -223,6 +223,16 @@ test('login() sends the code as JSON and resolves with the token', TIMEOUT, asyn
   assert.equal(check.status, 200)
 })
 
+test('with an appid, the login is for that mini program of the broker', TIMEOUT, async () => {
+  const wx = fakeWx('cara')
+  const auth = createAuth({ baseUrl: brokerUrl(), wx, appid: 'wxsandbox0000001' })
+
+  const res = await auth.request({ url: '/v1/session' })
+
+  assert.equal(res.statusCode, 200, JSON.stringify(res.data))
+  assert.equal(res.data.appid, 'wxsandbox0000001')
+})
+
 test('after the token is invalidated, the next request logs in once, retries and succeeds', TIMEOUT, async () => {
   const { wx, auth, token, uid } = await loggedIn('carol')
   await invalidate(token)

@@ -24,4 +24,5 @@ redis.call('PEXPIRE', skey, ARGV[9])
 redis.call('ZADD', zkey, ARGV[6], id)
 if redis.call('PTTL', zkey) < tonumber(ARGV[10]) then redis.call('PEXPIRE', zkey, ARGV[10]) end
 if unionid ~= '' then redis.call('HSET', skey, 'unionid', unionid) end
+if ARGV[13] ~= '' then redis.call('HSET', skey, 'appid', ARGV[13]) end
 return 1

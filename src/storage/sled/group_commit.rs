@@ -134,7 +134,9 @@ mod tests {
         for i in 0..WRITERS {
             let (data, commit) = (data.clone(), commit.clone());
             tasks.push(tokio::spawn(async move {
-                data.users().upsert(&format!("o{i}"), "k", None, 1).unwrap();
+                data.users()
+                    .upsert(None, &format!("o{i}"), "k", None, 1)
+                    .unwrap();
                 data.session_log()
                     .put(&[i; 32], &SessionRecord::sample(i.into(), None))
                     .unwrap();

@@ -27,7 +27,7 @@ use std::ops::ControlFlow;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Error;
 use crate::crypto::TokenHash;
@@ -772,6 +772,11 @@ fn encode_put(hash: &TokenHash, record: &SessionRecord) -> Result<Vec<u8>, Error
     }
     push_str(&mut body, Some(&record.openid))?;
     push_str(&mut body, record.unionid.as_deref())?;
+    // Only a session of another app than the default names its app: a record without one (all
+    // of them before several apps) is the default app's.
+    if let Some(appid) = &record.appid {
+        push_str(&mut body, Some(appid))?;
+    }
     Ok(body)
 }
 
@@ -804,6 +809,10 @@ fn decode(body: &[u8]) -> Option<Frame> {
                 expires_at: r.u64()?,
                 openid: r.string()??,
                 unionid: r.string()?,
+                appid: match r.0.is_empty() {
+                    true => None,
+                    false => r.string()?.map(Arc::from),
+                },
             },
         )),
         _ => None,

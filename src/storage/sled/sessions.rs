@@ -49,6 +49,8 @@ type Shard = HashMap<TokenHash, Live>;
 /// The session table as checks read it.
 pub struct SessionTable {
     policy: SessionPolicy,
+    /// The appid of sessions whose record names none (the default app's).
+    default_app: Arc<str>,
     shards: Vec<RwLock<Shard>>,
     /// Sessions in all shards.
     len: AtomicUsize,
@@ -90,7 +92,7 @@ impl SessionTable {
             return FastCheck::NeedsKeeper;
         }
         live.last_seen.fetch_max(now, Ordering::Relaxed);
-        FastCheck::Valid(live.info(policy))
+        FastCheck::Valid(live.info(policy, &self.default_app))
     }
 
     fn shard(&self, hash: &TokenHash) -> &RwLock<Shard> {
@@ -128,6 +130,7 @@ impl SledSessions {
         data: DataDir,
         commit: GroupCommit,
         policy: SessionPolicy,
+        default_app: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> SledSessions {
         let mut table = SledSessions {
@@ -136,6 +139,7 @@ impl SledSessions {
             metrics,
             table: Arc::new(SessionTable {
                 policy,
+                default_app,
                 shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
                 len: AtomicUsize::new(0),
             }),
@@ -189,12 +193,13 @@ impl SledSessions {
         &mut self,
         token: String,
         uid: u64,
+        appid: Option<Arc<str>>,
         openid: String,
         unionid: Option<String>,
         now: u64,
     ) -> Result<Issued, Error> {
         let hash = token_hash(&token);
-        let record = self.policy().fresh_record(uid, openid, unionid, now);
+        let record = self.policy().fresh_record(uid, appid, openid, unionid, now);
         let oldest = self
             .by_uid
             .get(&uid)
@@ -234,7 +239,8 @@ impl SledSessions {
         if due {
             live.record.last_seen = *last_seen;
         }
-        let (info, record) = (live.info(&policy), live.record.clone());
+        let info = live.info(&policy, &table.default_app);
+        let record = live.record.clone();
         // The disk write happens outside the lock: checks must never wait for the disk.
         drop(sessions);
         if due {
@@ -456,9 +462,10 @@ impl Live {
         now >= self.expires_at(policy)
     }
 
-    fn info(&self, policy: &SessionPolicy) -> SessionInfo {
+    fn info(&self, policy: &SessionPolicy, default_app: &Arc<str>) -> SessionInfo {
         SessionInfo {
             uid: self.record.uid,
+            appid: self.record.appid.as_ref().unwrap_or(default_app).clone(),
             openid: self.record.openid.clone(),
             unionid: self.record.unionid.clone(),
             expires_at: self.expires_at(policy),
@@ -479,12 +486,20 @@ mod tests {
             idle_ttl: 1000,
             max_ttl: 5000,
         };
-        SledSessions::load(data, commit, policy, Default::default())
+        SledSessions::load(
+            data,
+            commit,
+            policy,
+            "wx-default".into(),
+            Default::default(),
+        )
     }
 
     fn issue(table: &mut SledSessions, uid: u64, openid: &str, now: u64) -> TokenHash {
         let token = new_token().unwrap();
-        let issued = table.issue(token, uid, openid.into(), None, now).unwrap();
+        let issued = table
+            .issue(token, uid, None, openid.into(), None, now)
+            .unwrap();
         token_hash(&issued.token)
     }
 
@@ -586,7 +601,13 @@ mod tests {
         }
         // A restart reads the sessions back in no particular order, not by age.
         let (data, commit, policy) = (table.data.clone(), table.commit.clone(), table.policy());
-        let mut table = SledSessions::load(data, commit, policy, Default::default());
+        let mut table = SledSessions::load(
+            data,
+            commit,
+            policy,
+            "wx-default".into(),
+            Default::default(),
+        );
         for (i, oldest) in hashes.iter().enumerate() {
             let now = 10_100 + i as u64;
             issue(&mut table, 1, "o1", now);

@@ -3,8 +3,12 @@
 //! made them durable.
 //!
 //! Trees:
-//! - `users`: openid -> [`UserRecord`] (JSON)
-//! - `uids`: uid (big-endian u64) -> openid, the index for finding a user by uid
+//! - `users`: identity key -> [`UserRecord`] (JSON): the openid for the default app (the only
+//!   key before several apps), `appid:openid` for the others ([`identity_key`])
+//! - `uids`: uid (big-endian u64) -> the identity key of the uid's first identity, the index for
+//!   finding a user by uid
+//! - `identities`: uid (big-endian u64) followed by an identity key -> nothing: the identities
+//!   that joined the uid later (a login through another app whose unionid the uid holds)
 //! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
 //! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64) (the revocation feed keeps its
 //!   origin and horizon there too: `revocations.rs`)
@@ -22,7 +26,9 @@ use super::{decode, encode};
 use crate::Error;
 use crate::storage::Pending;
 use crate::upstream::Code2Session;
-use crate::user::{Phone, Profile, Registration, User, UserKey, UserRecord};
+use crate::user::{
+    Identity, Phone, Profile, Registration, User, UserKey, UserRecord, identity_key,
+};
 
 const NEXT_UID: &[u8] = b"next_uid";
 
@@ -33,7 +39,8 @@ pub struct UserDb {
     uids: ::sled::Tree,
     meta: ::sled::Tree,
     unionids: ::sled::Tree,
-    /// Openids whose registration is not known to be on disk (see [`SledUsers`]): kept here,
+    identities: ::sled::Tree,
+    /// Identity keys whose registration is not known to be on disk (see [`SledUsers`]): kept here,
     /// with the trees, so that a UserRegistry restarted meanwhile still sees them.
     unflushed: Arc<Mutex<HashSet<String>>>,
 }
@@ -46,6 +53,7 @@ impl UserDb {
             uids: db.open_tree("uids")?,
             meta: db.open_tree("meta")?,
             unionids: db.open_tree("unionids")?,
+            identities: db.open_tree("identities")?,
             unflushed: Arc::default(),
         };
         users.drop_unfinished_registration()?;
@@ -60,16 +68,54 @@ impl UserDb {
     /// handed out twice: the uid index first, then the user, then the counter (which
     /// [`UserDb::open`] moves past the largest uid in the index). A `unionid` reported now is kept;
     /// `None` never erases one.
+    ///
+    /// An identity met for the first time whose `unionid` already belongs to a uid joins that uid
+    /// (the person logged in through another of the company's apps): not new. The one writer
+    /// makes this atomic too: two first logins of one person through two apps end with one uid.
     pub fn upsert(
         &self,
+        appid: Option<&str>,
         openid: &str,
         session_key: &str,
         unionid: Option<&str>,
         now: u64,
     ) -> Result<(UserRecord, bool), Error> {
-        let Some(bytes) = self.users.get(openid)? else {
+        let (user, registered) = self.register(appid, openid, session_key, unionid, now)?;
+        Ok((user, registered == Registered::NewUid))
+    }
+
+    /// [`UserDb::upsert`], saying also whether an identity was written for the first time.
+    fn register(
+        &self,
+        appid: Option<&str>,
+        openid: &str,
+        session_key: &str,
+        unionid: Option<&str>,
+        now: u64,
+    ) -> Result<(UserRecord, Registered), Error> {
+        let key = identity_key(appid, openid);
+        let Some(bytes) = self.users.get(key.as_bytes())? else {
+            if let Some(uid) = self.holder(unionid)? {
+                let user = UserRecord {
+                    uid,
+                    appid: appid.map(str::to_owned),
+                    openid: openid.to_owned(),
+                    unionid: unionid.map(str::to_owned),
+                    session_key: session_key.to_owned(),
+                    created_at: now,
+                    updated_at: now,
+                    profile: None,
+                    phone: None,
+                };
+                // The link first: a crash before the user leaves a link to nothing, which the
+                // listing skips, and the next login joins again.
+                self.identities.insert(link(uid, &key), &[])?;
+                self.users.insert(key.as_bytes(), encode(&user))?;
+                return Ok((user, Registered::Joined));
+            }
             let user = UserRecord {
                 uid: self.next_uid()?,
+                appid: appid.map(str::to_owned),
                 openid: openid.to_owned(),
                 unionid: unionid.map(str::to_owned),
                 session_key: session_key.to_owned(),
@@ -78,15 +124,14 @@ impl UserDb {
                 profile: None,
                 phone: None,
             };
-            self.uids
-                .insert(user.uid.to_be_bytes(), openid.as_bytes())?;
+            self.uids.insert(user.uid.to_be_bytes(), key.as_bytes())?;
             if let Some(unionid) = unionid {
                 self.unionids
                     .insert(unionid.as_bytes(), &user.uid.to_be_bytes())?;
             }
-            self.users.insert(openid.as_bytes(), encode(&user))?;
+            self.users.insert(key.as_bytes(), encode(&user))?;
             self.meta.insert(NEXT_UID, &(user.uid + 1).to_be_bytes())?;
-            return Ok((user, true));
+            return Ok((user, Registered::NewUid));
         };
         let old: UserRecord = decode(&bytes)?;
         let mut user = old.clone();
@@ -96,7 +141,7 @@ impl UserDb {
         }
         user.updated_at = now;
         if user.unionid == old.unionid {
-            self.users.insert(openid.as_bytes(), encode(&user))?;
+            self.users.insert(key.as_bytes(), encode(&user))?;
         } else {
             let trees = (&self.users, &self.unionids);
             trees
@@ -106,7 +151,44 @@ impl UserDb {
                 })
                 .map_err(abort_or_storage)?;
         }
-        Ok((user, false))
+        Ok((user, Registered::Known))
+    }
+
+    /// The uid that `unionid` belongs to, if it is indexed (to a uid that still has its first
+    /// identity).
+    fn holder(&self, unionid: Option<&str>) -> Result<Option<u64>, Error> {
+        let Some(unionid) = unionid else {
+            return Ok(None);
+        };
+        let Some(uid) = self.unionids.get(unionid.as_bytes())? else {
+            return Ok(None);
+        };
+        Ok(self.uids.contains_key(&uid)?.then_some(decode_u64(&uid)?))
+    }
+
+    /// Every identity of `uid`: its first, then those that joined it, in key order.
+    pub fn identities(&self, uid: u64) -> Result<Vec<Identity>, Error> {
+        let prefix = uid.to_be_bytes();
+        let first = self.uids.get(prefix)?;
+        let joined = self.identities.scan_prefix(prefix).keys();
+        let keys = first
+            .into_iter()
+            .map(Ok)
+            .chain(joined.map(|key| key.map(|key| ::sled::IVec::from(&key[prefix.len()..]))));
+        let mut identities = Vec::new();
+        for key in keys {
+            let Some(bytes) = self.users.get(key?)? else {
+                continue;
+            };
+            let user: UserRecord = decode(&bytes)?;
+            if user.uid == uid {
+                identities.push(Identity {
+                    appid: user.appid,
+                    openid: user.openid,
+                });
+            }
+        }
+        Ok(identities)
     }
 
     /// The uid the next new user gets: past the counter and past every uid in the index (a
@@ -154,12 +236,12 @@ impl UserDb {
     /// rewrite the start of what decrypts.
     pub fn save_profile(
         &self,
-        openid: &str,
+        key: &str,
         profile: &Profile,
         now: u64,
     ) -> Result<UserRecord, Error> {
         let claim = profile.union_id.as_deref();
-        self.update_user(openid, now, claim, |user| {
+        self.update_user(key, now, claim, |user| {
             if let Some(unionid) = claim {
                 user.unionid = Some(unionid.to_owned());
             }
@@ -168,20 +250,20 @@ impl UserDb {
     }
 
     /// Stores a decrypted phone number on the user.
-    pub fn save_phone(&self, openid: &str, phone: &Phone, now: u64) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, None, |user| user.phone = Some(phone.clone()))
+    pub fn save_phone(&self, key: &str, phone: &Phone, now: u64) -> Result<UserRecord, Error> {
+        self.update_user(key, now, None, |user| user.phone = Some(phone.clone()))
     }
 
     /// Replaces the user's session_key `old` by `new` (after WeChat reset it); a key that
     /// changed meanwhile (a login stored a newer one) is kept.
     pub fn replace_session_key(
         &self,
-        openid: &str,
+        key: &str,
         old: &str,
         new: &str,
         now: u64,
     ) -> Result<UserRecord, Error> {
-        self.update_user(openid, now, None, |user| {
+        self.update_user(key, now, None, |user| {
             if user.session_key == old {
                 user.session_key = new.to_owned();
             }
@@ -192,15 +274,15 @@ impl UserDb {
     /// encrypted data): checked against the user's own and the index in the same transaction.
     fn update_user(
         &self,
-        openid: &str,
+        key: &str,
         now: u64,
         claim: Option<&str>,
         change: impl Fn(&mut UserRecord),
     ) -> Result<UserRecord, Error> {
         let trees = (&self.users, &self.unionids);
         let result = trees.transaction(|(users, unionids)| {
-            let bytes = users.get(openid)?.ok_or_else(|| {
-                ConflictableTransactionError::Abort(Error::Storage(format!("no user {openid}")))
+            let bytes = users.get(key)?.ok_or_else(|| {
+                ConflictableTransactionError::Abort(Error::Storage(format!("no user {key}")))
             })?;
             let old: UserRecord = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
             if let Some(claim) = claim {
@@ -224,6 +306,10 @@ impl UserDb {
     pub fn find(&self, key: &UserKey) -> Result<Option<UserRecord>, Error> {
         let (openid, uid) = match key {
             UserKey::Openid(openid) => (Some(sled::IVec::from(openid.as_bytes())), None),
+            UserKey::Identity(id) => {
+                let key = identity_key(id.appid.as_deref(), &id.openid);
+                (Some(sled::IVec::from(key.as_bytes())), None)
+            }
             UserKey::Uid(uid) => (self.uids.get(uid.to_be_bytes())?, Some(*uid)),
             UserKey::Unionid(unionid) => match self.unionids.get(unionid)? {
                 Some(uid) => (self.uids.get(&uid)?, Some(decode_u64(&uid)?)),
@@ -236,6 +322,17 @@ impl UserDb {
         let user: Option<UserRecord> = self.users.get(openid)?.map(|b| decode(&b)).transpose()?;
         // An index entry left by an unfinished registration names a user with another uid.
         Ok(user.filter(|user| uid.is_none_or(|uid| user.uid == uid)))
+    }
+
+    /// The user `key` finds, with every identity of its uid.
+    pub fn find_user(&self, key: &UserKey) -> Result<Option<User>, Error> {
+        let Some(record) = self.find(key)? else {
+            return Ok(None);
+        };
+        let identities = self.identities(record.uid)?;
+        let mut user = User::from(record);
+        user.identities = identities;
+        Ok(Some(user))
     }
 
     /// Every user, in openid order (for export).
@@ -258,25 +355,46 @@ impl UserDb {
         entries.take(limit).map(|entry| decode(&entry?.1)).collect()
     }
 
-    /// How many users are registered. sled counts by walking the tree: for the admin's stats,
-    /// not for anything per request.
+    /// How many users (uids: persons, however many apps they logged in through) are registered.
+    /// sled counts by walking the tree: for the admin's stats, not for anything per request.
     pub fn count(&self) -> usize {
-        self.users.len()
+        self.uids.len()
     }
 
     /// Writes a user as it was exported, keeping its uid; the uid counter moves past it so that
     /// the uid is never handed out again. Replaces a user with the same openid.
     pub fn import(&self, user: &UserRecord) -> Result<(), Error> {
-        let trees = (&self.users, &self.uids, &self.meta, &self.unionids);
-        let result = trees.transaction(|(users, uids, meta, unionids)| {
+        let trees = (
+            &self.users,
+            &self.uids,
+            &self.meta,
+            &self.unionids,
+            &self.identities,
+        );
+        let result = trees.transaction(|(users, uids, meta, unionids, identities)| {
+            let key = user.key();
+            let mut joins = None;
             if let Some(owner) = uids.get(user.uid.to_be_bytes())?
-                && owner != user.openid.as_bytes()
+                && owner != key.as_bytes()
             {
-                return Err(ConflictableTransactionError::Abort(Error::InvalidRequest(
-                    format!("uid {} already belongs to another openid", user.uid),
-                )));
+                // Another identity of the uid: of another app it joins the uid (an export of
+                // several apps), of the same app it is a conflict.
+                let owner_app = match users.get(&owner)? {
+                    Some(bytes) => {
+                        decode::<UserRecord>(&bytes)
+                            .map_err(ConflictableTransactionError::Abort)?
+                            .appid
+                    }
+                    None => None,
+                };
+                if owner_app == user.appid {
+                    return Err(ConflictableTransactionError::Abort(Error::InvalidRequest(
+                        format!("uid {} already belongs to another openid", user.uid),
+                    )));
+                }
+                joins = Some(owner);
             }
-            let old = match users.get(user.openid.as_bytes())? {
+            let old = match users.get(key.as_bytes())? {
                 Some(bytes) => Some(
                     decode::<UserRecord>(&bytes).map_err(ConflictableTransactionError::Abort)?,
                 ),
@@ -299,12 +417,43 @@ impl UserDb {
                 })?;
                 meta.insert(NEXT_UID, &after.to_be_bytes())?;
             }
-            uids.insert(&user.uid.to_be_bytes(), user.openid.as_bytes())?;
+            match joins {
+                // The default app's identity is a uid's first, whatever order the lines come in.
+                Some(owner) if user.appid.is_none() => {
+                    let owner = String::from_utf8_lossy(&owner);
+                    identities.insert(link(user.uid, &owner), &[])?;
+                    uids.insert(&user.uid.to_be_bytes(), key.as_bytes())?;
+                }
+                Some(_) => {
+                    identities.insert(link(user.uid, &key), &[])?;
+                }
+                None => {
+                    uids.insert(&user.uid.to_be_bytes(), key.as_bytes())?;
+                }
+            }
             write_user(users, unionids, old.as_ref(), user)?;
             Ok(())
         });
         result.map_err(abort_or_storage)
     }
+}
+
+/// What a login did to the users' trees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Registered {
+    /// A new identity with a new uid: a new user.
+    NewUid,
+    /// A new identity that joined the uid of its unionid.
+    Joined,
+    /// An identity already stored.
+    Known,
+}
+
+/// The `identities` key that links the identity `key` to `uid`.
+fn link(uid: u64, key: &str) -> Vec<u8> {
+    let mut link = uid.to_be_bytes().to_vec();
+    link.extend_from_slice(key.as_bytes());
+    link
 }
 
 /// Writes a user and keeps the unionid index in step with it.
@@ -315,15 +464,24 @@ fn write_user(
     user: &UserRecord,
 ) -> Result<(), UnabortableTransactionError> {
     let old_unionid = old.and_then(|old| old.unionid.as_deref());
+    let uid = user.uid.to_be_bytes();
     if old_unionid != user.unionid.as_deref() {
-        if let Some(old_unionid) = old_unionid {
+        // The index names the uid that first held a unionid: an identity that gets one later
+        // (its app bound to the Open Platform since) keeps its own uid and takes no other's.
+        if let Some(old_unionid) = old_unionid
+            && unionids
+                .get(old_unionid.as_bytes())?
+                .is_some_and(|held| *held == uid)
+        {
             unionids.remove(old_unionid.as_bytes())?;
         }
-        if let Some(unionid) = &user.unionid {
-            unionids.insert(unionid.as_bytes(), &user.uid.to_be_bytes())?;
+        if let Some(unionid) = &user.unionid
+            && unionids.get(unionid.as_bytes())?.is_none()
+        {
+            unionids.insert(unionid.as_bytes(), &uid)?;
         }
     }
-    users.insert(user.openid.as_bytes(), encode(user))?;
+    users.insert(user.key().as_bytes(), encode(user))?;
     Ok(())
 }
 
@@ -358,84 +516,86 @@ impl SledUsers {
         SledUsers { users, commit }
     }
 
-    pub(crate) fn upsert(&mut self, login: Code2Session, now: u64) -> Pending<Registration> {
-        let upserted = self.users.upsert(
+    pub(crate) fn upsert(
+        &mut self,
+        appid: Option<&str>,
+        login: Code2Session,
+        now: u64,
+    ) -> Pending<Registration> {
+        let upserted = self.users.register(
+            appid,
             &login.openid,
             &login.session_key,
             login.unionid.as_deref(),
             now,
         );
-        let (user, is_new) = match upserted {
+        let (user, registered) = match upserted {
             Ok(upserted) => upserted,
             Err(e) => return Pending::Ready(Err(e)),
         };
+        let is_new = registered == Registered::NewUid;
+        // A joined identity is answered once durable too: its uid is acknowledged with it.
+        let written = registered != Registered::Known;
+        let key = user.key().into_owned();
         let registration = Registration {
             uid: user.uid,
             openid: user.openid,
             unionid: user.unionid,
             is_new,
         };
-        let openid = registration.openid.clone();
         {
             let mut pending = self.users.unflushed.lock().expect("unflushed lock");
-            if !is_new && !pending.contains(&openid) {
+            if !written && !pending.contains(&key) {
                 return Pending::Ready(Ok(registration));
             }
-            pending.insert(openid.clone());
+            pending.insert(key.clone());
         }
         let (commit, pending) = (self.commit.clone(), self.users.unflushed.clone());
         Pending::Later(Box::pin(async move {
             let durable = commit.durable().await;
             if durable.is_ok() {
                 // This flush began after the registration was written, whichever login waited.
-                pending.lock().expect("unflushed lock").remove(&openid);
+                pending.lock().expect("unflushed lock").remove(&key);
             }
             durable.map(|()| registration)
         }))
     }
 
-    pub(crate) fn session_key(&self, openid: &str) -> Pending<String> {
-        let found = self.users.find(&UserKey::Openid(openid.to_owned()));
+    pub(crate) fn session_key(&self, key: &str) -> Pending<String> {
+        // `Openid` finds by the key as it is: the default app's keys are the openids.
+        let found = self.users.find(&UserKey::Openid(key.to_owned()));
         Pending::Ready(found.and_then(|user| {
             user.map(|user| user.session_key)
                 .ok_or(Error::InvalidSession)
         }))
     }
 
-    pub(crate) fn save_profile(
-        &mut self,
-        openid: &str,
-        profile: &Profile,
-        now: u64,
-    ) -> Pending<User> {
-        self.commit.after(
-            self.users
-                .save_profile(openid, profile, now)
-                .map(User::from),
-        )
+    pub(crate) fn save_profile(&mut self, key: &str, profile: &Profile, now: u64) -> Pending<User> {
+        self.commit
+            .after(self.users.save_profile(key, profile, now).map(User::from))
     }
 
-    pub(crate) fn save_phone(&mut self, openid: &str, phone: &Phone, now: u64) -> Pending<User> {
+    pub(crate) fn save_phone(&mut self, key: &str, phone: &Phone, now: u64) -> Pending<User> {
         self.commit
-            .after(self.users.save_phone(openid, phone, now).map(User::from))
+            .after(self.users.save_phone(key, phone, now).map(User::from))
     }
 
     pub(crate) fn replace_session_key(
         &mut self,
-        openid: &str,
+        key: &str,
         old: &str,
         new: &str,
         now: u64,
     ) -> Pending<User> {
         self.commit.after(
             self.users
-                .replace_session_key(openid, old, new, now)
+                .replace_session_key(key, old, new, now)
                 .map(User::from),
         )
     }
 
     pub(crate) fn find(&self, key: &UserKey) -> Pending<Option<User>> {
-        Pending::Ready(self.users.find(key).map(|user| user.map(User::from)))
+        Pending::Ready(self.users.find_user(key))
     }
 
     pub(crate) fn count(&self) -> Pending<usize> {
@@ -458,7 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (db, users) = open(&dir);
-            users.upsert("o-a", "k", None, 100).unwrap();
+            users.upsert(None, "o-a", "k", None, 100).unwrap();
             // As if the process died after the index entry of o-b's registration, the first of
             // its writes: no user, no counter.
             users.uids.insert(2u64.to_be_bytes(), "o-b").unwrap();
@@ -467,12 +627,12 @@ mod tests {
         let (_db, users) = open(&dir);
         assert_eq!(users.find(&UserKey::Uid(2)).unwrap(), None);
         // o-b logs in again: a new uid, and uid 2 never names it nor anyone else.
-        let (b, new) = users.upsert("o-b", "k", None, 200).unwrap();
+        let (b, new) = users.upsert(None, "o-b", "k", None, 200).unwrap();
         assert!(new);
         assert_eq!(b.uid, 3);
         assert_eq!(users.find(&UserKey::Uid(2)).unwrap(), None);
         assert_eq!(users.find(&UserKey::Uid(3)).unwrap().unwrap().openid, "o-b");
-        let (c, _) = users.upsert("o-c", "k", None, 300).unwrap();
+        let (c, _) = users.upsert(None, "o-c", "k", None, 300).unwrap();
         assert_eq!(c.uid, 4);
     }
 
@@ -480,14 +640,16 @@ mod tests {
     fn new_users_get_increasing_uids_and_known_ones_keep_theirs() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, users) = open(&dir);
-        let (alice, new) = users.upsert("o-alice", "k1", None, 100).unwrap();
+        let (alice, new) = users.upsert(None, "o-alice", "k1", None, 100).unwrap();
         assert!(new);
         assert_eq!(alice.uid, 1);
-        let (bob, new) = users.upsert("o-bob", "k2", None, 101).unwrap();
+        let (bob, new) = users.upsert(None, "o-bob", "k2", None, 101).unwrap();
         assert!(new);
         assert_eq!(bob.uid, 2);
 
-        let (again, new) = users.upsert("o-alice", "k3", Some("u-alice"), 200).unwrap();
+        let (again, new) = users
+            .upsert(None, "o-alice", "k3", Some("u-alice"), 200)
+            .unwrap();
         assert!(!new);
         assert_eq!(again.uid, 1);
         assert_eq!(again.session_key, "k3");
@@ -495,7 +657,7 @@ mod tests {
         assert_eq!((again.created_at, again.updated_at), (100, 200));
 
         // A later login without unionid does not erase it.
-        let (later, _) = users.upsert("o-alice", "k4", None, 300).unwrap();
+        let (later, _) = users.upsert(None, "o-alice", "k4", None, 300).unwrap();
         assert_eq!(later.unionid.as_deref(), Some("u-alice"));
         assert_eq!(users.find(&UserKey::Uid(1)).unwrap().unwrap(), later);
         assert_eq!(
@@ -524,7 +686,7 @@ mod tests {
     fn profiles_and_phones_are_stored_and_index_the_unionid() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, users) = open(&dir);
-        users.upsert("o-eve", "k", None, 1).unwrap();
+        users.upsert(None, "o-eve", "k", None, 1).unwrap();
         let profile = Profile {
             open_id: Some("o-eve".into()),
             union_id: Some("u-eve".into()),
@@ -560,8 +722,8 @@ mod tests {
     fn a_profile_confirms_a_unionid_but_never_changes_nor_moves_one() {
         let dir = tempfile::tempdir().unwrap();
         let (_db, users) = open(&dir);
-        users.upsert("o-ann", "k", Some("u-ann"), 1).unwrap();
-        users.upsert("o-bob", "k", None, 1).unwrap();
+        users.upsert(None, "o-ann", "k", Some("u-ann"), 1).unwrap();
+        users.upsert(None, "o-bob", "k", None, 1).unwrap();
         let claiming = |unionid: &str| Profile {
             union_id: Some(unionid.into()),
             nick_name: Some("forged".into()),
@@ -604,7 +766,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_db, users) = open(&dir);
         for i in 0..25 {
-            users.upsert(&format!("o-{i:02}"), "k", None, 1).unwrap();
+            users
+                .upsert(None, &format!("o-{i:02}"), "k", None, 1)
+                .unwrap();
         }
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
@@ -614,10 +778,10 @@ mod tests {
             after = Some(last.openid.clone());
             seen.extend(page.iter().map(|user| user.openid.clone()));
             // Between pages: a user before the cursor and one after it change, new ones come.
-            users.upsert("o-00", "k2", None, 2).unwrap();
-            users.upsert("o-24", "k2", None, 2).unwrap();
+            users.upsert(None, "o-00", "k2", None, 2).unwrap();
+            users.upsert(None, "o-24", "k2", None, 2).unwrap();
             users
-                .upsert(&format!("o-new-{round}"), "k", None, 2)
+                .upsert(None, &format!("o-new-{round}"), "k", None, 2)
                 .unwrap();
         }
         let before: Vec<String> = (0..25).map(|i| format!("o-{i:02}")).collect();
@@ -635,15 +799,70 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (db, users) = open(&dir);
-            users.upsert("o-1", "k", None, 1).unwrap();
-            users.upsert("o-2", "k", None, 1).unwrap();
+            users.upsert(None, "o-1", "k", None, 1).unwrap();
+            users.upsert(None, "o-2", "k", None, 1).unwrap();
             db.flush().unwrap();
         }
         let (_db, users) = open(&dir);
-        let (user, new) = users.upsert("o-3", "k", None, 2).unwrap();
+        let (user, new) = users.upsert(None, "o-3", "k", None, 2).unwrap();
         assert!(new);
         assert_eq!(user.uid, 3);
-        let (old, new) = users.upsert("o-1", "k2", None, 3).unwrap();
+        let (old, new) = users.upsert(None, "o-1", "k2", None, 3).unwrap();
         assert_eq!((old.uid, new), (1, false));
+    }
+
+    #[test]
+    fn an_identity_of_another_app_joins_the_uid_of_its_unionid_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (db, users) = open(&dir);
+            let (main, new) = users.upsert(None, "o-ann", "k1", Some("u-ann"), 1).unwrap();
+            assert_eq!((main.uid, new), (1, true));
+            let (lite, new) = users
+                .upsert(Some("wx-lite"), "l-ann", "k2", Some("u-ann"), 2)
+                .unwrap();
+            assert_eq!(
+                (lite.uid, new, lite.appid.as_deref()),
+                (1, false, Some("wx-lite"))
+            );
+            // Without a unionid, a stranger; a unionid nobody holds, a new uid too.
+            let (bob, new) = users
+                .upsert(Some("wx-lite"), "l-bob", "k", None, 3)
+                .unwrap();
+            assert_eq!((bob.uid, new), (2, true));
+            let (cy, new) = users
+                .upsert(Some("wx-lite"), "l-cy", "k", Some("u-cy"), 3)
+                .unwrap();
+            assert_eq!((cy.uid, new), (3, true));
+            db.flush().unwrap();
+        }
+        let (_db, users) = open(&dir);
+        let ann = users.find_user(&UserKey::Uid(1)).unwrap().unwrap();
+        assert_eq!((ann.appid, ann.openid.as_str()), (None, "o-ann"));
+        let listed: Vec<_> = ann
+            .identities
+            .iter()
+            .map(|id| (id.appid.as_deref(), id.openid.as_str()))
+            .collect();
+        assert_eq!(listed, [(None, "o-ann"), (Some("wx-lite"), "l-ann")]);
+        // Each identity keeps its own session_key; the default app's key is its openid alone.
+        let lite = Identity {
+            appid: Some("wx-lite".into()),
+            openid: "l-ann".into(),
+        };
+        let found = users.find(&UserKey::Identity(lite)).unwrap().unwrap();
+        assert_eq!((found.uid, found.session_key.as_str()), (1, "k2"));
+        assert_eq!(users.find(&UserKey::Openid("l-ann".into())).unwrap(), None);
+        assert_eq!(
+            users
+                .find(&UserKey::Openid("o-ann".into()))
+                .unwrap()
+                .unwrap()
+                .session_key,
+            "k1"
+        );
+        // The next new person after reopening gets a fresh uid.
+        let (dee, new) = users.upsert(None, "o-dee", "k", None, 4).unwrap();
+        assert_eq!((dee.uid, new), (4, true));
     }
 }

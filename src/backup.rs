@@ -16,6 +16,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use crate::session::SessionPolicy;
+use crate::storage;
 use crate::storage::redis::Redis;
 use crate::storage::sled::DataDir;
 use crate::user::{Identity, UserKey, UserRecord};
@@ -86,6 +87,9 @@ pub async fn migrate_to_redis(
              would bring back sessions revoked since. Add --force to copy what is missing anyway"
         )));
     }
+    if let Some(appid) = data.users().default_app()? {
+        storage::same_default_app("Redis", redis.claim_default_app(&appid).await?, &appid)?;
+    }
     let mut moved = Migrated {
         users: 0,
         users_kept: 0,
@@ -144,6 +148,9 @@ pub fn import(data: &DataDir, input: impl BufRead) -> Result<u64, Error> {
 }
 
 fn import_lines(data: &DataDir, mut input: impl BufRead, count: &mut u64) -> Result<(), Error> {
+    // The default app's identities are filed without an appid: a line that names it (written by
+    // hand; exports leave it out) is one of them.
+    let default_app = data.users().default_app()?;
     let mut bytes = Vec::new();
     for number in 1u64.. {
         let at_line = |what: String| {
@@ -171,7 +178,10 @@ fn import_lines(data: &DataDir, mut input: impl BufRead, count: &mut u64) -> Res
             ));
         };
         let line = line.strip_suffix('\r').unwrap_or(line);
-        let user: User = serde_json::from_str(line).map_err(|e| at_line(json_error(&e)))?;
+        let mut user: User = serde_json::from_str(line).map_err(|e| at_line(json_error(&e)))?;
+        if user.appid.is_some() && user.appid == default_app {
+            user.appid = None;
+        }
         if user.uid == 0 || user.openid.is_empty() {
             return Err(at_line(
                 "uid must be at least 1 and openid must not be empty".into(),
@@ -222,6 +232,24 @@ mod tests {
         format!(
             r#"{{"uid":{uid},"openid":"{openid}","unionid":null,"profile":null,"phone":null,"createdAt":1,"updatedAt":2}}"#
         )
+    }
+
+    #[test]
+    fn a_line_naming_the_default_app_is_the_default_apps_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = open_for_import(dir.path(), 8).unwrap();
+        data.users().claim_default_app("wxdefault").unwrap();
+        let named = line(4, "o-d").replacen(r#""openid""#, r#""appid":"wxdefault","openid""#, 1);
+        let other = line(5, "o-e").replacen(r#""openid""#, r#""appid":"wxother","openid""#, 1);
+        import(&data, format!("{named}\n{other}\n").as_bytes()).unwrap();
+        let found = |key| data.users().find(&key).unwrap().map(|user| user.uid);
+        assert_eq!(found(UserKey::Openid("o-d".into())), Some(4));
+        assert_eq!(found(UserKey::Openid("o-e".into())), None);
+        let other = Identity {
+            appid: Some("wxother".into()),
+            openid: "o-e".into(),
+        };
+        assert_eq!(found(UserKey::Identity(other)), Some(5));
     }
 
     #[test]

@@ -254,6 +254,16 @@ fn import(
         .as_deref()
         .map_or("standard input".into(), |p| p.display().to_string());
     let data = backup::open_for_import(&dir, config.cache_mb)?;
+    // Lines without an appid are the default app's: the one configured, if any, must be the data
+    // dir's.
+    if let Some(appid) = config
+        .appid
+        .as_ref()
+        .or(config.apps.first().map(|app| &app.appid))
+    {
+        let held = data.users().claim_default_app(appid)?;
+        wxbroker::storage::same_default_app("The data dir", held, appid)?;
+    }
     let count = match file {
         Some(file) => backup::import(&data, BufReader::new(file)),
         None => backup::import(&data, std::io::stdin().lock()),

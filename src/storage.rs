@@ -95,15 +95,32 @@ pub enum Storage {
 impl Storage {
     /// Opens what `config` names: Redis when `WXBROKER_STORE` is set, else the data dir. With
     /// signed access tokens on, every revocation is recorded in the revocation feed.
+    ///
+    /// The stores file the default app's identities and sessions without an appid (as before
+    /// several apps), so data read with another app as the default would hand one mini
+    /// program's users, session_keys and sessions to another: the default app of `config` is
+    /// recorded at the first opening, and another one is refused at the next.
     pub async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Storage, Error> {
         let keep = config.access_policy().map(|policy| policy.keep());
+        let default_app = config
+            .served_apps()?
+            .into_iter()
+            .next()
+            .map(|app| app.appid);
         match &config.store {
             Some(url) => {
                 let redis = Redis::connect(url.expose()).await?;
+                if let Some(appid) = &default_app {
+                    same_default_app("Redis", redis.claim_default_app(appid).await?, appid)?;
+                }
                 Ok(Storage::Redis(redis.with_revocations(keep.unwrap_or(0))))
             }
             None => {
                 let data = DataDir::open(&config.data_dir, config.cache_mb)?;
+                if let Some(appid) = &default_app {
+                    let held = data.users().claim_default_app(appid)?;
+                    same_default_app("The data dir", held, appid)?;
+                }
                 if let Some(keep) = keep {
                     data.revocations().enable(keep, config.clock.now())?;
                 }
@@ -199,6 +216,19 @@ impl Storage {
             Storage::Redis(redis) => Health::Redis(redis.clone()),
         }
     }
+}
+
+/// `Ok` when `held`, the default app recorded in `place`, is `appid`; else the error saying
+/// what to change.
+pub fn same_default_app(place: &str, held: String, appid: &str) -> Result<(), Error> {
+    if held == appid {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{place} holds the users of the mini program {held} as its default app, but {appid} is \
+         configured as the default (WECHAT_APPID, or the first of [[apps]]): list {held} first, \
+         or give {appid} a store of its own"
+    )))
 }
 
 /// What booking a login code across brokers found.

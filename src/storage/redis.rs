@@ -12,7 +12,8 @@
 //!   `openid`, `unionid`, `session_key`, `created_at`, `updated_at`, `profile` and `phone` (JSON)
 //! - `uid:{uid}` -> the key of the uid's first identity; `identities:{uid}`: set of the keys of
 //!   the identities that joined the uid later (through another app, by unionid);
-//!   `unionid:{unionid}` -> uid; `next_uid`: the last uid handed out; `user_count` (uids)
+//!   `unionid:{unionid}` -> uid; `next_uid`: the last uid handed out; `user_count` (uids);
+//!   `default_app`: the appid whose identities are filed without one
 //! - `session:{id}` (id: hex SHA-256 of the token): hash of `uid`, `appid` (not for the default
 //!   app), `openid`, `unionid`, `created_at`, `last_seen`, `expires_at`; TTL = the idle deadline
 //! - `sessions:{uid}`: sorted set of the user's session ids by creation
@@ -132,6 +133,26 @@ impl Redis {
             .await
             .map(drop)
             .map_err(storage)
+    }
+
+    /// The default app of this data: `appid` if none was recorded yet (a new Redis, or one from
+    /// before several apps), which it then is.
+    pub async fn claim_default_app(&self, appid: &str) -> Result<String, Error> {
+        let mut con = self.con.clone();
+        let key = format!("{PREFIX}default_app");
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(appid)
+            .arg("NX")
+            .query_async(&mut con)
+            .await
+            .map_err(storage)?;
+        let held: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .map_err(storage)?;
+        Ok(held.unwrap_or_else(|| appid.to_owned()))
     }
 
     /// When a migration into this Redis finished (unix seconds), if one did.

@@ -836,3 +836,46 @@ async fn a_joined_identity_is_answered_only_once_on_disk() {
         (Some(1), Some(false))
     );
 }
+
+/// The stores file the default app's data without an appid, so a store keeps the default app it
+/// first served: a broker configured with another one first refuses to start, naming both (on
+/// sled and on Redis), and starts again with the recorded one first.
+#[tokio::test]
+async fn a_store_keeps_its_default_app_and_a_broker_with_another_first_refuses_to_start() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for store in [None, Some(redis.url.clone())] {
+        let config = |first: &str, second: &str| wxbroker::Config {
+            data_dir: dir.path().join("data"),
+            store: store.clone().map(wxbroker::Secret::new),
+            appid: Some(first.into()),
+            secret: Some(wxbroker::Secret::new("secret-of-the-first-app")),
+            apps: vec![wxbroker::App {
+                appid: second.into(),
+                secret: wxbroker::Secret::new("secret-of-the-second-app"),
+                name: None,
+            }],
+            ..wxbroker::Config::default()
+        };
+        let broker = wxbroker::Broker::start(&config("wxmain000000001", "wxlite000000001"))
+            .await
+            .unwrap();
+        broker.shutdown().await.unwrap();
+        drop(broker);
+        let err = wxbroker::Broker::start(&config("wxlite000000001", "wxmain000000001"))
+            .await
+            .err()
+            .expect("another default app is refused");
+        assert!(
+            matches!(&err, wxbroker::Error::Config(m)
+                if m.contains("wxmain000000001 as its default app")
+                    && m.contains("but wxlite000000001 is configured")),
+            "{err}"
+        );
+        let again = wxbroker::Broker::start(&config("wxmain000000001", "wxlite000000001"))
+            .await
+            .unwrap();
+        again.shutdown().await.unwrap();
+        drop(again);
+    }
+}

@@ -10,8 +10,9 @@
 //! - `identities`: uid (big-endian u64) followed by an identity key -> nothing: the identities
 //!   that joined the uid later (a login through another app whose unionid the uid holds)
 //! - `unionids`: unionid -> uid (big-endian u64), the index for finding a user by unionid
-//! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64) (the revocation feed keeps its
-//!   origin and horizon there too: `revocations.rs`)
+//! - `meta`: `next_uid` -> the next uid to hand out (big-endian u64); `default_app` -> the appid
+//!   whose identities are filed without one (the revocation feed keeps its origin and horizon
+//!   there too: `revocations.rs`)
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use crate::user::{
 };
 
 const NEXT_UID: &[u8] = b"next_uid";
+const DEFAULT_APP: &[u8] = b"default_app";
 
 /// The users' trees in the data dir's database. Cheap to clone.
 #[derive(Clone)]
@@ -58,6 +60,27 @@ impl UserDb {
         };
         users.drop_unfinished_registration()?;
         Ok(users)
+    }
+
+    /// The default app recorded by [`UserDb::claim_default_app`], if any yet.
+    pub fn default_app(&self) -> Result<Option<String>, Error> {
+        let held = self.meta.get(DEFAULT_APP)?;
+        Ok(held.map(|appid| String::from_utf8_lossy(&appid).into()))
+    }
+
+    /// The default app of this data: `appid` if none was recorded yet (a new data dir, or one
+    /// from before several apps), which it then is, durably.
+    pub fn claim_default_app(&self, appid: &str) -> Result<String, Error> {
+        let claimed =
+            self.meta
+                .compare_and_swap(DEFAULT_APP, None::<&[u8]>, Some(appid.as_bytes()))?;
+        match claimed {
+            Ok(()) => {
+                self.meta.flush()?;
+                Ok(appid.to_owned())
+            }
+            Err(held) => Ok(String::from_utf8_lossy(&held.current.unwrap_or_default()).into()),
+        }
     }
 
     /// Registers `openid` or refreshes its session_key; returns the user and whether it is new.

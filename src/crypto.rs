@@ -1,6 +1,9 @@
 //! Pure cryptographic functions: session tokens and their hashes, WeChat's AES-128-CBC
 //! `encryptedData`, and the `rawData` and session_key signatures. No I/O beyond the OS RNG, no async.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use aes::cipher::block_padding::Pkcs7;
 use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
 use base64::Engine;
@@ -23,6 +26,35 @@ pub const TOKEN_LEN: usize = 43;
 ///
 /// Keeping only the hash means a copy of the database cannot be used to impersonate anyone.
 pub type TokenHash = [u8; 32];
+
+/// A map keyed by token hash, hashed by eight of the hash's own bytes.
+///
+/// A token hash is a SHA-256 output, already uniform: hashing it again (SipHash, over all 32
+/// bytes) only costs time. Flooding is no concern: such maps hold the hashes of tokens this server
+/// drew from the OS CSPRNG, so whatever a client sends, the buckets stay evenly filled.
+pub type TokenMap<V> = HashMap<TokenHash, V, BuildHasherDefault<TokenHasher>>;
+
+/// The hasher of [`TokenMap`]: bytes 8..16 of the hash (the first byte picks a session shard).
+#[derive(Default)]
+pub struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        match bytes.get(8..16) {
+            Some(word) => self.0 = u64::from_le_bytes(word.try_into().expect("eight bytes")),
+            // An array also hashes its length first; fold in whatever else comes.
+            None => {
+                for &byte in bytes {
+                    self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+                }
+            }
+        }
+    }
+}
 
 /// A fresh session token: 32 bytes straight from the OS CSPRNG, base64url without padding.
 pub fn new_token() -> Result<String, rand::rngs::SysError> {

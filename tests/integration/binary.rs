@@ -798,8 +798,7 @@ async fn acknowledged_writes_survive_kill_9_during_compactions() {
 fn append_ended_sessions(dir: &Path, round: u64) {
     let log = SessionLog::open(dir).unwrap();
     for n in 0..ENDED_SESSIONS {
-        let mut hash = [0xee; 32];
-        hash[..8].copy_from_slice(&(round * ENDED_SESSIONS + n).to_le_bytes());
+        let hash = wxbroker::crypto::token_hash(&format!("ended-{round}-{n}"));
         let record = wxbroker::SessionRecord {
             uid: u64::MAX - n,
             appid: None,

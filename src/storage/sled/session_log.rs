@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Error;
-use crate::crypto::TokenHash;
+use crate::crypto::{TokenHash, TokenMap};
 use crate::session::SessionRecord;
 
 /// The log's file name inside the data directory.
@@ -286,8 +286,11 @@ impl SessionLog {
             let log = self.file();
             (File::open(&self.path).map_err(read)?, log.len)
         };
-        // Where the last put of each session not removed since starts.
-        let mut latest: HashMap<TokenHash, u64> = HashMap::new();
+        // Where the last put of each session not removed since starts. Sized once for the live
+        // sessions (at most a quarter of the frames when a compaction starts): a map that grows
+        // moves every entry each time it doubles, and allocates anew.
+        let live = (self.frames() / 4) as usize;
+        let mut latest = TokenMap::with_capacity_and_hasher(live + live / 8, Default::default());
         let (read_frames, whole) = scan((&old).take(start), |offset, body| {
             if let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) {
                 match body[0] {

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use super::DataDir;
 use super::group_commit::GroupCommit;
 use super::session_log::SessionLog;
-use crate::crypto::{TokenHash, session_id, token_hash};
+use crate::crypto::{TokenHash, TokenMap, session_id, token_hash};
 use crate::session::{
     Issued, MAX_SESSIONS_PER_USER, SessionInfo, SessionPolicy, SessionRecord, SessionSummary,
 };
@@ -44,7 +44,7 @@ pub const SHARDS: usize = 64;
 const SWEEP_SHARDS: usize = 4;
 
 /// One shard: the sessions whose hash starts with its number (modulo [`SHARDS`]).
-type Shard = HashMap<TokenHash, Live>;
+type Shard = TokenMap<Live>;
 
 /// The session table as checks read it.
 pub struct SessionTable {

@@ -16,7 +16,6 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use crate::session::SessionPolicy;
-use crate::storage;
 use crate::storage::redis::Redis;
 use crate::storage::sled::DataDir;
 use crate::user::{Identity, UserKey, UserRecord};
@@ -87,8 +86,14 @@ pub async fn migrate_to_redis(
              would bring back sessions revoked since. Add --force to copy what is missing anyway"
         )));
     }
-    if let Some(appid) = data.users().default_app()? {
-        storage::same_default_app("Redis", redis.claim_default_app(&appid).await?, &appid)?;
+    if let Some(appid) = data.users().default_app()?
+        && let held = redis.claim_default_app(&appid).await?
+        && held != appid
+    {
+        return Err(Error::Config(format!(
+            "Redis holds the users of the mini program {held} as its default app, and the data \
+             dir those of {appid}: migrate into a Redis of their own"
+        )));
     }
     let mut moved = Migrated {
         users: 0,
@@ -250,6 +255,31 @@ mod tests {
             openid: "o-e".into(),
         };
         assert_eq!(found(UserKey::Identity(other)), Some(5));
+    }
+
+    #[test]
+    fn an_imported_identity_that_leaves_a_uid_leaves_its_first_identity_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = open_for_import(dir.path(), 8).unwrap();
+        let (ann, _) = data
+            .users()
+            .upsert(None, "o-ann", "k1", Some("u-ann"), 1)
+            .unwrap();
+        let (lite, is_new) = data
+            .users()
+            .upsert(Some("wxlite"), "l-ann", "k2", Some("u-ann"), 2)
+            .unwrap();
+        assert_eq!((lite.uid, is_new), (ann.uid, false));
+        // The lite identity moves to uid 7: uid 1 keeps its first identity, without the link.
+        let moved = line(7, "l-ann").replacen(r#""openid""#, r#""appid":"wxlite","openid""#, 1);
+        import(&data, format!("{moved}\n").as_bytes()).unwrap();
+        let first = data.users().find(&UserKey::Uid(ann.uid)).unwrap().unwrap();
+        assert_eq!(first.openid, "o-ann");
+        let identities = data.users().identities(ann.uid).unwrap();
+        assert!(
+            !identities.iter().any(|id| id.openid == "l-ann"),
+            "{identities:?}"
+        );
     }
 
     #[test]

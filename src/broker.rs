@@ -678,6 +678,14 @@ impl Broker {
         self.check_credentials_of(0).await
     }
 
+    /// Records the default app in the store, or checks that it is the one recorded (see
+    /// [`crate::storage::Health::record_default_app`]): [`crate::run`] does it once WeChat has
+    /// accepted the default app's credentials; an embedder calls it when it knows them good.
+    pub async fn record_default_app(&self) -> Result<(), Error> {
+        let appid = &self.inner.apps[0].appid;
+        self.inner.storage.record_default_app(appid).await
+    }
+
     /// [`Broker::check_credentials`] for the app of index `app` (in [`Broker::appids`] order).
     pub async fn check_credentials_of(&self, app: usize) -> Result<(), Error> {
         self.ask(

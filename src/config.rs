@@ -308,7 +308,7 @@ impl Config {
     pub fn load_from(args: impl IntoIterator<Item = impl Into<OsString>>) -> Result<Config, Error> {
         let args = Config::layered_args::<Config>(args)?;
         let mut config =
-            Config::try_parse_from(args).map_err(|e| Error::Config(clap_message(&e)))?;
+            Config::parse_layered::<Config>(args).map_err(|e| Error::Config(clap_message(&e)))?;
         config.read_app_list()?;
         Ok(config)
     }
@@ -413,9 +413,12 @@ impl Config {
                     "[[apps]]: every app needs a non-empty appid and secret".into(),
                 ));
             }
-            if app.appid.contains(':') || app.appid.len() > 64 {
+            // What a WeChat appid is made of: it goes into store keys (where `:` separates it
+            // from the openid) and into the `X-Wx-Appid` header.
+            let well_formed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+            if !app.appid.chars().all(well_formed) || app.appid.len() > 64 {
                 return Err(Error::Config(format!(
-                    "[[apps]]: appid {} is not an appid (at most 64 characters, no `:`)",
+                    "[[apps]]: appid {} is not an appid (at most 64 letters, digits, `_` or `-`)",
                     app.appid
                 )));
             }
@@ -702,17 +705,15 @@ fn name_the_variable(mut cmd: Command, args: &[OsString], err: clap::Error) -> c
     ) {
         return err;
     }
-    // clap shows the flag as `--listen <LISTEN>`.
+    // clap shows the flag as it renders it: `--listen <LISTEN>`, `--sandbox[=<SANDBOX>]`.
     let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
         return err;
     };
-    let Some(long) = shown.strip_prefix("--").and_then(|s| s.split(' ').next()) else {
+    cmd.build();
+    let Some(arg) = cmd.get_arguments().find(|arg| arg.to_string() == *shown) else {
         return err;
     };
-    let Some(arg) = cmd.get_arguments().find(|arg| arg.get_long() == Some(long)) else {
-        return err;
-    };
-    let Some(var) = arg.get_env() else {
+    let (Some(long), Some(var)) = (arg.get_long(), arg.get_env()) else {
         return err;
     };
     let flag = format!("--{long}");

@@ -181,10 +181,19 @@ async fn check_credentials(broker: &Broker) -> Result<(), Error> {
     for (index, appid) in appids.iter().enumerate() {
         let appid = appid.as_str();
         match broker.check_credentials_of(index).await {
-            Ok(()) => tracing::info!(
-                appid,
-                "WeChat accepts the credentials: serving this mini program"
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    appid,
+                    "WeChat accepts the credentials: serving this mini program"
+                );
+                if index == 0 {
+                    // Only now: a mistyped appid must not bind the store to itself.
+                    if let Err(e) = broker.record_default_app().await {
+                        broker.shutdown().await?;
+                        return Err(e);
+                    }
+                }
+            }
             Err(err) => match err.credentials_fix(appid) {
                 Some(fix) => {
                     broker.shutdown().await?;

@@ -147,6 +147,16 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The default app the configuration names (`WECHAT_APPID`, else the first of `[[apps]]`), if any;
+/// the offline commands need no secret.
+fn configured_default_app(config: &Config) -> Option<&str> {
+    let appid = config
+        .appid
+        .as_ref()
+        .or(config.apps.first().map(|app| &app.appid));
+    appid.map(String::as_str)
+}
+
 /// Human or JSON lines, filtered by `RUST_LOG` (default `info`). The server logs to stdout as it
 /// always has; the offline commands log to stderr, since their stdout may be the export itself.
 /// Colours only on a terminal.
@@ -254,14 +264,13 @@ fn import(
         .as_deref()
         .map_or("standard input".into(), |p| p.display().to_string());
     let data = backup::open_for_import(&dir, config.cache_mb)?;
-    // Lines without an appid are the default app's: the one configured, if any, must be the data
-    // dir's.
-    if let Some(appid) = config
-        .appid
-        .as_ref()
-        .or(config.apps.first().map(|app| &app.appid))
+    let mut config = config.clone();
+    config.read_app_list()?;
+    let config = &config;
+    // Lines without an appid are the default app's: the one configured, if any, must be the one
+    // the data dir has recorded, if any.
+    if let (Some(appid), Some(held)) = (configured_default_app(config), data.users().default_app()?)
     {
-        let held = data.users().claim_default_app(appid)?;
         wxbroker::storage::same_default_app("The data dir", held, appid)?;
     }
     let count = match file {
@@ -294,6 +303,11 @@ async fn migrate(
     checked.validate_store()?;
     let data = backup::open_for_export(&dir, config.cache_mb)?;
     let redis = Redis::connect(to.expose()).await?;
+    // The brokers that will serve on Redis must find there the default app they are given.
+    if let (Some(appid), Some(held)) = (configured_default_app(config), redis.default_app().await?)
+    {
+        wxbroker::storage::same_default_app("Redis", held, appid)?;
+    }
     let policy = config.session_policy();
     let moved = backup::migrate_to_redis(&data, &redis, policy, config.clock.now(), force)
         .await

@@ -98,8 +98,8 @@ impl Storage {
     ///
     /// The stores file the default app's identities and sessions without an appid (as before
     /// several apps), so data read with another app as the default would hand one mini
-    /// program's users, session_keys and sessions to another: the default app of `config` is
-    /// recorded at the first opening, and another one is refused at the next.
+    /// program's users, session_keys and sessions to another: a store whose default app was
+    /// recorded ([`Health::record_default_app`]) refuses another one.
     pub async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Storage, Error> {
         let keep = config.access_policy().map(|policy| policy.keep());
         let default_app = config
@@ -110,15 +110,14 @@ impl Storage {
         match &config.store {
             Some(url) => {
                 let redis = Redis::connect(url.expose()).await?;
-                if let Some(appid) = &default_app {
-                    same_default_app("Redis", redis.claim_default_app(appid).await?, appid)?;
+                if let (Some(appid), Some(held)) = (&default_app, redis.default_app().await?) {
+                    same_default_app("Redis", held, appid)?;
                 }
                 Ok(Storage::Redis(redis.with_revocations(keep.unwrap_or(0))))
             }
             None => {
                 let data = DataDir::open(&config.data_dir, config.cache_mb)?;
-                if let Some(appid) = &default_app {
-                    let held = data.users().claim_default_app(appid)?;
+                if let (Some(appid), Some(held)) = (&default_app, data.users().default_app()?) {
                     same_default_app("The data dir", held, appid)?;
                 }
                 if let Some(keep) = keep {
@@ -218,8 +217,8 @@ impl Storage {
     }
 }
 
-/// `Ok` when `held`, the default app recorded in `place`, is `appid`; else the error saying
-/// what to change.
+/// `Ok` when `held`, the default app recorded in `place`, is `appid`, the one configured as
+/// the default; else the error saying what to change.
 pub fn same_default_app(place: &str, held: String, appid: &str) -> Result<(), Error> {
     if held == appid {
         return Ok(());
@@ -321,6 +320,22 @@ pub enum Health {
 }
 
 impl Health {
+    /// Records `appid` as the default app of the stored data, or checks that it is the one
+    /// recorded. The binary records it once WeChat has accepted the app's credentials, so that a
+    /// mistyped appid never binds a store.
+    pub async fn record_default_app(&self, appid: &str) -> Result<(), Error> {
+        match self {
+            Health::Sled(data, _) => same_default_app(
+                "The data dir",
+                data.users().claim_default_app(appid)?,
+                appid,
+            ),
+            Health::Redis(redis) => {
+                same_default_app("Redis", redis.claim_default_app(appid).await?, appid)
+            }
+        }
+    }
+
     /// Whether the storage answers a read.
     pub async fn answers(&self) -> bool {
         match self {

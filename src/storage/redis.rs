@@ -135,6 +135,16 @@ impl Redis {
             .map_err(storage)
     }
 
+    /// The default app recorded by [`Redis::claim_default_app`], if any yet.
+    pub async fn default_app(&self) -> Result<Option<String>, Error> {
+        let mut con = self.con.clone();
+        redis::cmd("GET")
+            .arg(format!("{PREFIX}default_app"))
+            .query_async(&mut con)
+            .await
+            .map_err(storage)
+    }
+
     /// The default app of this data: `appid` if none was recorded yet (a new Redis, or one from
     /// before several apps), which it then is.
     pub async fn claim_default_app(&self, appid: &str) -> Result<String, Error> {

@@ -838,8 +838,9 @@ async fn a_joined_identity_is_answered_only_once_on_disk() {
 }
 
 /// The stores file the default app's data without an appid, so a store keeps the default app it
-/// first served: a broker configured with another one first refuses to start, naming both (on
-/// sled and on Redis), and starts again with the recorded one first.
+/// recorded: a broker configured with another one first refuses to start, naming both (on sled
+/// and on Redis), and starts again with the recorded one first. Nothing is recorded before
+/// `Broker::record_default_app`: until then another app first starts.
 #[tokio::test]
 async fn a_store_keeps_its_default_app_and_a_broker_with_another_first_refuses_to_start() {
     let redis = RedisServer::start().await;
@@ -857,9 +858,17 @@ async fn a_store_keeps_its_default_app_and_a_broker_with_another_first_refuses_t
             }],
             ..wxbroker::Config::default()
         };
+        // Not recorded yet: another default app starts.
+        let unbound = wxbroker::Broker::start(&config("wxlite000000001", "wxmain000000001"))
+            .await
+            .unwrap();
+        unbound.shutdown().await.unwrap();
+        drop(unbound);
         let broker = wxbroker::Broker::start(&config("wxmain000000001", "wxlite000000001"))
             .await
             .unwrap();
+        // Recorded once the credentials proved good (the binary: when WeChat accepted them).
+        broker.record_default_app().await.unwrap();
         broker.shutdown().await.unwrap();
         drop(broker);
         let err = wxbroker::Broker::start(&config("wxlite000000001", "wxmain000000001"))
@@ -878,4 +887,38 @@ async fn a_store_keeps_its_default_app_and_a_broker_with_another_first_refuses_t
         again.shutdown().await.unwrap();
         drop(again);
     }
+}
+
+/// `migrate` keeps the default apps apart too: a data dir recorded for one default app is not
+/// copied into a Redis recorded for another (the data dir is left as it was, Redis untouched).
+#[tokio::test]
+async fn migrate_refuses_a_redis_recorded_for_another_default_app() {
+    let redis = RedisServer::start().await;
+    let store = wxbroker::storage::redis::Redis::connect(&redis.url)
+        .await
+        .unwrap();
+    store.claim_default_app("wxother00000001").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = wxbroker::backup::open_for_import(dir.path(), 8).unwrap();
+    data.users().claim_default_app("wxmain000000001").unwrap();
+    data.users()
+        .upsert(None, "o-mia", "key-of-mia", None, T0)
+        .unwrap();
+    let policy = wxbroker::Config::default().session_policy();
+    let err = wxbroker::backup::migrate_to_redis(&data, &store, policy, T0, false)
+        .await
+        .expect_err("another default app is refused");
+    assert!(
+        err.to_string().contains("wxother00000001") && err.to_string().contains("wxmain000000001"),
+        "{err}"
+    );
+    assert_eq!(store.migrated_at().await.unwrap(), None);
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let copied: bool = redis::cmd("EXISTS")
+        .arg("wxb:user:o-mia")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(!copied, "nothing was copied");
 }

@@ -167,6 +167,7 @@ async fn a_bad_value_is_named_where_it_was_set() {
             "--session-idle-ttl",
         ),
         (from_env("WXBROKER_LOG_FORMAT", "xml"), "--log-format"),
+        (from_env("WXBROKER_SANDBOX", "maybe"), "--sandbox"),
         (
             (
                 Some(["--listen", "localhost:eighty"]),

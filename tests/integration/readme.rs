@@ -92,6 +92,13 @@ fn the_readme_nginx_snippet_is_from_the_tested_config() {
     assert!(shown.len() > 10, "{snippet}");
     let missing: Vec<&String> = shown.iter().filter(|l| !shipped.contains(l)).collect();
     assert!(missing.is_empty(), "not in deploy/nginx.conf: {missing:?}");
+    // And it leaves out none of the lines that carry the user, whose absence would let a client
+    // send its own `X-Wx-` headers through.
+    let user_lines = shipped
+        .iter()
+        .filter(|l| l.contains("X-Wx-") || l.contains("x_wx_"));
+    let left_out: Vec<&String> = user_lines.filter(|l| !shown.contains(l)).collect();
+    assert!(left_out.is_empty(), "the README leaves out: {left_out:?}");
 }
 
 /// Whether `span` is a Rust path (`a::b::c`, `a::*`).

@@ -426,7 +426,14 @@ impl UserDb {
             if let Some(old) = &old
                 && old.uid != user.uid
             {
-                uids.remove(&old.uid.to_be_bytes())?;
+                // The identity leaves its old uid: as that uid's first identity, or as one that
+                // joined it (whose first identity stays where it is).
+                let old_uid = old.uid.to_be_bytes();
+                if uids.get(old_uid)?.as_deref() == Some(key.as_bytes()) {
+                    uids.remove(&old_uid)?;
+                } else {
+                    identities.remove(link(old.uid, &key))?;
+                }
             }
             let next = match meta.get(NEXT_UID)? {
                 Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,

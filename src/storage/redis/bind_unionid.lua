@@ -2,11 +2,14 @@
 -- Makes `unionid` the unionid of the identity at `ukey` (uid `uid`) and keeps the unionid index
 -- in step with it: the index names the uid that first held a unionid (an identity that gets one
 -- later keeps its own uid and takes no other's), and an old unionid's entry goes if it named
--- this uid. An empty unionid changes nothing.
+-- this uid and this is the uid's first identity (one that joined the uid leaves the entry to
+-- the first, which still holds it). An empty unionid changes nothing.
 local function bind_unionid(p, ukey, uid, unionid)
   if unionid == '' then return end
   local old = redis.call('HGET', ukey, 'unionid')
-  if old and old ~= unionid and redis.call('GET', p .. 'unionid:' .. old) == tostring(uid) then
+  local first = p .. 'user:' .. (redis.call('GET', p .. 'uid:' .. uid) or '') == ukey
+  if old and old ~= unionid and first
+      and redis.call('GET', p .. 'unionid:' .. old) == tostring(uid) then
     redis.call('DEL', p .. 'unionid:' .. old)
   end
   redis.call('HSET', ukey, 'unionid', unionid)

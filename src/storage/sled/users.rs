@@ -166,10 +166,10 @@ impl UserDb {
         if user.unionid == old.unionid {
             self.users.insert(key.as_bytes(), encode(&user))?;
         } else {
-            let trees = (&self.users, &self.unionids);
+            let trees = (&self.users, &self.uids, &self.unionids);
             trees
-                .transaction(|(users, unionids)| {
-                    write_user(users, unionids, Some(&old), &user)?;
+                .transaction(|(users, uids, unionids)| {
+                    write_user(users, uids, unionids, Some(&old), &user)?;
                     Ok::<_, ConflictableTransactionError<Error>>(())
                 })
                 .map_err(abort_or_storage)?;
@@ -302,8 +302,8 @@ impl UserDb {
         claim: Option<&str>,
         change: impl Fn(&mut UserRecord),
     ) -> Result<UserRecord, Error> {
-        let trees = (&self.users, &self.unionids);
-        let result = trees.transaction(|(users, unionids)| {
+        let trees = (&self.users, &self.uids, &self.unionids);
+        let result = trees.transaction(|(users, uids, unionids)| {
             let bytes = users.get(key)?.ok_or_else(|| {
                 ConflictableTransactionError::Abort(Error::Storage(format!("no user {key}")))
             })?;
@@ -319,7 +319,7 @@ impl UserDb {
             let mut user = old.clone();
             change(&mut user);
             user.updated_at = now;
-            write_user(users, unionids, Some(&old), &user)?;
+            write_user(users, uids, unionids, Some(&old), &user)?;
             Ok(user)
         });
         result.map_err(abort_or_storage)
@@ -461,7 +461,7 @@ impl UserDb {
                     uids.insert(&user.uid.to_be_bytes(), key.as_bytes())?;
                 }
             }
-            write_user(users, unionids, old.as_ref(), user)?;
+            write_user(users, uids, unionids, old.as_ref(), user)?;
             Ok(())
         });
         result.map_err(abort_or_storage)
@@ -489,6 +489,7 @@ fn link(uid: u64, key: &str) -> Vec<u8> {
 /// Writes a user and keeps the unionid index in step with it.
 fn write_user(
     users: &TransactionalTree,
+    uids: &TransactionalTree,
     unionids: &TransactionalTree,
     old: Option<&UserRecord>,
     user: &UserRecord,
@@ -498,7 +499,13 @@ fn write_user(
     if old_unionid != user.unionid.as_deref() {
         // The index names the uid that first held a unionid: an identity that gets one later
         // (its app bound to the Open Platform since) keeps its own uid and takes no other's.
+        // An old unionid's entry goes with the uid's first identity only: one that joined the
+        // uid leaves it to the first, which still holds it.
+        let first = uids
+            .get(uid)?
+            .is_some_and(|key| *key == *user.key().as_bytes());
         if let Some(old_unionid) = old_unionid
+            && first
             && unionids
                 .get(old_unionid.as_bytes())?
                 .is_some_and(|held| *held == uid)
@@ -641,6 +648,30 @@ mod tests {
         let db = ::sled::open(dir.path()).unwrap();
         let users = UserDb::open(&db).unwrap();
         (db, users)
+    }
+
+    #[test]
+    fn a_joined_identity_whose_unionid_changes_leaves_the_uids_entry_to_its_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, users) = open(&dir);
+        let (ann, _) = users.upsert(None, "o-ann", "k1", Some("u-ann"), 1).unwrap();
+        let (lite, _) = users
+            .upsert(Some("wxlite"), "l-ann", "k2", Some("u-ann"), 2)
+            .unwrap();
+        assert_eq!(lite.uid, ann.uid);
+        // The lite app moved to another Open Platform account: WeChat names another unionid.
+        users
+            .upsert(Some("wxlite"), "l-ann", "k3", Some("u-ann-2"), 3)
+            .unwrap();
+        let holder = users.find(&UserKey::Unionid("u-ann".into())).unwrap();
+        assert_eq!(holder.map(|user| user.uid), Some(ann.uid));
+        // The first identity's own change still moves the entry.
+        users
+            .upsert(None, "o-ann", "k4", Some("u-ann-3"), 4)
+            .unwrap();
+        assert_eq!(users.find(&UserKey::Unionid("u-ann".into())).unwrap(), None);
+        let holder = users.find(&UserKey::Unionid("u-ann-3".into())).unwrap();
+        assert_eq!(holder.map(|user| user.uid), Some(ann.uid));
     }
 
     #[test]

@@ -205,7 +205,7 @@ impl Broker {
                 storage: storage.health(),
                 apps: served,
                 call_budget: storage.call_budget(config.wechat_calls_per_min),
-                verified: VerifiedKeys::default(),
+                verified: VerifiedKeys::new(apps.len()),
                 call_timeout: config.call_timeout(),
                 durable_timeout: config.call_timeout() + FLUSH_ALLOWANCE,
                 exchange_timeout,
@@ -595,7 +595,7 @@ impl Broker {
         let session_key = self.session_key(&key).await?;
         let verified = &self.inner.verified;
         let now = self.inner.config.clock.now();
-        if verified.holds(session.uid, &session_key, now) {
+        if verified.holds(session.uid, app, &session_key, now) {
             return Ok(session);
         }
         self.spend_wechat_call(session.uid).await?;
@@ -607,7 +607,7 @@ impl Broker {
             })
             .await
         {
-            Ok(()) => verified.insert(session.uid, &session_key, now),
+            Ok(()) => verified.insert(session.uid, app, &session_key, now),
             Err(e) => {
                 self.doubt_session_key(session.uid, &e);
                 return Err(e);

@@ -922,3 +922,29 @@ async fn migrate_refuses_a_redis_recorded_for_another_default_app() {
         .unwrap();
     assert!(!copied, "nothing was copied");
 }
+
+/// WeChat's "valid" answer about a session_key is reused per app: a person checking through both
+/// mini programs, turn by turn, asks WeChat once per app, not at every turn.
+#[tokio::test]
+async fn a_valid_checksession_answer_is_reused_in_each_app() {
+    let tb = TestBroker::start().await;
+    let main = logged_in(&tb, None, "ida.union.1").await;
+    let lite = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ida.union.1").await;
+    assert_eq!(main["uid"], lite["uid"]);
+    for _ in 0..3 {
+        for login in [&main, &lite] {
+            let verify = tb
+                .http
+                .get(format!("{}/v1/session?verify=wechat", tb.url))
+                .bearer_auth(token(login));
+            let (status, body) = parts(verify.send().await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["sessionKeyValid"], true);
+        }
+    }
+    assert_eq!(
+        tb.sandbox.checksession_requests(),
+        2,
+        "one question per app"
+    );
+}

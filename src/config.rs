@@ -441,14 +441,7 @@ impl Config {
             return Ok(());
         };
         let shown = path.display();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read the config file {shown}: {e}")))?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            Error::Config(format!(
-                "the config file {shown} is not valid TOML: {}",
-                toml_error(&text, &e)
-            ))
-        })?;
+        let table = read_table(path)?;
         self.apps = app_list(&table)
             .map_err(|what| Error::Config(format!("config file {shown}, {what}")))?;
         Ok(())
@@ -755,18 +748,24 @@ fn file_path(cmd: &Command, matches: &ArgMatches) -> Option<PathBuf> {
     values.next().map(PathBuf::from)
 }
 
-/// The settings of the file at `path`, each with its flag and the value as it would be typed
-/// after the flag, already checked by the flag's own parser.
-fn file_settings<'c>(cmd: &'c Command, path: &Path) -> Result<Vec<(&'c Arg, String)>, Error> {
+/// The config file at `path` as a TOML table.
+fn read_table(path: &Path) -> Result<toml::Table, Error> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("cannot read the config file {shown}: {e}")))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+    text.parse().map_err(|e: toml::de::Error| {
         Error::Config(format!(
             "the config file {shown} is not valid TOML: {}",
             toml_error(&text, &e)
         ))
-    })?;
+    })
+}
+
+/// The settings of the file at `path`, each with its flag and the value as it would be typed
+/// after the flag, already checked by the flag's own parser.
+fn file_settings<'c>(cmd: &'c Command, path: &Path) -> Result<Vec<(&'c Arg, String)>, Error> {
+    let shown = path.display();
+    let table = read_table(path)?;
     let mut seen = HashSet::new();
     let mut settings = Vec::new();
     for (key, value) in &table {

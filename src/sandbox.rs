@@ -560,9 +560,14 @@ mod tests {
     }
 
     fn ask(state: &SandboxState, code: &str) -> serde_json::Value {
+        ask_in(state, SANDBOX_APPID, "s", code)
+    }
+
+    /// code2Session in the app `appid` with `secret`.
+    fn ask_in(state: &SandboxState, appid: &str, secret: &str, code: &str) -> serde_json::Value {
         let query = [
-            ("appid", SANDBOX_APPID),
-            ("secret", "s"),
+            ("appid", appid),
+            ("secret", secret),
             ("js_code", code),
             ("grant_type", "authorization_code"),
         ];
@@ -630,20 +635,7 @@ mod tests {
     #[test]
     fn each_app_has_its_secret_openids_and_codes_and_shares_the_unionid() {
         let state = state();
-        let ask_in = |appid: &str, secret: &str, code: &str| {
-            let query = [
-                ("appid", appid),
-                ("secret", secret),
-                ("js_code", code),
-                ("grant_type", "authorization_code"),
-            ];
-            state.code2session(
-                &query
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-        };
+        let ask_in = |appid: &str, secret: &str, code: &str| ask_in(&state, appid, secret, code);
         let main = ask_in(SANDBOX_APPID, "s", "amy.union.1");
         let lite = ask_in(SANDBOX_LITE_APPID, "s2", "amy.union.1");
         assert_eq!(

@@ -118,26 +118,8 @@ impl UserDb {
     ) -> Result<(UserRecord, Registered), Error> {
         let key = identity_key(appid, openid);
         let Some(bytes) = self.users.get(key.as_bytes())? else {
-            if let Some(uid) = self.holder(unionid)? {
-                let user = UserRecord {
-                    uid,
-                    appid: appid.map(str::to_owned),
-                    openid: openid.to_owned(),
-                    unionid: unionid.map(str::to_owned),
-                    session_key: session_key.to_owned(),
-                    created_at: now,
-                    updated_at: now,
-                    profile: None,
-                    phone: None,
-                };
-                // The link first: a crash before the user leaves a link to nothing, which the
-                // listing skips, and the next login joins again.
-                self.identities.insert(link(uid, &key), &[])?;
-                self.users.insert(key.as_bytes(), encode(&user))?;
-                return Ok((user, Registered::Joined));
-            }
-            let user = UserRecord {
-                uid: self.next_uid()?,
+            let fresh = |uid| UserRecord {
+                uid,
                 appid: appid.map(str::to_owned),
                 openid: openid.to_owned(),
                 unionid: unionid.map(str::to_owned),
@@ -147,6 +129,15 @@ impl UserDb {
                 profile: None,
                 phone: None,
             };
+            if let Some(uid) = self.holder(unionid)? {
+                let user = fresh(uid);
+                // The link first: a crash before the user leaves a link to nothing, which the
+                // listing skips, and the next login joins again.
+                self.identities.insert(link(uid, &key), &[])?;
+                self.users.insert(key.as_bytes(), encode(&user))?;
+                return Ok((user, Registered::Joined));
+            }
+            let user = fresh(self.next_uid()?);
             self.uids.insert(user.uid.to_be_bytes(), key.as_bytes())?;
             if let Some(unionid) = unionid {
                 self.unionids

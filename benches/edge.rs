@@ -8,9 +8,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ed25519_dalek::SigningKey;
 use wxbroker::edge::{Verifier, VerifierOptions};
-use wxbroker::jwt::{AccessClaims, sign, thumbprint};
+use wxbroker::jwt::{AccessClaims, SigningKey, sign, thumbprint};
 use wxbroker::{Broker, Config, SANDBOX_APPID, Sandbox, SandboxOptions, Secret};
 
 const VERIFIER_TOKEN: &str = "bench-verifier-secret-0123456789abcdef";

@@ -39,7 +39,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ed25519_dalek::VerifyingKey;
 use futures_util::future::{self, Either};
 use reqwest::Url;
 use tokio::sync::watch;
@@ -50,7 +49,7 @@ use warp::{Filter, Rejection};
 use self::cache::Cache;
 use crate::config::DEFAULT_ISSUER;
 use crate::http::{Problem, bearer_token};
-use crate::jwt::{self, AccessClaims, Expect, JwkSet, Refusal};
+use crate::jwt::{self, AccessClaims, Expect, JwkSet, Refusal, VerifyingKey};
 use crate::revocation::Revocation;
 use crate::{Clock, Error, Secret};
 
@@ -349,7 +348,7 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(parsed.kid())
-            .copied()
+            .cloned()
             .ok_or(Refusal::UnknownKey)?;
         let claims = parsed.claims()?;
         self.expect.check(&claims, now)?;

@@ -11,13 +11,12 @@ use std::fmt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::TryRng;
 use rand::rngs::SysRng;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::jwt::{AccessClaims, Jwk, JwkSet, sign, thumbprint};
+use crate::jwt::{AccessClaims, Jwk, JwkSet, SigningKey, VerifyingKey, sign, thumbprint};
 
 /// Seconds beyond an access token's lifetime that its key stays published and a revocation stays
 /// in the feed: covers a token signed just after a check that a revocation then overtook, brokers

@@ -27,7 +27,7 @@
 //!   several brokers share.
 //! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
 //! - `trusted_proxies.rs`: the client's address behind trusted reverse proxies ([`TrustedProxies`]).
-//! - [`tls`]: the process's rustls provider (ring), installed before every HTTPS client.
+//! - [`tls`]: the process's rustls provider (aws-lc-rs), installed before every HTTPS client.
 //! - `verified_keys.rs`: WeChat's recent "this session_key is current" answers, reused briefly.
 //! - `upstream.rs`: the WeChat HTTP client, its reply envelope and errcodes, `code2Session`;
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).

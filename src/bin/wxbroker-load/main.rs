@@ -88,6 +88,14 @@ struct Args {
     #[arg(long, short = 'n', default_value_t = 10_000_000)]
     requests: u64,
 
+    /// Requests per second in all, spread evenly over the connections, each sent when it is due
+    /// and timed from then: a stall of the broker counts in every request it held up (an open
+    /// loop at a load of your choosing). Without it, each connection sends its next request as
+    /// soon as the last is answered (the most the machine takes, and latency that is mostly
+    /// queueing).
+    #[arg(long, value_parser = positive_rate)]
+    rate: Option<f64>,
+
     /// Share of logins by new users in the `login` scenario (0 to 1).
     #[arg(long, default_value_t = 0.5)]
     new_ratio: f64,
@@ -243,6 +251,7 @@ async fn run_scenarios(args: &Args, fleet: &mut Fleet) -> anyhow::Result<RunRepo
         connections: args.connections,
         duration: Duration::from_secs_f64(args.duration),
         requests: args.requests,
+        rate: args.rate,
     };
     // The edge host, for the edge scenarios: in front of the first target.
     let edge_host = match (
@@ -287,4 +296,12 @@ async fn scenarios(
     }
     report.finish();
     Ok(report)
+}
+
+/// A `--rate`: a finite number of requests per second above 0.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("expected requests per second, a number above 0".into()),
+    }
 }

@@ -141,6 +141,10 @@ pub struct ScenarioReport {
     pub name: String,
     /// Connections used.
     pub connections: usize,
+    /// Requests per second the connections were paced to in all (`--rate`); absent when each
+    /// sent its next request as soon as the last was answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
     /// Seconds from the first request to the last answer (of the first phase, in `sessions`).
     pub elapsed_secs: f64,
     /// Requests of every endpoint (of the first phase, in `sessions`).
@@ -394,10 +398,14 @@ impl RunReport {
                 1 => "1 target".to_owned(),
                 n => format!("{n} targets"),
             };
+            let paced = match s.rate {
+                Some(rate) => format!(" paced to {rate:.0} req/s"),
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "\nscenario {}: {} connections over {targets}, {:.2} s, {} requests, {:.0} req/s, \
-                 {} errors",
+                "\nscenario {}: {} connections{paced} over {targets}, {:.2} s, {} requests, \
+                 {:.0} req/s, {} errors",
                 s.name, s.connections, s.elapsed_secs, s.requests, s.requests_per_sec, s.errors
             );
             let width = s

@@ -54,6 +54,9 @@ pub struct Limits {
     pub duration: Duration,
     /// Request bound.
     pub requests: u64,
+    /// Requests per second in all, each sent at its planned time (`--rate`); `None`: as fast as
+    /// the answers come.
+    pub rate: Option<f64>,
 }
 
 /// Scenario parameters.
@@ -205,7 +208,8 @@ struct Done {
 
 /// When one request was sent and answered, and how it ended.
 struct Timed {
-    /// Taken just before the request is written.
+    /// Taken just before the request is written; under `--rate`, when it was due instead, so
+    /// that a request held up by a slow one before it counts that wait too.
     sent: Instant,
     /// Taken once its whole answer is read.
     answered: Instant,
@@ -232,6 +236,45 @@ struct Worker {
     nonce: String,
     /// See [`Done::kept`].
     kept: Vec<Timed>,
+    /// Its schedule under `--rate`.
+    pace: Option<Pace>,
+}
+
+/// A connection's schedule under `--rate`: it sends a request every `every`, at `next` next.
+///
+/// Latency counts from when a request was due, not from when it went out: a stall of the
+/// broker then shows in every request it held up, where a connection that waits for each answer
+/// before sending the next would have sent (and counted) only one of them.
+struct Pace {
+    every: Duration,
+    next: Instant,
+}
+
+impl Pace {
+    /// The schedule of connection `id` of `connections`, which share `rate` requests per second,
+    /// starting now: each sends every `connections / rate` seconds, staggered so that the
+    /// connections' requests spread evenly.
+    fn new(rate: f64, connections: usize, id: usize) -> Pace {
+        let every = Duration::from_secs_f64(connections as f64 / rate);
+        Pace {
+            every,
+            next: Instant::now() + every.mul_f64(id as f64 / connections as f64),
+        }
+    }
+
+    /// Waits for the next request's time; returns when its latency counts from. A request due
+    /// already (the answer before it came late) counts from when it was due; one that waited
+    /// for its time counts from when it goes out, as the timer's lateness (up to a millisecond
+    /// of tokio's) is this tool's, not the broker's.
+    async fn due(&mut self) -> Instant {
+        let due = self.next;
+        self.next += self.every;
+        if Instant::now() >= due {
+            return due;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        Instant::now()
+    }
 }
 
 impl Worker {
@@ -257,7 +300,10 @@ impl Worker {
         if !self.shared.take() {
             return None;
         }
-        let sent = Instant::now();
+        let sent = match &mut self.pace {
+            Some(pace) => pace.due().await,
+            None => Instant::now(),
+        };
         let outcome = self.conn.send(&call).await;
         let answered = Instant::now();
         let (body, error) = match outcome {
@@ -362,21 +408,14 @@ impl Scenario {
             edge: options.edge,
         };
         let work = Work::Scenario(self, plan);
-        let measured = measure(
-            work,
-            fleet,
-            connections,
-            limits.duration,
-            Shared::new(limit),
-            &nonce,
-        )
-        .await?;
+        let measured = measure(work, fleet, limits, Shared::new(limit), &nonce).await?;
         let mut report = ScenarioReport::new(
             self.name(),
             connections,
             measured.elapsed,
             &measured.endpoints(),
         );
+        report.rate = limits.rate;
         let mut per_target: BTreeMap<usize, TargetReport> = BTreeMap::new();
         for done in &measured.connections {
             share(&mut per_target, fleet, done.target).add_connection(&done.stats);
@@ -483,11 +522,11 @@ impl Scenario {
 async fn measure(
     work: Work,
     fleet: &Fleet,
-    connections: usize,
-    duration: Duration,
+    limits: &Limits,
     shared: Arc<Shared>,
     nonce: &str,
 ) -> anyhow::Result<Measured> {
+    let connections = limits.connections.max(1);
     let start = Arc::new(Barrier::new(connections + 1));
     let mut workers = Vec::new();
     for id in 0..connections {
@@ -522,10 +561,13 @@ async fn measure(
             id,
             nonce: nonce.to_owned(),
             kept: Vec::new(),
+            pace: None,
         };
-        let start = start.clone();
+        let (start, rate) = (start.clone(), limits.rate);
         workers.push(tokio::spawn(async move {
             start.wait().await;
+            let mut worker = worker;
+            worker.pace = rate.map(|rate| Pace::new(rate, connections, id));
             match work {
                 Work::Scenario(scenario, plan) => scenario.drive(worker, token, plan).await,
                 Work::Churn { users } => churn(worker, users).await,
@@ -533,7 +575,10 @@ async fn measure(
         }));
     }
     let started = Instant::now();
-    shared.deadline.set(started + duration).expect("set once");
+    shared
+        .deadline
+        .set(started + limits.duration)
+        .expect("set once");
     start.wait().await;
     let name = match work {
         Work::Scenario(scenario, _) => scenario.name(),
@@ -604,15 +649,7 @@ async fn compaction_phase(
         .collect();
     let watcher = tokio::spawn(watch_compactions(addrs, watch, shared.clone()));
     let work = Work::Churn { users };
-    let measured = measure(
-        work,
-        fleet,
-        connections,
-        limits.duration,
-        shared.clone(),
-        nonce,
-    )
-    .await;
+    let measured = measure(work, fleet, limits, shared.clone(), nonce).await;
     shared.stop();
     let watch = watcher.await?;
     let mut windows = Vec::with_capacity(gauges.len());
@@ -943,6 +980,30 @@ async fn progress(name: &'static str, started: Instant, shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_paced_connection_keeps_its_schedule_and_a_late_request_counts_from_its_time() {
+        // Two connections sharing 100 requests per second: each every 20 ms, the second 10 ms
+        // after the first.
+        let before = Instant::now();
+        let mut pace = Pace::new(100.0, 2, 1);
+        assert_eq!(pace.every, Duration::from_millis(20));
+        let first = pace.next;
+        assert!(first >= before + Duration::from_millis(10));
+        assert!(first <= Instant::now() + Duration::from_millis(10));
+
+        // On time: it waits for its time and counts from when it goes out.
+        let sent = pace.due().await;
+        assert!(sent >= first);
+        assert_eq!(pace.next, first + pace.every);
+
+        // Held up past two of its times (a slow answer): both count from when they were due,
+        // and the schedule does not slip.
+        std::thread::sleep(pace.every * 3);
+        assert_eq!(pace.due().await, first + pace.every);
+        assert_eq!(pace.due().await, first + pace.every * 2);
+        assert_eq!(pace.next, first + pace.every * 3);
+    }
 
     #[test]
     fn a_counter_is_read_whatever_surrounds_it_and_missing_is_none() {

@@ -88,11 +88,12 @@ struct Args {
     #[arg(long, short = 'n', default_value_t = 10_000_000)]
     requests: u64,
 
-    /// Requests per second in all, spread evenly over the connections, each sent when it is due
-    /// and timed from then: a stall of the broker counts in every request it held up (an open
-    /// loop at a load of your choosing). Without it, each connection sends its next request as
-    /// soon as the last is answered (the most the machine takes, and latency that is mostly
-    /// queueing).
+    /// Requests per second in all (at least 1), spread evenly over the connections, each sent
+    /// when it is due and timed from then if the one before it made it late: a stall of the
+    /// broker counts in every request it held up (an open loop at a load of your choosing). A
+    /// connection has one request in flight, so give it more connections than the rate times
+    /// the latency you expect. Without it, each connection sends its next request as soon as
+    /// the last is answered (the most the machine takes, and latency that is mostly queueing).
     #[arg(long, value_parser = positive_rate)]
     rate: Option<f64>,
 
@@ -298,10 +299,10 @@ async fn scenarios(
     Ok(report)
 }
 
-/// A `--rate`: a finite number of requests per second above 0.
+/// A `--rate`: a finite number of requests per second, at least 1.
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err("expected requests per second, a number above 0".into()),
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
+        _ => Err("expected requests per second, a number of at least 1".into()),
     }
 }

@@ -145,10 +145,13 @@ impl Shared {
     }
 
     fn running(&self) -> bool {
-        let deadline = *self.deadline.get().expect("set before the workers start");
         !self.stopped()
-            && Instant::now() < deadline
+            && Instant::now() < self.deadline()
             && self.sent.load(Ordering::Relaxed) < self.limit
+    }
+
+    fn deadline(&self) -> Instant {
+        *self.deadline.get().expect("set before the workers start")
     }
 }
 
@@ -208,8 +211,8 @@ struct Done {
 
 /// When one request was sent and answered, and how it ended.
 struct Timed {
-    /// Taken just before the request is written; under `--rate`, when it was due instead, so
-    /// that a request held up by a slow one before it counts that wait too.
+    /// Taken just before the request is written; under `--rate`, when it was due if the answer
+    /// before it came after that, so that a request held up by a slow one counts that wait too.
     sent: Instant,
     /// Taken once its whole answer is read.
     answered: Instant,
@@ -262,18 +265,19 @@ impl Pace {
         }
     }
 
-    /// Waits for the next request's time; returns when its latency counts from. A request due
-    /// already (the answer before it came late) counts from when it was due; one that waited
-    /// for its time counts from when it goes out, as the timer's lateness (up to a millisecond
-    /// of tokio's) is this tool's, not the broker's.
-    async fn due(&mut self) -> Instant {
+    /// Waits for the next request's time; returns when its latency counts from, or `None` (at
+    /// `deadline`) if it falls after `deadline`. A request due already (the answer before it came
+    /// late) counts from when it was due; one that waited for its time counts from when it goes
+    /// out, as the timer's lateness (up to a millisecond of tokio's) is this tool's, not the
+    /// broker's.
+    async fn due(&mut self, deadline: Instant) -> Option<Instant> {
         let due = self.next;
         self.next += self.every;
         if Instant::now() >= due {
-            return due;
+            return Some(due);
         }
-        tokio::time::sleep_until(due.into()).await;
-        Instant::now()
+        tokio::time::sleep_until(due.min(deadline).into()).await;
+        (due <= deadline).then(Instant::now)
     }
 }
 
@@ -297,13 +301,13 @@ impl Worker {
         call: Call<'_>,
         expected: u16,
     ) -> Option<(Timed, Option<bytes::Bytes>)> {
+        let sent = match &mut self.pace {
+            Some(pace) => pace.due(self.shared.deadline()).await?,
+            None => Instant::now(),
+        };
         if !self.shared.take() {
             return None;
         }
-        let sent = match &mut self.pace {
-            Some(pace) => pace.due().await,
-            None => Instant::now(),
-        };
         let outcome = self.conn.send(&call).await;
         let answered = Instant::now();
         let (body, error) = match outcome {
@@ -317,8 +321,9 @@ impl Worker {
             error,
         };
         timed.record(self.stats.entry(endpoint.to_owned()).or_default());
-        if timed.error.is_some() {
-            // Something is wrong: another attempt would only repeat it at full speed.
+        if timed.error.is_some() && self.pace.is_none() {
+            // Something is wrong: another attempt would only repeat it at full speed (a paced
+            // one waits for its time anyway, and a pause here would count as the broker's).
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Some((timed, body))
@@ -665,7 +670,9 @@ async fn churn(mut w: Worker, users: usize) -> Done {
     while w.shared.running() {
         seq += 1;
         // Read before the login is sent: the flag is raised only once its window's start is
-        // set, so a login sent after seeing it starts inside the window.
+        // set, so a login sent after seeing it starts inside the window. Read again once it is
+        // answered, as a paced login waits for its time in between: keeping a few more is
+        // harmless, each is placed against the windows' times later.
         let watched = w.shared.compacting(w.target);
         // `c` keeps these codes apart from the first phase's, which the sandbox saw already.
         let code = format!(
@@ -675,7 +682,7 @@ async fn churn(mut w: Worker, users: usize) -> Done {
             w.id
         );
         if let Some((timed, _)) = w.send(DURING_COMPACTION, login_call(&code), 200).await
-            && watched
+            && (watched || w.shared.compacting(w.target))
         {
             w.kept.push(timed);
         }
@@ -993,16 +1000,24 @@ mod tests {
         assert!(first <= Instant::now() + Duration::from_millis(10));
 
         // On time: it waits for its time and counts from when it goes out.
-        let sent = pace.due().await;
+        let far = Instant::now() + Duration::from_secs(60);
+        let sent = pace.due(far).await.unwrap();
         assert!(sent >= first);
         assert_eq!(pace.next, first + pace.every);
 
         // Held up past two of its times (a slow answer): both count from when they were due,
         // and the schedule does not slip.
         std::thread::sleep(pace.every * 3);
-        assert_eq!(pace.due().await, first + pace.every);
-        assert_eq!(pace.due().await, first + pace.every * 2);
+        assert_eq!(pace.due(far).await, Some(first + pace.every));
+        assert_eq!(pace.due(far).await, Some(first + pace.every * 2));
         assert_eq!(pace.next, first + pace.every * 3);
+
+        // A time after the run's end is not waited for beyond it, and sends nothing.
+        let end = Instant::now() + Duration::from_millis(5);
+        let mut slow = Pace::new(0.5, 1, 0);
+        slow.due(far).await.unwrap();
+        assert_eq!(slow.due(end).await, None);
+        assert!(Instant::now() >= end && Instant::now() < end + Duration::from_secs(1));
     }
 
     #[test]

@@ -320,7 +320,6 @@ impl SledSessions {
         let spawned = std::thread::Builder::new()
             .name("wxbroker-compaction".into())
             .spawn(move || {
-                yield_to_the_broker();
                 let timer = metrics.compaction_seconds.start_timer();
                 metrics.compacting.set(1);
                 let outcome = data.session_log().compact();
@@ -438,21 +437,6 @@ impl SledSessions {
     }
 }
 
-/// Puts the calling thread in Linux's `SCHED_IDLE` class: it runs on CPU time nothing else
-/// wants, and a thread that wakes (a login's worker, a client on the same machine) takes the core
-/// from it at once. At nice 19 a rewrite still held cores that woken threads then waited for: at
-/// a third of the broker's capacity, logins' p99 went from 5 to 13 ms while it ran. On a machine
-/// with no idle time a rewrite takes longer; the log grows meanwhile.
-fn yield_to_the_broker() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: the parameter lives across the call, which keeps no pointer to it; `pid` 0 is
-    // the calling thread; a failure only leaves the policy as it was.
-    unsafe {
-        let idle = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle);
-    }
-}
-
 impl Live {
     fn expires_at(&self, policy: &SessionPolicy) -> u64 {
         policy.deadline(
@@ -481,19 +465,6 @@ mod tests {
     use super::*;
     use crate::crypto::new_token;
     use crate::storage::sled::DataDir;
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_rewrite_thread_takes_only_idle_cpu_time_and_the_broker_keeps_its_own() {
-        // SAFETY: sched_getscheduler reads no memory of ours.
-        let policy = || unsafe { libc::sched_getscheduler(0) };
-        let rewrite = std::thread::spawn(move || {
-            yield_to_the_broker();
-            policy()
-        });
-        assert_eq!(rewrite.join().unwrap(), libc::SCHED_IDLE);
-        assert_eq!(policy(), libc::SCHED_OTHER);
-    }
 
     fn table(dir: &tempfile::TempDir) -> SledSessions {
         let data = DataDir::open(dir.path(), 8).unwrap();

@@ -205,6 +205,16 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
 }
 
 #[tokio::test]
+async fn a_null_appid_is_the_default_app_as_the_document_says() {
+    let tb = TestBroker::start().await;
+    let url = format!("{}/v1/login", tb.url);
+    let body = json!({ "code": "alice.1", "appid": null });
+    let (status, login) = parts(tb.http.post(url).json(&body).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    assert_eq!(session(&tb, token(&login)).await["appid"], SANDBOX_APPID);
+}
+
+#[tokio::test]
 async fn an_appid_the_broker_does_not_serve_is_refused_as_json_and_as_a_form() {
     let tb = TestBroker::start().await;
     let exchanges = tb.sandbox.exchanges();

@@ -37,31 +37,25 @@ impl SigningKey {
 
 /// A public Ed25519 key: it verifies tokens.
 #[derive(Clone)]
-pub struct VerifyingKey {
-    bytes: [u8; 32],
-    parsed: ParsedPublicKey,
-}
+pub struct VerifyingKey(ParsedPublicKey);
 
 impl VerifyingKey {
     /// The key whose encoding is `bytes`. aws-lc keeps the bytes as they are (a point that is
     /// not on the curve fails every verification); it does not refuse small-order points, which
     /// could only come from a broker's own JWKS, whose keys a verifier trusts anyway.
     pub fn from_bytes(bytes: &[u8; 32]) -> Option<VerifyingKey> {
-        Some(VerifyingKey {
-            bytes: *bytes,
-            parsed: ParsedPublicKey::new(&ED25519, bytes).ok()?,
-        })
+        ParsedPublicKey::new(&ED25519, bytes).ok().map(VerifyingKey)
     }
 
-    /// Its 32-byte encoding.
+    /// Its 32-byte encoding (the bytes it was made from, as aws-lc keeps them).
     pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.bytes
+        self.0.as_ref().try_into().expect("made from 32 bytes")
     }
 }
 
 impl PartialEq for VerifyingKey {
     fn eq(&self, other: &VerifyingKey) -> bool {
-        self.bytes == other.bytes
+        self.as_bytes() == other.as_bytes()
     }
 }
 
@@ -69,7 +63,11 @@ impl Eq for VerifyingKey {}
 
 impl std::fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VerifyingKey({})", URL_SAFE_NO_PAD.encode(self.bytes))
+        write!(
+            f,
+            "VerifyingKey({})",
+            URL_SAFE_NO_PAD.encode(self.as_bytes())
+        )
     }
 }
 
@@ -248,7 +246,7 @@ impl Unverified<'_> {
     /// Checks the signature under `key` (an `s` beyond the group order is refused, so a
     /// signature cannot be altered into another valid one).
     pub fn verify(&self, key: &VerifyingKey) -> Result<(), Refusal> {
-        key.parsed
+        key.0
             .verify_sig(self.signed.as_bytes(), &self.signature)
             .map_err(|_| Refusal::Signature)
     }

@@ -149,20 +149,17 @@ impl Redis {
     /// before several apps), which it then is.
     pub async fn claim_default_app(&self, appid: &str) -> Result<String, Error> {
         let mut con = self.con.clone();
-        let key = format!("{PREFIX}default_app");
         let _: Option<String> = redis::cmd("SET")
-            .arg(&key)
+            .arg(format!("{PREFIX}default_app"))
             .arg(appid)
             .arg("NX")
             .query_async(&mut con)
             .await
             .map_err(storage)?;
-        let held: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut con)
-            .await
-            .map_err(storage)?;
-        Ok(held.unwrap_or_else(|| appid.to_owned()))
+        Ok(self
+            .default_app()
+            .await?
+            .unwrap_or_else(|| appid.to_owned()))
     }
 
     /// When a migration into this Redis finished (unix seconds), if one did.

@@ -37,6 +37,11 @@ async fn logged_in(tb: &TestBroker, appid: Option<&str>, code: &str) -> Value {
     body
 }
 
+/// A login answer's `uid` and `isNew`.
+fn uid_and_new(login: &Value) -> (Option<u64>, Option<bool>) {
+    (login["uid"].as_u64(), login["isNew"].as_bool())
+}
+
 fn token(login: &Value) -> &str {
     login["thirdSession"].as_str().unwrap()
 }
@@ -90,13 +95,10 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
 
     // Alice, through the main app, then the lite one: the same code text is each app's own.
     let first = logged_in(&tb, None, "alice.union.1").await;
-    assert_eq!(
-        (first["uid"].as_u64(), first["isNew"].as_bool()),
-        (Some(1), Some(true))
-    );
+    assert_eq!(uid_and_new(&first), (Some(1), Some(true)));
     let second = logged_in(&tb, lite, "alice.union.1").await;
     assert_eq!(
-        (second["uid"].as_u64(), second["isNew"].as_bool()),
+        uid_and_new(&second),
         (Some(1), Some(false)),
         "the lite app's identity joins alice's uid; she is not new"
     );
@@ -124,10 +126,7 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
 
     // Bob has no unionid: a stranger in the second app, with a uid of his own.
     let bob = logged_in(&tb, None, "bob.1").await;
-    assert_eq!(
-        (bob["uid"].as_u64(), bob["isNew"].as_bool()),
-        (Some(2), Some(true))
-    );
+    assert_eq!(uid_and_new(&bob), (Some(2), Some(true)));
     let response = tb
         .http
         .post(format!("{}/v1/login", tb.url))
@@ -137,10 +136,7 @@ async fn a_person_is_one_uid_across_two_apps_by_unionid_and_two_without_one() {
         .unwrap();
     let (status, lite_bob) = parts(response).await;
     assert_eq!(status, StatusCode::OK, "{lite_bob}");
-    assert_eq!(
-        (lite_bob["uid"].as_u64(), lite_bob["isNew"].as_bool()),
-        (Some(3), Some(true))
-    );
+    assert_eq!(uid_and_new(&lite_bob), (Some(3), Some(true)));
     let bob_me = me(&tb, token(&lite_bob)).await;
     assert_eq!(
         identities(&bob_me),
@@ -441,10 +437,7 @@ async fn a_sessions_app_and_identities_survive_a_restart() {
     let (status, body) = parts(post(&tb, "userinfo", &lite, &profile).await).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let again = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ora.2").await;
-    assert_eq!(
-        (again["uid"].as_u64(), again["isNew"].as_bool()),
-        (Some(1), Some(false))
-    );
+    assert_eq!(uid_and_new(&again), (Some(1), Some(false)));
 }
 
 /// Concurrent first logins of `people` persons named `{prefix}{n}`, each through both apps at
@@ -605,15 +598,9 @@ async fn a_data_dir_of_one_app_keeps_working_as_the_default_apps() {
     );
     // A login through the default app finds the user; through the lite app it joins the uid.
     let main = logged_in(&tb, None, "ivy.1").await;
-    assert_eq!(
-        (main["uid"].as_u64(), main["isNew"].as_bool()),
-        (Some(7), Some(false))
-    );
+    assert_eq!(uid_and_new(&main), (Some(7), Some(false)));
     let lite = logged_in(&tb, Some(SANDBOX_LITE_APPID), "ivy.union.1").await;
-    assert_eq!(
-        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
-        (Some(7), Some(false))
-    );
+    assert_eq!(uid_and_new(&lite), (Some(7), Some(false)));
     assert_eq!(identities(&me(&tb, &token).await), both("ivy"));
     // New people come after the old uids.
     assert_eq!(logged_in(&tb, None, "jon.1").await["uid"], 8);
@@ -661,15 +648,9 @@ async fn a_redis_of_one_app_keeps_working_as_the_default_apps() {
         (Some(3), Some(SANDBOX_APPID))
     );
     let main = logged_in(&tb, None, "kim.1").await;
-    assert_eq!(
-        (main["uid"].as_u64(), main["isNew"].as_bool()),
-        (Some(3), Some(false))
-    );
+    assert_eq!(uid_and_new(&main), (Some(3), Some(false)));
     let lite = logged_in(&tb, Some(SANDBOX_LITE_APPID), "kim.union.1").await;
-    assert_eq!(
-        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
-        (Some(3), Some(false))
-    );
+    assert_eq!(uid_and_new(&lite), (Some(3), Some(false)));
     assert_eq!(identities(&me(&tb, &token).await), both("kim"));
     assert_eq!(logged_in(&tb, None, "lea.1").await["uid"], 4);
 }
@@ -744,15 +725,9 @@ async fn exports_carry_the_identities(kind: StoreKind) {
     );
     // The restored identities log in to their uids.
     let lite = logged_in(&restored, Some(SANDBOX_LITE_APPID), "max.2").await;
-    assert_eq!(
-        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
-        (Some(1), Some(false))
-    );
+    assert_eq!(uid_and_new(&lite), (Some(1), Some(false)));
     let old = logged_in(&restored, None, "old.1").await;
-    assert_eq!(
-        (old["uid"].as_u64(), old["isNew"].as_bool()),
-        (Some(40), Some(false))
-    );
+    assert_eq!(uid_and_new(&old), (Some(40), Some(false)));
 
     // The restored data dir, stopped, moved to a fresh Redis: the identities come along.
     let mut restored = restored;
@@ -782,10 +757,7 @@ async fn exports_carry_the_identities(kind: StoreKind) {
     let (status, max) = admin_get(&on_redis, "users/1").await;
     assert_eq!((status, identities(&max)), (StatusCode::OK, both("max")));
     let lite = logged_in(&on_redis, Some(SANDBOX_LITE_APPID), "max.3").await;
-    assert_eq!(
-        (lite["uid"].as_u64(), lite["isNew"].as_bool()),
-        (Some(1), Some(false))
-    );
+    assert_eq!(uid_and_new(&lite), (Some(1), Some(false)));
 }
 
 #[tokio::test]
@@ -841,10 +813,7 @@ async fn a_joined_identity_is_answered_only_once_on_disk() {
         parts(login_to(&tb, Some(SANDBOX_LITE_APPID), "quinn.union.1").await).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let again = logged_in(&tb, Some(SANDBOX_LITE_APPID), "quinn.union.2").await;
-    assert_eq!(
-        (again["uid"].as_u64(), again["isNew"].as_bool()),
-        (Some(1), Some(false))
-    );
+    assert_eq!(uid_and_new(&again), (Some(1), Some(false)));
 }
 
 /// The stores file the default app's data without an appid, so a store keeps the default app it

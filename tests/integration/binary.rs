@@ -728,12 +728,14 @@ enum Check {
 }
 
 const COMPACTION_ROUNDS: usize = 6;
-/// Sessions that came and went, appended to the log while no broker runs (two frames each): far
-/// more superseded frames than live ones, so the first sweep has the log rewritten.
+/// Sessions that came and went, appended to the log while no broker runs (two frames each),
+/// besides two for each live session: far more superseded frames than live ones, however many
+/// sessions earlier rounds left, so the first sweep has the log rewritten.
 const ENDED_SESSIONS: u64 = 100_000;
 
-/// kill -9 at a random moment of a rewrite of the session log, with logins and logouts going on:
-/// what was acknowledged before the kill is all there after the restart.
+/// kill -9 at a random moment of a rewrite of the session log, or just after its switch, with
+/// logins and logouts going on: what was acknowledged before the kill is all there after the
+/// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9_during_compactions() {
     let dir = tempfile::tempdir().unwrap();
@@ -772,7 +774,26 @@ async fn acknowledged_writes_survive_kill_9_during_compactions() {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
+        if round % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
+        } else {
+            // Every other round the kill comes just after the new log replaced the old one: a
+            // random moment of a rewrite that takes seconds would seldom fall there.
+            while !process
+                .log
+                .lock()
+                .unwrap()
+                .contains("rewrote the session log")
+            {
+                assert!(
+                    std::time::Instant::now() < deadline + Duration::from_secs(60),
+                    "the rewrite did not finish: {}",
+                    process.log.lock().unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..50))).await;
+        }
         let log = process.log.clone();
         process.kill9().await;
         if compaction_file(dir.path()).is_some() {
@@ -792,13 +813,15 @@ async fn acknowledged_writes_survive_kill_9_during_compactions() {
         acked.counts(),
     );
     assert!(cut_short > 0, "no kill landed during a compaction");
+    assert!(finished > 0, "no kill landed after a compaction");
     assert!(!acked.logouts.is_empty(), "the load did log out");
 }
 
 /// Appends sessions that were issued and ended to the data dir's log (no broker may run on it).
 fn append_ended_sessions(dir: &Path, round: u64) {
     let log = SessionLog::open(dir).unwrap();
-    for n in 0..ENDED_SESSIONS {
+    let live = log.replay().unwrap().len() as u64;
+    for n in 0..ENDED_SESSIONS + 2 * live {
         let hash = wxbroker::crypto::token_hash(&format!("ended-{round}-{n}"));
         let record = wxbroker::SessionRecord {
             uid: u64::MAX - n,

@@ -208,6 +208,10 @@ async fn a_null_appid_is_the_default_app_as_the_document_says() {
     let (status, login) = parts(tb.http.post(url).json(&body).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{login}");
     assert_eq!(session(&tb, token(&login)).await["appid"], SANDBOX_APPID);
+    let url = format!("{}/openapi.json", tb.url);
+    let (_, document) = parts(tb.http.get(url).send().await.unwrap()).await;
+    let appid = &document["components"]["schemas"]["LoginRequest"]["properties"]["appid"];
+    assert_eq!(appid["type"], json!(["string", "null"]), "{appid}");
 }
 
 #[tokio::test]

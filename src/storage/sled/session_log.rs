@@ -28,7 +28,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use crate::Error;
 use crate::crypto::{TokenHash, TokenMap};
@@ -296,9 +295,7 @@ impl SessionLog {
         // moves every entry each time it doubles, and allocates anew.
         let live = (self.frames() / 4) as usize;
         let mut latest = TokenMap::with_capacity_and_hasher(live + live / 8, Default::default());
-        let mut pauses = Pauses::new();
         let (read_frames, whole) = scan((&old).take(start), |offset, body| {
-            pauses.take_one_when_due();
             if let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) {
                 match body[0] {
                     PUT => drop(latest.insert(hash, offset)),
@@ -324,7 +321,6 @@ impl SessionLog {
         old.seek(SeekFrom::Start(0)).map_err(read)?;
         let mut frame = Vec::new();
         scan((&old).take(start), |offset, body| {
-            pauses.take_one_when_due();
             if next.peek() == Some(&&offset) {
                 next.next();
                 frame.clear();
@@ -876,40 +872,6 @@ fn in_idle_time<T: Send>(work: impl FnOnce() -> Result<T, Stop> + Send) -> Resul
     })
 }
 
-/// Short sleeps of a rewrite between stretches of work. In `SCHED_IDLE` it gives way at once to
-/// a thread that wakes on its core, but a core it keeps busy never falls idle, and Linux moves a
-/// thread queued on the other core over when a core falls idle (or at a busy core's rebalance,
-/// tens of milliseconds apart): at 6,000 logins/s the broker's and the load tool's workers were
-/// seen queued on one core for 120 ms while the rewrite held the other.
-struct Pauses {
-    since: Instant,
-    steps: u32,
-}
-
-/// Work between two pauses of a rewrite.
-const WORK_STRETCH: Duration = Duration::from_millis(1);
-/// A rewrite's pause: any sleep lets the core fall idle and take a queued thread over.
-const PAUSE: Duration = Duration::from_micros(100);
-
-impl Pauses {
-    fn new() -> Pauses {
-        Pauses {
-            since: Instant::now(),
-            steps: 0,
-        }
-    }
-
-    /// Called for each frame; sleeps for [`PAUSE`] once [`WORK_STRETCH`] has passed since the
-    /// last pause (the clock is read every 256 frames, a few microseconds of work).
-    fn take_one_when_due(&mut self) {
-        self.steps = self.steps.wrapping_add(1);
-        if self.steps.is_multiple_of(256) && self.since.elapsed() >= WORK_STRETCH {
-            std::thread::sleep(PAUSE);
-            self.since = Instant::now();
-        }
-    }
-}
-
 /// Puts the calling thread in `SCHED_IDLE` (Linux; elsewhere it keeps its priority).
 fn idle_priority() {
     #[cfg(target_os = "linux")]
@@ -1316,29 +1278,6 @@ mod tests {
         assert!(log.compact().unwrap().is_some());
         // The switch, under the file's lock, ran here.
         assert_eq!(policy(), libc::SCHED_OTHER);
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_rewrite_sleeps_between_stretches_of_work() {
-        // A thread switches out of its own accord only when it blocks: work alone never does
-        // (a busy machine preempts it, which Linux counts apart), each pause does once.
-        let voluntary_switches = || {
-            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-            let line = status
-                .lines()
-                .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
-                .unwrap();
-            line.trim().parse::<u64>().unwrap()
-        };
-        let before = voluntary_switches();
-        let (mut pauses, start) = (Pauses::new(), Instant::now());
-        let mut work = 0u64;
-        while start.elapsed() < 10 * WORK_STRETCH {
-            pauses.take_one_when_due();
-            work = std::hint::black_box(work.wrapping_add(1));
-        }
-        assert!(voluntary_switches() - before >= 3);
     }
 
     #[test]

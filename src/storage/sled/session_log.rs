@@ -28,6 +28,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::Error;
 use crate::crypto::{TokenHash, TokenMap};
@@ -295,6 +296,7 @@ impl SessionLog {
         // moves every entry each time it doubles, and allocates anew.
         let live = (self.frames() / 4) as usize;
         let mut latest = TokenMap::with_capacity_and_hasher(live + live / 8, Default::default());
+        let mut pace = Pace::new();
         let (read_frames, whole) = scan((&old).take(start), |offset, body| {
             if let Ok(hash) = <TokenHash>::try_from(&body[1..MIN_BODY]) {
                 match body[0] {
@@ -304,7 +306,7 @@ impl SessionLog {
                     _ => {}
                 }
             }
-            self.go_on()
+            self.go_on(&mut pace)
         })
         .map_err(read)?;
         self.check_open()?;
@@ -340,7 +342,7 @@ impl SessionLog {
                     }
                 }
             }
-            self.go_on()
+            self.go_on(&mut pace)
         })
         .map_err(read)?;
         if let Some(e) = failed {
@@ -444,8 +446,9 @@ impl SessionLog {
         }
     }
 
-    /// Whether a compaction should go on reading.
-    fn go_on(&self) -> ControlFlow<()> {
+    /// Whether a compaction should go on reading, after a pause if one is due.
+    fn go_on(&self, pace: &mut Pace) -> ControlFlow<()> {
+        pace.step();
         match self.closed.load(Ordering::Relaxed) {
             true => ControlFlow::Break(()),
             false => ControlFlow::Continue(()),
@@ -872,6 +875,74 @@ fn in_idle_time<T: Send>(work: impl FnOnce() -> Result<T, Stop> + Send) -> Resul
     })
 }
 
+/// Pauses of a rewrite between stretches of work in which nothing took its core.
+///
+/// In `SCHED_IDLE` it gives way at once to a thread that wakes on its own core, but a core it
+/// keeps busy never falls idle, and Linux moves a thread queued on the other core over only when a
+/// core falls idle (or at a rebalance, tens of milliseconds apart): at 6,000 logins/s the broker's
+/// and the load tool's workers were seen queued on one core for 120 ms while the rewrite held the
+/// other. A pause lets its core fall idle. When others took its core during the stretch, a pause
+/// would only slow it: the cores are busy, so it runs in their gaps, and a thread of its class
+/// waits long to run again after a sleep (pausing after each stretch regardless, it did not get as
+/// far as creating its file within 30 s while clients kept both cores busy).
+struct Pace {
+    since: Instant,
+    ran: Duration,
+    steps: u32,
+}
+
+/// Work between two pauses of a rewrite.
+const STRETCH: Duration = Duration::from_millis(1);
+/// A rewrite's pause: any sleep lets its core fall idle.
+const PAUSE: Duration = Duration::from_micros(100);
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            since: Instant::now(),
+            ran: thread_cpu_time(),
+            steps: 0,
+        }
+    }
+
+    /// Called for each frame; at the end of a stretch, pauses if the rewrite had its core to
+    /// itself through it (the clocks are read every 256 frames, some microseconds of work).
+    fn step(&mut self) {
+        self.steps = self.steps.wrapping_add(1);
+        if !self.steps.is_multiple_of(256) {
+            return;
+        }
+        let worked = self.since.elapsed();
+        if worked < STRETCH {
+            return;
+        }
+        let ran = thread_cpu_time();
+        if undisturbed(worked, ran.saturating_sub(self.ran)) {
+            std::thread::sleep(PAUSE);
+        }
+        (self.since, self.ran) = (Instant::now(), thread_cpu_time());
+    }
+}
+
+/// Whether a thread ran through (nine tenths of) a stretch that took `worked`, given the CPU time
+/// it got meanwhile.
+fn undisturbed(worked: Duration, ran: Duration) -> bool {
+    ran * 10 >= worked * 9
+}
+
+/// The calling thread's CPU time; zero if it cannot be read (a rewrite then never pauses).
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` outlives the call, which writes only to it.
+    match unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } {
+        0 => Duration::new(now.tv_sec as u64, now.tv_nsec as u32),
+        _ => Duration::ZERO,
+    }
+}
+
 /// Puts the calling thread in `SCHED_IDLE` (Linux; elsewhere it keeps its priority).
 fn idle_priority() {
     #[cfg(target_os = "linux")]
@@ -1278,6 +1349,43 @@ mod tests {
         assert!(log.compact().unwrap().is_some());
         // The switch, under the file's lock, ran here.
         assert_eq!(policy(), libc::SCHED_OTHER);
+    }
+
+    #[test]
+    fn a_rewrite_pauses_only_after_a_stretch_it_ran_through() {
+        let ms = Duration::from_millis;
+        assert!(undisturbed(ms(1), ms(1)));
+        assert!(undisturbed(ms(10), ms(9)));
+        // Others had its core for a while: it runs in their gaps, and a pause would only slow it.
+        assert!(!undisturbed(ms(10), ms(8)));
+        assert!(!undisturbed(ms(30), ms(1)));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_rewrite_that_has_its_core_pauses_between_stretches() {
+        // A thread switches out of its own accord only when it sleeps: work alone never does (a
+        // busy machine preempts it, which Linux counts apart). On a busy machine the stretches
+        // may all be disturbed, and the loop does not pause: it then tries again, a few times.
+        let voluntary_switches = || {
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let line = status
+                .lines()
+                .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+                .unwrap();
+            line.trim().parse::<u64>().unwrap()
+        };
+        let paused = (0..20).any(|_| {
+            let before = voluntary_switches();
+            let (mut pace, start) = (Pace::new(), Instant::now());
+            let mut work = 0u64;
+            while start.elapsed() < 10 * STRETCH {
+                pace.step();
+                work = std::hint::black_box(work.wrapping_add(1));
+            }
+            voluntary_switches() - before >= 3
+        });
+        assert!(paused);
     }
 
     #[test]

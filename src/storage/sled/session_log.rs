@@ -860,7 +860,7 @@ impl<'a> Reader<'a> {
 /// cores that woken threads then waited for, and at a third of the broker's capacity logins' p99
 /// went from 5 to 13 ms while it ran. `work` must take no lock the broker waits for: a starved
 /// thread would hold it (the caller takes them, at its own priority, which an unprivileged thread
-/// cannot get back once it has left it).
+/// cannot get back once it has left it). `work` paces itself with [`Pace`].
 fn in_idle_time<T: Send>(work: impl FnOnce() -> Result<T, Stop> + Send) -> Result<T, Stop> {
     std::thread::scope(|scope| {
         let idle = std::thread::Builder::new()
@@ -920,7 +920,8 @@ impl Pace {
         if undisturbed(worked, ran.saturating_sub(self.ran)) {
             std::thread::sleep(PAUSE);
         }
-        (self.since, self.ran) = (Instant::now(), thread_cpu_time());
+        // The pause itself costs no CPU time worth reading the clock again for.
+        (self.since, self.ran) = (Instant::now(), ran);
     }
 }
 

@@ -333,6 +333,7 @@ impl SledSessions {
                             kept = done.kept,
                             tail_bytes = done.tail_bytes,
                             took_ms,
+                            rested_ms = done.rested.as_millis() as u64,
                             "rewrote the session log with the live sessions"
                         );
                     }

@@ -882,8 +882,8 @@ fn in_idle_time<T: Send>(work: impl FnOnce() -> Result<T, Stop> + Send) -> Resul
     })
 }
 
-/// Rests of a rewrite between its stretches of work: after each it had mostly to itself, as long
-/// as the CPU time it got.
+/// Rests of a rewrite between its stretches of work: after each in which it had its core at least
+/// half the time, as long as the CPU time it got.
 ///
 /// In `SCHED_IDLE` it gives way at once to a thread that wakes on its core, but a core it keeps
 /// busy still costs the broker: on a 2-core virtual machine at 6,000 logins/s, a process of that

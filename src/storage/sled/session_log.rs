@@ -451,7 +451,7 @@ impl SessionLog {
         }
     }
 
-    /// Whether a compaction should go on reading, after a pause if one is due.
+    /// Whether a compaction should go on reading, after a rest if one is due (see [`Pace`]).
     fn go_on(&self, pace: &mut Pace) -> ControlFlow<()> {
         pace.step();
         match self.closed.load(Ordering::Relaxed) {
@@ -891,7 +891,8 @@ fn in_idle_time<T: Send>(work: impl FnOnce() -> Result<T, Stop> + Send) -> Resul
 /// rested as long as it read left them at 5-7 ms (a core that falls idle also takes over a thread
 /// queued on the other one). So it takes half a core at most. After a stretch in which others had
 /// its core most of the time it does not rest: the cores were busy anyway, so a rest would spare
-/// nothing, and a thread of its class waits long to run again after a sleep.
+/// nothing, and a thread of its class waits long to run again after a sleep. The measurements
+/// are in `benches/HISTORY.md`.
 struct Pace {
     since: Instant,
     ran: Duration,

@@ -17,6 +17,10 @@ use crate::session::{Issued, SessionInfo, SessionPolicy, SessionSummary};
 use crate::storage::{SessionReader, Sessions, Storage};
 use crate::{Clock, Error, Metrics};
 
+/// Time between the steps of a sweep pass (each visits a part of the sessions), in which the
+/// keeper's worker thread is free for other tasks.
+const SWEEP_STEP_GAP: Duration = Duration::from_millis(2);
+
 /// The actor. Configuration comes in [`SessionKeeperArgs`].
 pub struct SessionKeeper;
 
@@ -89,7 +93,8 @@ pub enum SessionKeeperMsg {
     Count(RpcReplyPort<Result<usize, Error>>),
     /// Start a pass that deletes expired sessions (sent by the keeper's own interval timer).
     Sweep,
-    /// Go on with the pass (sent by the keeper to itself, so that other messages come between).
+    /// Go on with the pass (sent by the keeper to itself a moment later, so that other messages
+    /// and tasks come between).
     SweepOn,
     /// Test hook: suffer a fault inside the handler.
     #[cfg(feature = "fault-injection")]
@@ -165,8 +170,10 @@ impl Actor for SessionKeeper {
             SessionKeeperMsg::Sweep | SessionKeeperMsg::SweepOn => {
                 state.sweeping = sessions.sweep(now);
                 if state.sweeping {
-                    // The rest of the pass queues behind the messages already waiting.
-                    let _ = myself.cast(SessionKeeperMsg::SweepOn);
+                    // Sent at once, the steps would run back to back in one turn of the keeper's
+                    // task, holding a worker thread for the whole pass: 15-20 ms at a million
+                    // sessions, which stalled logins for 45 ms (benches/HISTORY.md).
+                    myself.send_after(SWEEP_STEP_GAP, || SessionKeeperMsg::SweepOn);
                 }
             }
             #[cfg(feature = "fault-injection")]

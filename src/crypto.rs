@@ -34,7 +34,7 @@ pub type TokenHash = [u8; 32];
 /// drew from the OS CSPRNG, so whatever a client sends, the buckets stay evenly filled.
 pub type TokenMap<V> = HashMap<TokenHash, V, BuildHasherDefault<TokenHasher>>;
 
-/// The hasher of [`TokenMap`]: bytes 8..16 of the hash (the first byte picks a session shard).
+/// The hasher of [`TokenMap`]: bytes 8..16 of the hash (the first two pick a session shard).
 #[derive(Default)]
 pub struct TokenHasher(u64);
 

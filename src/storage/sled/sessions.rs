@@ -39,8 +39,8 @@ pub struct SledSessions {
     sweep_at: usize,
 }
 
-/// Shards of the table; the sweep visits one per message (a quarter of a millisecond with a
-/// million sessions).
+/// Shards of the table; the sweep visits one per message (a quarter to half a millisecond with
+/// a million sessions).
 pub const SHARDS: usize = 64;
 
 /// One shard: the sessions whose hash falls in its share (see [`shard_ends`]).

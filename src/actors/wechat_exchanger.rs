@@ -158,7 +158,8 @@ impl WeChatExchangerState {
         if outcome.is_ok()
             && let Some(used) = self.used.get_mut(app)
         {
-            used.insert(&code, Instant::now());
+            // Not used when its exchange began, and single-flight let no other exchange record it.
+            used.record(&code, Instant::now());
         }
         let waiters = self.inflight.remove(&(app, code)).unwrap_or_default();
         self.metrics

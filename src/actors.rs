@@ -5,7 +5,7 @@
 //! - [`user_registry::UserRegistry`] registers users and keeps their session_keys.
 //! - [`session_keeper::SessionKeeper`] issues, checks, slides and expires session tokens.
 //! - [`decryptor::Decryptor`] opens `encryptedData` (profiles, phone numbers) and checks it.
-//! - [`access_token_keeper::AccessTokenKeeper`] holds the app's access_token and keeps it fresh.
+//! - [`access_token_keeper::AccessTokenKeeper`] holds each app's access_token and keeps it fresh.
 
 pub mod access_token_keeper;
 pub mod decryptor;

@@ -13,18 +13,24 @@
 //!   broker started by the caller.
 //! - `server.rs`: the HTTP server (hyper with header-read timeout, connection cap and each
 //!   client's share of it, lingering close, drain).
-//! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]).
+//! - `http/`: warp routes, handlers and the error-to-JSON mapping ([`routes`]); `admin.rs` (the
+//!   admin API), `rate_limit.rs`, `tokens.rs` (signed access tokens and their keys) and
+//!   `revocations.rs` (the revocation feed as server-sent events).
 //! - [`Broker`] (`broker.rs`): starts the supervised actors; typed async API for embedders.
+//!   [`BrokerClient`] (`client.rs`): the same questions asked of a broker over HTTP.
 //! - `actors/`: `supervisor`, `wechat_exchanger`, `user_registry`, `session_keeper`, `decryptor`,
-//!   `access_token_keeper`. They see [`storage`]'s interface, never sled or Redis.
+//!   `access_token_keeper`; `actors.rs` hands a storage outcome to the caller. They see
+//!   [`storage`]'s interface, never sled or Redis.
 //! - The domain's words, which every layer speaks and which depend on no layer: `user.rs`
 //!   ([`User`], [`UserRecord`], [`UserKey`], [`Registration`], [`Profile`], [`Phone`],
 //!   [`EncryptedData`]) and `session.rs` ([`SessionInfo`], [`SessionSummary`], [`Issued`],
 //!   [`SessionRecord`], [`SessionPolicy`], [`MAX_SESSIONS_PER_USER`]).
 //! - [`storage`]: where users and sessions live. `storage.rs` is the one interface;
 //!   `storage/sled.rs` and `storage/sled/` the data dir (users in sled trees, sessions in memory
-//!   over their own log, the group commit); `storage/redis.rs` and its Lua scripts, the store
-//!   several brokers share.
+//!   over their own log, the group commit, the signing keys and the revocation feed, `keys.rs`
+//!   the trees' key layout); `storage/redis.rs` and `storage/redis/` (its keys, revocations and
+//!   Lua scripts), the store several brokers share; `call_budget.rs` (each user's calls to WeChat
+//!   this minute) and `uid_set.rs` (the uids an export has handed out).
 //! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
 //! - `trusted_proxies.rs`: the client's address behind trusted reverse proxies ([`TrustedProxies`]).
 //! - [`tls`]: the process's rustls provider (aws-lc-rs), installed before every HTTPS client.
@@ -33,14 +39,17 @@
 //!   [`server_api`]: the APIs that take an access_token (token, phone by code, session_key).
 //! - Signed access tokens: [`jwt`] (the format), `keyring.rs` (signing keys), `signer.rs` (the
 //!   broker's signer), [`revocation`] and `feed.rs` (the revocation feed), and [`edge`]: the
-//!   verifier that edge hosts run, without a broker.
+//!   verifier that edge hosts run, without a broker (`edge/cache.rs` the tokens seen before,
+//!   `edge/follow.rs` following a broker's keys and feed).
 //! - [`backup`]: offline export and import of the users as JSON lines (no session_key); a
 //!   serving broker streams the same lines at `GET /admin/export` ([`storage::UserExport`]).
 //! - [`crypto`]: session tokens and their hashes; AES-CBC for `encryptedData`; signatures.
 //! - [`Sandbox`] (`sandbox.rs`, `sandbox/server_api.rs`): a loopback stand-in for WeChat.
 //! - Several mini programs: [`App`] (`config.rs`, the config file's `[[apps]]`) and
 //!   [`Identity`] (`user.rs`): one uid per person, an identity per app, linked by unionid.
-//! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`].
+//! - [`Config`] (`config.rs`), [`Clock`] (`clock.rs`), [`Error`] (`error.rs`), [`Metrics`]
+//!   (`metrics.rs`); `fault.rs`, faults injected into actors in tests (feature `fault-injection`).
+//! - `bin/wxbroker-load/`: the load tool, a binary of its own (see the README's Performance).
 //!
 //! # Embedding
 //!

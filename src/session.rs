@@ -1,5 +1,5 @@
 //! The domain's words for sessions: what a session is, how long it lives, what a caller learns of
-//! it. Both stores and the SessionKeeper speak them; they depend on nothing of ours but `error`.
+//! it. Both stores and the SessionKeeper speak them; they depend on nothing of ours.
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 //! Where users and sessions live: the one interface the UserRegistry, the SessionKeeper, the
-//! WeChatExchanger and the broker use, so that none of them knows which store it runs on.
+//! WeChatExchanger, the broker, the signer (its keys), the revocation feed and the admin export
+//! use, so that none of them knows which store it runs on.
 //!
 //! - sled (the default, one machine, [`sled`]): users in sled trees, sessions in an in-memory
 //!   table rebuilt from their own log, both made durable by one group commit.

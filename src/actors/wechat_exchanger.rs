@@ -1,11 +1,12 @@
 //! WeChatExchanger: turns login codes into openid + session_key, many at once.
 //!
-//! The actor itself never awaits WeChat: it books the code, spawns the HTTP call and hears the
-//! outcome back as a message. That keeps one slow upstream call from delaying every other login,
+//! The actor itself never awaits WeChat: it marks the code in flight, spawns the HTTP call and
+//! hears the outcome back as a message. That keeps one slow upstream call from delaying every other login,
 //! lets concurrent requests with the same code share one call, and lets the actor remember which
 //! codes were already exchanged. Each app the broker serves has its own: WeChat client (its
-//! credentials), single-flight and used-code memory (a code is an app's). With a shared store, a code is also booked there (SET NX) before
-//! it goes to WeChat, so that a replay to another broker is refused without reaching WeChat.
+//! credentials), single-flight and used-code memory (a code is an app's). With a shared store, the
+//! spawned call first books the code there (`book_code.lua`), so that a replay to another broker is
+//! refused without reaching WeChat.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -172,8 +173,8 @@ impl WeChatExchangerState {
 }
 
 /// Exchanges `code` with WeChat, booking it first in the shared store if there is one. A code
-/// another broker is exchanging right now is "busy" (its client may retry and see the outcome);
-/// one exchanged already is "used". A failed exchange gives the booking back, so a retry of a code
+/// another broker is exchanging right now is "busy" (a retry once that exchange ended is "used"
+/// if it succeeded, and may reach WeChat if it failed); one exchanged already is "used". A failed exchange gives the booking back, so a retry of a code
 /// WeChat did not take may reach WeChat. Another app's code than the default is booked under
 /// `appid:code`.
 async fn exchange_once(

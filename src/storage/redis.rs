@@ -13,7 +13,8 @@
 //! - `uid:{uid}` -> the key of the uid's first identity; `identities:{uid}`: set of the keys of
 //!   the identities that joined the uid later (through another app, by unionid);
 //!   `unionid:{unionid}` -> uid; `next_uid`: the last uid handed out; `user_count` (uids);
-//!   `default_app`: the appid whose identities are filed without one
+//!   `default_app`: the appid whose identities are filed without one; `migrated_at`: when
+//!   `wxbroker migrate` finished filling it (unix seconds)
 //! - `session:{id}` (id: hex SHA-256 of the token): hash of `uid`, `appid` (not for the default
 //!   app), `openid`, `unionid`, `created_at`, `last_seen`, `expires_at`; TTL = the idle deadline
 //! - `sessions:{uid}`: sorted set of the user's session ids by creation

@@ -2,8 +2,8 @@
 //! of access tokens ([`keys`]) and the revocation feed ([`revocations`]); sessions in an
 //! in-memory table ([`sessions`]) rebuilt at start from their own append-only log
 //! ([`session_log`]), and one background task that makes both durable for every writer that waits
-//! ([`group_commit`]). Everything here but the group commit is synchronous and free of actors, so
-//! it is tested directly.
+//! ([`group_commit`]). Everything here but the group commit and the export's last flush
+//! ([`DataDir::flush_users`]) is synchronous and free of actors, so it is tested directly.
 //!
 //! Who may read it? The directory is created 0700 and every file in it is made 0600 at opening
 //! (the database holds every user's session_key in plaintext); the session log creates its own

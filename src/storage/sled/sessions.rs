@@ -8,7 +8,7 @@
 //! the write-back step) reads it directly, without a trip through the keeper's mailbox.
 //!
 //! It is split into [`SHARDS`] maps by the first two bytes of the token's hash, so that nothing
-//! the keeper does holds all of it at once: a map that doubles moves about a sixty-fourth of the
+//! the keeper does holds all of it at once: a map that doubles moves at most a 46th of the
 //! sessions, and the sweep visits one shard per message, letting logins in between. The shards'
 //! shares differ (see [`shard_ends`]), so that a growing table doubles them one at a time.
 

@@ -27,9 +27,9 @@
 //!   [`SessionRecord`], [`SessionPolicy`], [`MAX_SESSIONS_PER_USER`]).
 //! - [`storage`]: where users and sessions live. `storage.rs` is the one interface;
 //!   `storage/sled.rs` and `storage/sled/` the data dir (users in sled trees, sessions in memory
-//!   over their own log, the group commit, the signing keys and the revocation feed, `keys.rs`
-//!   the trees' key layout); `storage/redis.rs` and `storage/redis/` (its keys, revocations and
-//!   Lua scripts), the store several brokers share; `call_budget.rs` (each user's calls to WeChat
+//!   over their own log, the group commit, the signing keys in `keys.rs` and the revocation feed
+//!   in `revocations.rs`); `storage/redis.rs` and `storage/redis/` (the same signing keys and
+//!   feed, and the Lua scripts), the store several brokers share; `call_budget.rs` (each user's calls to WeChat
 //!   this minute) and `uid_set.rs` (the uids an export has handed out).
 //! - `used_codes.rs`: the login codes exchanged recently, kept without pauses.
 //! - `trusted_proxies.rs`: the client's address behind trusted reverse proxies ([`TrustedProxies`]).

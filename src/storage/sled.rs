@@ -42,6 +42,21 @@ pub const LOCKED: &str = "could not acquire lock";
 /// How long opening waits for another holder of the data dir's lock to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Opens sled as `config` says, waiting up to [`LOCK_WAIT`] for its lock: a database closed a
+/// moment ago in this process (an embedder's restart, a test's reopen) lets go of it only when
+/// sled's last thread for it ends, which can come just after its last handle was dropped.
+pub(crate) fn open_waiting(config: &::sled::Config) -> ::sled::Result<::sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(e) if e.to_string().contains(LOCKED) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// A broker's data dir, opened: the sled database (users) and the session log. Cheap to clone.
 #[derive(Clone)]
 pub struct DataDir {
@@ -77,20 +92,7 @@ impl DataDir {
         let config = ::sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb * 1024 * 1024);
-        // A broker stopped a moment ago in this process (an embedder's restart) lets go of sled's
-        // lock when its last task ends, which can come just after its `shutdown` returned.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Err(e)
-                    if e.to_string().contains(LOCKED) && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                opened => break opened,
-            }
-        }
-        .map_err(|e| {
+        let db = open_waiting(&config).map_err(|e| {
             Error::Storage(format!(
                 "cannot open the database in {}: {e}. Check that the directory is writable \
                  and that no other wxbroker uses it, or point WXBROKER_DATA_DIR elsewhere",

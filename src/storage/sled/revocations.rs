@@ -188,7 +188,8 @@ mod tests {
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> (::sled::Db, SledRevocations) {
-        let db = ::sled::open(dir.path()).unwrap();
+        let db =
+            crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path())).unwrap();
         let feed = SledRevocations::open(&db).unwrap();
         (db, feed)
     }

@@ -636,7 +636,8 @@ mod tests {
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> (::sled::Db, UserDb) {
-        let db = ::sled::open(dir.path()).unwrap();
+        let db =
+            crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path())).unwrap();
         let users = UserDb::open(&db).unwrap();
         (db, users)
     }

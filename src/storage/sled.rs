@@ -57,6 +57,12 @@ pub(crate) fn open_waiting(config: &::sled::Config) -> ::sled::Result<::sled::Db
     }
 }
 
+/// A test's sled database in `dir`, opened as a reopen after a drop needs ([`open_waiting`]).
+#[cfg(test)]
+pub(crate) fn open_in(dir: &std::path::Path) -> ::sled::Db {
+    open_waiting(&::sled::Config::new().path(dir)).unwrap()
+}
+
 /// A broker's data dir, opened: the sled database (users) and the session log. Cheap to clone.
 #[derive(Clone)]
 pub struct DataDir {

@@ -86,16 +86,14 @@ mod tests {
     fn the_first_key_is_made_once_and_kept_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let first = {
-            let db = crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path()))
-                .unwrap();
+            let db = crate::storage::sled::open_in(dir.path());
             let keys = SledKeys::open(&db).unwrap();
             let made = keys.ensure(POLICY, 100).unwrap();
             assert_eq!(made.len(), 1);
             assert_eq!(keys.ensure(POLICY, 200).unwrap()[0].kid, made[0].kid);
             made[0].kid.clone()
         };
-        let db =
-            crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path())).unwrap();
+        let db = crate::storage::sled::open_in(dir.path());
         let keys = SledKeys::open(&db).unwrap();
         assert_eq!(keys.ensure(POLICY, 300).unwrap()[0].kid, first);
     }
@@ -103,8 +101,7 @@ mod tests {
     #[test]
     fn rotation_retires_the_signing_key_and_later_drops_it() {
         let dir = tempfile::tempdir().unwrap();
-        let db =
-            crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path())).unwrap();
+        let db = crate::storage::sled::open_in(dir.path());
         let keys = SledKeys::open(&db).unwrap();
         let policy = POLICY;
         let first = keys.ensure(policy, 100).unwrap().remove(0);

@@ -188,8 +188,7 @@ mod tests {
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> (::sled::Db, SledRevocations) {
-        let db =
-            crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path())).unwrap();
+        let db = crate::storage::sled::open_in(dir.path());
         let feed = SledRevocations::open(&db).unwrap();
         (db, feed)
     }

@@ -636,8 +636,7 @@ mod tests {
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> (::sled::Db, UserDb) {
-        let db =
-            crate::storage::sled::open_waiting(&::sled::Config::new().path(dir.path())).unwrap();
+        let db = crate::storage::sled::open_in(dir.path());
         let users = UserDb::open(&db).unwrap();
         (db, users)
     }
